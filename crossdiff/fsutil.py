@@ -6,6 +6,7 @@ that readers ignore — never a truncated file under the real name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from .errors import CrossdiffError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -22,6 +26,7 @@ def atomic_path(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     os.close(fd)
     try:
         yield Path(tmp)
@@ -30,7 +35,9 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
-        raise _explain_os_error(e, path) from e
+        if e.errno != errno.ENOSPC:
+            raise
+        raise explain_os_error(e, path) from e
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -62,12 +69,9 @@ def _unlink_quietly(p: str | Path) -> None:
         pass
 
 
-def _explain_os_error(e: OSError, path: Path) -> Exception:
-    import errno
-
-    if e.errno == errno.ENOSPC:
-        return CrossdiffError(
-            f"no space left on the device while writing {path}; free some disk space and rerun the same "
-            "command (finished work is kept)"
-        )
-    return e
+def explain_os_error(e: OSError, path: Path) -> CrossdiffError:
+    """The one-line message for a full disk."""
+    return CrossdiffError(
+        f"no space left on the device while writing {path}; free some disk space and rerun the same "
+        "command (finished work is kept)"
+    )

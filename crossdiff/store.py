@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CrossdiffError
-from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+from .fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 HELDOUT_FRAC = 0.05
@@ -50,17 +50,23 @@ def shard_name(index: int) -> str:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def write_shard(root: Path, index: int, tensors: dict[str, torch.Tensor], texts: list[dict], stats: dict) -> dict:
+def write_shard(
+    root: Path, index: int, tensors: dict[str, torch.Tensor], texts: list[dict], stats: dict
+) -> dict:
     """Write one shard atomically; the .json written last marks it complete. Returns the stats."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     shards = Path(root) / "shards"
     name = shard_name(index)
     chunk_N = tensors["chunk"].numpy()
-    stats = dict(stats, index=index, n_tokens=int(chunk_N.shape[0]), n_heldout=int(heldout_mask(chunk_N).sum()))
+    stats = dict(
+        stats, index=index, n_tokens=int(chunk_N.shape[0]), n_heldout=int(heldout_mask(chunk_N).sum())
+    )
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    write_with_atomic(shards / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
-    write_text_atomic(shards / f"{name}.texts.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in texts))
+    write_bytes_atomic(shards / f"{name}.safetensors", save(tensors))
+    write_text_atomic(
+        shards / f"{name}.texts.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in texts)
+    )
     write_json_atomic(shards / f"{name}.json", stats)
     return stats
 
@@ -90,10 +96,15 @@ def finalize(root: Path, meta: dict) -> dict:
     meta = dict(meta)
     meta["format_version"] = FORMAT_VERSION
     meta["heldout_frac"] = HELDOUT_FRAC
-    meta["shards"] = [{"name": shard_name(s["index"]), "n_tokens": s["n_tokens"], "n_heldout": s["n_heldout"]} for s in shards]
+    meta["shards"] = [
+        {"name": shard_name(s["index"]), "n_tokens": s["n_tokens"], "n_heldout": s["n_heldout"]}
+        for s in shards
+    ]
     meta["n_tokens"] = sum(s["n_tokens"] for s in shards)
     if meta["n_tokens"] == 0:
-        raise CrossdiffError("no aligned tokens were produced; check that the corpus has text both tokenizers can read")
+        raise CrossdiffError(
+            "no aligned tokens were produced; check that the corpus has text both tokenizers can read"
+        )
     write_json_atomic(Path(root) / "meta.json", meta)
     return meta
 
@@ -132,8 +143,24 @@ def write_synthetic_store(
         write_shard(root, index, tensors, [], {})
     models = {}
     for key, spec, x, scale in (("a", model_a, x_a, scale_a), ("b", model_b, x_b, scale_b)):
-        models[key] = {"id": spec, "layer": 0, "n_layers": 1, "d_model": int(x.shape[1]), "scale": float(scale), "aligned_fraction": 1.0}
-    finalize(root, {"crossdiff_version": __version__, "models": models, "dtype": "bfloat16", "masked": {}, "corpus": "synthetic"})
+        models[key] = {
+            "id": spec,
+            "layer": 0,
+            "n_layers": 1,
+            "d_model": int(x.shape[1]),
+            "scale": float(scale),
+            "aligned_fraction": 1.0,
+        }
+    finalize(
+        root,
+        {
+            "crossdiff_version": __version__,
+            "models": models,
+            "dtype": "bfloat16",
+            "masked": {},
+            "corpus": "synthetic",
+        },
+    )
     return Store.open(root)
 
 
@@ -149,7 +176,13 @@ def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
         if name == "__metadata__":
             continue
         begin, _ = info["data_offsets"]
-        out[name] = np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=8 + header_len + begin, shape=tuple(info["shape"]))
+        out[name] = np.memmap(
+            path,
+            dtype=_NP_DTYPES[info["dtype"]],
+            mode="r",
+            offset=8 + header_len + begin,
+            shape=tuple(info["shape"]),
+        )
     return out
 
 
@@ -174,14 +207,20 @@ class Store:
         meta_path = root / "meta.json"
         if not meta_path.is_file():
             if (root / "settings.json").is_file():
-                raise CrossdiffError(f"the store {root} is incomplete (its harvest was interrupted); rerun the same harvest command to finish it")
-            raise CrossdiffError(f"no activation store at {root}; create one with `crossdiff harvest --out {root}`")
+                raise CrossdiffError(
+                    f"the store {root} is incomplete (its harvest was interrupted); rerun the same harvest command to finish it"
+                )
+            raise CrossdiffError(
+                f"no activation store at {root}; create one with `crossdiff harvest --out {root}`"
+            )
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CrossdiffError(f"cannot read {meta_path}: {e}") from e
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CrossdiffError(f"{root} has store format {meta.get('format_version')}, this crossdiff reads {FORMAT_VERSION}; re-harvest it")
+            raise CrossdiffError(
+                f"{root} has store format {meta.get('format_version')}, this crossdiff reads {FORMAT_VERSION}; re-harvest it"
+            )
         return cls(root, meta)
 
     # metadata
@@ -255,7 +294,9 @@ class Store:
         """Local row indices of one shard that belong to `split` ("train", "heldout" or "all")."""
         if split == "all":
             return np.arange(self.meta["shards"][shard]["n_tokens"])
-        mask = heldout_mask(np.asarray(self._shard(shard)["chunk"]), self.meta.get("heldout_frac", HELDOUT_FRAC))
+        mask = heldout_mask(
+            np.asarray(self._shard(shard)["chunk"]), self.meta.get("heldout_frac", HELDOUT_FRAC)
+        )
         return np.nonzero(mask if split == "heldout" else ~mask)[0]
 
     def split_size(self, split: str) -> int:
@@ -313,9 +354,13 @@ class Store:
 
     def _split_count(self, shard: int, split: str) -> int:
         s = self.meta["shards"][shard]
-        return {"heldout": s["n_heldout"], "train": s["n_tokens"] - s["n_heldout"], "all": s["n_tokens"]}[split]
+        return {"heldout": s["n_heldout"], "train": s["n_tokens"] - s["n_heldout"], "all": s["n_tokens"]}[
+            split
+        ]
 
-    def _windows(self, split: str, seed: int, epoch: int, shuffle: bool, window_tokens: int) -> Iterator[tuple[int, ...]]:
+    def _windows(
+        self, split: str, seed: int, epoch: int, shuffle: bool, window_tokens: int
+    ) -> Iterator[tuple[int, ...]]:
         order = np.arange(len(self.meta["shards"]))
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(order)
@@ -330,6 +375,8 @@ class Store:
         if window:
             yield tuple(window)
 
-    def _load_window(self, shard_ids: tuple[int, ...], split: str, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_window(
+        self, shard_ids: tuple[int, ...], split: str, normalised: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self._read(s, self.split_rows(s, split), normalised) for s in shard_ids]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

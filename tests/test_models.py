@@ -36,8 +36,10 @@ def test_truncated_forward_equals_hidden_states_and_skips_later_blocks(models_ab
     with torch.inference_mode():
         full = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     ran = []
-    handles = [lm.blocks[layer + 1].register_forward_hook(lambda *a: ran.append("block")),
-               lm.model.get_output_embeddings().register_forward_hook(lambda *a: ran.append("head"))]
+    handles = [
+        lm.blocks[layer + 1].register_forward_hook(lambda *a: ran.append("block")),
+        lm.model.get_output_embeddings().register_forward_hook(lambda *a: ran.append("head")),
+    ]
     try:
         h = lm.hidden(ids, mask, layer)
     finally:
@@ -75,7 +77,15 @@ def test_blocks_and_width_found_generically_on_gpt2():
 
 @pytest.mark.parametrize(
     "spec,n,expected",
-    [(None, 30, 15), (None, 18, 9), ("0", 18, 0), ("-1", 18, 17), ("0.5", 30, 14), ("1.0", 18, 17), (3, 18, 3)],
+    [
+        (None, 30, 15),
+        (None, 18, 9),
+        ("0", 18, 0),
+        ("-1", 18, 17),
+        ("0.5", 30, 14),
+        ("1.0", 18, 17),
+        (3, 18, 3),
+    ],
 )
 def test_resolve_layer(spec, n, expected):
     assert resolve_layer(spec, n) == expected

@@ -1,0 +1,220 @@
+"""Harvest on the real default pair: aligned rows hold each model's own activations, kill-and-resume and
+a full disk end byte-identical to an uninterrupted run, and bad input fails cleanly."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossdiff.align import tokenize
+from crossdiff.errors import CrossdiffError
+from crossdiff.harvest import HarvestConfig, harvest
+from crossdiff.store import Store
+
+WORDS = (
+    "the jury said election county city of in was and to a for that is on with as by at from court "
+    "judge vote 1961 Atlanta's café naïve — “quoted” 42.5% e-mail"
+).split()
+SETTINGS = dict(max_tokens=2400, context_len=128, batch_size=4, shard_tokens=500)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 260))) + "." for _ in range(20)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_file, tmp_path_factory, models_ab):
+    out = tmp_path_factory.mktemp("ref") / "store"
+    return harvest(HarvestConfig(out=str(out), corpus=str(corpus_file), device="cpu", **SETTINGS))
+
+
+def _cli(out, corpus, **kw):
+    args = [
+        sys.executable,
+        "-m",
+        "crossdiff",
+        "harvest",
+        "--out",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--device",
+        "cpu",
+    ]
+    for k, v in {**SETTINGS, **kw}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), f"{rel} differs"
+
+
+def test_meta_and_layout(reference):
+    meta = reference.meta
+    assert meta["n_tokens"] == 2400 and len(meta["shards"]) >= 4
+    assert (meta["models"]["a"]["id"], meta["models"]["a"]["layer"], meta["models"]["a"]["d_model"]) == (
+        "smollm2-135m",
+        15,
+        576,
+    )
+    assert (meta["models"]["b"]["id"], meta["models"]["b"]["layer"], meta["models"]["b"]["d_model"]) == (
+        "gemma3-270m",
+        9,
+        640,
+    )
+    for key in "ab":
+        assert meta["models"][key]["aligned_fraction"] > 0.95
+    assert meta["masked"]["special_b"] > 0 and meta["masked"]["special_a"] == 0  # Gemma's BOS only
+    assert meta["masked"]["first_position"] > 0
+    # E||x||^2 = d after normalisation (from the float32 sums; bf16 storage costs well under 1%).
+    x_a, x_b = reference.get(np.arange(reference.n_tokens))
+    assert abs(x_a.pow(2).sum(1).mean().item() / 576 - 1) < 0.01
+    assert abs(x_b.pow(2).sum(1).mean().item() / 640 - 1) < 0.01
+
+
+def test_rows_are_each_models_own_activation_at_aligned_positions(reference, models_ab):
+    rows = reference.rows(np.arange(reference.n_tokens))
+    texts = {}
+    for s in range(len(reference.meta["shards"])):
+        texts.update(reference.texts(s))
+    rng = np.random.default_rng(0)
+    for chunk in rng.choice(np.unique(rows["chunk"]), size=3, replace=False):
+        sel = np.nonzero(rows["chunk"] == chunk)[0]
+        text = texts[int(chunk)]["text"]
+        for key, lm, layer in (("a", models_ab[0], 15), ("b", models_ab[1], 9)):
+            ids, offsets, _ = tokenize(lm.tokenizer, text)
+            pos = rows[f"pos_{key}"][sel]
+            assert np.array_equal(rows[f"tok_{key}"][sel], ids[pos])
+            assert np.array_equal(rows["char_end"][sel], offsets[pos, 1])  # both end at the same character
+            # Each chunk alone through the model equals what the padded batch stored (bf16 storage).
+            hidden = lm.hidden(torch.from_numpy(ids)[None], torch.ones(1, len(ids), dtype=torch.long), layer)[
+                0
+            ]
+            stored = reference.get(sel, normalised=False)[0 if key == "a" else 1]
+            torch.testing.assert_close(
+                stored,
+                hidden[pos].bfloat16().float(),
+                rtol=0.02,
+                atol=0.02 * hidden.norm(dim=-1).median().item() / 20,
+            )
+
+
+def test_kill_and_resume_is_byte_identical(reference, corpus_file, tmp_path):
+    out = tmp_path / "store"
+    proc = subprocess.Popen(_cli(out, corpus_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "shards" / "00001.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "meta.json").exists()
+    with pytest.raises(CrossdiffError, match="incomplete"):
+        Store.open(out)
+    subprocess.run(_cli(out, corpus_file), check=True, capture_output=True)
+    _same_tree(reference.root, out)
+
+
+def test_full_disk_fails_cleanly_and_resumes(reference, corpus_file, tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        r = subprocess.run(_cli(mnt / "store", corpus_file), capture_output=True, text=True)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1].startswith("error: no space left on the device")
+        assert not (mnt / "store" / "meta.json").exists()
+        assert not [p for p in (mnt / "store").rglob(".*tmp*")]  # no temporaries left behind
+        subprocess.run(["mount", "-o", "remount,size=200m", str(mnt)], check=True)
+        subprocess.run(_cli(mnt / "store", corpus_file), check=True, capture_output=True)
+        _same_tree(reference.root, mnt / "store")
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_existing_store_with_other_settings_is_refused(reference, corpus_file):
+    cfg = dict(
+        out=str(reference.root), corpus=str(corpus_file), device="cpu", **{**SETTINGS, "context_len": 256}
+    )
+    with pytest.raises(CrossdiffError, match="other settings"):
+        harvest(HarvestConfig(**cfg))
+    assert Store.open(reference.root).n_tokens == 2400  # untouched
+    again = harvest(HarvestConfig(out=str(reference.root), corpus=str(corpus_file), device="cpu", **SETTINGS))
+    assert again.n_tokens == 2400  # same settings: already complete, nothing redone
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(model_a="no-such-model-xyz/../x"), "not found"),
+        (dict(layer_a="40"), "out of range"),
+        (dict(layer_b="0.5.1"), "neither a block index"),
+        (dict(corpus="/nonexistent/corpus.txt"), "does not exist"),
+        (dict(context_len=4), "context-len"),
+    ],
+)
+def test_bad_input_one_line_and_no_output(tmp_path, corpus_file, kwargs, message):
+    out = tmp_path / "store"
+    args = dict(out=str(out), corpus=str(corpus_file), device="cpu", **SETTINGS)
+    args.update(kwargs)
+    with pytest.raises(CrossdiffError, match=message):
+        harvest(HarvestConfig(**args))
+    assert not out.exists()
+
+
+def test_empty_and_unalignable_corpora(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(CrossdiffError, match="empty|no documents|no text"):
+        harvest(HarvestConfig(out=str(tmp_path / "s1"), corpus=str(empty), device="cpu"))
+    single = tmp_path / "single.txt"
+    single.write_text("Hello\n\nworld\n")  # one aligned pair per document, masked as first position
+    with pytest.raises(CrossdiffError, match="no aligned tokens"):
+        harvest(HarvestConfig(out=str(tmp_path / "s2"), corpus=str(single), device="cpu"))
+    assert not (tmp_path / "s2").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "crossdiff", "harvest", "--out", str(tmp_path / "s"), "--corpus", "nope:x"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: unknown corpus")
+
+
+def test_help_lists_subcommands():
+    r = subprocess.run(
+        [sys.executable, "-m", "crossdiff", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("harvest", "train", "install-defaults"):
+        assert cmd in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "crossdiff", "harvest", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--max-tokens" in r.stdout and "relative depth" in r.stdout
+    assert json.loads(json.dumps(SETTINGS))  # settings stay JSON-serialisable
