@@ -61,12 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"crossdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.summary, description=cmd.summary)
+        # "bench toy" lives under a "bench" group: crossdiff bench toy --out DIR.
+        *group, leaf = cmd.name.split()
+        where = sub
+        if group:
+            if group[0] not in groups:
+                g = sub.add_parser(group[0], help=f"{group[0]} commands (see crossdiff {group[0]} --help)")
+                groups[group[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            where = groups[group[0]]
+        p = where.add_parser(leaf, help=cmd.summary, description=cmd.summary)
         p.set_defaults(_command=cmd)
         # Config classes are imported only for the chosen subcommand (argv sniffing keeps
         # `crossdiff --help` from importing torch and transformers).
-        if cmd.name in sys.argv[1:2] or _ALL_CONFIGS:
+        if cmd.name.split()[0] in sys.argv[1:2] or _ALL_CONFIGS:
             add_config_arguments(p, _load(cmd.config), cmd.positional)
     return parser
 

@@ -66,6 +66,7 @@ def add_config_arguments(
         default = f.default if f.default is not dataclasses.MISSING else None
         if has_default and default is not None and tp is not bool:
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         name = "--" + f.name.replace("_", "-")
         kwargs: dict = {"dest": f.name, "help": help_text}
         if typing.get_origin(tp) is typing.Literal:

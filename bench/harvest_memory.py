@@ -1,0 +1,49 @@
+"""Peak memory of a harvest at several corpus sizes, and store bytes per aligned token.
+
+Each size runs `crossdiff harvest` in its own process; peak RSS comes from the kernel's accounting of
+that child (os.wait4). Memory is bounded by design (one batch of activations plus one shard buffer), so
+the peak should not grow with the number of tokens.
+
+    .venv/bin/python bench/harvest_memory.py [--tokens 20000 200000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(out: Path, tokens: int) -> tuple[float, float]:
+    args = [sys.executable, "-m", "crossdiff", "harvest", "--out", str(out), "--max-tokens", str(tokens), "--device", "cpu"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"harvest of {tokens} tokens failed; run it by hand: {' '.join(args)}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[20000, 200000])
+    p.add_argument("--keep", help="write the stores under this folder and keep them")
+    args = p.parse_args()
+    root = Path(args.keep or tempfile.mkdtemp())
+    print(f"{'tokens':>8s} {'peak RSS MiB':>13s} {'seconds':>8s} {'store bytes/token':>18s} {'activations only':>17s}")
+    for tokens in args.tokens:
+        out = root / f"brown-{tokens}"
+        rss, seconds = run(out, tokens)
+        meta = json.loads((out / "meta.json").read_text())
+        shards = sum(f.stat().st_size for f in (out / "shards").iterdir())
+        acts = 2 * (meta["models"]["a"]["d_model"] + meta["models"]["b"]["d_model"])
+        print(f"{tokens:8d} {rss:13.0f} {seconds:8.0f} {shards / meta['n_tokens']:18.1f} {acts:17d}")
+
+
+if __name__ == "__main__":
+    main()
