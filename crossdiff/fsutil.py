@@ -16,6 +16,12 @@ from pathlib import Path
 
 from .errors import CrossdiffError
 
+
+def crossdiff_home() -> Path:
+    """Where converted models and corpora are cached ($CROSSDIFF_HOME, default ~/.cache/crossdiff)."""
+    return Path(os.environ.get("CROSSDIFF_HOME", Path.home() / ".cache" / "crossdiff"))
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -22,12 +22,7 @@ import torch
 from torch import nn
 
 from .errors import CrossdiffError
-
-
-def crossdiff_home() -> Path:
-    """Where converted models and corpora are cached ($CROSSDIFF_HOME, default ~/.cache/crossdiff)."""
-    return Path(os.environ.get("CROSSDIFF_HOME", Path.home() / ".cache" / "crossdiff"))
-
+from .fsutil import crossdiff_home
 
 # --- the embedded default pair (DESIGN.md §7) ------------------------------------------------------
 
