@@ -19,14 +19,50 @@ import time
 from pathlib import Path
 
 
-def run(out: Path, tokens: int) -> tuple[float, float]:
-    args = [sys.executable, "-m", "crossdiff", "harvest", "--out", str(out), "--max-tokens", str(tokens), "--device", "cpu"]
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run(out: Path, tokens: int) -> tuple[float, float, list[float]]:
+    """(peak RSS MiB, seconds, RSS sampled at each quarter of the shards written)."""
+    args = [
+        sys.executable,
+        "-m",
+        "crossdiff",
+        "harvest",
+        "--out",
+        str(out),
+        "--max-tokens",
+        str(tokens),
+        "--device",
+        "cpu",
+    ]
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples: list[tuple[int, float]] = []  # (shards written so far, RSS)
+    while proc.poll() is None:
+        shards = len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
+        samples.append((shards, _rss_mib(proc.pid)))
+        time.sleep(1.0)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"harvest of {tokens} tokens failed; run it by hand: {' '.join(args)}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    last = max(s for s, _ in samples) or 1
+    # Highest RSS seen while the first, second, third and last quarter of the shards were being written.
+    quarters = [
+        max(
+            (r for s, r in samples if q * last / 4 <= s < (q + 1) * last / 4 or (q == 3 and s >= last)),
+            default=float("nan"),
+        )
+        for q in range(4)
+    ]
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, quarters  # ru_maxrss is in KiB on Linux
 
 
 def main() -> None:
@@ -35,14 +71,17 @@ def main() -> None:
     p.add_argument("--keep", help="write the stores under this folder and keep them")
     args = p.parse_args()
     root = Path(args.keep or tempfile.mkdtemp())
-    print(f"{'tokens':>8s} {'peak RSS MiB':>13s} {'seconds':>8s} {'store bytes/token':>18s} {'activations only':>17s}")
+    print(
+        f"{'tokens':>8s} {'peak RSS MiB':>13s} {'RSS by quarter of the run (MiB)':>32s} {'seconds':>8s} {'store bytes/token':>18s} {'activations only':>17s}"
+    )
     for tokens in args.tokens:
         out = root / f"brown-{tokens}"
-        rss, seconds = run(out, tokens)
+        rss, seconds, quarters = run(out, tokens)
         meta = json.loads((out / "meta.json").read_text())
         shards = sum(f.stat().st_size for f in (out / "shards").iterdir())
         acts = 2 * (meta["models"]["a"]["d_model"] + meta["models"]["b"]["d_model"])
-        print(f"{tokens:8d} {rss:13.0f} {seconds:8.0f} {shards / meta['n_tokens']:18.1f} {acts:17d}")
+        q = " ".join(f"{r:7.0f}" for r in quarters)
+        print(f"{tokens:8d} {rss:13.0f} {q:>32s} {seconds:8.0f} {shards / meta['n_tokens']:18.1f} {acts:17d}")
 
 
 if __name__ == "__main__":
