@@ -1,0 +1,234 @@
+"""The Crosscoder module: layout, DFC isolation, inference encode/decode, units, checkpoints, errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crossdiff.crosscoder import Crosscoder, CrosscoderConfig, Partition
+from crossdiff.errors import CrossdiffError
+
+D_A, D_B = 24, 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine every OpenMP region
+    waits for a descheduled thread (measured 24 ms per small embedding_bag with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dfc(sparsity="batchtopk", **kw) -> Crosscoder:
+    cfg = CrosscoderConfig(
+        d_a=D_A,
+        d_b=D_B,
+        n_latents=100,
+        sparsity=sparsity,
+        k=4,
+        n_a_exclusive=6,
+        n_b_exclusive=9,
+        scale_a=3.0,
+        scale_b=0.25,
+        model_a="a/model",
+        model_b="b/model",
+        layer_a=5,
+        layer_b=7,
+        **kw,
+    )
+    return Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
+
+
+def test_public_import_is_lazy():
+    code = "import sys, crossdiff; assert 'torch' not in sys.modules; from crossdiff import Crosscoder; print(crossdiff.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0.1.0"
+
+
+def test_partition_ranges_and_layout():
+    part = Partition.from_fractions(200, 0.05)
+    assert (part.a_exclusive, part.shared, part.b_exclusive) == (
+        range(0, 10),
+        range(10, 190),
+        range(190, 200),
+    )
+    assert part.a_latents == range(0, 190) and part.b_latents == range(10, 200)
+    assert Partition(50).shared == range(0, 50) and not Partition(50).is_dfc
+
+
+def test_dfc_forbidden_weights_do_not_exist():
+    m = _dfc()
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "W_enc_a": (91, D_A),
+        "W_dec_a": (91, D_A),
+        "W_enc_b": (94, D_B),
+        "W_dec_b": (94, D_B),
+        "b_enc": (100,),
+        "b_dec_a": (D_A,),
+        "b_dec_b": (D_B,),
+        "threshold": (),
+    }
+    norm_a, norm_b = m.decoder_norms()
+    assert not norm_b[m.partition.a_exclusive.start : m.partition.a_exclusive.stop].any()
+    assert not norm_a[m.partition.b_exclusive.start : m.partition.b_exclusive.stop].any()
+
+
+def test_init_follows_the_literature():
+    m = _dfc()
+    torch.testing.assert_close(m.W_dec_a.norm(dim=1), torch.full((91,), 0.1))
+    torch.testing.assert_close(m.W_dec_b.norm(dim=1), torch.full((94,), 0.1))
+    assert torch.equal(m.W_enc_a, m.W_dec_a) and torch.equal(m.W_enc_b, m.W_dec_b)
+    assert not m.b_enc.any() and not m.b_dec_a.any() and float(m.threshold) == -1.0
+
+
+def test_dfc_exclusive_latents_read_and_write_one_model():
+    m = _dfc("l1")  # l1: encode is plain ReLU, so every dependence is visible
+    with torch.no_grad():
+        m.b_enc.fill_(0.5)
+    part = m.partition
+    a_ex, b_ex = (
+        slice(part.a_exclusive.start, part.a_exclusive.stop),
+        slice(part.b_exclusive.start, part.b_exclusive.stop),
+    )
+    x_a, x_b = torch.randn(16, D_A), torch.randn(16, D_B)
+    f = m.encode(x_a, x_b)
+    f_pa = m.encode(x_a + torch.randn(16, D_A), x_b)  # perturb x_A only
+    assert not torch.equal(f[:, a_ex], f_pa[:, a_ex]) and torch.equal(f[:, b_ex], f_pa[:, b_ex])
+    f_pb = m.encode(x_a, x_b + torch.randn(16, D_B))  # perturb x_B only
+    assert torch.equal(f[:, a_ex], f_pb[:, a_ex]) and not torch.equal(f[:, b_ex], f_pb[:, b_ex])
+    # x̂_B does not depend on A-exclusive latents at all (bitwise), nor x̂_A on B-exclusive ones.
+    g = f.clone()
+    g[:, a_ex] = torch.rand_like(g[:, a_ex]) * 100
+    g[:, b_ex] = torch.rand_like(g[:, b_ex]) * 100
+    (xa0, xb0), (xa1, xb1) = m.decode(f), m.decode(g)
+    assert not torch.equal(xa0, xa1) and not torch.equal(xb0, xb1)
+    h = f.clone()
+    h[:, a_ex] = g[:, a_ex]
+    assert torch.equal(m.decode(h)[1], xb0)
+    h = f.clone()
+    h[:, b_ex] = g[:, b_ex]
+    assert torch.equal(m.decode(h)[0], xa0)
+    f_req = f.detach().requires_grad_(True)
+    m.decode(f_req)[1].sum().backward()
+    assert not f_req.grad[:, a_ex].any() and f_req.grad[:, part.shared.start].any()
+
+
+def test_encode_variants():
+    x_a, x_b = torch.randn(32, D_A), torch.randn(32, D_B)
+    topk = _dfc("topk")
+    assert ((topk.encode(x_a, x_b) > 0).sum(1) <= 4).all()
+    bt = _dfc("batchtopk")
+    assert int((bt.encode(x_a, x_b) > 0).sum()) == 4 * 32  # θ not learned yet: per-batch top k·B
+    bt.threshold.fill_(1e9)
+    assert not bt.encode(x_a, x_b).any()
+    bt.threshold.fill_(0.0)
+    norm = sum(bt.decoder_norms())
+    f = bt.encode(x_a, x_b)
+    assert torch.equal(f > 0, bt.pre_acts(x_a, x_b).relu() * norm > 0)
+    rec = bt(x_a, x_b)
+    assert rec.x_hat_a.shape == (32, D_A) and rec.x_hat_b.shape == (32, D_B) and rec.f.shape == (32, 100)
+
+
+def test_normalise_round_trip_uses_the_stored_scales():
+    m = _dfc()
+    x_a, x_b = torch.randn(5, D_A), torch.randn(5, D_B)
+    n_a, n_b = m.normalise(x_a, x_b)
+    torch.testing.assert_close(n_a, x_a * 3.0)
+    torch.testing.assert_close(n_b, x_b * 0.25)
+    back_a, back_b = m.denormalise(n_a, n_b)
+    torch.testing.assert_close(back_a, x_a)
+    torch.testing.assert_close(back_b, x_b)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = _dfc()
+    with torch.no_grad():
+        m.b_dec_a.normal_()
+        m.threshold.fill_(0.75)
+    m.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["cfg.json", "crosscoder.safetensors"]
+    cfg = json.loads((tmp_path / "ckpt" / "cfg.json").read_text())
+    assert cfg["format_version"] == 1 and cfg["architecture"] == "dfc"
+    assert cfg["partition"] == {
+        "layout": ["a_exclusive", "shared", "b_exclusive"],
+        "a_exclusive": 6,
+        "shared": 85,
+        "b_exclusive": 9,
+    }
+    assert (cfg["d_a"], cfg["d_b"], cfg["scale_a"], cfg["model_b"], cfg["layer_b"]) == (
+        D_A,
+        D_B,
+        3.0,
+        "b/model",
+        7,
+    )
+    loaded = Crosscoder.from_pretrained(tmp_path / "ckpt")
+    assert loaded.cfg == m.cfg
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x_a, x_b = torch.randn(8, D_A), torch.randn(8, D_B)
+    assert torch.equal(loaded.encode(x_a, x_b), m.encode(x_a, x_b))
+
+
+def test_unreadable_checkpoints_raise_one_line_errors(tmp_path):
+    with pytest.raises(CrossdiffError, match="no crosscoder checkpoint"):
+        Crosscoder.from_pretrained(tmp_path / "missing")
+    good = tmp_path / "good"
+    _dfc().save_pretrained(good)
+    cases = {
+        "garbage weights": lambda d: (d / "crosscoder.safetensors").write_bytes(b"\x00garbage" * 10),
+        "truncated weights": lambda d: (d / "crosscoder.safetensors").write_bytes(
+            (good / "crosscoder.safetensors").read_bytes()[:500]
+        ),
+        "bad json": lambda d: (d / "cfg.json").write_text("{not json"),
+        "json list": lambda d: (d / "cfg.json").write_text("[1, 2]"),
+        "future format": lambda d: (d / "cfg.json").write_text(
+            json.dumps({**json.loads((good / "cfg.json").read_text()), "format_version": 99})
+        ),
+        "wrong widths": lambda d: (d / "cfg.json").write_text(
+            json.dumps({**json.loads((good / "cfg.json").read_text()), "d_a": 7})
+        ),
+    }
+    for name, corrupt in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        _dfc().save_pretrained(d)
+        corrupt(d)
+        with pytest.raises(CrossdiffError) as e:
+            Crosscoder.from_pretrained(d)
+        assert "\n" not in str(e.value) and str(d) in str(e.value), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=101), "k=101"),
+        (dict(k=0), "k=0"),
+        (dict(n_a_exclusive=50, n_b_exclusive=50), "no shared"),
+        (dict(n_a_exclusive=-1), ">= 0"),
+        (dict(scale_a=0.0), "scale_a"),
+        (dict(sparsity="relu"), "unknown sparsity"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(CrossdiffError, match=match):
+        CrosscoderConfig(**{**dict(d_a=4, d_b=5, n_latents=100), **kwargs})
+
+
+def test_check_store_names_the_mismatch():
+    class FakeStore:
+        d_a, d_b, scale_a, scale_b = D_A, D_B, 3.0, 0.25
+        model_a, model_b = {"id": "a/model", "layer": 5}, {"id": "b/model", "layer": 7}
+
+    cfg = _dfc().cfg
+    cfg.check_store(FakeStore)
+    FakeStore.d_b = 21
+    with pytest.raises(CrossdiffError, match="model B.*width 20.*width 21"):
+        cfg.check_store(FakeStore)
+    FakeStore.d_b, FakeStore.model_a = D_B, {"id": "other", "layer": 5}
+    with pytest.raises(CrossdiffError, match="model A"):
+        cfg.check_store(FakeStore)
