@@ -1,0 +1,401 @@
+"""`crossdiff bench toy`: exclusive-feature recall and precision on synthetic ground truth.
+
+For each seed: one synthetic store (crossdiff.synthetic, the seed also picks the planted features),
+then the standard BatchTopK crosscoder, the L1 crosscoder and the DFC at each exclusive fraction,
+trained by `crossdiff.train.train` and scored by `crossdiff.matching`. Output folder:
+
+    stores/seed-S/            the synthetic store (+ synthetic.json: generator config and summary)
+    runs/NAME-seed-S/         the training run (eval.json) + bench.json (this benchmark's record)
+    results.json              {"runs": [...], "settings": ..., "ground_truth": ...}
+    results.md                mean ± std over seeds per method, false-positive causes
+    recall_precision.svg      exclusive recall vs precision, mean ± std over seeds
+    relative_norms.svg        relative decoder norms of the standard crosscoders' alive latents
+
+Resumable: a run whose folder has bench.json is skipped; one with eval.json is only re-scored; an
+interrupted training resumes from its checkpoint (train's own resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .errors import CrossdiffError
+from .fsutil import write_json_atomic, write_text_atomic
+from .store import HELDOUT_FRAC
+
+RECORD = "bench.json"
+SCORE_VERSION = 4  # bump when the metrics change: finished runs are re-scored, not retrained
+
+
+@dataclass(frozen=True)
+class ToyBenchConfig:
+    """Settings of the synthetic benchmark (generator details: crossdiff.synthetic.SyntheticConfig)."""
+
+    out: str
+    """Output folder (stores, runs, results.json, results.md, plots). Rerun to resume."""
+    seeds: int = 3
+    """Seeds 0..N-1; each seed plants its own ground truth and seeds its training runs."""
+    dfc_fracs: tuple[float, ...] = (0.05, 0.1)
+    """DFC exclusive fractions to run (each is the fraction of latents exclusive to A, and to B)."""
+    dfc_sparsities: tuple[str, ...] = ("batchtopk",)
+    """DFC sparsities to run at each fraction (batchtopk, the paper's; l1 adds DFC-L1 runs)."""
+    latents: int = 1024
+    """Dictionary size D of every crosscoder."""
+    k: int = 4
+    """BatchTopK k: the planted features' expected L0 (3.6 at the defaults) rounded up."""
+    l1_coeff: float = 2.0
+    """L1 crosscoder: sparsity penalty λ (gives L0 ≈ k on seed 0; docs/benchmark.md)."""
+    tokens: int = 1_000_000
+    """Training tokens per run."""
+    batch_size: int = 1024
+    """Tokens per optimizer step."""
+    lr: float = 1e-2
+    """Adam learning rate (the best held-out FVE of the BatchTopK crosscoder on seed 0; docs/benchmark.md)."""
+    dead_tokens: int = 50_000
+    """A latent silent for this many tokens is dead (AuxK)."""
+    threshold_beta: float = 0.99
+    """BatchTopK threshold EMA (short runs need a short memory)."""
+    match_threshold: float = 0.9
+    """Decoder cosine a latent needs, in each model where the feature exists, to match it."""
+    eval_tokens: int = 65536
+    """Held-out synthetic tokens used to decide which latents are alive."""
+    d_a: int = 64
+    """Width of model A."""
+    d_b: int = 80
+    """Width of model B."""
+    n_shared: int = 256
+    """Planted shared features."""
+    n_a_only: int = 32
+    """Planted A-only features."""
+    n_b_only: int = 32
+    """Planted B-only features."""
+    threads: int = 1
+    """Torch CPU threads (1 is fastest for these small matrices, and robust on a busy machine)."""
+    device: str = "cpu"
+    """Training device (cpu, cuda, auto)."""
+    keep_stores: bool = False
+    """Keep each seed's synthetic store (~300 MB at defaults) once its runs are done."""
+
+    def __post_init__(self):
+        if self.seeds < 1 or self.threads < 1 or self.eval_tokens < 1:
+            raise CrossdiffError("--seeds, --threads and --eval-tokens must be at least 1")
+        if not 0 < self.match_threshold <= 1:
+            raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
+        for sparsity in self.dfc_sparsities:
+            if sparsity not in ("batchtopk", "topk", "l1"):
+                raise CrossdiffError(
+                    f"--dfc-sparsities: unknown sparsity {sparsity!r}; use batchtopk, topk or l1"
+                )
+        for frac in self.dfc_fracs:
+            if not 0 < frac < 0.5:
+                raise CrossdiffError(f"--dfc-fracs values must be in (0, 0.5), got {frac}")
+
+    def synthetic_config(self, seed: int):
+        from .synthetic import SyntheticConfig
+
+        return SyntheticConfig(
+            d_a=self.d_a, d_b=self.d_b, n_shared=self.n_shared, n_a_only=self.n_a_only,
+            n_b_only=self.n_b_only, seed=seed,
+        )  # fmt: skip
+
+    @property
+    def store_tokens(self) -> int:
+        """Enough rows for one pass over `tokens` training rows after the held-out split."""
+        return int(math.ceil(self.tokens / (1 - HELDOUT_FRAC) * 1.02))
+
+    def methods(self) -> list[Method]:
+        out = [Method("batchtopk", "batchtopk"), Method("l1", "l1")]
+        for sparsity in self.dfc_sparsities:
+            prefix = "dfc" if sparsity == "batchtopk" else f"dfc-{sparsity}"
+            out += [Method(f"{prefix}-{f:g}", "dfc", sparsity, f) for f in self.dfc_fracs]
+        return out
+
+
+class Method(NamedTuple):
+    name: str
+    arch: str
+    sparsity: str | None = None
+    """DFC sparsity (None for the standard crosscoders: their arch names it)."""
+    exclusive_frac: float | None = None
+
+
+# ----------------------------------------------------------------------------- one seed's data
+
+
+class SeedData:
+    """One seed's generator, normalisation scales and (built only when a run must train) store."""
+
+    def __init__(self, cfg: ToyBenchConfig, seed: int):
+        from .synthetic import SyntheticPairs
+
+        self.cfg, self.seed = cfg, seed
+        self.gen = SyntheticPairs(cfg.synthetic_config(seed))
+        self.root = Path(cfg.out) / "stores" / f"seed-{seed}"
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """The store's normalisation scales (deterministic, so known without the store)."""
+        return self.gen.norm_scales()
+
+    def store_path(self) -> Path:
+        """The seed's store, regenerated unless a complete one with the same settings exists."""
+        want = json.loads(json.dumps({**self.gen.describe(), "n_tokens": self.cfg.store_tokens}))
+        spec = self.root / "synthetic.json"
+        if (self.root / "meta.json").is_file() and spec.is_file() and json.loads(spec.read_text()) == want:
+            return self.root
+        shutil.rmtree(self.root, ignore_errors=True)
+        _log(
+            f"seed {self.seed}: writing a synthetic store of {self.cfg.store_tokens:,} tokens to {self.root}"
+        )
+        write_json_atomic(spec, want)  # the store's meta.json, written last, marks completion
+        self.gen.write_store(self.root, self.cfg.store_tokens)
+        return self.root
+
+    def remove_store(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def train_config(cfg: ToyBenchConfig, store_path: Path, run: Path, method: Method, seed: int):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        store=str(store_path), out=str(run), arch=method.arch, sparsity=method.sparsity, latents=cfg.latents,
+        k=cfg.k, exclusive_frac=method.exclusive_frac or 0.05, tokens=cfg.tokens, batch_size=cfg.batch_size,
+        lr=cfg.lr, l1_coeff=cfg.l1_coeff, dead_tokens=cfg.dead_tokens, threshold_beta=cfg.threshold_beta,
+        seed=seed, device=cfg.device, checkpoint_every=max(1, math.ceil(cfg.tokens / cfg.batch_size) // 4),
+    )  # fmt: skip
+
+
+def score_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[dict, np.ndarray]:
+    """Matching metrics of a finished run, and the relative decoder norm of its alive latents."""
+    from .crosscoder import Crosscoder
+    from .matching import alive_latents, relative_norm, score_crosscoder
+
+    model = Crosscoder.from_pretrained(run)
+    scale_a, scale_b = data.scales
+    eval_batches = (
+        (x_a * scale_a, x_b * scale_b) for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval")
+    )
+    alive_F = alive_latents(model, eval_batches, cfg.eval_tokens)
+    metrics = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold)
+    metrics["exclusive_recall_union"] = metrics["exclusive_precision_union"] = None
+    if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
+        union = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold, method="union")
+        metrics["exclusive_recall_union"] = union["exclusive_recall"]
+        metrics["exclusive_precision_union"] = union["exclusive_precision"]
+    norm_a_F, norm_b_F = (n.detach().numpy() for n in model.decoder_norms())
+    return metrics, relative_norm(norm_a_F, norm_b_F)[alive_F]
+
+
+def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
+    """Train (or resume) and score one (method, seed); returns its record (also saved as bench.json)."""
+    from .train import train
+
+    run = Path(cfg.out) / "runs" / f"{method.name}-seed-{data.seed}"
+    tcfg = train_config(cfg, data.root, run, method, data.seed)
+    settings = {k: v for k, v in asdict(tcfg).items() if k not in ("store", "out", "device")}
+    settings.update(
+        match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION
+    )
+    rec_path = run / RECORD
+    if rec_path.is_file():
+        record = json.loads(rec_path.read_text())
+        if record.get("settings") == settings:
+            return record
+    if not (run / "eval.json").is_file():
+        tcfg = train_config(cfg, data.store_path(), run, method, data.seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # train prints its eval.json; we summarise
+        ev = train(tcfg)
+    t_score = time.perf_counter()
+    metrics, rel_norm = score_run(cfg, data, run)
+    record = {
+        "name": method.name, "arch": method.arch, "seed": data.seed, "exclusive_frac": method.exclusive_frac,
+        "sparsity": tcfg.resolved_sparsity, **metrics,
+        "fve_a": ev["fve_a"], "fve_b": ev["fve_b"], "l0": ev["l0"], "dead_fraction": ev["dead_fraction"],
+        "relative_norms_alive": [round(float(r), 4) for r in rel_norm] if method.arch != "dfc" else None,
+        "train_seconds": ev.get("seconds_this_session"), "score_seconds": time.perf_counter() - t_score,
+        "settings": settings,
+    }  # fmt: skip
+    write_json_atomic(rec_path, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- results
+
+SUMMARY_METRICS = (
+    "exclusive_recall", "exclusive_precision", "exclusive_matched_any_class", "exclusive_recall_a", "exclusive_recall_b",
+    "exclusive_precision_a", "exclusive_precision_b", "shared_recall", "shared_recall_imbalanced",
+    "fve_a", "fve_b", "l0", "dead_fraction_heldout", "exclusive_recall_union", "exclusive_precision_union",
+)  # fmt: skip
+FP_CAUSES = ("fp_shared", "fp_shared_imbalanced", "fp_duplicate", "fp_unplanted")
+
+
+def _mean_std(values) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (ddof=1) of the defined values, and how many there were."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One row per method: mean, std and n over seeds of each metric, plus summed FP counts."""
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in records):
+        runs = [r for r in records if r["name"] == name]
+        row = {
+            "name": name,
+            "arch": runs[0]["arch"],
+            "exclusive_frac": runs[0]["exclusive_frac"],
+            "seeds": len(runs),
+        }
+        for key in SUMMARY_METRICS:
+            row[key] = dict(zip(("mean", "std", "n"), _mean_std(r.get(key) for r in runs)))
+        counts = {c: 0 for c in ("claimed", "true_pos", "n_twins", "found_twins", *FP_CAUSES)}
+        for r in runs:
+            for side in ("a", "b"):
+                for c in counts:
+                    counts[c] += r["counts"][side][c]
+        row["counts_total"] = counts
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: dict, n_seeds: int) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+    return text if stat["n"] == n_seeds else f"{text} (n={stat['n']})"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The main table (mean ± std over seeds) and the false-positive breakdown (summed over seeds)."""
+    cols = [("exclusive_recall", "excl. recall"), ("exclusive_precision", "excl. precision"),
+            ("exclusive_matched_any_class", "excl. learned (any class)"),
+            ("exclusive_recall_a", "recall A"), ("exclusive_recall_b", "recall B"),
+            ("shared_recall", "shared recall"), ("shared_recall_imbalanced", "shared recall (imbalanced)"),
+            ("fve_a", "FVE A"), ("fve_b", "FVE B"), ("l0", "L0"), ("dead_fraction_heldout", "dead")]  # fmt: skip
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(r[k], r["seeds"]) for k, _ in cols) + " |")
+    lines += ["", "False positives (latents classified exclusive, alive, matching no planted exclusive feature"
+              " of their model), summed over seeds and both models:", "",
+              "| method | classified exclusive | true positives | shared concept | of which imbalanced | "
+              "duplicate | unplanted | twins found / planted |", "|---" * 8 + "|"]  # fmt: skip
+    for r in rows:
+        c = r["counts_total"]
+        lines.append(
+            f"| {r['name']} | {c['claimed']} | {c['true_pos']} | {c['fp_shared']} | {c['fp_shared_imbalanced']} | "
+            f"{c['fp_duplicate']} | {c['fp_unplanted']} | {c['found_twins']} / {c['n_twins']} |"
+        )
+    dfc = [r for r in rows if r["arch"] == "dfc"]
+    if dfc:
+        lines += ["", "DFC classified by partition ∪ relative norm (a shared-partition latent with r ≤ 0.1 or "
+                  "r ≥ 0.9 also counts as exclusive; a diagnostic, not the paper's rule):", "",
+                  "| method | excl. recall (∪ r) | excl. precision (∪ r) |", "|---|---|---|"]  # fmt: skip
+        for r in dfc:
+            rec, prec = (
+                _cell(r[k], r["seeds"]) for k in ("exclusive_recall_union", "exclusive_precision_union")
+            )
+            lines.append(f"| {r['name']} | {rec} | {prec} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: dict) -> None:
+    """results.json, results.md, recall_precision.svg and relative_norms.svg in `out`."""
+    from .plots import Point, histogram_svg, scatter_svg
+
+    rows = summarise(results["runs"])
+    results = {**results, "summary": rows}
+    write_json_atomic(out / "results.json", results)
+    s = results["settings"]
+    head = (f"# Synthetic exclusive-feature benchmark\n\n{s['seeds']} seeds, D = {s['latents']}, "
+            f"k = {s['k']}, {s['tokens']:,} training tokens per run, match threshold τ = {s['match_threshold']}."
+            " Mean ± std over seeds.\n\n")  # fmt: skip
+    write_text_atomic(out / "results.md", head + markdown_table(rows))
+    points = [
+        Point(r["name"], r["exclusive_precision"]["mean"], r["exclusive_recall"]["mean"],
+              r["exclusive_precision"]["std"] or 0.0, r["exclusive_recall"]["std"] or 0.0)
+        for r in rows
+    ] + [
+        Point(f"{r['name']} ∪ r", r["exclusive_precision_union"]["mean"], r["exclusive_recall_union"]["mean"],
+              r["exclusive_precision_union"]["std"] or 0.0, r["exclusive_recall_union"]["std"] or 0.0,
+              color="#999999")
+        for r in rows if r["arch"] == "dfc"
+    ]  # fmt: skip
+    write_text_atomic(out / "recall_precision.svg", scatter_svg(
+        points, title="Exclusive features: recall vs precision (mean ± std over seeds)",
+        x_label="exclusive precision", y_label="exclusive recall"))  # fmt: skip
+    rel = [v for r in results["runs"] if r["arch"] == "batchtopk" for v in r["relative_norms_alive"] or []]
+    write_text_atomic(out / "relative_norms.svg", histogram_svg(
+        rel, bins=40, value_range=(0.0, 1.0), log_y=True, y_label="alive latents",
+        title="Standard BatchTopK crosscoder: relative decoder norm (all seeds)",
+        x_label="r = |d_B| / (|d_A| + |d_B|)  (≤ 0.1: A-only, ≥ 0.9: B-only)"))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def run_toy_bench(cfg: ToyBenchConfig) -> dict:
+    """Run every (method, seed) not yet done, then write results.json, results.md and the plots."""
+    from .synthetic import SyntheticPairs
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    methods = cfg.methods()
+    total, done = cfg.seeds * len(methods), 0
+    records = []
+    try:
+        for seed in range(cfg.seeds):
+            data = SeedData(cfg, seed)
+            for method in methods:
+                done += 1
+                _log(f"[{done}/{total}] {method.name} seed {seed}")
+                rec = run_one(cfg, data, method)
+                _log(
+                    f"[{done}/{total}] {method.name} seed {seed}: exclusive recall {_fmt(rec['exclusive_recall'])}, "
+                    f"precision {_fmt(rec['exclusive_precision'])}, shared recall {_fmt(rec['shared_recall'])}, "
+                    f"FVE {rec['fve_a']:.3f}/{rec['fve_b']:.3f} (training {rec['train_seconds'] or 0:.0f}s)"
+                )
+                records.append(rec)
+            if not cfg.keep_stores:
+                data.remove_store()
+    finally:
+        torch.set_num_threads(saved_threads)
+    gt_summary = SyntheticPairs(cfg.synthetic_config(0)).describe()
+    results = {"runs": records, "settings": asdict(cfg), "generator_seed0": gt_summary}
+    write_report(out, results)
+    elapsed = time.perf_counter() - t_start
+    _log(
+        f"done in {elapsed:.0f}s: {out / 'results.md'}, {out / 'results.json'}, {out / 'recall_precision.svg'}"
+    )
+    return results
+
+
+__all__ = ["ToyBenchConfig", "run_toy_bench", "SeedData", "run_one", "score_run", "summarise"]

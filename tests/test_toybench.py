@@ -1,0 +1,86 @@
+"""`crossdiff bench toy` end to end at a tiny size: outputs, record fields, resume without retraining,
+and the SVG plots it writes."""
+
+from __future__ import annotations
+
+import json
+import xml.dom.minidom
+
+import pytest
+import torch
+
+from crossdiff import cli
+from crossdiff.plots import Point, histogram_svg, nice_ticks, scatter_svg
+
+TINY = [
+    "--seeds", "1", "--tokens", "12000", "--batch-size", "256", "--latents", "64", "--eval-tokens", "4096",
+    "--d-a", "12", "--d-b", "14", "--n-shared", "24", "--n-a-only", "4", "--n-b-only", "4",
+]  # fmt: skip
+
+
+@pytest.fixture()
+def one_thread():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["name"] for r in runs] == ["batchtopk", "l1", "dfc-0.05", "dfc-0.1"]
+    for r in runs:
+        for key in ("arch", "seed", "exclusive_frac", "exclusive_recall", "exclusive_precision", "shared_recall",
+                    "fve_a", "fve_b", "settings", "exclusive_recall_verified", "exclusive_precision_verified"):  # fmt: skip
+            assert key in r, key
+        assert (out / "runs" / f"{r['name']}-seed-0" / "eval.json").is_file()
+    assert runs[2]["exclusive_frac"] == 0.05 and runs[0]["exclusive_frac"] is None
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in ("batchtopk", "l1", "dfc-0.05", "dfc-0.1"))
+    for svg in ("recall_precision.svg", "relative_norms.svg"):
+        xml.dom.minidom.parse(str(out / svg))
+    assert not (out / "stores" / "seed-0").exists()  # removed once its runs are done
+
+    def no_training(cfg):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("crossdiff.train.train", no_training)
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+
+
+def test_scatter_svg_draws_labelled_points_with_clipped_error_bars():
+    svg = scatter_svg(
+        [
+            Point("a <b>", 0.5, 0.25, 0.1, 0.05),
+            Point("edge", 1.0, 1.0, 0.9, 0.0),
+            Point("undefined", None, 0.3),
+        ],
+        title="t",
+        x_label="precision",
+        y_label="recall",
+    )
+    doc = xml.dom.minidom.parseString(svg)
+    labels = [t.firstChild.data for t in doc.getElementsByTagName("text")]
+    assert "a <b>" in labels and "edge" in labels and any("undefined" in s for s in labels)
+    assert len(doc.getElementsByTagName("circle")) == 2
+    for line in doc.getElementsByTagName("line"):  # every error bar stays inside the picture
+        assert all(0 <= float(line.getAttribute(c)) <= 600 for c in ("x1", "x2"))
+
+
+def test_histogram_svg_counts_values_into_bins():
+    svg = histogram_svg([0.0, 0.05, 0.5, 0.95, 1.0, 2.0], bins=2, value_range=(0.0, 1.0))
+    rects = xml.dom.minidom.parseString(svg).getElementsByTagName("rect")
+    counts = [
+        int(r.getElementsByTagName("title")[0].firstChild.data)
+        for r in rects
+        if r.getElementsByTagName("title")
+    ]
+    assert counts == [2, 3]  # 2.0 is outside the range; 0.5 and 1.0 go to the upper bin
+
+
+def test_nice_ticks():
+    assert nice_ticks(0.0, 1.05) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0.0, 30.0, 3) == [0.0, 10.0, 20.0, 30.0]
