@@ -44,6 +44,24 @@ COMMANDS = [
         "crossdiff.train:TrainConfig",
         "crossdiff.train:train",
     ),
+    Command(
+        "analyze",
+        "Analyse a trained crosscoder: per-latent statistics, verified exclusive features, evidence, splice-in loss.",
+        "crossdiff.analyze:AnalyzeConfig",
+        "crossdiff.analyze:analyze",
+    ),
+    Command(
+        "bench toy",
+        "Synthetic ground-truth benchmark: exclusive-feature recall and precision of crosscoders and DFCs.",
+        "crossdiff.toybench:ToyBenchConfig",
+        "crossdiff.toybench:run_toy_bench",
+    ),
+    Command(
+        "report",
+        "Write a static HTML report of an analysed run (summary, plots, candidates, feature pages) to RUN/report/.",
+        "crossdiff.report:ReportConfig",
+        "crossdiff.report:report",
+    ),
 ]
 
 
