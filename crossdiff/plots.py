@@ -186,18 +186,18 @@ def histogram_svg(
     for v in vals:
         if lo <= v <= hi:
             counts[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
-    shown = [math.log10(1 + c) for c in counts] if log_y else counts
-    top = max(shown) if any(shown) else 1
-    fr = _Frame(width, height, (lo, hi), (0.0, top * 1.05))
-    body = _axes(fr, title, x_label, f"log10(1 + {y_label})" if log_y else y_label)
-    for i, (c, h) in enumerate(zip(counts, shown)):
-        x0, x1 = fr.px(lo + (hi - lo) * i / bins), fr.px(lo + (hi - lo) * (i + 1) / bins)
-        y = fr.py(h)
-        body.append(
-            f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(0.0, x1 - x0 - 1):.1f}" height="{fr.py(0) - y:.1f}" '
-            f'fill="{color}"><title>{c}</title></rect>'
-        )
-    return _svg(width, height, body)
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    return binned_histogram_svg(
+        edges,
+        counts,
+        title=title,
+        x_label=x_label,
+        y_label=y_label,
+        color=color,
+        log_y=log_y,
+        width=width,
+        height=height,
+    )
 
 
 def binned_histogram_svg(

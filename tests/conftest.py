@@ -29,3 +29,13 @@ def models_ab():
     from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_model
 
     return _load(load_model, DEFAULT_MODEL_A), _load(load_model, DEFAULT_MODEL_B)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine every OpenMP region
+    waits for a descheduled thread (measured 24 ms per small embedding_bag with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,14 +13,7 @@ from crossdiff.errors import CrossdiffError
 D_A, D_B = 24, 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine every OpenMP region
-    waits for a descheduled thread (measured 24 ms per small embedding_bag with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dfc(sparsity="batchtopk", **kw) -> Crosscoder:

@@ -22,14 +22,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine every OpenMP region
-    waits for a descheduled thread (measured 24 ms per small embedding_bag with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(sparsity, d_a, d_b, n_latents, ea, eb, k, seed=0, dtype=torch.float64):

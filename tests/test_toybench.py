@@ -74,7 +74,7 @@ def test_histogram_svg_counts_values_into_bins():
     svg = histogram_svg([0.0, 0.05, 0.5, 0.95, 1.0, 2.0], bins=2, value_range=(0.0, 1.0))
     rects = xml.dom.minidom.parseString(svg).getElementsByTagName("rect")
     counts = [
-        int(r.getElementsByTagName("title")[0].firstChild.data)
+        int(float(r.getElementsByTagName("title")[0].firstChild.data.rsplit(": ", 1)[-1]))
         for r in rects
         if r.getElementsByTagName("title")
     ]

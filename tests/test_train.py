@@ -25,14 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 D_A, D_B = 24, 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine every OpenMP region
-    waits for a descheduled thread (measured 24 ms per small embedding_bag with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted(n_tokens: int, d_a: int, d_b: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
