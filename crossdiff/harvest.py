@@ -251,7 +251,7 @@ def _encode_and_run(lm: LanguageModel, layer: int, texts: list[str]):
     return encs, hidden_BTD
 
 
-def _batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
+def batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
     """Median activation norm over the batch's text tokens after each sequence's first position."""
     norms = [
         hidden_BTD[i, 1 : len(e[0])].norm(dim=-1)[~torch.as_tensor(e[2][1:], dtype=torch.bool)]
@@ -267,7 +267,7 @@ def _process_batch(batch: list[Chunk], lms, layers, cfg: HarvestConfig):
     (enc_a, h_a), (enc_b, h_b) = (
         _encode_and_run(lm, layer, [c.text for c in batch]) for lm, layer in zip(lms, layers)
     )
-    med_a, med_b = _batch_median_norm(h_a, enc_a), _batch_median_norm(h_b, enc_b)
+    med_a, med_b = batch_median_norm(h_a, enc_a), batch_median_norm(h_b, enc_b)
     counts: Counter = Counter()
     cols: dict[str, list] = {
         k: []

@@ -186,15 +186,20 @@ def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
     return out
 
 
-def _to_float(arr: np.ndarray) -> torch.Tensor:
+def _to_torch(arr: np.ndarray) -> torch.Tensor:
+    """A copy of memory-mapped rows as a tensor in storage precision (bf16 is stored as uint16)."""
     t = torch.from_numpy(np.ascontiguousarray(arr))
-    return (t.view(torch.bfloat16) if arr.dtype == np.uint16 else t).float()
+    return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+
+
+def _to_float(arr: np.ndarray) -> torch.Tensor:
+    return _to_torch(arr).float()
 
 
 class Store:
     """Read access to a complete store: shuffled batches for training, random access for analysis."""
 
-    _MAX_OPEN = 64  # memory maps kept open at once (LRU)
+    _MAX_OPEN = 8  # memory maps kept open at once (LRU); mapped pages count towards RSS
 
     def __init__(self, root: Path, meta: dict):
         self.root = root
@@ -245,6 +250,13 @@ class Store:
         if len(self._open) > self._MAX_OPEN:
             self._open.popitem(last=False)
         return arrays
+
+    def release(self, shard: int | None = None) -> None:
+        """Unmap one shard (or all): its pages leave this process's RSS (they stay in the page cache)."""
+        if shard is None:
+            self._open.clear()
+        else:
+            self._open.pop(shard, None)
 
     def _read(self, shard: int, rows: np.ndarray, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
         arrays = self._shard(shard)
@@ -313,19 +325,19 @@ class Store:
         start: int = 0,
         epochs: int | None = None,
         normalised: bool = True,
-        window_tokens: int = 1 << 18,
+        window_tokens: int = 1 << 17,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches (x_a [B, d_a], x_b [B, d_b]) from one endless stream of rows (or `epochs` passes).
 
         Each epoch shuffles the shard order, then rows inside windows of about `window_tokens` rows
-        (memory stays at one window), seeded by (seed, epoch). Batch i is rows [i*B, (i+1)*B) of the
+        (memory stays at one window, in storage precision), seeded by (seed, epoch). Batch i is rows [i*B, (i+1)*B) of the
         stream, so `start` skips batches by counting rows, without reading them (resume).
         """
         if self.split_size(split) == 0:
             raise CrossdiffError(f"the store {self.root} has no {split} rows; harvest more tokens")
+        scales = (self.scale_a, self.scale_b) if normalised else (1.0, 1.0)
         skip = start * batch_size
-        carry: list[tuple[torch.Tensor, torch.Tensor]] = []
-        n_carry = 0
+        carry: tuple[torch.Tensor, torch.Tensor] | None = None  # < batch_size leftover rows, float32
         epoch = 0
         while epochs is None or epoch < epochs:
             for shard_ids in self._windows(split, seed, epoch, shuffle, window_tokens):
@@ -333,24 +345,38 @@ class Store:
                 if skip >= n_window:
                     skip -= n_window
                     continue
-                x_a, x_b = self._load_window(shard_ids, split, normalised)
-                if shuffle:
-                    rng = np.random.default_rng([seed, epoch, shard_ids[0]])
-                    perm = torch.from_numpy(rng.permutation(x_a.shape[0]))
-                    x_a, x_b = x_a[perm], x_b[perm]
-                x_a, x_b = x_a[skip:], x_b[skip:]
+                # The window stays in storage precision; rows are gathered and converted per batch,
+                # so memory is one window of bf16 (no float32 or permuted copy of it).
+                raw_a, raw_b = self._load_window(shard_ids, split)
+                order = (
+                    np.random.default_rng([seed, epoch, shard_ids[0]]).permutation(n_window)
+                    if shuffle
+                    else np.arange(n_window)
+                )
+                order = torch.from_numpy(order[skip:])
                 skip = 0
-                carry.append((x_a, x_b))
-                n_carry += x_a.shape[0]
-                if n_carry >= batch_size:
-                    cat_a, cat_b = torch.cat([c[0] for c in carry]), torch.cat([c[1] for c in carry])
-                    n_full = n_carry // batch_size * batch_size
-                    for i in range(0, n_full, batch_size):
-                        yield cat_a[i : i + batch_size], cat_b[i : i + batch_size]
-                    carry, n_carry = [(cat_a[n_full:], cat_b[n_full:])], n_carry - n_full
+
+                def take(idx, raw_a=raw_a, raw_b=raw_b):
+                    return raw_a[idx].float() * scales[0], raw_b[idx].float() * scales[1]
+
+                i = 0
+                if carry is not None:
+                    need = batch_size - carry[0].shape[0]
+                    head = take(order[:need])
+                    carry = (torch.cat([carry[0], head[0]]), torch.cat([carry[1], head[1]]))
+                    i = need
+                    if carry[0].shape[0] == batch_size:
+                        yield carry
+                        carry = None
+                if carry is None:
+                    while i + batch_size <= len(order):
+                        yield take(order[i : i + batch_size])
+                        i += batch_size
+                    if i < len(order):
+                        carry = take(order[i:])
             epoch += 1
-        if n_carry:
-            yield torch.cat([c[0] for c in carry]), torch.cat([c[1] for c in carry])
+        if carry is not None:
+            yield carry
 
     def _split_count(self, shard: int, split: str) -> int:
         s = self.meta["shards"][shard]
@@ -375,8 +401,11 @@ class Store:
         if window:
             yield tuple(window)
 
-    def _load_window(
-        self, shard_ids: tuple[int, ...], split: str, normalised: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self._read(s, self.split_rows(s, split), normalised) for s in shard_ids]
+    def _load_window(self, shard_ids: tuple[int, ...], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's rows of these shards, in storage precision (bf16 or fp16)."""
+        parts = []
+        for s in shard_ids:
+            arrays, rows = self._shard(s), self.split_rows(s, split)
+            parts.append((_to_torch(arrays["acts_a"][rows]), _to_torch(arrays["acts_b"][rows])))
+            self.release(s)  # read once per epoch: keep its pages out of RSS
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

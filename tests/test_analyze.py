@@ -1,0 +1,284 @@
+"""`crossdiff analyze` on synthetic stores: verdicts on planted latents (one truly A-only, one secretly
+linear in x_B), the output schema (latents.csv, summary.json, features/*.json), restartability, and
+Latent Scaling on a self-diff.
+
+Legend: N tokens, D one model's width, F latents.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossdiff import cli
+from crossdiff.analyze import COLUMNS, AnalyzeConfig, analyze
+from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.errors import CrossdiffError
+from crossdiff.store import write_synthetic_store
+
+D_A, D_B, N = 16, 12, 8192
+SUMMARY_KEYS = {
+    "n_latents",
+    "counts",
+    "candidates",
+    "verified",
+    "fve_a",
+    "fve_b",
+    "l0",
+    "dead_fraction",
+    "n_tokens_analysed",
+    "thresholds",
+    "splice",
+    "run",
+    "store",
+}
+
+
+def _planted(same_space: bool = False):
+    """x_A carries z0 (A only) on dim 0 and z1 on dim 1; x_B carries z1 too (dim 0), plus shared
+    dense features on dims 4-7 of both. Raw units."""
+    g = torch.Generator().manual_seed(0)
+
+    def sparse():
+        return (torch.rand(N, generator=g) < 0.1) * (1 + 2 * torch.rand(N, generator=g))
+
+    z0, z1, dense = sparse(), sparse(), torch.randn(N, 4, generator=g)
+    x_a = 0.05 * torch.randn(N, D_A, generator=g)
+    x_a[:, 0] += z0
+    x_a[:, 1] += z1
+    x_a[:, 4:8] += dense
+    if same_space:
+        return x_a, x_a.clone()
+    x_b = 0.05 * torch.randn(N, D_B, generator=g)
+    x_b[:, 0] += 2 * z1
+    x_b[:, 4:8] += dense @ torch.randn(4, 4, generator=g)
+    return x_a, x_b
+
+
+def _e(d, i, scale=1.0):
+    v = torch.zeros(d)
+    v[i] = scale
+    return v
+
+
+def _handmade(arch: str, d_b: int = D_B, model_b: str = "synthetic-b") -> Crosscoder:
+    """Latent 0 reads A's z0, latent 1 A's z1 (both A-side candidates), 2-5 the shared dense dims,
+    the last two read B dims that carry only noise (dead B-side candidates). ReLU(f_pre - 0.5)."""
+    spec = {  # latent: (A direction or None, B direction or None)
+        0: (_e(D_A, 0), None),
+        1: (_e(D_A, 1), None),
+        **{2 + i: (_e(D_A, 4 + i), _e(d_b, 4 + i)) for i in range(4)},
+        6: (None, _e(d_b, 2)),
+        7: (None, _e(d_b, 3)),
+    }
+    dfc = arch == "dfc"
+    cfg = CrosscoderConfig(
+        d_a=D_A,
+        d_b=d_b,
+        n_latents=8,
+        sparsity="l1",
+        n_a_exclusive=2 if dfc else 0,
+        n_b_exclusive=2 if dfc else 0,
+        model_a="synthetic-a",
+        model_b=model_b,
+        layer_a=0,
+        layer_b=0,
+    )
+    cc = Crosscoder(cfg, dec_init_norm=0.0)
+    part = cc.partition
+    with torch.no_grad():
+        cc.b_enc.fill_(-0.5)
+        for j, (va, vb) in spec.items():
+            if j in part.a_latents:
+                # standard crosscoder: A-side candidates get a tiny B decoder (relative norm 0.05/1.05)
+                va = va if va is not None else torch.zeros(D_A)
+                cc.W_enc_a[j], cc.W_dec_a[j] = va, va if va.any() else _e(D_A, 15, 0.05)
+            if j in part.b_latents:
+                vb = vb if vb is not None else torch.zeros(d_b)
+                cc.W_enc_b[j - part.n_a_exclusive] = vb
+                cc.W_dec_b[j - part.n_a_exclusive] = vb if vb.any() else _e(d_b, d_b - 1, 0.05)
+    return cc
+
+
+def _setup(tmp_path: Path, arch: str, same_space: bool = False) -> tuple[Path, Path]:
+    x_a, x_b = _planted(same_space)
+    model_b = "synthetic-a" if same_space else "synthetic-b"
+    store = tmp_path / "store"
+    write_synthetic_store(
+        store, x_a, x_b, shard_tokens=3000, chunk_len=64, model_a="synthetic-a", model_b=model_b
+    )
+    run = tmp_path / "run"
+    _handmade(arch, d_b=x_b.shape[1], model_b=model_b).save_pretrained(run)
+    return store, run
+
+
+def _rows(run: Path) -> list[dict]:
+    with open(run / "analysis" / "latents.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("arch", ["dfc", "standard"])
+def test_planted_exclusive_verified_and_secretly_shared_candidate_rejected(tmp_path, arch):
+    store, run = _setup(tmp_path, arch)
+    summary = analyze(AnalyzeConfig(run=str(run), store=str(store), batch_size=500))
+    rows = _rows(run)
+    verdicts = [r["verdict"] for r in rows]
+    assert verdicts[0] == "exclusive_a", rows[0]
+    assert verdicts[1] == "rejected" and rows[1]["reason"].startswith("predictable from B: R²="), rows[1]
+    assert float(rows[1]["probe_r2"]) > 0.5 and float(rows[0]["probe_r2"]) < 0.1
+    assert float(rows[0]["probe_auroc"]) < 0.7 < 0.95 < float(rows[1]["probe_auroc"])
+    assert verdicts[2:6] == ["shared"] * 4 and verdicts[6:] == ["dead"] * 2
+    assert all(r["reason"] == "" for i, r in enumerate(rows) if i != 1)
+    expected_partition = ["a_exclusive"] * 2 + ["shared"] * 4 + ["b_exclusive"] * 2
+    assert [r["partition"] for r in rows] == (expected_partition if arch == "dfc" else ["shared"] * 8)
+    assert float(rows[0]["rel_norm"]) == pytest.approx(0.0 if arch == "dfc" else 0.05 / 1.05, abs=1e-6)
+    assert summary["candidates"] == {"a": 2, "b": 0} and summary["verified"] == {"a": 1, "b": 0}
+    assert summary["counts"] == {"exclusive_a": 1, "exclusive_b": 0, "shared": 4, "dead": 2, "rejected": 1}
+    # shared references are probed too, and are predictable from the other side
+    assert summary["shared_reference"]["n"] == 4 and summary["shared_reference"]["median_r2"] > 0.5
+    assert math.isnan(float(rows[0]["latent_scaling"]))  # different models: no Latent Scaling
+    assert float(rows[0]["score"]) > float(rows[1]["score"])  # novelty discounts the rejected one
+
+
+def test_end_to_end_cli_schema_features_and_restart(tmp_path):
+    store, run = _setup(tmp_path, "dfc")
+    argv = ["analyze", "--run", str(run), "--store", str(store), "--top-k", "5", "--batch-size", "700"]
+    assert cli.main(argv + ["--shared-features", "2"]) == 0
+    out = run / "analysis"
+    with open(out / "latents.csv") as f:
+        header = next(csv.reader(f))
+    assert header == COLUMNS
+    rows = _rows(run)
+    assert len(rows) == 8 and [int(r["latent"]) for r in rows] == list(range(8))
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert sum(summary["counts"].values()) == summary["n_latents"] == 8
+    assert summary["n_tokens_analysed"] == N and summary["fve_a"] <= 1 and summary["l0"] > 0
+    assert summary["dead_fraction"] == pytest.approx(2 / 8)
+    assert summary["splice"] == {"skipped": "synthetic store: no models to load"}
+    assert summary["store"]["a"]["id"] == "synthetic-a" and summary["run"]["top_k"] == 5
+    # evidence: non-dead candidates (0, 1) and the 2 best shared latents
+    shared_scores = sorted(((float(r["score"]), int(r["latent"])) for r in rows[2:6]), reverse=True)
+    expected = {0, 1} | {j for _, j in shared_scores[:2]}
+    assert {int(p.stem) for p in (out / "features").glob("*.json")} == expected
+    feat = json.loads((out / "features" / "0.json").read_text())
+    assert set(feat) == {"latent", "partition", "verdict", "stats", "examples", "histogram", "logit_lens"}
+    assert feat["verdict"] == "exclusive_a" and set(feat["stats"]) == set(COLUMNS)
+    assert feat["logit_lens"] is None and feat["stats"]["latent_scaling"] is None  # NaN -> null
+    assert len(feat["examples"]) == 5
+    values = [e["value"] for e in feat["examples"]]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(float(rows[0]["max_act"]))
+    assert sum(feat["histogram"]["counts"]) == round(float(rows[0]["density"]) * N)
+    assert len(feat["histogram"]["edges"]) == len(feat["histogram"]["counts"]) + 1
+    # rerun with the same settings: nothing is rewritten
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    assert cli.main(argv + ["--shared-features", "2"]) == 0
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    # other verdict settings: the table is redone, the streaming pass is reused
+    pass_stamp = (out / "pass.pt").stat().st_mtime_ns
+    assert cli.main(argv + ["--shared-features", "0", "--reject-auroc", "0.6"]) == 0
+    assert (out / "pass.pt").stat().st_mtime_ns == pass_stamp
+    assert {int(p.stem) for p in (out / "features").glob("*.json")} == {0, 1}  # stale files removed
+    assert _rows(run)[0]["verdict"] == "exclusive_a"  # its AUROC is about 0.5
+
+
+def test_max_tokens_and_trained_crosscoder(tmp_path):
+    from crossdiff.train import TrainConfig, train
+
+    x_a, x_b = _planted()
+    store = tmp_path / "store"
+    write_synthetic_store(store, x_a * 3, x_b, scale_a=1 / 3, shard_tokens=2000, chunk_len=32)
+    run = tmp_path / "run"
+    cfg = dict(latents=32, k=4, batch_size=256, heldout_tokens=2048, log_every=10, checkpoint_every=100)
+    train(
+        TrainConfig(store=str(store), out=str(run), arch="dfc", exclusive_frac=0.125, tokens=256 * 16, **cfg)
+    )
+    summary = analyze(AnalyzeConfig(run=str(run), max_tokens=5000, batch_size=512))  # store from the run
+    assert summary["n_tokens_analysed"] == 5000 and SUMMARY_KEYS <= set(summary)
+    with open(run / "analysis" / "latents.csv") as f:
+        assert next(csv.reader(f)) == COLUMNS
+    rows = _rows(run)
+    assert len(rows) == 32 and sum(summary["counts"].values()) == 32
+    alive = [r for r in rows if r["verdict"] != "dead"]
+    assert summary["candidates"]["a"] == sum(r["partition"] == "a_exclusive" for r in alive)
+    for r in rows:
+        assert (r["verdict"] == "dead") == (float(r["density"]) == 0)
+        if r["verdict"] in ("exclusive_a", "exclusive_b", "rejected"):
+            assert r["partition"] in ("a_exclusive", "b_exclusive")
+    # over the whole store, held-out FVE and L0 agree with the trainer's own evaluation
+    full = analyze(AnalyzeConfig(run=str(run), out=str(tmp_path / "full"), batch_size=512))
+    trained = json.loads((run / "eval.json").read_text())
+    for key in ("fve_a", "fve_b"):
+        assert full[key] == pytest.approx(trained[key], abs=1e-4)
+
+
+def test_self_diff_gets_latent_scaling(tmp_path):
+    store, run = _setup(tmp_path, "dfc", same_space=True)
+    analyze(AnalyzeConfig(run=str(run), store=str(store), batch_size=1000))
+    rows = _rows(run)
+    # B's activation is A's: latent 0's direction is fully present in "B" (ν ≈ 1), and B predicts it.
+    assert float(rows[0]["latent_scaling"]) == pytest.approx(1.0, abs=0.05)
+    assert rows[0]["verdict"] == "rejected" and float(rows[0]["probe_r2"]) > 0.9
+    assert all(math.isnan(float(r["latent_scaling"])) for r in rows[6:])  # dead
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path):
+    store, run = _setup(tmp_path, "dfc")
+    with pytest.raises(CrossdiffError, match="no crosscoder checkpoint"):
+        analyze(AnalyzeConfig(run=str(tmp_path / "nope"), store=str(store)))
+    with pytest.raises(CrossdiffError, match="no train_config.json"):
+        analyze(AnalyzeConfig(run=str(run)))
+    with pytest.raises(CrossdiffError, match="same-space needs equal widths"):
+        analyze(AnalyzeConfig(run=str(run), store=str(store), same_space=True))
+    with pytest.raises(CrossdiffError, match="reject-auroc"):
+        AnalyzeConfig(run=str(run), reject_auroc=0.4)
+    other = tmp_path / "other"
+    write_synthetic_store(other, torch.zeros(64, D_A), torch.zeros(64, D_B + 1))
+    with pytest.raises(CrossdiffError, match="does not match the store"):
+        analyze(AnalyzeConfig(run=str(run), store=str(other)))
+    assert not np.any([p.name == "analysis" for p in run.iterdir()])
+
+
+@pytest.mark.slow
+def test_real_pair_end_to_end(tmp_path, models_ab, monkeypatch):
+    """harvest -> train -> analyze on the default pair: examples in both tokenisations, logit lens, splice."""
+    import crossdiff.harvest
+    import crossdiff.models
+    from crossdiff.harvest import HarvestConfig, harvest
+    from crossdiff.train import TrainConfig, train
+
+    by_id = {lm.id: lm for lm in models_ab}
+    monkeypatch.setattr(crossdiff.harvest, "load_model", lambda spec, device="cpu": by_id[spec])
+    monkeypatch.setattr(crossdiff.models, "load_model", lambda spec, device="cpu": by_id[spec])
+    corpus = tmp_path / "docs.txt"
+    sentence = "The jury said the election in Atlanta was conducted well, despite {} objections."
+    corpus.write_text("\n\n".join(sentence.format(i * 7) + " " + sentence.format(i) for i in range(60)))
+    store = harvest(
+        HarvestConfig(out=str(tmp_path / "store"), corpus=str(corpus), max_tokens=1500, device="cpu")
+    )
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            store=str(store.root), out=str(run), arch="dfc", latents=64, k=8, tokens=128 * 12, batch_size=128
+        )
+    )
+    summary = analyze(AnalyzeConfig(run=str(run), splice_tokens=64, shared_features=3, top_k=3))
+    for m in "ab":
+        sp = summary["splice"][m]
+        assert sp["n_tokens"] >= 40 and sp["zero"] > sp["clean"] and math.isfinite(sp["loss_recovered"])
+    feats = [json.loads(p.read_text()) for p in (run / "analysis" / "features").glob("*.json")]
+    assert feats
+    for feat in feats:
+        lens = feat["logit_lens"]
+        assert lens["model"] in "ab" and len(lens["promoted"]) == len(lens["suppressed"]) == 10
+        for ex in feat["examples"]:
+            assert ex["text_token"] and ex["source"].startswith("docs.txt")
+            for key in ("tokens_a", "tokens_b"):
+                (hl,) = [t for t in ex[key] if t["highlight"]]
+                assert hl["text"].strip() and hl["text"].strip() in ex["text_token"] + ex["text_after"][:1]
