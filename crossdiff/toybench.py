@@ -6,18 +6,22 @@ trained by `crossdiff.train.train` and scored by `crossdiff.matching`. Output fo
 
     stores/seed-S/            the synthetic store (+ synthetic.json: generator config and summary)
     runs/NAME-seed-S/         the training run (eval.json) + bench.json (this benchmark's record)
+                              + analysis/ (crossdiff.analyze's verdicts: verified exclusive latents)
     results.json              {"runs": [...], "settings": ..., "ground_truth": ...}
     results.md                mean ± std over seeds per method, false-positive causes
     recall_precision.svg      exclusive recall vs precision, mean ± std over seeds
     relative_norms.svg        relative decoder norms of the standard crosscoders' alive latents
 
 Resumable: a run whose folder has bench.json is skipped; one with eval.json is only re-scored; an
-interrupted training resumes from its checkpoint (train's own resume).
+interrupted training resumes from its checkpoint (train's own resume). Verification (the analysis
+stage's probes, run on the seed's store while it exists) is reused from RUN/analysis/ when its settings
+match, so re-scoring needs no store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -36,7 +40,7 @@ from .fsutil import write_json_atomic, write_text_atomic
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 4  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 5  # bump when the metrics change: finished runs are re-scored, not retrained
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,15 @@ class ToyBenchConfig:
     """Training device (cpu, cuda, auto)."""
     keep_stores: bool = False
     """Keep each seed's synthetic store (~300 MB at defaults) once its runs are done."""
+    verify_tokens: int = 262144
+    """Store rows (the first N) the verification analyses: probes from the other model are fitted on their
+    train split and scored on their held-out split (5%); 0 skips verification (verified metrics null)."""
 
     def __post_init__(self):
         if self.seeds < 1 or self.threads < 1 or self.eval_tokens < 1:
             raise CrossdiffError("--seeds, --threads and --eval-tokens must be at least 1")
+        if self.verify_tokens < 0:
+            raise CrossdiffError(f"--verify-tokens must be >= 0, got {self.verify_tokens}")
         if not 0 < self.match_threshold <= 1:
             raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
         for sparsity in self.dfc_sparsities:
@@ -181,10 +190,70 @@ def train_config(cfg: ToyBenchConfig, store_path: Path, run: Path, method: Metho
     )  # fmt: skip
 
 
-def score_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[dict, np.ndarray]:
+VERIFIED = ("exclusive_a", "exclusive_b")
+
+
+def verify_settings(cfg: ToyBenchConfig) -> dict:
+    """AnalyzeConfig settings of the verification: the verdict thresholds are analyze's defaults; only
+    what verdicts do not need is cut (no models, splice, shared reference probes or evidence files)."""
+    return dict(
+        max_tokens=cfg.verify_tokens, batch_size=4096, top_k=1, shared_probes=0, shared_features=0,
+        load_models=False, splice_tokens=0, hist_bins=2,
+    )  # fmt: skip
+
+
+def verify_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[np.ndarray | None, dict]:
+    """(verified_F, info): which latents crossdiff.analyze verifies as exclusive (verdict exclusive_a/_b).
+
+    Reuses RUN/analysis/ when it was written with the same settings after the weights; otherwise runs
+    the analysis on the seed's store (regenerated if it is gone). (None, {}) when verification is off.
+    """
+    if cfg.verify_tokens == 0:
+        return None, {}
+    from .analyze import AnalyzeConfig, analyze
+
+    want = verify_settings(cfg)
+    out = run / "analysis"
+    saved = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
+    fresh = (
+        (out / "summary.json").is_file()
+        and (out / "latents.csv").is_file()
+        and all(saved.get("settings", {}).get(k) == v for k, v in want.items())
+        and (out / "latents.csv").stat().st_mtime_ns >= (run / "crosscoder.safetensors").stat().st_mtime_ns
+    )
+    t0 = time.perf_counter()
+    if not fresh:
+        acfg = AnalyzeConfig(run=str(run), store=str(data.store_path()), device=cfg.device, **want)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            analyze(acfg)  # quiet: its progress bar and summary line would swamp the bench's log
+    with open(out / "latents.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    verdict_F = np.array([r["verdict"] for r in rows])
+    reasons = [r["reason"] for r in rows if r["verdict"] == "rejected"]
+    info = {
+        "rejected_rare": sum(r.startswith("too rare") for r in reasons),
+        "rejected_predictable": sum(r.startswith("predictable") for r in reasons),
+        "rejected_other": sum(not r.startswith(("too rare", "predictable")) for r in reasons),
+        "verify_seconds": None if fresh else time.perf_counter() - t0,
+    }
+    return np.isin(verdict_F, VERIFIED), info
+
+
+def score_run(
+    cfg: ToyBenchConfig, data: SeedData, run: Path, verified_F: np.ndarray | None = None
+) -> tuple[dict, np.ndarray]:
     """Matching metrics of a finished run, and the relative decoder norm of its alive latents."""
     from .crosscoder import Crosscoder
-    from .matching import alive_latents, relative_norm, score_crosscoder
+    from .matching import (
+        OTHER,
+        alive_latents,
+        classify,
+        decoder_directions,
+        exclusive_metrics,
+        match,
+        relative_norm,
+        score_crosscoder,
+    )  # fmt: skip
 
     model = Crosscoder.from_pretrained(run)
     scale_a, scale_b = data.scales
@@ -192,7 +261,14 @@ def score_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[dict, np.
         (x_a * scale_a, x_b * scale_b) for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval")
     )
     alive_F = alive_latents(model, eval_batches, cfg.eval_tokens)
-    metrics = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold)
+    dec_a_FD, dec_b_FD = decoder_directions(model)
+    m = match(dec_a_FD.numpy(), dec_b_FD.numpy(), data.gen.gt, cfg.match_threshold, candidates_F=alive_F)
+    class_F = classify(model)
+    metrics = exclusive_metrics(m, class_F, data.gen.gt, alive_F, verified_F)
+    metrics["counts_verified"] = None
+    if verified_F is not None:  # the same counts, for the verified exclusive latents only
+        class_v_F = np.where(verified_F, class_F, OTHER)
+        metrics["counts_verified"] = exclusive_metrics(m, class_v_F, data.gen.gt, alive_F)["counts"]
     metrics["exclusive_recall_union"] = metrics["exclusive_precision_union"] = None
     if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
         union = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold, method="union")
@@ -210,26 +286,30 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     tcfg = train_config(cfg, data.root, run, method, data.seed)
     settings = {k: v for k, v in asdict(tcfg).items() if k not in ("store", "out", "device")}
     settings.update(
-        match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION
-    )
+        match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION,
+        verify_tokens=cfg.verify_tokens,
+    )  # fmt: skip
     rec_path = run / RECORD
     if rec_path.is_file():
         record = json.loads(rec_path.read_text())
         if record.get("settings") == settings:
             return record
-    if not (run / "eval.json").is_file():
+    if (run / "eval.json").is_file():  # finished: re-score only (no store, no training)
+        ev = json.loads((run / "eval.json").read_text())
+    else:
         tcfg = train_config(cfg, data.store_path(), run, method, data.seed)
-    with contextlib.redirect_stdout(io.StringIO()):  # train prints its eval.json; we summarise
-        ev = train(tcfg)
+        with contextlib.redirect_stdout(io.StringIO()):  # train prints its eval.json; we summarise
+            ev = train(tcfg)
+    verified_F, verification = verify_run(cfg, data, run)
     t_score = time.perf_counter()
-    metrics, rel_norm = score_run(cfg, data, run)
+    metrics, rel_norm = score_run(cfg, data, run, verified_F)
     record = {
         "name": method.name, "arch": method.arch, "seed": data.seed, "exclusive_frac": method.exclusive_frac,
         "sparsity": tcfg.resolved_sparsity, **metrics,
         "fve_a": ev["fve_a"], "fve_b": ev["fve_b"], "l0": ev["l0"], "dead_fraction": ev["dead_fraction"],
         "relative_norms_alive": [round(float(r), 4) for r in rel_norm] if method.arch != "dfc" else None,
         "train_seconds": ev.get("seconds_this_session"), "score_seconds": time.perf_counter() - t_score,
-        "settings": settings,
+        "verification": verification or None, "settings": settings,
     }  # fmt: skip
     write_json_atomic(rec_path, record)
     return record
@@ -241,6 +321,7 @@ SUMMARY_METRICS = (
     "exclusive_recall", "exclusive_precision", "exclusive_matched_any_class", "exclusive_recall_a", "exclusive_recall_b",
     "exclusive_precision_a", "exclusive_precision_b", "shared_recall", "shared_recall_imbalanced",
     "fve_a", "fve_b", "l0", "dead_fraction_heldout", "exclusive_recall_union", "exclusive_precision_union",
+    "exclusive_recall_verified", "exclusive_precision_verified",
 )  # fmt: skip
 FP_CAUSES = ("fp_shared", "fp_shared_imbalanced", "fp_duplicate", "fp_unplanted")
 
@@ -272,6 +353,13 @@ def summarise(records: list[dict]) -> list[dict]:
                 for c in counts:
                     counts[c] += r["counts"][side][c]
         row["counts_total"] = counts
+        ver = [(r.get("verification"), r.get("counts_verified")) for r in runs]
+        row["verification_total"] = None
+        if all(v and c for v, c in ver):  # summed over seeds (and both models for the counts)
+            row["verification_total"] = {
+                **{k: sum(v[k] for v, _ in ver) for k in ("rejected_rare", "rejected_predictable", "rejected_other")},
+                **{k: sum(c[side][k] for _, c in ver for side in "ab") for k in ("claimed", "true_pos", *FP_CAUSES)},
+            }  # fmt: skip
         rows.append(row)
     return rows
 
@@ -286,6 +374,8 @@ def _cell(stat: dict, n_seeds: int) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The main table (mean ± std over seeds) and the false-positive breakdown (summed over seeds)."""
     cols = [("exclusive_recall", "excl. recall"), ("exclusive_precision", "excl. precision"),
+            ("exclusive_recall_verified", "excl. recall (verified)"),
+            ("exclusive_precision_verified", "excl. precision (verified)"),
             ("exclusive_matched_any_class", "excl. learned (any class)"),
             ("exclusive_recall_a", "recall A"), ("exclusive_recall_b", "recall B"),
             ("shared_recall", "shared recall"), ("shared_recall_imbalanced", "shared recall (imbalanced)"),
@@ -303,6 +393,21 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['name']} | {c['claimed']} | {c['true_pos']} | {c['fp_shared']} | {c['fp_shared_imbalanced']} | "
             f"{c['fp_duplicate']} | {c['fp_unplanted']} | {c['found_twins']} / {c['n_twins']} |"
         )
+    ver = [r for r in rows if r["verification_total"]]
+    if ver:
+        lines += ["", "Verification (crossdiff.analyze's verdicts on the seed's store: a candidate is rejected when it "
+                  "fires < 10 times held out, or a linear probe from the other model predicts it with held-out "
+                  "R² ≥ 0.5 or AUROC ≥ 0.9), alive candidates summed over seeds and both models:", "",
+                  "| method | classified exclusive → verified | rejected: too rare | rejected: predictable | "
+                  "true positives → verified | FP shared concept → verified | FP imbalanced → verified | "
+                  "FP duplicate → verified | FP unplanted → verified |", "|---" * 9 + "|"]  # fmt: skip
+        for r in ver:
+            c, v = r["counts_total"], r["verification_total"]
+            arrow = " | ".join(f"{c[k]} → {v[k]}" for k in ("true_pos", *FP_CAUSES))
+            lines.append(
+                f"| {r['name']} | {c['claimed']} → {v['claimed']} | {v['rejected_rare']} | "
+                f"{v['rejected_predictable']} | {arrow} |"
+            )
     dfc = [r for r in rows if r["arch"] == "dfc"]
     if dfc:
         lines += ["", "DFC classified by partition ∪ relative norm (a shared-partition latent with r ≤ 0.1 or "
@@ -316,9 +421,38 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _arrows_svg(svg: str, pairs: list[tuple[tuple[float, float], tuple[float, float], str]], **frame) -> str:
+    """Add an arrow per ((x0, y0), (x1, y1), color) in data coordinates to a scatter_svg picture."""
+    from .plots import _Frame
+
+    fr = _Frame(frame["width"], frame["height"], frame["x_range"], frame["y_range"])
+    body = []
+    for i, ((x0, y0), (x1, y1), color) in enumerate(pairs):
+        body.append(
+            f'<marker id="arrow{i}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+            f'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="{color}"/></marker>'
+        )
+        body.append(
+            f'<line x1="{fr.px(x0):.1f}" y1="{fr.py(y0):.1f}" x2="{fr.px(x1):.1f}" y2="{fr.py(y1):.1f}" '
+            f'stroke="{color}" stroke-width="1.5" stroke-dasharray="4 2" marker-end="url(#arrow{i})"/>'
+        )
+    if not body:
+        return svg
+    head, tail = svg.rsplit("</svg>", 1)
+    return (
+        head
+        + "<defs>"
+        + "".join(b for b in body if b.startswith("<marker"))
+        + "</defs>\n"
+        + "\n".join(b for b in body if b.startswith("<line"))
+        + "\n</svg>"
+        + tail
+    )
+
+
 def write_report(out: Path, results: dict) -> None:
     """results.json, results.md, recall_precision.svg and relative_norms.svg in `out`."""
-    from .plots import Point, histogram_svg, scatter_svg
+    from .plots import PALETTE, Point, histogram_svg, scatter_svg
 
     rows = summarise(results["runs"])
     results = {**results, "summary": rows}
@@ -328,19 +462,34 @@ def write_report(out: Path, results: dict) -> None:
             f"k = {s['k']}, {s['tokens']:,} training tokens per run, match threshold τ = {s['match_threshold']}."
             " Mean ± std over seeds.\n\n")  # fmt: skip
     write_text_atomic(out / "results.md", head + markdown_table(rows))
+    color = {r["name"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    verified = [r for r in rows if r["exclusive_precision_verified"]["mean"] is not None
+                and r["exclusive_recall_verified"]["mean"] is not None]  # fmt: skip
     points = [
         Point(r["name"], r["exclusive_precision"]["mean"], r["exclusive_recall"]["mean"],
-              r["exclusive_precision"]["std"] or 0.0, r["exclusive_recall"]["std"] or 0.0)
+              r["exclusive_precision"]["std"] or 0.0, r["exclusive_recall"]["std"] or 0.0, color=color[r["name"]])
         for r in rows
+    ] + [
+        Point(f"{r['name']} verified", r["exclusive_precision_verified"]["mean"],
+              r["exclusive_recall_verified"]["mean"], r["exclusive_precision_verified"]["std"] or 0.0,
+              r["exclusive_recall_verified"]["std"] or 0.0, color=color[r["name"]])
+        for r in verified
     ] + [
         Point(f"{r['name']} ∪ r", r["exclusive_precision_union"]["mean"], r["exclusive_recall_union"]["mean"],
               r["exclusive_precision_union"]["std"] or 0.0, r["exclusive_recall_union"]["std"] or 0.0,
               color="#999999")
         for r in rows if r["arch"] == "dfc"
     ]  # fmt: skip
-    write_text_atomic(out / "recall_precision.svg", scatter_svg(
-        points, title="Exclusive features: recall vs precision (mean ± std over seeds)",
-        x_label="exclusive precision", y_label="exclusive recall"))  # fmt: skip
+    frame = dict(width=600, height=460, x_range=(0.0, 1.05), y_range=(0.0, 1.05))
+    svg = scatter_svg(
+        points, title="Exclusive recall vs precision, before → after verification (mean ± std over seeds)",
+        x_label="exclusive precision", y_label="exclusive recall", **frame)  # fmt: skip
+    arrows = [
+        ((r["exclusive_precision"]["mean"], r["exclusive_recall"]["mean"]),
+         (r["exclusive_precision_verified"]["mean"], r["exclusive_recall_verified"]["mean"]), color[r["name"]])
+        for r in verified if r["exclusive_precision"]["mean"] is not None
+    ]  # fmt: skip
+    write_text_atomic(out / "recall_precision.svg", _arrows_svg(svg, arrows, **frame))
     rel = [v for r in results["runs"] if r["arch"] == "batchtopk" for v in r["relative_norms_alive"] or []]
     write_text_atomic(out / "relative_norms.svg", histogram_svg(
         rel, bins=40, value_range=(0.0, 1.0), log_y=True, y_label="alive latents",

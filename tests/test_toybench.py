@@ -51,6 +51,48 @@ def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monke
     assert json.loads((out / "results.json").read_text())["runs"] == runs
 
 
+def test_bench_toy_verifies_exclusive_latents_and_rescores_without_the_store(
+    tmp_path, monkeypatch, one_thread
+):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    for r in runs:
+        assert (out / "runs" / f"{r['name']}-seed-0" / "analysis" / "latents.csv").is_file()
+        assert r["verification"]["verify_seconds"] > 0
+        c, v = r["counts"], r["counts_verified"]
+        for side in "ab":  # verification only removes exclusive calls, never adds any
+            assert v[side]["claimed"] <= c[side]["claimed"] and v[side]["true_pos"] <= c[side]["true_pos"]
+            for cause in ("fp_shared", "fp_duplicate", "fp_unplanted"):
+                assert v[side][cause] <= c[side][cause]
+        assert (
+            r["exclusive_recall_verified"] is not None
+            and r["exclusive_recall_verified"] <= r["exclusive_recall"]
+        )
+        rejected = sum(c[s]["claimed"] - v[s]["claimed"] for s in "ab")
+        ver = r["verification"]
+        assert rejected <= ver["rejected_rare"] + ver["rejected_predictable"] + ver["rejected_other"]
+        if r["exclusive_precision_verified"] is not None and r["exclusive_precision"] is not None:
+            assert r["exclusive_precision_verified"] >= r["exclusive_precision"] - 0.25
+    assert "excl. precision (verified)" in (out / "results.md").read_text()
+    assert "<line" in (out / "recall_precision.svg").read_text()  # before → after arrows
+    assert not (out / "stores" / "seed-0").exists()
+
+    # Re-scoring at another threshold reuses the saved verdicts: no training, no analysis, no store.
+    def fail(*args, **kwargs):
+        raise AssertionError("re-scoring must not train, analyse or rebuild the store")
+
+    monkeypatch.setattr("crossdiff.train.train", fail)
+    monkeypatch.setattr("crossdiff.analyze.analyze", fail)
+    monkeypatch.setattr("crossdiff.synthetic.SyntheticPairs.write_store", fail)
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY, "--match-threshold", "0.8"]) == 0
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert all(
+        r["settings"]["match_threshold"] == 0.8 and r["verification"]["verify_seconds"] is None for r in again
+    )
+    assert all(r["exclusive_recall_verified"] is not None for r in again)
+
+
 def test_scatter_svg_draws_labelled_points_with_clipped_error_bars():
     svg = scatter_svg(
         [
