@@ -197,6 +197,17 @@ class Reconstruction(NamedTuple):
     """Latent activations (B, F) as used at inference."""
 
 
+class Activations(NamedTuple):
+    """`Crosscoder.encode_entries`: the dense activations and their active entries (row-major)."""
+
+    f: Tensor
+    """(B, F), equal to `encode`."""
+    rows_N: Tensor
+    cols_N: Tensor
+    vals_N: Tensor
+    """f[rows_N, cols_N] (all > 0)."""
+
+
 class TrainOutput(NamedTuple):
     loss: Tensor
     """Differentiable total loss: reconstruction (+ α·AuxK) (+ λ·L1)."""
@@ -293,7 +304,56 @@ class Crosscoder(nn.Module):
 
         batchtopk: ReLU(f_pre) where ReLU(f_pre)·Σ_m||d_m|| > θ (per-batch BatchTopK if θ was never
         learned); topk: the per-token top k; l1: ReLU(f_pre).
+
+        When no gradient is needed (no_grad / inference_mode, or nothing requires grad) this is the
+        lean path: one (B, F) buffer, everything after the GEMMs in place. Otherwise (and under
+        autocast) it is the differentiable formula `_encode_reference`; both give the same values
+        to float rounding (tests/test_crosscoder.py).
         """
+        if self._needs_graph(x_a, x_b):
+            return self._encode_reference(x_a, x_b)
+        return self._encode_nograd(x_a, x_b)[0]
+
+    def encode_entries(self, x_a: Tensor, x_b: Tensor) -> Activations:
+        """`encode` (never differentiable) plus its active entries, row-major (sorted by token, then
+        latent): what `f.nonzero()` + a gather give, without torch's slow `nonzero` pass on CPU."""
+        if sparse._autocast_on(x_a):
+            with torch.no_grad():
+                f_BF, entries = self._encode_reference(x_a, x_b), None
+        else:
+            f_BF, entries = self._encode_nograd(x_a, x_b)
+        if entries is None:
+            entries = sparse.nonzero_entries(f_BF)
+        return Activations(f_BF, entries.rows_N, entries.cols_N, f_BF[entries.rows_N, entries.cols_N])
+
+    def _needs_graph(self, x_a: Tensor, x_b: Tensor) -> bool:
+        if sparse._autocast_on(x_a):  # keep autocast's dtype semantics: the reference formula
+            return True
+        if not torch.is_grad_enabled():
+            return False
+        return x_a.requires_grad or x_b.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    @torch.no_grad()
+    def _encode_nograd(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, sparse.Entries | None]:
+        """(f (B, F), the selected entries or None): the two encoder GEMMs write one buffer
+        (`sparse.matmuls_nograd`), then b_enc, ReLU and the θ mask are applied in place by row blocks
+        and TopK keeps its entries in place. The θ and L1 paths allocate no (B, F) temporary
+        besides the output; the selections' own temporaries are in sparse.py."""
+        cfg = self.cfg
+        xc_a, xc_b = x_a - self.b_dec_a, x_b - self.b_dec_b
+        f_BF = sparse.matmuls_nograd(xc_a, xc_b, self.W_enc_a, self.W_enc_b, cfg.n_latents, cfg.n_a_exclusive)
+        if cfg.sparsity == "l1":
+            return sparse.bias_relu_threshold_(f_BF, self.b_enc), None
+        norm_a_F, norm_b_F = self.decoder_norms()
+        norm_F = norm_a_F + norm_b_F
+        if cfg.sparsity == "batchtopk" and self.threshold >= 0:
+            return sparse.bias_relu_threshold_(f_BF, self.b_enc, norm_F, self.threshold), None
+        # The selections rank ReLU(f_pre)·norm, so selecting on ReLU(f_pre) picks the same entries.
+        entries = self._select(sparse.bias_relu_threshold_(f_BF, self.b_enc), None, norm_F)
+        return sparse.keep_entries_(f_BF, entries), entries
+
+    def _encode_reference(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        """The plain differentiable formula (dense pre-activations, out-of-place masks)."""
         f_pre_BF = self.pre_acts(x_a, x_b)
         f_BF = f_pre_BF.relu()
         norm_a_F, norm_b_F = self.decoder_norms()

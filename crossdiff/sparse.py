@@ -65,6 +65,37 @@ def matmuls_nograd(x_a_BD, x_b_BD, W_enc_a_MD, W_enc_b_MD, n_latents: int, n_a_e
         return xw_BF
 
 
+def bias_relu_threshold_(
+    f_BF: Tensor, bias_F: Tensor, norm_F: Tensor | None = None, threshold=None
+) -> Tensor:
+    """In place: f = ReLU(f + bias), then (threshold given) f *= (f·norm > threshold).
+
+    The inference epilogue on the `matmuls_nograd` buffer. Same ops and rounding as the out-of-place
+    formula, applied to row blocks of ~1 MB (CPU) so each block is read from memory once and the
+    threshold's (B, F) float and bool temporaries shrink to one block.
+    """
+    block = max(1, (1 << 18 if f_BF.device.type == "cpu" else 1 << 26) // max(1, f_BF.shape[1]))
+    for s in range(0, f_BF.shape[0], block):
+        blk = f_BF[s : s + block]
+        blk.add_(bias_F).relu_()
+        if threshold is not None:
+            blk.mul_(blk * norm_F > threshold)
+    return f_BF
+
+
+def keep_entries_(f_BF: Tensor, entries: Entries) -> Tensor:
+    """In place: zero every entry of f except (rows, cols), i.e. f * mask without a (B, F) mask."""
+    vals_N = f_BF[entries.rows_N, entries.cols_N]
+    f_BF.zero_()
+    f_BF[entries.rows_N, entries.cols_N] = vals_N
+    return f_BF
+
+
+def nonzero_entries(f_BF: Tensor) -> Entries:
+    """Row-major (rows, cols) of the entries f > 0 (numpy's compare + flatnonzero on CPU, see `_above`)."""
+    return Entries(*_above(f_BF, f_BF.new_zeros(f_BF.shape[1])))
+
+
 def dense_preacts(x_a_BD, x_b_BD, W_enc_a_MD, W_enc_b_MD, b_enc_F, n_a_exclusive: int) -> Tensor:
     """Oracle: the same pre-activations with ordinary autograd (each model padded to F latents)."""
     n_latents = b_enc_F.shape[0]
@@ -167,11 +198,23 @@ def _above(xw_BF: Tensor, thr_F: Tensor) -> tuple[Tensor, Tensor]:
 def select_topk(xw_BF: Tensor, bias_F: Tensor | None, norm_F: Tensor, k: int) -> Entries:
     """Per-token top-k of ReLU(f_pre)·norm (ranked like BatchTopK so the variants are comparable)."""
     n_tokens, n_latents = xw_BF.shape
-    scaled_BF = _with_bias(xw_BF, bias_F).clamp_min(0) * norm_F
-    top = scaled_BF.topk(min(k, n_latents), dim=1, sorted=False)
-    rows_N = torch.arange(n_tokens, device=xw_BF.device).repeat_interleave(top.indices.shape[1])
-    keep_N = top.values.reshape(-1) > 0
-    return Entries(*_row_major(rows_N[keep_N], top.indices.reshape(-1)[keep_N], n_latents))
+    k = min(k, n_latents)
+    # Row blocks (each row is ranked on its own): the scaled temporary is one block, not (B, F).
+    block = max(1, (1 << 20 if xw_BF.device.type == "cpu" else 1 << 26) // max(1, n_latents))
+    vals, idx = [], []
+    for s in range(0, n_tokens, block):
+        scaled = _with_bias(xw_BF[s : s + block], bias_F).clamp_min(0).to(norm_F.dtype).mul_(norm_F)
+        top = scaled.topk(k, dim=1, sorted=False)
+        vals.append(top.values)
+        idx.append(top.indices)
+    vals_BK, idx_BK = (
+        (torch.cat(vals), torch.cat(idx))
+        if vals
+        else (xw_BF.new_zeros(0, k), xw_BF.new_zeros(0, k, dtype=torch.long))
+    )
+    rows_N = torch.arange(n_tokens, device=xw_BF.device).repeat_interleave(k)
+    keep_N = vals_BK.reshape(-1) > 0
+    return Entries(*_row_major(rows_N[keep_N], idx_BK.reshape(-1)[keep_N], n_latents))
 
 
 def select_positive(xw_BF: Tensor, bias_F: Tensor | None) -> Entries:

@@ -225,3 +225,77 @@ def test_check_store_names_the_mismatch():
     FakeStore.d_b, FakeStore.model_a = D_B, {"id": "other", "layer": 5}
     with pytest.raises(CrossdiffError, match="model A"):
         cfg.check_store(FakeStore)
+
+
+def _reference_encode(m: Crosscoder, x_a, x_b):
+    """The pre-optimisation `encode`, written out: both models padded to F latents and added."""
+    part, n_f = m.partition, m.cfg.n_latents
+    pre_a = (x_a - m.b_dec_a) @ m.W_enc_a.T
+    pre_b = (x_b - m.b_dec_b) @ m.W_enc_b.T
+    f_pre = (
+        torch.nn.functional.pad(pre_a, (0, n_f - pre_a.shape[1]))
+        + torch.nn.functional.pad(pre_b, (part.b_latents.start, 0))
+        + m.b_enc
+    )
+    f = f_pre.relu()
+    norm = m.W_dec_a.new_zeros(n_f)
+    norm[part.a_latents.start : part.a_latents.stop] += m.W_dec_a.norm(dim=1)
+    norm[part.b_latents.start : part.b_latents.stop] += m.W_dec_b.norm(dim=1)
+    if m.cfg.sparsity == "l1":
+        return f
+    if m.cfg.sparsity == "batchtopk" and m.threshold >= 0:
+        return f * (f * norm > m.threshold)
+    scaled = f * norm
+    if m.cfg.sparsity == "topk":
+        keep = torch.zeros_like(f, dtype=torch.bool).scatter_(1, scaled.topk(m.cfg.k, dim=1).indices, True)
+    else:  # per-batch BatchTopK: the k·B largest over the whole batch
+        flat = scaled.reshape(-1).topk(m.cfg.k * f.shape[0]).indices
+        keep = torch.zeros(f.numel(), dtype=torch.bool).index_fill_(0, flat, True).view_as(f)
+    return f * (keep & (scaled > 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sparsity", ["batchtopk", "batchtopk-theta", "topk", "l1"])
+@pytest.mark.parametrize("excl", [(0, 0), (6, 9)], ids=["standard", "dfc"])
+def test_lean_encode_equals_the_reference_formula(sparsity, excl, dtype):
+    g = torch.Generator().manual_seed(3)
+    for n_tokens, d_a, d_b, n_latents, k in [(1, 24, 20, 100, 4), (37, 8, 13, 64, 3), (200, 16, 16, 300, 7)]:
+        cfg = CrosscoderConfig(
+            d_a=d_a,
+            d_b=d_b,
+            n_latents=n_latents,
+            sparsity=sparsity.removesuffix("-theta"),
+            k=k,
+            n_a_exclusive=excl[0],
+            n_b_exclusive=excl[1],
+        )
+        m = Crosscoder(cfg, generator=g).to(dtype)
+        with torch.no_grad():
+            for p in m.parameters():  # off the symmetric init: biases and exclusive rows all matter
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=dtype))
+        x_a = torch.randn(n_tokens, d_a, generator=g, dtype=dtype)
+        x_b = torch.randn(n_tokens, d_b, generator=g, dtype=dtype)
+        with torch.no_grad():
+            if sparsity == "batchtopk-theta":
+                m.threshold.fill_(
+                    float((_reference_encode(m, x_a, x_b) * sum(m.decoder_norms())).quantile(0.9))
+                )
+            want = _reference_encode(m, x_a, x_b)
+        assert m._needs_graph(x_a, x_b)  # grad mode on and parameters require grad
+        with torch.no_grad():
+            assert not m._needs_graph(x_a, x_b)
+            got = m.encode(x_a, x_b)
+        with torch.inference_mode():
+            got_inf = m.encode(x_a, x_b)
+            act = m.encode_entries(x_a, x_b)
+        got_grad = m.encode(x_a, x_b)  # the differentiable path
+        assert got_grad.requires_grad and not got.requires_grad
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        for f in (got, got_inf, got_grad.detach(), act.f):
+            assert f.shape == want.shape and f.dtype == want.dtype and f.is_contiguous()
+            assert torch.equal(f > 0, want > 0), (sparsity, n_tokens)
+            torch.testing.assert_close(f, want, **tol)
+        assert (want > 0).any()
+        rows, cols = (want > 0).nonzero(as_tuple=True)
+        assert torch.equal(act.rows_N, rows) and torch.equal(act.cols_N, cols)
+        assert torch.equal(act.vals_N, act.f[rows, cols])

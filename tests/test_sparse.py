@@ -220,3 +220,19 @@ def test_auxk_on_the_dead_subdictionary_matches_a_full_dictionary_reference(ea, 
             not g_got["b_enc"][~dead_F].any()
             and not g_got["W_dec_a"][~dead_F[: model.W_dec_a.shape[0]]].any()
         )
+
+
+def test_select_topk_row_blocks_match_the_plain_per_token_topk():
+    g = torch.Generator().manual_seed(5)
+    n_latents, k = 1 << 15, 6  # 32 rows per block on CPU, so 70 tokens span 3 blocks (the last partial)
+    xw = torch.randn(70, n_latents, generator=g)
+    bias = 0.1 * torch.randn(n_latents, generator=g)
+    norm = torch.rand(n_latents, generator=g)
+    norm[:100] = 0  # latents without a decoder never rank
+    got = sparse.select_topk(xw, bias, norm, k)
+    top = ((xw + bias).clamp_min(0) * norm).topk(k, dim=1)
+    rows = torch.arange(70).repeat_interleave(k)
+    keep = top.values.reshape(-1) > 0
+    want = sparse._row_major(rows[keep], top.indices.reshape(-1)[keep], n_latents)
+    assert torch.equal(got.rows_N, want[0]) and torch.equal(got.cols_N, want[1])
+    assert sparse.select_topk(xw[:0], bias, norm, k).rows_N.numel() == 0
