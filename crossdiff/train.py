@@ -31,6 +31,7 @@ import torch
 
 from .config import config_to_dict
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
+from .distributed import DistContext
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
 
@@ -182,6 +183,12 @@ class TrainState:
     last_cutoff: float | None = None
     guess: float | None = None
     """Extrapolated lower bound of the next BatchTopK cutoff: the exact-selection hint (sparse.py)."""
+    dist: DistContext | None = None
+    """Data-parallel context under torchrun (crossdiff/distributed.py); None when single-process."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
     def state_dict(self) -> dict:
         return {
@@ -226,11 +233,15 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
             "the last good checkpoint is kept"
         )
     out.loss.backward()
+    fired_F, n_tokens = out.fired_F, x_a.shape[0]
+    if st.dist is not None:  # global-batch gradient, fired mask and token count on every replica
+        st.dist.reduce_grads(st.model.parameters(), n_tokens)
+        fired_F, n_tokens = st.dist.any(fired_F), st.dist.n_global
     clip_grad_norm(st.opt, 1.0)
     st.opt.step()
     st.opt.zero_grad(set_to_none=True)
-    st.since_fired_F += x_a.shape[0]
-    st.since_fired_F[out.fired_F] = 0
+    st.since_fired_F += n_tokens
+    st.since_fired_F[fired_F] = 0
     if out.cutoff is not None:
         _track_cutoff(st, float(out.cutoff), cfg)
     st.step += 1
@@ -274,7 +285,12 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     meter = _Meter()
     with tqdm(
-        total=cfg.total_steps, initial=st.step, unit="step", dynamic_ncols=True, mininterval=1.0
+        total=cfg.total_steps,
+        initial=st.step,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not st.is_main,
     ) as bar:
         for x_a, x_b in batches:
             if st.step >= cfg.total_steps:
@@ -285,11 +301,14 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
                     f"the training batch at step {st.step} contains NaN or inf values (check the "
                     "store); the last good checkpoint is kept"
                 )
+            if st.dist is not None:  # this rank's rows of the global batch
+                x_a, x_b = st.dist.shard(x_a, x_b)
             out = train_step(st, x_a, x_b, cfg)
             meter.add(out, x_a, x_b)
             bar.update(1)
-            if st.step % cfg.log_every == 0 or st.step == cfg.total_steps:
-                row = meter.flush(st, cfg)
+            if (st.step % cfg.log_every == 0 or st.step == cfg.total_steps) and st.is_main:
+                row = meter.flush(st, cfg)  # under torchrun: rank 0's slice, tokens/s of all ranks
+                row["tokens_per_s"] *= st.dist.world if st.dist is not None else 1
                 log.write(row)
                 bar.set_postfix(
                     tok_s=f"{row['tokens_per_s']:.0f}",
@@ -297,7 +316,7 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
                     fve_b=f"{row['fve_b']:.3f}",
                     l0=f"{row['l0']:.1f}",
                 )
-            if st.step % cfg.checkpoint_every == 0 or st.step == cfg.total_steps:
+            if (st.step % cfg.checkpoint_every == 0 or st.step == cfg.total_steps) and st.is_main:
                 save_checkpoint(run, st)
             if st.step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -505,25 +524,44 @@ def resolve_device(name: str) -> torch.device:
 
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume, or report an already finished run); returns the held-out evaluation."""
+    from . import distributed
     from .store import Store
 
-    run = Path(cfg.out)
-    _check_run_folder(cfg, run)
-    if (run / "eval.json").is_file():
-        print(
-            f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
-        )
-        return json.loads((run / "eval.json").read_text())
-    store, device = Store.open(cfg.store), resolve_device(cfg.device)
+    run, device = Path(cfg.out), resolve_device(distributed.local_device(cfg.device))
+    ctx = distributed.from_env(device.type)  # torchrun: join the group (None when single-process)
+    try:
+        if ctx is None or ctx.is_main:
+            _check_run_folder(cfg, run)
+        if ctx is not None:
+            ctx.barrier()
+            if cfg.batch_size < ctx.world:
+                raise CrossdiffError(f"--batch-size {cfg.batch_size} is below the {ctx.world} ranks")
+        if (run / "eval.json").is_file():
+            print(
+                f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
+            )
+            return json.loads((run / "eval.json").read_text())
+        return _train(cfg, run, Store.open(cfg.store), device, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
     if device.type == "cpu":
         tune_cpu_allocator()
     ckpt = latest_checkpoint(run)
     st = _resume(ckpt, store, device) if ckpt else _initialise(cfg, store, device)
-    if ckpt:
+    if ctx is not None:  # replicas start identical (same seed or checkpoint); select globally
+        st.dist = ctx
+        ctx.install_global_batch_topk(st.model)
+    if ckpt and st.is_main:
         print(f"resuming {run} from step {st.step} of {cfg.total_steps}", file=sys.stderr)
-    log = MetricsLog(run, cfg, st.step)
+    log = MetricsLog(run, cfg, st.step) if st.is_main else None
     t0 = time.perf_counter()
     fit(st, store.batches(cfg.batch_size, split="train", seed=cfg.seed, start=st.step), cfg, run, log)
+    if not st.is_main:  # rank 0 alone writes the weights and evaluates
+        return {}
+    st.model.__dict__.pop("_select", None)  # evaluate on rank 0's own batches, no collectives
     st.model.save_pretrained(run)
     result = evaluate(st.model, store, cfg, device)
     result.update(
