@@ -46,11 +46,13 @@ def run(out: Path, tokens: int) -> tuple[float, float, list[float]]:
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: list[tuple[int, float]] = []  # (shards written so far, RSS)
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child once, with its rusage
+        if pid:
+            break
         shards = len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
         samples.append((shards, _rss_mib(proc.pid)))
         time.sleep(1.0)
-    _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"harvest of {tokens} tokens failed; run it by hand: {' '.join(args)}")
     last = max(s for s, _ in samples) or 1

@@ -51,6 +51,12 @@ COMMANDS = [
         "crossdiff.analyze:analyze",
     ),
     Command(
+        "steer",
+        "Verify latents by steering the real model: measured effects vs random directions, generations.",
+        "crossdiff.steer:SteerConfig",
+        "crossdiff.steer:steer",
+    ),
+    Command(
         "bench toy",
         "Synthetic ground-truth benchmark: exclusive-feature recall and precision of crosscoders and DFCs.",
         "crossdiff.toybench:ToyBenchConfig",

@@ -1,0 +1,155 @@
+"""Steering hooks and verification on the real default model (SmolLM2, layer 15), kept short."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crossdiff import cli
+from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.errors import CrossdiffError
+from crossdiff.steer import (
+    SteerConfig,
+    ablate_edit,
+    add_edit,
+    encode_batch,
+    generate,
+    latent_direction,
+    steer_latent,
+    steering,
+)
+
+LAYER_A, LAYER_B = 15, 9
+PARIS = [("I love the city of", " Paris"), ("We flew to", " Paris"), ("Next summer we visit", " Paris")]
+FAST = dict(strengths=(0.0, 4.0), n_random=5, new_tokens=4, n_contexts=3)
+
+
+@pytest.fixture(scope="module")
+def lm(models_ab):
+    return models_ab[0]
+
+
+def _crosscoder(sparsity="batchtopk") -> Crosscoder:
+    cfg = CrosscoderConfig(
+        d_a=576, d_b=640, n_latents=8, k=2, n_a_exclusive=2, n_b_exclusive=2, sparsity=sparsity,
+        model_a="smollm2-135m", model_b="gemma3-270m", layer_a=LAYER_A, layer_b=LAYER_B, scale_a=0.5,
+    )  # fmt: skip
+    return Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
+
+
+def _logits(lm, text="The cat sat on the mat"):
+    enc = lm.tokenizer(text, return_tensors="pt")
+    with torch.inference_mode():
+        return lm.model(**enc).logits
+
+
+def _paris_gradient(lm) -> torch.Tensor:
+    """A direction known to raise log p(" Paris"): its gradient w.r.t. the layer's residual."""
+    batch = encode_batch(lm, [p + c for p, c in PARIS], [len(p) for p, _ in PARIS])
+    saved = []
+
+    def hook(module, args, out):
+        saved.append(out.detach().requires_grad_())
+        return saved[-1]
+
+    handle = lm.blocks[LAYER_A].register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            pos = (batch.mask_BT.cumsum(-1) - 1).clamp_min(0)
+            out = lm.model(input_ids=batch.ids_BT, attention_mask=batch.mask_BT, position_ids=pos)
+            out.logits[:, -2].log_softmax(-1)[:, batch.ids_BT[0, -1]].sum().backward()
+    finally:
+        handle.remove()
+    g = saved[0].grad.sum((0, 1))
+    return g / g.norm()
+
+
+def test_zero_strength_is_bit_identical_and_removal_restores(lm, one_thread):
+    base = _logits(lm)
+    d = latent_direction(_crosscoder(), 0, "a", typical=3.0)
+    with steering(lm, LAYER_A, add_edit(0.0 * d.d_raw_D)):
+        assert torch.equal(_logits(lm), base)
+    with steering(lm, LAYER_A, add_edit(50.0 * d.d_raw_D)):
+        assert not torch.equal(_logits(lm), base)
+    assert not lm.blocks[LAYER_A]._forward_hooks and not lm.model._forward_pre_hooks
+    assert torch.equal(_logits(lm), base)
+
+
+def test_special_tokens_are_never_edited(models_ab, one_thread):
+    gemma = models_ab[1]  # Gemma prepends BOS; SmolLM2 has none
+    enc = gemma.tokenizer("Hello world", return_tensors="pt")
+    seen = []
+    with steering(gemma, LAYER_B, lambda h, keep: seen.append(keep) or h):
+        with torch.inference_mode():
+            gemma.model(**enc)
+    assert seen[0][0].tolist() == [False] + [True] * (enc["input_ids"].shape[1] - 1)
+
+
+def test_ablation_matches_the_crosscoder_for_exclusive_latents(lm):
+    cc = _crosscoder("l1")
+    x_a, x_b = torch.randn(5, 576), torch.randn(5, 640)
+    with torch.no_grad():
+        cc.b_enc.fill_(0.5)
+        f = cc.encode(x_a * cc.cfg.scale_a, x_b * cc.cfg.scale_b)
+    d = latent_direction(cc, 1, typical=1.0)
+    assert d.model == "a" and d.exclusive
+    torch.testing.assert_close(d.activation(x_a[None])[0], f[:, 1])
+    out = ablate_edit(d)(x_a[None], torch.ones(1, 5, dtype=torch.bool))[0]
+    torch.testing.assert_close(out, x_a - f[:, 1:2] * cc.W_dec_a[1] / cc.cfg.scale_a)
+    with pytest.raises(CrossdiffError, match="paired text"):
+        latent_direction(cc, 3, "a").activation(x_a[None])  # shared latent
+
+
+def test_planted_direction_passes_random_latent_fails(lm, one_thread):
+    cc = _crosscoder()
+    with torch.no_grad():
+        cc.W_dec_a[0] = _paris_gradient(lm) * cc.cfg.scale_a  # raw norm 1
+    cfg = SteerConfig(run="unused", latent=0, **FAST)
+    planted = steer_latent(lm, latent_direction(cc, 0, "a", typical=5.0), PARIS, cfg)
+    assert planted["verdict"] == "pass" and planted["effect_size"] > 3
+    i = planted["strengths"].index(4.0)
+    assert planted["dlogprob"][i] > max(planted["null"]["dlogprob"][i])
+    rand = latent_direction(cc, 1, "a", typical=5.0 * cc.cfg.scale_a / float(cc.W_dec_a[1].detach().norm()))
+    random = steer_latent(lm, rand, PARIS, cfg)
+    assert random["verdict"] == "fail" and abs(random["dlogprob"][i]) < planted["dlogprob"][i] / 3
+    assert {"prompt", "strength", "text"} <= set(planted["generations"][0])
+    assert len(planted["context_activation"]) == len(PARIS) and "ablation_dlogprob" in planted
+
+
+def test_generation_is_steered_and_deterministic(lm, one_thread):
+    delta = 8.0 * _paris_gradient(lm)
+    a = generate(lm, LAYER_A, ["I love the city of", "Hi"], delta, 4)
+    assert a == generate(lm, LAYER_A, ["I love the city of", "Hi"], delta, 4)
+    assert a[0].startswith(" Paris")
+    assert generate(lm, LAYER_A, ["Hi"], 0 * delta, 4) == generate(lm, LAYER_A, ["Hi"], None, 4)
+
+
+def test_cli_single_and_top(tmp_path, models_ab, monkeypatch, one_thread):
+    run = tmp_path / "run"
+    cc = _crosscoder()
+    cc.save_pretrained(run)
+    feats = run / "analysis" / "features"
+    feats.mkdir(parents=True)
+    cols = "latent,partition,verdict,score,p99_act"
+    rows = ["0,a_exclusive,exclusive_a,2.0,4.0", "1,a_exclusive,exclusive_a,1.0,4.0"]
+    rows += [f"{i},shared,shared,0.5,1.0" for i in range(2, 6)]
+    rows += ["6,b_exclusive,exclusive_b,1.0,4.0", "7,b_exclusive,rejected,3.0,4.0"]
+    (run / "analysis" / "latents.csv").write_text("\n".join([cols, *rows]) + "\n")
+    ex = [{"value": 3.0, "text_before": p, "text_token": c, "text_after": ""} for p, c in PARIS]
+    for i in (0, 1, 6):
+        (feats / f"{i}.json").write_text(json.dumps({"latent": i, "examples": ex}))
+    monkeypatch.setattr("crossdiff.models.load_model", lambda spec, **kw: models_ab[spec != "smollm2-135m"])
+    common = ["--run", str(run), "--strengths", "0", "4", "--n-random", "5", "--new-tokens", "2"]
+    assert cli.main(["steer", *common, "--latent", "0"]) == 0
+    doc = json.loads((run / "steering" / "0.json").read_text())
+    assert doc["verdict"] in ("pass", "fail") and len(doc["strengths"]) == len(doc["dlogprob_z"]) == 2
+    assert cli.main(["steer", *common, "--top", "1", "--budget-seconds", "0"]) == 0
+    lines = (run / "analysis" / "latents.csv").read_text().splitlines()
+    assert lines[0] == cols + ",steer_verdict,steer_effect"
+    assert lines[1].endswith(",skipped,") and lines[7].endswith(",skipped,") and lines[2].endswith(",,")
+    assert cli.main(["steer", *common, "--top", "1"]) == 0
+    lines = (run / "analysis" / "latents.csv").read_text().splitlines()
+    assert lines[1].split(",")[-2] in ("pass", "fail") and lines[7].split(",")[-2] in ("pass", "fail")
+    assert lines[8].endswith(",,") and len(lines[0].split(",")) == 7
