@@ -23,7 +23,9 @@ from crossdiff.models import LanguageModel, load_model, resolve_layer
 
 def naive_hidden(self: LanguageModel, input_ids, attention_mask, layer):
     with torch.inference_mode():
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
     return out.hidden_states[layer + 1]
 
 
@@ -44,9 +46,18 @@ def main() -> None:
     layers = tuple(resolve_layer(None, lm.n_layers) for lm in lms)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, hidden in (("stopped at layer", LanguageModel.hidden), ("naive (all layers + head)", naive_hidden)):
+        for name, hidden in (
+            ("stopped at layer", LanguageModel.hidden),
+            ("naive (all layers + head)", naive_hidden),
+        ):
             LanguageModel.hidden = hidden
-            cfg = HarvestConfig(out=f"{tmp}/{len(rows)}", corpus=args.corpus, max_tokens=args.tokens, batch_size=args.batch_size, device=args.device)
+            cfg = HarvestConfig(
+                out=f"{tmp}/{len(rows)}",
+                corpus=args.corpus,
+                max_tokens=args.tokens,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
             seconds = timed_harvest(cfg, lms, layers)
             rows.append((name, args.tokens / seconds, seconds))
     print(f"\n{'path':28s} {'aligned tok/s':>14s} {'seconds':>8s}")
