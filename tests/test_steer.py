@@ -68,12 +68,14 @@ def _paris_gradient(lm) -> torch.Tensor:
 
 def test_zero_strength_is_bit_identical_and_removal_restores(lm, one_thread):
     base = _logits(lm)
+    # transformers may have installed its own output-capturing hooks earlier in the session: compare sets.
+    hooks_before = (dict(lm.blocks[LAYER_A]._forward_hooks), dict(lm.model._forward_pre_hooks))
     d = latent_direction(_crosscoder(), 0, "a", typical=3.0)
     with steering(lm, LAYER_A, add_edit(0.0 * d.d_raw_D)):
         assert torch.equal(_logits(lm), base)
     with steering(lm, LAYER_A, add_edit(50.0 * d.d_raw_D)):
         assert not torch.equal(_logits(lm), base)
-    assert not lm.blocks[LAYER_A]._forward_hooks and not lm.model._forward_pre_hooks
+    assert (dict(lm.blocks[LAYER_A]._forward_hooks), dict(lm.model._forward_pre_hooks)) == hooks_before
     assert torch.equal(_logits(lm), base)
 
 
