@@ -568,7 +568,8 @@ def _open_inputs(cfg: AnalyzeConfig):
 
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Analyse (or finish analysing, or report) the run; returns summary.json's content."""
-    from .train import resolve_device, tune_cpu_allocator
+    from .models import resolve_device
+    from .train import tune_cpu_allocator
 
     run, cc, store = _open_inputs(cfg)
     out = Path(cfg.out) if cfg.out else run / "analysis"

@@ -26,7 +26,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import explain_os_error, write_json_atomic
-from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, LanguageModel, load_model, resolve_layer
+from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, LanguageModel, load_model, resolve_device, resolve_layer
 from .store import Store, completed_shards, finalize, remove_partial_shards, write_shard
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,7 +107,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         )
         return Store.open(root)
     corpus = open_corpus(cfg.corpus)
-    device = _pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     _fix_mmap_threshold()
     lm_a, lm_b = load_model(cfg.model_a, device=device), load_model(cfg.model_b, device=device)
     layers = resolve_layer(cfg.layer_a, lm_a.n_layers), resolve_layer(cfg.layer_b, lm_b.n_layers)
@@ -164,16 +164,6 @@ def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD from <malloc.h>
     except (OSError, AttributeError):
         pass
-
-
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CrossdiffError(
-            f"--device {device} was asked for but torch sees no CUDA device; use --device cpu"
-        )
-    return device
 
 
 def _write_store(

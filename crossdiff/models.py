@@ -156,6 +156,21 @@ def _convert_gguf(locate: Callable[[Path], Path], target: Path) -> Path:
     return target
 
 
+def resolve_device(name: str) -> torch.device:
+    """A torch device from cpu, cuda, cuda:N or auto (cuda when available), with a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CrossdiffError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrossdiffError(
+            f"--device {name} was asked for but no CUDA device is available; use --device cpu"
+        )
+    return device
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 

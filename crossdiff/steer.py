@@ -571,8 +571,11 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     from .crosscoder import Crosscoder
 
     run = Path(cfg.run)
-    cc = Crosscoder.from_pretrained(run, device=cfg.device)
-    lms = models if models is not None else _Models(cc, cfg.device)
+    from .models import resolve_device
+
+    device = resolve_device(cfg.device)
+    cc = Crosscoder.from_pretrained(run, device=device)
+    lms = models if models is not None else _Models(cc, device)
     columns, rows = read_latents(run)
     if cfg.latent is not None:
         res = steer_one(cc, run, cfg.latent, cfg.model, lms, rows, cfg)

@@ -34,6 +34,7 @@ from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+from .models import resolve_device
 
 STATE_FILE = "trainer_state.pt"
 # Test hook: SIGKILL ourselves right after this step (tests/test_train.py proves resume with it).
@@ -505,18 +506,6 @@ def tune_cpu_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CrossdiffError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrossdiffError(f"--device {name} was asked for but no CUDA device is available")
-    return device
 
 
 # ----------------------------------------------------------------------------- entry point
