@@ -405,16 +405,16 @@ class Crosscoder(nn.Module):
         norm_a_F, norm_b_F = self.decoder_norms()
         norm_F = norm_a_F + norm_b_F  # BatchTopK ranking and L1 weight: Σ of per-model norms (§2)
         xc_a, xc_b = x_a - self.b_dec_a, x_b - self.b_dec_b  # the encoder reads centred inputs
-        acts = self._sparse_acts(xc_a, xc_b, norm_F, guess) if sparse_kernels else None
+        acts = self._sparse_acts(x_a, x_b, xc_a, xc_b, norm_F, guess) if sparse_kernels else None
         if acts is None:  # dense oracle (or an L1 batch too dense for gathers to pay off)
             acts = self._dense_acts(x_a, x_b, norm_F)
         entries, x_hat_a, x_hat_b, l1_sum, xw_BF = acts
-        sse_a = (x_a - x_hat_a).pow(2).sum()
-        sse_b = (x_b - x_hat_b).pow(2).sum()
+        err_a, err_b = x_a - x_hat_a, x_b - x_hat_b
+        sse_a, sse_b = err_a.pow(2).sum(), err_b.pow(2).sum()
         loss = (sse_a + sse_b) / n_tokens
         if self.cfg.sparsity == "l1" and l1_coeff > 0:
             loss = loss + l1_coeff * l1_sum / n_tokens
-        aux = self._auxk(xc_a, xc_b, x_a - x_hat_a, x_b - x_hat_b, dead_F, aux_k, xw_BF)
+        aux = self._auxk(xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF)
         if aux_alpha > 0:
             loss = loss + aux_alpha * aux
         fired_F = torch.bincount(entries.cols_N, minlength=self.cfg.n_latents) > 0
@@ -428,15 +428,17 @@ class Crosscoder(nn.Module):
             entries.cutoff,
         )
 
-    def _sparse_acts(self, xc_a, xc_b, norm_F, guess):
-        """Sparse path (centred inputs): dense encoder matmul without graph, then only the selected entries."""
+    def _sparse_acts(self, x_a, x_b, xc_a, xc_b, norm_F, guess):
+        """Sparse path: dense encoder matmul of the centred inputs without graph, then only the selected entries."""
         ea, n_f = self.cfg.n_a_exclusive, self.cfg.n_latents
         xw_BF = sparse.matmuls_nograd(xc_a, xc_b, self.W_enc_a, self.W_enc_b, n_f, ea)
         bias_F = self.b_enc.detach()
         entries = self._select(xw_BF, bias_F, norm_F.detach(), guess)
         if self.cfg.sparsity == "l1" and entries.rows_N.numel() > L1_SPARSE_MAX_DENSITY * xw_BF.numel():
             return None
-        vals_N = sparse.gather_preacts(xw_BF, entries, xc_a, xc_b, self.W_enc_a, self.W_enc_b, self.b_enc, ea)
+        entries = sparse.with_latent_order(entries)
+        enc = (self.W_enc_a, self.W_enc_b, self.b_enc, ea, self.b_dec_a, self.b_dec_b)
+        vals_N = sparse.gather_preacts(xw_BF, entries, x_a, x_b, *enc)  # centres x on b_dec itself
         dec = (self.W_dec_a, self.W_dec_b, self.b_dec_a, self.b_dec_b)
         x_hat_a, x_hat_b = sparse.decode_pair(entries, vals_N, *dec, ea, xc_a.shape[0])
         return entries, x_hat_a, x_hat_b, (vals_N * norm_F[entries.cols_N]).sum(), xw_BF

@@ -144,19 +144,49 @@ def test_gradcheck_autograd_functions():
         return torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
 
     x_a, x_b, W_a, W_b, b = rnd(n, d_a), rnd(n, d_b), rnd(n_f - eb, d_a), rnd(n_f - ea, d_b), rnd(n_f)
+    c_a, c_b = rnd(d_a), rnd(d_b)
     entries = sparse.Entries(torch.tensor([0, 0, 1, 2, 4, 4]), torch.tensor([0, 5, 8, 3, 1, 6]))
 
     def enc(x_a, x_b, W_a, W_b, b):
         xw = sparse.matmuls_nograd(x_a, x_b, W_a, W_b, n_f, ea)
         return sparse.gather_preacts(xw, entries, x_a, x_b, W_a, W_b, b, ea)
 
+    def enc_centred(x_a, x_b, W_a, W_b, b, c_a, c_b):  # the centres' gradient is a GEMV of dL/db_enc
+        xw = sparse.matmuls_nograd(x_a - c_a, x_b - c_b, W_a, W_b, n_f, ea)
+        return sparse.gather_preacts(
+            xw, sparse.with_latent_order(entries), x_a, x_b, W_a, W_b, b, ea, c_a, c_b
+        )
+
     assert torch.autograd.gradcheck(enc, (x_a, x_b, W_a, W_b, b))
+    assert torch.autograd.gradcheck(enc_centred, (x_a, x_b, W_a, W_b, b, c_a, c_b))
     keep = entries.cols_N < n_f - eb  # A's latents only (local index = global index for A)
     rows, cols = entries.rows_N[keep], entries.cols_N[keep]
     vals, W_dec, b_dec = rnd(len(rows)), rnd(n_f - eb, d_a), rnd(d_a)
     assert torch.autograd.gradcheck(
         lambda v, W, bb: sparse.sparse_decode(rows, cols, v, W, bb, n), (vals, W_dec, b_dec)
     )
+
+
+@pytest.mark.parametrize("ea, eb", [(0, 0), (7, 5)])
+def test_shared_latent_order_gives_bitwise_identical_gradients(ea, eb):
+    """`with_latent_order` sorts once for the four sparseᵀ @ dense products; nothing may change."""
+    model = _model("batchtopk", 12, 20, 96, ea, eb, 4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x_a, x_b = torch.randn(16, 12, generator=g), torch.randn(16, 20, generator=g)
+    xc_a, xc_b = x_a - model.b_dec_a.detach(), x_b - model.b_dec_b.detach()
+    xw = sparse.matmuls_nograd(xc_a, xc_b, model.W_enc_a, model.W_enc_b, 96, ea)
+    entries = sparse.select_batch_topk(xw, model.b_enc.detach(), torch.ones(96), 64)
+    grads = []
+    for e in (entries, sparse.with_latent_order(entries)):
+        model.zero_grad(set_to_none=True)
+        enc = (model.W_enc_a, model.W_enc_b, model.b_enc, ea, model.b_dec_a, model.b_dec_b)
+        vals = sparse.gather_preacts(xw, e, x_a, x_b, *enc)
+        dec = (model.W_dec_a, model.W_dec_b, model.b_dec_a, model.b_dec_b)
+        x_hat_a, x_hat_b = sparse.decode_pair(e, vals, *dec, ea, 16)
+        ((x_a - x_hat_a).pow(2).sum() + (x_b - x_hat_b).pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 def test_empty_selection_decodes_to_bias():
