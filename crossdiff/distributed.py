@@ -26,18 +26,27 @@ sums). It is 0 until some latent is dead and weighted α = 1/32; the tests check
 AuxK inactive.
 
 Only rank 0 writes the run folder (config, metrics, checkpoints, final weights, eval.json).
+
+Harvesting (crossdiff/harvest_blocks.py) needs no tensor collectives, only a few integers per round
+of documents (`gather_ints`), rank 0's verdicts (`broadcast_object`) and barriers (`wait_all`); they
+travel on CPU through a gloo group of their own, also when the default group is nccl, with a long
+timeout: a rank waits there for the slowest block of documents of its round, which can take longer
+than torch.distributed's default 30 minutes (a block of books beside a block of short web pages).
 """
 
 from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from . import sparse
+
+EXCHANGE_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass
@@ -47,6 +56,7 @@ class DistContext:
     local_rank: int
     n_global: int = 0
     """Rows of the current global batch (set by `shard`)."""
+    _cpu_group: object = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -77,6 +87,29 @@ class DistContext:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's `values` (the same length on every rank), in rank order, exchanged on CPU."""
+        mine = torch.tensor(values, dtype=torch.long)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self._cpu())
+        return [o.tolist() for o in out]
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._cpu())
+        return box[0]
+
+    def wait_all(self) -> None:
+        """A barrier on the CPU exchange group (long timeout; `barrier` uses the default group)."""
+        dist.barrier(group=self._cpu())
+
+    def _cpu(self):
+        """The gloo group of the CPU exchanges, created collectively at the first one."""
+        if self._cpu_group is None:
+            self._cpu_group = dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT)
+        return self._cpu_group
 
     def install_global_batch_topk(self, model) -> None:
         """Make `model`'s BatchTopK select over the global batch (instance-level override)."""
@@ -137,6 +170,13 @@ def local_device(name: str) -> str:
     if world_size_from_env() > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return name
+
+
+def leave(ctx: DistContext | None) -> None:
+    """Leave the group at once after an error on this rank; the others' pending exchanges then fail
+    (gloo: connection closed) instead of waiting for a barrier this rank will never reach."""
+    if ctx is not None and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shutdown(ctx: DistContext | None) -> None:

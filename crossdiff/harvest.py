@@ -2,9 +2,11 @@
 
 corpus -> documents split to fit the context -> both tokenisations -> both models up to their layer
 -> positions aligned by character end offsets (align.py) -> masks (first position, outlier norms)
--> shards (store.py). Shards close only between batches and record where the corpus stream stands,
-so a killed harvest resumes after its last complete shard and ends byte-identical to an
-uninterrupted run. Letters in names: B batch, T tokens, D width, P aligned pairs.
+-> shards (store.py). Which chunks form a batch, on which torchrun rank, and where a rerun resumes is
+harvest_blocks.py (blocks of documents dealt to ranks, windows of chunks sorted by length);
+harvest_ranks.py merges the ranks' shards into one store. Shards close only between batches and
+record where the stream stands, so a killed harvest resumes after its last complete shard and ends
+byte-identical to an uninterrupted run. Letters in names: B batch, T tokens, D width, P aligned pairs.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+from . import harvest_ranks
 from .errors import CrossdiffError
 from .fsutil import explain_os_error, write_json_atomic
+from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, LanguageModel, load_model, resolve_device, resolve_layer
-from .store import Store, completed_shards, finalize, remove_partial_shards, write_shard
+from .store import HELDOUT_FRAC, Store, completed_shards, finalize, remove_partial_shards, write_shard
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,12 +54,18 @@ class HarvestConfig:
     """Longest sequence fed to either model; longer documents are split into several chunks, not truncated."""
     batch_size: int = 8
     """Chunks per forward pass."""
+    sort_window: int = 64
+    """Batches' worth of consecutive chunks sorted by token length before batching, so batches carry little padding (1: corpus order)."""
+    docs_per_block: int = 64
+    """Documents per block: blocks are dealt to torchrun ranks in turn, and length sorting never crosses one, so the rows do not depend on the number of ranks."""
     shard_tokens: int = 16384
     """Aligned pairs per shard (the unit of resumption)."""
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     """Storage precision of the activations."""
     outlier_factor: float = 10.0
     """Drop a pair when either model's activation norm exceeds this multiple of the batch median (massive activations)."""
+    heldout_frac: float = HELDOUT_FRAC
+    """Share of chunks held out for evaluation and verification probes, chosen by a fixed hash of the chunk id."""
     device: str = "auto"
     """Where the models run: auto (cuda when available), cpu, cuda, cuda:1 ..."""
     overwrite: bool = False
@@ -67,12 +75,18 @@ class HarvestConfig:
         checks = [
             (self.context_len >= 16, f"--context-len must be at least 16, got {self.context_len}"),
             (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.sort_window >= 1, f"--sort-window must be positive, got {self.sort_window}"),
+            (self.docs_per_block >= 1, f"--docs-per-block must be positive, got {self.docs_per_block}"),
             (self.shard_tokens >= 1, f"--shard-tokens must be positive, got {self.shard_tokens}"),
             (
                 self.max_tokens is None or self.max_tokens >= 1,
                 f"--max-tokens must be positive, got {self.max_tokens}",
             ),
             (self.outlier_factor > 1, f"--outlier-factor must be above 1, got {self.outlier_factor}"),
+            (
+                0 < self.heldout_frac < 0.5,
+                f"--heldout-frac must be between 0 and 0.5 (exclusive), got {self.heldout_frac}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -86,47 +100,68 @@ class HarvestConfig:
         return d
 
 
-@dataclass(frozen=True)
-class Chunk:
-    doc: int  # position of the document in the corpus
-    index_in_doc: int
-    id: int  # global chunk number
-    source: str
-    char_offset: int
-    text: str
-
-
 def harvest(cfg: HarvestConfig) -> Store:
-    """Write (or finish) the store at cfg.out and return it opened."""
+    """Write (or finish) the store at cfg.out and return it opened.
+
+    Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank harvests its share of the corpus
+    into STORE/ranks/R/ and rank 0 then merges the shards into the one store (harvest_ranks.py).
+    """
+    from . import distributed
+
+    device = resolve_device(distributed.local_device(cfg.device))
+    ctx = distributed.from_env(device.type)
+    try:
+        store = _harvest(cfg, device, ctx)
+    except BaseException:
+        distributed.leave(ctx)  # no final barrier: the other ranks may be waiting in an exchange
+        raise
+    distributed.shutdown(ctx)
+    return store
+
+
+def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     from .corpus import open_corpus
 
-    root = Path(cfg.out)
-    if _check_existing(root, cfg):
-        print(
-            f"{root} is already complete ({json.loads((root / 'meta.json').read_text())['n_tokens']:,} aligned pairs)"
-        )
+    root, world = Path(cfg.out), 1 if ctx is None else ctx.world
+    verdict: str | tuple[bool, bool] | None = None
+    if ctx is None or ctx.is_main:
+        try:  # (already complete, folder created by this run), or the one-line refusal
+            verdict = (_check_existing(root, cfg, world), not root.exists())
+        except CrossdiffError as e:
+            verdict = str(e)
+    if ctx is not None:
+        verdict = ctx.broadcast_object(verdict)
+    if isinstance(verdict, str):
+        raise CrossdiffError(verdict)
+    complete, created = verdict
+    if complete:
+        if ctx is None or ctx.is_main:
+            shutil.rmtree(root / "ranks", ignore_errors=True)  # left by a merge killed at its very end
+            n = json.loads((root / "meta.json").read_text())["n_tokens"]
+            print(f"{root} is already complete ({n:,} aligned pairs)")
         return Store.open(root)
     corpus = open_corpus(cfg.corpus)
-    device = resolve_device(cfg.device)
     _fix_mmap_threshold()
     lm_a, lm_b = load_model(cfg.model_a, device=device), load_model(cfg.model_b, device=device)
     layers = resolve_layer(cfg.layer_a, lm_a.n_layers), resolve_layer(cfg.layer_b, lm_b.n_layers)
-    created = not root.exists()
     try:
         try:
-            _write_store(root, cfg, corpus, (lm_a, lm_b), layers)
+            if ctx is None:
+                _write_store(root, cfg, corpus, (lm_a, lm_b), layers)
+            else:
+                _write_ranks(root, cfg, corpus, (lm_a, lm_b), layers, ctx)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
             raise explain_os_error(e, root) from e
     except CrossdiffError:
-        if created and not completed_shards(root):
+        if (ctx is None or ctx.is_main) and created and not harvest_ranks.has_shards(root):
             shutil.rmtree(root, ignore_errors=True)  # nothing finished: leave nothing behind
         raise
     return Store.open(root)
 
 
-def _check_existing(root: Path, cfg: HarvestConfig) -> bool:
+def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> bool:
     """True if a complete store with these settings exists; refuse other settings unless overwrite."""
     settings_path = root / "settings.json"
     if root.exists() and not settings_path.is_file() and any(root.iterdir()):
@@ -143,7 +178,13 @@ def _check_existing(root: Path, cfg: HarvestConfig) -> bool:
                 )
             shutil.rmtree(root)
             return False
-        return (root / "meta.json").is_file()
+        if (root / "meta.json").is_file():
+            return True
+        problem = harvest_ranks.world_mismatch(root, world)
+        if problem and not cfg.overwrite:
+            raise CrossdiffError(problem)
+        if problem:
+            shutil.rmtree(root)
     return False
 
 
@@ -166,13 +207,8 @@ def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         pass
 
 
-def _write_store(
-    root: Path, cfg: HarvestConfig, corpus, lms: tuple[LanguageModel, LanguageModel], layers: tuple[int, int]
-) -> None:
-    from tqdm.auto import tqdm
-
-    from . import __version__
-
+def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
+    """The store's folder, settings.json and both tokenizers (before any shard)."""
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "settings.json", cfg.settings())
     for key, lm in zip("ab", lms):
@@ -181,64 +217,86 @@ def _write_store(
             shutil.rmtree(tmp, ignore_errors=True)
             lm.tokenizer.save_pretrained(tmp)
             tmp.rename(root / "tokenizers" / key)
-    done = completed_shards(root)
-    remove_partial_shards(root, len(done))
-    n_done, n_shards = sum(s["n_tokens"] for s in done), len(done)
-    resume = done[-1]["next"] if done else {"doc": 0, "index_in_doc": 0, "chunk": 0}
-    finished = resume is None  # killed after the last shard, before meta.json
-    buffer = _ShardBuffer()
+
+
+def _write_store(
+    root: Path, cfg: HarvestConfig, corpus, lms: tuple[LanguageModel, LanguageModel], layers: tuple[int, int]
+) -> None:
+    """Single process: shards straight into the store, then meta.json."""
     start = time.perf_counter()
-    batches = (
-        iter(()) if finished else _batched(_chunks(corpus, lms, cfg.context_len, resume), cfg.batch_size)
-    )
-    with tqdm(total=cfg.max_tokens, initial=n_done, unit="tok", desc="harvest", dynamic_ncols=True) as bar:
-        while cfg.max_tokens is None or n_done + buffer.n < cfg.max_tokens:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            buffer.add(*_process_batch(batch, lms, layers, cfg))
-            bar.update(
-                buffer.last_n if cfg.max_tokens is None else min(buffer.last_n, cfg.max_tokens - bar.n)
-            )
-            if buffer.n >= cfg.shard_tokens:
-                nxt = {
-                    "doc": batch[-1].doc,
-                    "index_in_doc": batch[-1].index_in_doc + 1,
-                    "chunk": batch[-1].id + 1,
-                }
-                n_done += buffer.flush(root, n_shards, nxt, _remaining(cfg, n_done), cfg.dtype)
-                n_shards += 1
-        if buffer.n:
-            buffer.flush(root, n_shards, None, _remaining(cfg, n_done), cfg.dtype)
-    meta = _meta(root, cfg, lms, layers, __version__)
-    n = meta["n_tokens"]
+    _prepare(root, cfg, lms)
+    _write_shards(root, cfg, corpus, lms, layers, Solo(), cfg.max_tokens, show_progress=True)
+    _report(_meta(root, cfg, lms, layers, world=1), root, start)
+
+
+def _write_ranks(root: Path, cfg: HarvestConfig, corpus, lms, layers, ctx) -> None:
+    """torchrun: every rank fills STORE/ranks/R/, then rank 0 merges and writes meta.json."""
+    start = time.perf_counter()
+    if ctx.is_main:
+        _prepare(root, cfg, lms)
+        harvest_ranks.start(root, ctx.world)
+    ctx.wait_all()
+    if not harvest_ranks.merging(root):  # a merge already under way means every rank had finished
+        quota = harvest_ranks.quota(cfg.max_tokens, ctx.rank, ctx.world)
+        folder = harvest_ranks.rank_dir(root, ctx.rank)
+        _write_shards(folder, cfg, corpus, lms, layers, ctx, quota, show_progress=ctx.is_main)
+    ctx.wait_all()
+    error = None
+    if ctx.is_main:
+        try:
+            harvest_ranks.merge(root, ctx.world)
+            meta = _meta(root, cfg, lms, layers, world=ctx.world)
+            harvest_ranks.clean(root)
+            _report(meta, root, start)
+        except CrossdiffError as e:
+            error = str(e)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            error = str(explain_os_error(e, root))
+    error = ctx.broadcast_object(error)  # every rank ends with rank 0's one-line error, if any
+    if error is not None:
+        raise CrossdiffError(error)
+
+
+def _report(meta: dict, root: Path, start: float) -> None:
+    a, b = meta["models"]["a"]["aligned_fraction"], meta["models"]["b"]["aligned_fraction"]
     print(
-        f"harvested {n:,} aligned pairs into {root} ({time.perf_counter() - start:.0f} s this run); "
-        f"aligned fraction A {meta['models']['a']['aligned_fraction']:.3f}, B {meta['models']['b']['aligned_fraction']:.3f}"
+        f"harvested {meta['n_tokens']:,} aligned pairs into {root} ({time.perf_counter() - start:.0f} s this run); "
+        f"aligned fraction A {a:.3f}, B {b:.3f}"
     )
 
 
-def _remaining(cfg: HarvestConfig, n_done: int) -> int | None:
-    return None if cfg.max_tokens is None else cfg.max_tokens - n_done
+def _write_shards(
+    folder: Path, cfg: HarvestConfig, corpus, lms, layers, sync: Sync, quota: int | None, show_progress: bool
+) -> None:
+    """This rank's shards: its batches (harvest_blocks.Schedule) until its quota or the corpus ends."""
+    from tqdm.auto import tqdm
 
-
-def _chunks(corpus, lms, context_len: int, resume: dict) -> Iterator[Chunk]:
-    from .align import split_document
-
-    tok_a, tok_b = lms[0].tokenizer, lms[1].tokenizer
-    chunk_id = resume["chunk"]
-    for doc_index, doc in enumerate(corpus.iter_from(resume["doc"]), start=resume["doc"]):
-        spans = split_document(doc.text, tok_a, tok_b, context_len, context_len)
-        first = resume["index_in_doc"] if doc_index == resume["doc"] else 0
-        for i, (s, e) in enumerate(spans[first:], start=first):
-            yield Chunk(doc_index, i, chunk_id, doc.source, s, doc.text[s:e])
-            chunk_id += 1
-
-
-def _batched(it, n):
-    it = iter(it)
-    while batch := list(islice(it, n)):
-        yield batch
+    done = completed_shards(folder)
+    remove_partial_shards(folder, len(done))
+    n_done, n_shards = sum(s["n_tokens"] for s in done), len(done)
+    schedule = Schedule(
+        corpus, (lms[0].tokenizer, lms[1].tokenizer), cfg, sync, Resume.from_shards(done, quota)
+    )
+    buffer = _ShardBuffer()
+    desc = "harvest" if sync.world == 1 else f"harvest (rank 0 of {sync.world})"
+    bar = tqdm(
+        total=quota, initial=n_done, unit="tok", desc=desc, dynamic_ncols=True, disable=not show_progress
+    )
+    with bar:
+        for position, batch in schedule.batches():
+            buffer.add(*_process_batch(batch, lms, layers, cfg))
+            bar.update(buffer.last_n if quota is None else min(buffer.last_n, quota - bar.n))
+            if quota is not None and n_done + buffer.n >= quota:
+                schedule.finish()  # no more batches; the remaining rounds only exchange chunk counts
+                n_done += buffer.flush(folder, n_shards, None, schedule.round, quota - n_done, cfg)
+                n_shards += 1
+            elif buffer.n >= cfg.shard_tokens:
+                n_done += buffer.flush(folder, n_shards, position, schedule.round, None, cfg)
+                n_shards += 1
+        if buffer.n:  # the corpus ended
+            buffer.flush(folder, n_shards, None, schedule.round, None, cfg)
 
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,14 +310,11 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids_BT, mask_BT
 
 
-def _encode_and_run(lm: LanguageModel, layer: int, texts: list[str]):
-    from .align import tokenize
-
-    encs = [tokenize(lm.tokenizer, t) for t in texts]
+def _run(lm: LanguageModel, layer: int, encs) -> torch.Tensor:
+    """The block's output for a batch of tokenised chunks, float32 on the CPU (bf16 models on CUDA)."""
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids_BT, mask_BT = _pad([list(e[0]) for e in encs], pad_id)
-    hidden_BTD = lm.hidden(ids_BT.to(lm.device), mask_BT.to(lm.device), layer).float().cpu()
-    return encs, hidden_BTD
+    return lm.hidden(ids_BT.to(lm.device), mask_BT.to(lm.device), layer).float().cpu()
 
 
 def batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
@@ -272,12 +327,12 @@ def batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
     return float(cat.median()) if cat.numel() else float("inf")
 
 
-def _process_batch(batch: list[Chunk], lms, layers, cfg: HarvestConfig):
+def _process_batch(items: list[Item], lms, layers, cfg: HarvestConfig):
     from .align import align
 
-    (enc_a, h_a), (enc_b, h_b) = (
-        _encode_and_run(lm, layer, [c.text for c in batch]) for lm, layer in zip(lms, layers)
-    )
+    batch = [it.chunk for it in items]
+    enc_a, enc_b = [it.enc_a for it in items], [it.enc_b for it in items]
+    h_a, h_b = _run(lms[0], layers[0], enc_a), _run(lms[1], layers[1], enc_b)
     med_a, med_b = batch_median_norm(h_a, enc_a), batch_median_norm(h_b, enc_b)
     counts: Counter = Counter()
     cols: dict[str, list] = {
@@ -362,29 +417,34 @@ class _ShardBuffer:
         self.last_n = len(cols["chunk"])
         self.n += self.last_n
 
-    def flush(self, root: Path, index: int, nxt: dict | None, limit: int | None, dtype: str) -> int:
+    def flush(
+        self, root: Path, index: int, nxt: dict | None, round_: int, limit: int | None, cfg: HarvestConfig
+    ) -> int:
         cols = {k: torch.cat([p[k] for p in self.parts]) for k in self.parts[0]}
         n = len(cols["chunk"]) if limit is None else min(limit, len(cols["chunk"]))
         cols = {k: v[:n] for k, v in cols.items()}
         kept_chunks = set(cols["chunk"].tolist())
         texts = [t for t in self.texts if t["chunk"] in kept_chunks]
         stats = {
-            "next": nxt,
+            "next": nxt,  # where this rank's stream resumes (None: it had finished)
+            "round": round_,
             "counts": dict(sorted(self.counts.items())),
             # Sums of squared norms in float64 from the float32 activations, for the normalisation scale.
             "sumsq_a": float(cols["acts_a"].double().pow(2).sum()),
             "sumsq_b": float(cols["acts_b"].double().pow(2).sum()),
         }
         cols["acts_a"], cols["acts_b"] = (
-            cols["acts_a"].to(STORAGE_DTYPES[dtype]),
-            cols["acts_b"].to(STORAGE_DTYPES[dtype]),
+            cols["acts_a"].to(STORAGE_DTYPES[cfg.dtype]),
+            cols["acts_b"].to(STORAGE_DTYPES[cfg.dtype]),
         )
-        write_shard(root, index, cols, texts, stats)
+        write_shard(root, index, cols, texts, stats, heldout_frac=cfg.heldout_frac)
         self.__init__()
         return n
 
 
-def _meta(root: Path, cfg: HarvestConfig, lms, layers, version: str) -> dict:
+def _meta(root: Path, cfg: HarvestConfig, lms, layers, world: int) -> dict:
+    from . import __version__
+
     shards = completed_shards(root)
     counts: Counter = Counter()
     for s in shards:
@@ -418,11 +478,12 @@ def _meta(root: Path, cfg: HarvestConfig, lms, layers, version: str) -> dict:
         )
     }
     meta = {
-        "crossdiff_version": version,
+        "crossdiff_version": __version__,
         "models": models,
         "dtype": cfg.dtype,
         "corpus": cfg.corpus,
         "masked": masked,
         "context_len": cfg.context_len,
+        "ranks": world,
     }
-    return finalize(root, meta)
+    return finalize(root, meta, heldout_frac=cfg.heldout_frac)

@@ -51,7 +51,13 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(
-    root: Path, index: int, tensors: dict[str, torch.Tensor], texts: list[dict], stats: dict
+    root: Path,
+    index: int,
+    tensors: dict[str, torch.Tensor],
+    texts: list[dict],
+    stats: dict,
+    *,
+    heldout_frac: float = HELDOUT_FRAC,
 ) -> dict:
     """Write one shard atomically; the .json written last marks it complete. Returns the stats."""
     from safetensors.torch import save
@@ -60,7 +66,10 @@ def write_shard(
     name = shard_name(index)
     chunk_N = tensors["chunk"].numpy()
     stats = dict(
-        stats, index=index, n_tokens=int(chunk_N.shape[0]), n_heldout=int(heldout_mask(chunk_N).sum())
+        stats,
+        index=index,
+        n_tokens=int(chunk_N.shape[0]),
+        n_heldout=int(heldout_mask(chunk_N, heldout_frac).sum()),
     )
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     write_bytes_atomic(shards / f"{name}.safetensors", save(tensors))
@@ -90,12 +99,15 @@ def remove_partial_shards(root: Path, n_complete: int) -> None:
             p.unlink()
 
 
-def finalize(root: Path, meta: dict) -> dict:
-    """Add the per-shard table and totals to `meta`, write meta.json (the completion marker)."""
+def finalize(root: Path, meta: dict, *, heldout_frac: float = HELDOUT_FRAC) -> dict:
+    """Add the per-shard table and totals to `meta`, write meta.json (the completion marker).
+
+    `heldout_frac` must be the one the shards were written with (their n_heldout counts).
+    """
     shards = completed_shards(root)
     meta = dict(meta)
     meta["format_version"] = FORMAT_VERSION
-    meta["heldout_frac"] = HELDOUT_FRAC
+    meta["heldout_frac"] = heldout_frac
     meta["shards"] = [
         {"name": shard_name(s["index"]), "n_tokens": s["n_tokens"], "n_heldout": s["n_heldout"]}
         for s in shards

@@ -26,7 +26,9 @@ WORDS = (
     "the jury said election county city of in was and to a for that is on with as by at from court "
     "judge vote 1961 Atlanta's café naïve — “quoted” 42.5% e-mail"
 ).split()
-SETTINGS = dict(max_tokens=2400, context_len=128, batch_size=4, shard_tokens=500)
+# Length sorting puts the longest batches (~4 x 128 pairs) last in a window, so shards overshoot
+# --shard-tokens by up to a batch: 300 keeps several shards for the kill-and-resume test.
+SETTINGS = dict(max_tokens=2400, context_len=128, batch_size=4, shard_tokens=300)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,28 @@ def test_full_disk_fails_cleanly_and_resumes(reference, corpus_file, tmp_path):
         _same_tree(reference.root, mnt / "store")
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_harvest_runs_bf16_models_and_matches_cpu(reference, corpus_file, tmp_path):
+    from crossdiff.models import DEFAULT_MODEL_A, load_model
+
+    assert load_model(DEFAULT_MODEL_A, device="cuda").model.dtype == torch.bfloat16
+    cfg = dict(out=str(tmp_path / "gpu"), corpus=str(corpus_file), device="cuda", **SETTINGS)
+    gpu = harvest(HarvestConfig(**cfg))
+    assert gpu.n_tokens == reference.n_tokens
+    for key in "ab":  # bf16 forward vs fp32 forward: the same scale to within a few percent
+        assert gpu.meta["models"][key]["scale"] == pytest.approx(
+            reference.meta["models"][key]["scale"], rel=0.05
+        )
+    ref_rows, gpu_rows = reference.rows(np.arange(reference.n_tokens)), gpu.rows(np.arange(gpu.n_tokens))
+    ref_key = {(c, p): i for i, (c, p) in enumerate(zip(ref_rows["chunk"], ref_rows["pos_a"]))}
+    both = [(ref_key[k], i) for i, k in enumerate(zip(gpu_rows["chunk"], gpu_rows["pos_a"])) if k in ref_key]
+    assert len(both) > 0.99 * gpu.n_tokens  # only outlier decisions near the threshold can differ
+    r, g = np.array(both).T
+    for x_ref, x_gpu in zip(reference.get(r), gpu.get(g)):
+        cos = torch.nn.functional.cosine_similarity(x_ref, x_gpu, dim=-1)
+        assert cos.median() > 0.99 and cos.min() > 0.9
 
 
 def test_existing_store_with_other_settings_is_refused(reference, corpus_file):
