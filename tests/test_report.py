@@ -216,6 +216,42 @@ def test_rerender_replaces_report_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
+def _calibration() -> dict:
+    """calibration.json as `crossdiff calibrate` writes it (docs/calibration.md), trimmed."""
+
+    def arch(recovered: bool, cosine: float, false_self: int) -> dict:
+        match = {"latent": 7, "cosine": 0.97, "top_on_words": 1.0, "partition": "a_exclusive",
+                 "verdict": "rejected", "reason": "predictable from B: R²=0.61, AUROC=0.99 " + XSS,
+                 "probe_auroc": 0.99, "probe_r2": 0.61, "density": 0.008, "rel_norm": 0.0}  # fmt: skip
+        positive = {"recovered": recovered, "cosine": cosine, "recovered_as_candidate": True,
+                    "best_candidate": match, "best_overall": match}  # fmt: skip
+        negative = {"self_false_exclusive": false_self, "rotated_false_exclusive": 0, "self_candidates": 12}
+        return {"positive": positive, "negative": negative}
+
+    by_arch = {"dfc": arch(False, 0.0, 0), "batchtopk": arch(True, 0.93, 3)}
+    return {"positive": by_arch["dfc"]["positive"], "negative": by_arch["dfc"]["negative"], "by_arch": by_arch,
+            "words": ["house", XSS], "n_planted_rows": 812, "n_planted_heldout_rows": 77, "planted_norm": 170.3,
+            "criteria": {"cosine_min": 0.9, "top_on_words_min": 0.5}}  # fmt: skip
+
+
+def test_calibration_section_from_the_diff_folder(tmp_path):
+    """calibrate writes DIR/calibration.json next to DIR/run: the report finds it there and tabulates it."""
+    run = make_run(tmp_path)
+    (run / "calibration.json").unlink()
+    (tmp_path / "calibration.json").write_text(json.dumps(_calibration()))
+    html = report(ReportConfig(run=str(run))).read_text()
+    section = html[html.index("<h2>Calibration</h2>") : html.index("<h2>Run details</h2>")]
+    assert "812" in section and "77" in section and "170.3" in section
+    rows = section.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
+    assert len(rows) == 2 and "DFC" in rows[0] and "missed" in rows[0] and "recovered" in rows[1]
+    assert ">3</td>" in rows[1]  # the standard crosscoder's self-diff false exclusives
+    assert "Latents closest to the planted direction" in section and "predictable from B" in section
+    assert "<script" not in section and "&lt;script&gt;" in section
+    (tmp_path / "calibration.json").write_text(json.dumps({"planted": {"recall": 1.0}}))  # another shape
+    html = report(ReportConfig(run=str(run))).read_text()
+    assert "Calibration" in html and "recall" in html and "Latents closest" not in html
+
+
 def test_minimal_analysis_renders(tmp_path):
     run = make_run(tmp_path, features=False)
     for p in ("cfg.json", "eval.json", "calibration.json", "analysis/summary.json"):
@@ -331,6 +367,8 @@ COL = "Array.from(document.querySelectorAll('#candidates tbody tr')).map(r => r.
 )
 def test_report_in_headless_chromium(tmp_path):
     run = make_run(tmp_path)
+    (run / "calibration.json").unlink()
+    (tmp_path / "calibration.json").write_text(json.dumps(_calibration()))
     index = report(ReportConfig(run=str(run)))
     browser = Browser(tmp_path / "profile")
     try:
@@ -353,6 +391,11 @@ def test_report_in_headless_chromium(tmp_path):
             assert [float(s) for s in scores[:-1]] == sorted((float(s) for s in scores[:-1]), reverse=reverse)
         assert browser.js("document.querySelectorAll('a[href^=\"features/\"]').length") == 9
         assert browser.js("window.__pwned === undefined && document.scripts.length === 1")
+        calib = "Array.from(document.querySelectorAll('h2')).find(h => h.textContent === 'Calibration')"
+        assert (
+            browser.js(f"{calib}.nextElementSibling.nextElementSibling.querySelectorAll('tbody tr').length")
+            == 2
+        )
         browser.goto((run / "report" / "features" / "0.html").as_uri())
         assert browser.js("document.querySelector('h1').textContent").startswith("Latent 0")
         assert browser.js("document.querySelectorAll('.example mark')[0].textContent") == XSS

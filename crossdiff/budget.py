@@ -1,0 +1,109 @@
+"""Compute budgets of `crossdiff diff` and `crossdiff calibrate`: how much data, how big a dictionary.
+
+One table, so that the diff, the calibration controls and the docs agree. `small` is the default and
+is sized to finish the whole diff in at most 15 minutes on 2 CPU cores (docs/diff.md has the measured
+stage times); `medium` and `large` are for a GPU (or patience).
+
+Choices for `small`, measured on the default pair (Brown, SmolLM2-135M vs Gemma-3-270M):
+- 100k aligned pairs with 10% of chunks held out: verification needs >= 10 held-out firings, so a
+  5% held-out share leaves most candidates "too rare to verify" at this size.
+- D = 4096 latents, k = 32, 400k training tokens (4 epochs; at this size the store is the limit, not
+  the steps). AuxK needs `dead_tokens` well below the training length, or it never switches on and
+  the DFC's exclusive slots all die (measured on the 200k Brown store, D=4096, 200k tokens: 100% of
+  both exclusive partitions dead with the 10M-token default; 400k tokens with dead_tokens=100k and
+  lr 1e-3: A-exclusive 4% dead (B-exclusive 100%), held-out FVE 0.764/0.758, vs 0.709/0.700 at the default lr 4e-4 with
+  dead_tokens=50k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import CrossdiffError
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    harvest_tokens: int
+    """Aligned pairs harvested."""
+    heldout_frac: float
+    """Share of chunks held out from training (evaluation and verification probes)."""
+    latents: int
+    k: int
+    train_tokens: int
+    batch_size: int
+    dead_tokens: int
+    """AuxK: a latent silent for this many training tokens is dead."""
+    lr: float | None
+    seeds: int
+    """DFCs trained with different seeds for the seed-stability table (seed 0 is analysed)."""
+    steer_top: int
+    """Candidates steered per model."""
+    steer_seconds: float | None
+    """Stop starting new steering jobs after this long."""
+    splice_tokens: int = 4096
+    """Held-out tokens for the analysis's splice-in evaluation (runs both models)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+BUDGETS = {
+    b.name: b
+    for b in (
+        Budget("small", 100_000, 0.10, 4096, 32, 400_000, 1024, 100_000, 1e-3, 3, 3, 150.0),
+        Budget("medium", 1_000_000, 0.05, 16384, 32, 4_000_000, 4096, 1_000_000, None, 3, 5, 900.0),
+        Budget("large", 10_000_000, 0.05, 32768, 32, 50_000_000, 4096, 10_000_000, None, 5, 10, None),
+    )
+}
+
+
+def get_budget(name: str) -> Budget:
+    if name not in BUDGETS:
+        raise CrossdiffError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
+    return BUDGETS[name]
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+def harvest_config(b: Budget, out, *, model_a: str, model_b: str, corpus: str, device: str = "auto"):
+    from .harvest import HarvestConfig
+
+    return HarvestConfig(
+        out=str(out),
+        model_a=model_a,
+        model_b=model_b,
+        corpus=corpus,
+        max_tokens=b.harvest_tokens,
+        heldout_frac=b.heldout_frac,
+        device=device,
+    )
+
+
+def train_config(b: Budget, store, out, *, arch: str = "dfc", seed: int = 0, device: str = "auto"):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        store=str(store),
+        out=str(out),
+        arch=arch,
+        latents=b.latents,
+        k=b.k,
+        tokens=b.train_tokens,
+        batch_size=b.batch_size,
+        dead_tokens=b.dead_tokens,
+        lr=b.lr,
+        seed=seed,
+        device=device,
+        checkpoint_every=max(1, b.train_tokens // b.batch_size // 4),
+    )
+
+
+def analyze_config(b: Budget, run, store, *, load_models: bool | None = None, device: str = "auto"):
+    from .analyze import AnalyzeConfig
+
+    return AnalyzeConfig(
+        run=str(run), store=str(store), load_models=load_models, splice_tokens=b.splice_tokens, device=device
+    )

@@ -1,0 +1,252 @@
+"""`crossdiff diff`: the whole job in one command — harvest, train DFCs, analyse, seed stability,
+steer, report — on a compute budget (crossdiff/budget.py).
+
+Layout of the output folder DIR (docs/diff.md):
+
+    DIR/store/              the paired-activation store (crossdiff harvest)
+    DIR/run/                the analysed DFC (seed 0): analysis/, stability.json, steering/, report/
+    DIR/seeds/seed<N>/      the other seeds' DFCs, for the seed-stability table
+    DIR/diff.json           what ran with which settings, stage times and the headline numbers;
+                            written last (its presence means the diff is complete)
+    DIR/stages.json         finished stages with their settings' fingerprint (what a rerun skips)
+
+Every stage resumes on its own (harvest and training by shard/checkpoint, analysis by its cached
+passes); a stage recorded as finished with the same settings is skipped outright, so a rerun after a
+kill costs only what was lost. `crossdiff calibrate --out DIR` reuses DIR/store (docs/calibration.md).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from .budget import Budget, analyze_config, get_budget, harvest_config, train_config
+from .errors import CrossdiffError
+from .fsutil import write_json_atomic
+from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
+from .stages import Stage, StageLog, run_stages
+
+
+@dataclass(frozen=True)
+class DiffConfig:
+    """Two models, one corpus, one budget: everything else has a default (docs/diff.md)."""
+
+    model_a: str = DEFAULT_MODEL_A
+    """Model A (the trusted one): a short name (smollm2-135m, gemma3-270m), a hub id, a local directory or a .gguf file."""
+    model_b: str = DEFAULT_MODEL_B
+    """Model B (the one audited against A), in the same forms."""
+    corpus: str = "brown"
+    """Text source: brown, a .txt file or folder, jsonl:PATH:FIELD, or hf:NAME[:CONFIG][:SPLIT]."""
+    out: str | None = None
+    """Output folder (default: runs/<model A>-vs-<model B>-<budget>). Rerun the same command to resume."""
+    budget: Literal["small", "medium", "large"] = "small"
+    """small: <= 15 min on 2 CPU cores (100k tokens, 4096 latents); medium / large: for a GPU (docs/diff.md)."""
+    seeds: int | None = None
+    """DFCs trained with different seeds for the stability table (default: the budget's, 3 for small)."""
+    steer_top: int | None = None
+    """Candidates steered per model (default: the budget's); 0 skips steering."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+
+    def __post_init__(self):
+        if self.seeds is not None and self.seeds < 1:
+            raise CrossdiffError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.steer_top is not None and self.steer_top < 0:
+            raise CrossdiffError(f"--steer-top must be >= 0, got {self.steer_top}")
+
+    @property
+    def folder(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{_slug(self.model_a)}-vs-{_slug(self.model_b)}-{self.budget}"
+
+    def resolved_budget(self) -> Budget:
+        from dataclasses import replace
+
+        b = get_budget(self.budget)
+        return replace(
+            b,
+            seeds=self.seeds if self.seeds is not None else b.seeds,
+            steer_top=self.steer_top if self.steer_top is not None else b.steer_top,
+        )
+
+
+def _slug(model: str) -> str:
+    name = Path(model).stem if model.endswith(".gguf") else model.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
+    d = cfg.folder
+    store, run = d / "store", d / "run"
+    seed_runs = {0: run, **{s: d / "seeds" / f"seed{s}" for s in range(1, b.seeds)}}
+    hcfg = harvest_config(
+        b, store, model_a=cfg.model_a, model_b=cfg.model_b, corpus=cfg.corpus, device=cfg.device
+    )
+    out = [Stage("harvest", lambda: _harvest(hcfg), hcfg.settings(), lambda: (store / "meta.json").is_file())]
+    for s, path in seed_runs.items():
+        tcfg = train_config(b, store, path, arch="dfc", seed=s, device=cfg.device)
+        out.append(
+            Stage(
+                f"train DFC (seed {s})",
+                lambda t=tcfg: _train(t),
+                _settings(tcfg),
+                lambda p=path: (p / "eval.json").is_file(),
+            )
+        )
+    acfg = analyze_config(b, run, store, device=cfg.device)
+    out.append(
+        Stage(
+            "analyse",
+            lambda: _analyze(acfg),
+            _settings(acfg),
+            lambda: (run / "analysis" / "summary.json").is_file(),
+        )
+    )
+    if b.seeds > 1:
+        out.append(Stage("seed stability", lambda: _stability(run, seed_runs), {"seeds": b.seeds}))
+    if b.steer_top:
+        scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds}
+        out.append(Stage("steer", lambda: _steer(run, b, cfg.device), scfg))
+    out.append(Stage("report", lambda: _report(run), after_change=True))
+    return out
+
+
+def _settings(cfg) -> dict:
+    """A stage config's settings, less where it runs."""
+    return {k: v for k, v in asdict(cfg).items() if k != "device"}
+
+
+def diff(cfg: DiffConfig) -> dict:
+    """Run (or finish) the diff in cfg.folder; returns diff.json's content."""
+    b = cfg.resolved_budget()
+    folder = cfg.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    log = StageLog(folder / "stages.json")
+    start = time.perf_counter()
+    print(
+        f"crossdiff diff: {cfg.model_a} vs {cfg.model_b} on {cfg.corpus}, budget {b.name} -> {folder}",
+        file=sys.stderr,
+    )
+    run_stages(stages(cfg, b), log, "diff")
+    summary = _summary(cfg, b, log, time.perf_counter() - start)
+    write_json_atomic(folder / "diff.json", summary)
+    _print_summary(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _harvest(hcfg) -> dict:
+    from .harvest import harvest
+
+    store = harvest(hcfg)
+    m = store.meta["models"]
+    return {
+        "n_tokens": store.n_tokens,
+        "aligned_fraction_a": m["a"]["aligned_fraction"],
+        "aligned_fraction_b": m["b"]["aligned_fraction"],
+    }
+
+
+def _train(tcfg) -> dict:
+    from .train import train
+
+    ev = train(tcfg)
+    return {k: ev.get(k) for k in ("fve_a", "fve_b", "l0", "dead_fraction", "dead_fraction_by_partition")}
+
+
+def _analyze(acfg) -> dict:
+    from .analyze import analyze
+
+    s = analyze(acfg)
+    keys = ("counts", "candidates", "verified", "fve_a", "fve_b", "l0", "dead_fraction", "splice")
+    return {k: s.get(k) for k in keys}
+
+
+def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
+    import csv
+
+    import numpy as np
+
+    from .crosscoder import Crosscoder
+    from .stability import format_table, read_candidates, seed_stability, write_stability
+
+    ref = Crosscoder.from_pretrained(run, device="cpu")
+    others = {s: Crosscoder.from_pretrained(p, device="cpu") for s, p in seed_runs.items() if s != 0}
+    with (run / "analysis" / "latents.csv").open(newline="") as fh:
+        alive = np.array([r["verdict"] != "dead" for r in csv.DictReader(fh)])
+    table = seed_stability(ref, others, read_candidates(run), alive=alive)
+    write_stability(run, table)
+    print(format_table(table), file=sys.stderr)
+    return table["summary"]
+
+
+def _steer(run: Path, b: Budget, device: str) -> dict:
+    from .steer import SteerConfig, steer
+
+    try:
+        res = steer(
+            SteerConfig(
+                run=str(run),
+                top=b.steer_top,
+                include_rejected=True,
+                budget_seconds=b.steer_seconds,
+                device=device,
+            )
+        )
+    except CrossdiffError as e:
+        if "no exclusive candidates" not in str(e):
+            raise
+        print(f"steer: skipped ({e})", file=sys.stderr)
+        return {"steered": 0}
+    verdicts = [r["verdict"] for r in res.values() if r is not None]
+    return {
+        "steered": len(verdicts),
+        "pass": verdicts.count("pass"),
+        "skipped": sum(r is None for r in res.values()),
+    }
+
+
+def _report(run: Path) -> dict:
+    from .report import ReportConfig, report
+
+    return {"index": str(report(ReportConfig(run=str(run))))}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _summary(cfg: DiffConfig, b: Budget, log: StageLog, seconds: float) -> dict:
+    results = log.results()
+    analysis = results.get("analyse") or {}
+    return {
+        "models": {"a": cfg.model_a, "b": cfg.model_b},
+        "corpus": cfg.corpus,
+        "budget": b.as_dict(),
+        "folder": str(cfg.folder),
+        "stage_seconds": log.seconds(),
+        "seconds_this_session": round(seconds, 1),
+        "harvest": results.get("harvest"),
+        "train": {k: v for k, v in results.items() if k.startswith("train ")},
+        "counts": analysis.get("counts"),
+        "candidates": analysis.get("candidates"),
+        "stability": results.get("seed stability"),
+        "steer": results.get("steer"),
+        "report": (results.get("report") or {}).get("index"),
+    }
+
+
+def _print_summary(s: dict) -> None:
+    c, cand = s.get("counts") or {}, s.get("candidates") or {}
+    print(
+        f"diff done in {s['seconds_this_session']:.0f} s this session: "
+        f"{c.get('exclusive_a', 0)} verified A-exclusive of {cand.get('a', 0)} candidates, "
+        f"{c.get('exclusive_b', 0)} verified B-exclusive of {cand.get('b', 0)}.\nreport: {s['report']}",
+        file=sys.stderr,
+    )

@@ -1,0 +1,107 @@
+"""Seed stability: matching exclusive candidates across seeds by decoder cosine within one model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.errors import CrossdiffError
+from crossdiff.stability import best_matches, format_table, seed_stability
+
+
+def _dfc(seed: int, n=64, ex=8) -> Crosscoder:
+    cfg = CrosscoderConfig(d_a=24, d_b=32, n_latents=n, k=4, n_a_exclusive=ex, n_b_exclusive=ex)
+    return Crosscoder(cfg, generator=torch.Generator().manual_seed(seed))
+
+
+def _permuted(cc: Crosscoder, perm_a: np.ndarray) -> Crosscoder:
+    """A copy whose A-exclusive latents are permuted (latent j of the copy = latent perm[j] of cc)."""
+    out = Crosscoder(cc.cfg)
+    out.load_state_dict(cc.state_dict())
+    with torch.no_grad():
+        ex = cc.cfg.n_a_exclusive
+        out.W_dec_a[:ex] = cc.W_dec_a[torch.as_tensor(perm_a)]
+    return out
+
+
+def _cands(latents, side="a", verified=True):
+    return [
+        {"latent": str(j), "side": side, "verified": verified, "verdict": f"exclusive_{side}", "score": str(1.0 / (1 + j))}
+        for j in latents
+    ]  # fmt: skip
+
+
+def test_a_dictionary_matches_itself_and_finds_a_permutation():
+    ref = _dfc(0)
+    perm = np.random.default_rng(1).permutation(8)
+    other = _permuted(ref, perm)
+    match, cos = best_matches(ref, other, np.arange(8), "a")
+    np.testing.assert_allclose(cos, 1.0, atol=1e-6)
+    np.testing.assert_array_equal(perm[match], np.arange(8))  # other's latent match[i] is ref's i
+    table = seed_stability(ref, {1: other, 2: ref}, _cands(range(8)))
+    assert table["n_runs"] == 3
+    assert all(f["reappears_in"] == 2 and f["of"] == 2 for f in table["features"])
+    assert table["summary"]["verified"]["reappear_all"] == 8
+
+
+def test_unrelated_dictionaries_do_not_reappear():
+    ref, other = _dfc(0), _dfc(7)
+    table = seed_stability(ref, {1: other}, _cands(range(8)))
+    # Random unit vectors in 24 dimensions: the best of 56 cosines is far below 0.7.
+    assert all(f["reappears_in"] == 0 for f in table["features"])
+    assert max(m["cosine"] for f in table["features"] for m in f["matches"]) < 0.7
+
+
+def test_a_match_in_another_partition_does_not_count():
+    """An A-exclusive direction that comes back as a *shared* latent is not a stable exclusive."""
+    ref = _dfc(0)
+    other = _permuted(ref, np.arange(8))
+    with torch.no_grad():  # move A-exclusive latent 3's direction to shared latent 20 in the other seed
+        other.W_dec_a[20] = ref.W_dec_a[3]
+        other.W_dec_a[3] = -ref.W_dec_a[3]
+    table = seed_stability(ref, {1: other}, _cands([3]))
+    (f,) = table["features"]
+    assert f["matched_in"] == 1 and f["reappears_in"] == 0
+    assert f["matches"][0]["latent"] == 20 and not f["matches"][0]["exclusive"]
+    assert "*" in format_table(table)
+
+
+def test_b_side_uses_the_b_decoder():
+    ref = _dfc(0)
+    b_latents = np.arange(56, 64)  # the B-exclusive partition
+    match, cos = best_matches(ref, ref, b_latents, "b")
+    np.testing.assert_array_equal(match, b_latents)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-6)
+    with pytest.raises(CrossdiffError, match="no decoder row"):
+        best_matches(ref, ref, np.array([0]), "b")  # A-exclusive latent 0 has no row in B
+
+
+def test_needs_another_seed():
+    with pytest.raises(CrossdiffError, match="at least one other seed"):
+        seed_stability(_dfc(0), {}, [])
+
+
+def test_standard_crosscoder_side_comes_from_the_relative_norm():
+    cfg = CrosscoderConfig(d_a=24, d_b=32, n_latents=16, k=4)
+    ref = Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
+    other = Crosscoder(cfg)
+    other.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        other.W_dec_b[5] = 0  # latent 5 writes only into A in the other seed: A-only there
+    table = seed_stability(ref, {1: other}, _cands([5, 6]))
+    by_latent = {f["latent"]: f for f in table["features"]}
+    assert by_latent[5]["reappears_in"] == 1  # same A direction, and A-only in that seed
+    assert by_latent[6]["matched_in"] == 1 and by_latent[6]["reappears_in"] == 0  # shared there
+
+
+def test_report_section_lists_each_candidate_with_its_seed_count():
+    from crossdiff.report import stability_html
+
+    ref = _dfc(0)
+    other = _permuted(ref, np.arange(8))
+    table = seed_stability(ref, {1: other, 2: _dfc(5)}, _cands([1, 2]))
+    html = stability_html(table)
+    assert html.count('href="features/1.html"') == 1 and html.count('href="features/2.html"') == 1
+    assert html.count(">2/3<") == 2  # seed 0 and the identical seed 1; not the unrelated seed 2
