@@ -125,6 +125,7 @@ def diff(cfg: DiffConfig) -> dict:
     """Run (or finish) the diff in cfg.folder; returns diff.json's content."""
     b = cfg.resolved_budget()
     folder = cfg.folder
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     log = StageLog(folder / "stages.json")
     start = time.perf_counter()
@@ -132,7 +133,12 @@ def diff(cfg: DiffConfig) -> dict:
         f"crossdiff diff: {cfg.model_a} vs {cfg.model_b} on {cfg.corpus}, budget {b.name} -> {folder}",
         file=sys.stderr,
     )
-    run_stages(stages(cfg, b), log, "diff")
+    try:
+        run_stages(stages(cfg, b), log, "diff")
+    except CrossdiffError:
+        if created and not any(folder.iterdir()):  # bad input before any work: leave nothing behind
+            folder.rmdir()
+        raise
     summary = _summary(cfg, b, log, time.perf_counter() - start)
     write_json_atomic(folder / "diff.json", summary)
     _print_summary(summary)

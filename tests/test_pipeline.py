@@ -88,6 +88,14 @@ def test_bad_settings_fail_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_model_that_does_not_exist_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert cli.main(["diff", "--out", str(out), "--model-a", str(tmp_path / "missing.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "missing.gguf" in err[-1]
+    assert not out.exists()
+
+
 def test_default_folder_names_both_models():
     assert str(DiffConfig().folder) == "runs/smollm2-135m-vs-gemma3-270m-small"
     assert DiffConfig(model_a="/m/Llama-3.1-8B.gguf", model_b="Qwen/Qwen3-8B").folder.name == (
