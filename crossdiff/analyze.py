@@ -155,20 +155,29 @@ class Plan:
     same_space: bool
 
 
-def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
+def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(side, relative norm, ||d_A||, ||d_B||) per latent; side is "a" / "b" for an exclusive candidate
+    (a DFC's partition, or a standard crosscoder's relative norm <= t / >= 1 - t; DESIGN §5), else ""."""
     part, n_f = cc.partition, cc.cfg.n_latents
     norm_a, norm_b = (t.detach().double().cpu().numpy() for t in cc.decoder_norms())
     total = norm_a + norm_b
     rel = np.where(total > 0, norm_b / np.where(total > 0, total, 1.0), np.nan)
+    side = np.full(n_f, "", dtype="<U1")
+    if part.is_dfc:  # membership makes a candidate
+        side[part.a_exclusive.start : part.a_exclusive.stop] = "a"
+        side[part.b_exclusive.start : part.b_exclusive.stop] = "b"
+    else:
+        side[rel <= threshold] = "a"
+        side[rel >= 1 - threshold] = "b"
+    return side, rel, norm_a, norm_b
+
+
+def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
+    part, n_f = cc.partition, cc.cfg.n_latents
+    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
     partition = np.full(n_f, "shared", dtype=object)
     partition[part.a_exclusive.start : part.a_exclusive.stop] = "a_exclusive"
     partition[part.b_exclusive.start : part.b_exclusive.stop] = "b_exclusive"
-    side = np.full(n_f, "", dtype="<U1")
-    if part.is_dfc:  # membership makes a candidate (DESIGN §5)
-        side[partition == "a_exclusive"], side[partition == "b_exclusive"] = "a", "b"
-    else:
-        side[rel <= cfg.exclusive_threshold] = "a"
-        side[rel >= 1 - cfg.exclusive_threshold] = "b"
     others = (side == "") & np.isfinite(rel)
     pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # DESIGN §5's "shared" band
     pool = pool if len(pool) else np.flatnonzero(others)

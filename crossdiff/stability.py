@@ -28,21 +28,15 @@ DEFAULT_THRESHOLD = 0.7
 def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
     """Unit decoder rows of `model` (M, D) and the latent index of each row."""
     W = (cc.W_dec_a if model == "a" else cc.W_dec_b).detach().float().cpu()
-    first = 0 if model == "a" else cc.partition.n_a_exclusive
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), np.arange(first, first + W.shape[0])
+    latents = cc.partition.a_latents if model == "a" else cc.partition.b_latents
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), np.arange(latents.start, latents.stop)
 
 
 def _side_of(cc, latents: np.ndarray, threshold: float) -> np.ndarray:
-    """ "a" / "b" / "" for each latent: its exclusive partition (DFC) or relative-norm class."""
-    part = cc.partition
-    if part.is_dfc:
-        out = np.full(len(latents), "", dtype="<U1")
-        out[latents < part.n_a_exclusive] = "a"
-        out[latents >= part.b_exclusive.start] = "b"
-        return out
-    norm_a, norm_b = (t.detach().double().cpu().numpy()[latents] for t in cc.decoder_norms())
-    rel = norm_b / np.maximum(norm_a + norm_b, 1e-30)
-    return np.where(rel <= threshold, "a", np.where(rel >= 1 - threshold, "b", ""))
+    """ "a" / "b" / "" for each latent: the analysis's candidate rule (analyze.exclusive_sides)."""
+    from .analyze import exclusive_sides
+
+    return exclusive_sides(cc, threshold)[0][latents]
 
 
 def read_candidates(run: Path) -> list[dict]:
