@@ -261,22 +261,40 @@ def _bag_by_latent(rows_N, cols_N, weights_N, dense_BD, lo: int, hi: int, order_
     sorted_N = cols_N[order_N]
     start, stop = torch.searchsorted(sorted_N, torch.tensor([lo, hi], device=cols_N.device)).tolist()
     order_N, sorted_N = order_N[start:stop], sorted_N[start:stop]
-    offsets_M = torch.searchsorted(sorted_N, torch.arange(lo, hi, device=cols_N.device))
+    return _bags(rows_N[order_N], dense_BD, _bag_offsets(sorted_N - lo, hi - lo), weights_N[order_N])
+
+
+def _bag_offsets(sorted_keys_N: Tensor, n_bags: int) -> Tensor:
+    """Start of each bag in keys sorted ascending (all in [0, n_bags)), plus the closing N.
+
+    A count and a running sum instead of n_bags binary searches (`searchsorted`): 0.3 vs 0.9 ms
+    for 16,384 bags over 32k keys on one core (bench/kernels.py); it runs four times per step.
+    """
+    counts = torch.bincount(sorted_keys_N, minlength=n_bags)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _bags(idx_N: Tensor, table_RD: Tensor, offsets_O1: Tensor, weights_N: Tensor) -> Tensor:
+    """Weighted sums of `table` rows per bag (O bags, O + 1 offsets: the last one = N).
+
+    The closing offset is passed (`include_last_offset`): CPU embedding_bag then skips building
+    it, which shows when the output is in cache, not from DRAM (bench/kernels.py).
+    """
     return F.embedding_bag(
-        rows_N[order_N], dense_BD, offsets_M, mode="sum", per_sample_weights=weights_N[order_N]
+        idx_N, table_RD, offsets_O1, mode="sum", per_sample_weights=weights_N, include_last_offset=True
     )
 
 
 def _weighted_row_sum(W_MD: Tensor, rows_U: Tensor, weights_U: Tensor) -> Tensor:
     """Σ_u weights[u] · W[rows[u]] (D,): a GEMV that reads only the listed rows."""
-    offsets = torch.zeros(1, dtype=torch.long, device=W_MD.device)
-    return F.embedding_bag(rows_U, W_MD, offsets, mode="sum", per_sample_weights=weights_U)[0]
+    offsets = torch.tensor([0, rows_U.numel()], device=W_MD.device)
+    return _bags(rows_U, W_MD, offsets, weights_U)[0]
 
 
 def _bag_by_token(rows_N, cols_N, weights_N, W_MD, n_tokens: int) -> Tensor:
     """out[b] = Σ_{entries of token b} weight · W[col] (entries row-major): sparse @ dense."""
-    offsets_B = torch.searchsorted(rows_N, torch.arange(n_tokens, device=rows_N.device))
-    return F.embedding_bag(cols_N, W_MD, offsets_B, mode="sum", per_sample_weights=weights_N)
+    offsets_B1 = torch.searchsorted(rows_N, torch.arange(n_tokens + 1, device=rows_N.device))
+    return _bags(cols_N, W_MD, offsets_B1, weights_N)
 
 
 def _row_dots(rows_N, cols_N, A_BD, W_MD, n_tokens: int, sddmm: bool | None = None) -> Tensor:
