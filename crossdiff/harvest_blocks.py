@@ -147,13 +147,12 @@ class Schedule:
             t += 1
 
     def _own_blocks(self, t: int) -> Iterator[list]:
-        """This rank's blocks of documents from round t on (the others' documents are skipped)."""
+        """This rank's blocks of documents from round t on (the others' documents are read but not
+        converted)."""
         n, r, per_block = self.sync.world, self.sync.rank, self.cfg.docs_per_block
-        docs = self.corpus.iter_from((t * n + r) * per_block)
+        docs = self.corpus.iter_strided((t * n + r) * per_block, per_block, (n - 1) * per_block)
         while True:
             yield list(islice(docs, per_block))
-            for _ in islice(docs, (n - 1) * per_block):
-                pass
 
     def _split(self, doc) -> list[tuple[int, int]]:
         tok_a, tok_b = self.tokenizers

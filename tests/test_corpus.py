@@ -80,6 +80,25 @@ def test_brown_iter_from_skips_without_detagging(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_iter_strided_is_a_rank_s_blocks_and_converts_only_them(tmp_path, monkeypatch):
+    f = tmp_path / "many.txt"
+    f.write_text("\n\n".join(f"doc {i}" for i in range(23)) + "\n\n   \n")
+    c = open_corpus(str(f))
+    docs = list(c)
+    for start, take, skip in [(0, 1, 0), (3, 1, 0), (0, 4, 4), (4, 4, 4), (6, 2, 6), (30, 2, 2)]:
+        want = [d for d in docs if d.id >= start and (d.id - start) % (take + skip) < take]
+        assert list(c.iter_strided(start, take, skip)) == want, (start, take, skip)
+    # Brown: the skipped documents are not de-tagged (the expensive part on one rank of N)
+    _fake_brown(tmp_path)
+    brown = open_corpus("brown", cache_dir=tmp_path)
+    calls = []
+    monkeypatch.setattr(corpus_mod, "detag_brown", lambda raw: calls.append(raw) or "x")
+    assert [d.id for d in brown.iter_strided(0, 1, 1)] == [0, 2]
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="take >= 1"):
+        next(c.iter_strided(0, 0, 1))
+
+
 def test_brown_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSDIFF_HOME", str(tmp_path))
     with pytest.raises(CrossdiffError, match=r"scripts/setup\.sh.*install-brown"):
