@@ -31,9 +31,9 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="folder for failing runs' stderr")
     args = p.parse_args()
 
+    import test_distributed as t  # the CI test's store and command line
     import torch
 
-    import test_distributed as t  # the CI test's store and command line
     from crossdiff.store import write_synthetic_store
 
     root = Path(tempfile.mkdtemp(prefix="ddp-exit-"))
