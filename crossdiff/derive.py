@@ -34,7 +34,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
-from .store import Store, completed_shards, remove_partial_shards, shard_name
+from .store import Store, completed_shards, remove_partial_shards, shard_name, sum_of_squares
 
 CONTROLS = ("planted", "self", "rotated")
 FORMAT = 1
@@ -183,7 +183,7 @@ def _shard_stats(control: Control, base_stats: dict, tensors: dict) -> dict:
         if source == "a" and "sumsq_a" in base_stats:
             stats[f"sumsq_{key}"] = base_stats["sumsq_a"]
         elif source is not None:
-            stats[f"sumsq_{key}"] = float(tensors[f"acts_{key}"].double().pow(2).sum())
+            stats[f"sumsq_{key}"] = sum_of_squares(tensors[f"acts_{key}"])
     return stats
 
 

@@ -29,7 +29,15 @@ from .errors import CrossdiffError
 from .fsutil import explain_os_error, write_json_atomic
 from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, LanguageModel, load_model, resolve_device, resolve_layer
-from .store import HELDOUT_FRAC, Store, completed_shards, finalize, remove_partial_shards, write_shard
+from .store import (
+    HELDOUT_FRAC,
+    Store,
+    completed_shards,
+    finalize,
+    remove_partial_shards,
+    sum_of_squares,
+    write_shard,
+)
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -430,8 +438,8 @@ class _ShardBuffer:
             "round": round_,
             "counts": dict(sorted(self.counts.items())),
             # Sums of squared norms in float64 from the float32 activations, for the normalisation scale.
-            "sumsq_a": float(cols["acts_a"].double().pow(2).sum()),
-            "sumsq_b": float(cols["acts_b"].double().pow(2).sum()),
+            "sumsq_a": sum_of_squares(cols["acts_a"]),
+            "sumsq_b": sum_of_squares(cols["acts_b"]),
         }
         cols["acts_a"], cols["acts_b"] = (
             cols["acts_a"].to(STORAGE_DTYPES[cfg.dtype]),

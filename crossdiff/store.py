@@ -50,6 +50,17 @@ def shard_name(index: int) -> str:
 # --- writing ---------------------------------------------------------------------------------------
 
 
+def sum_of_squares(acts_ND: torch.Tensor) -> float:
+    """Σ x² over a shard's activations in float64 (for the normalisation scale), in a fixed order:
+    numpy's single-threaded pairwise sums over fixed row blocks. torch's parallel sum gave other
+    last digits with 1 and 2 threads, so the same harvest wrote different scales."""
+    total = 0.0
+    for s in range(0, acts_ND.shape[0], 4096):
+        block = acts_ND[s : s + 4096].detach().cpu().double().numpy()
+        total += float(np.square(block).sum())
+    return total
+
+
 def write_shard(
     root: Path,
     index: int,

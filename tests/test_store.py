@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store, heldout_mask, write_synthetic_store
+from crossdiff.store import Store, heldout_mask, sum_of_squares, write_synthetic_store
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,20 @@ def test_open_errors(tmp_path):
     (tmp_path / "half" / "settings.json").write_text("{}")
     with pytest.raises(CrossdiffError, match="incomplete"):
         Store.open(tmp_path / "half")
+
+
+def test_sum_of_squares_is_exact_enough_and_independent_of_threads():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9000, 640, generator=g) * 37.0  # > 2 row blocks, float32 like a harvest
+    ref = float((x.double() ** 2).sum())
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(sum_of_squares(x))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0] == got[1]  # bit for bit
+    assert got[0] == pytest.approx(ref, rel=1e-12)
+    assert sum_of_squares(x[:0]) == 0.0
