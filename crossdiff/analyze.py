@@ -80,7 +80,8 @@ class AnalyzeConfig:
     batch_size: int = 1024
     """Rows per encoder batch; memory grows with batch size × latents."""
     exclusive_threshold: float = 0.1
-    """Standard crosscoder: relative decoder norm r <= t is an A-only candidate, r >= 1 - t a B-only one (DESIGN §5)."""
+    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (DESIGN §5; in a DFC
+    besides the exclusive partitions)."""
     shared_probes: int = 256
     """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
     ridge: float = 1e-3
@@ -156,19 +157,21 @@ class Plan:
 
 
 def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(side, relative norm, ||d_A||, ||d_B||) per latent; side is "a" / "b" for an exclusive candidate
-    (a DFC's partition, or a standard crosscoder's relative norm <= t / >= 1 - t; DESIGN §5), else ""."""
+    """(side, relative norm, ||d_A||, ||d_B||) per latent; side is "a" / "b" for an exclusive candidate,
+    else "". Candidates: a latent with relative norm <= t (A) or >= 1 - t (B) (DESIGN §5), and in a
+    DFC also every member of an exclusive partition. The norm rule applies to a DFC's shared
+    latents too: a concept only A has can be learned by a shared latent whose B row stays near its
+    initialisation (docs/calibration.md)."""
     part, n_f = cc.partition, cc.cfg.n_latents
     norm_a, norm_b = (t.detach().double().cpu().numpy() for t in cc.decoder_norms())
     total = norm_a + norm_b
     rel = np.where(total > 0, norm_b / np.where(total > 0, total, 1.0), np.nan)
     side = np.full(n_f, "", dtype="<U1")
+    side[rel <= threshold] = "a"
+    side[rel >= 1 - threshold] = "b"
     if part.is_dfc:  # membership makes a candidate
         side[part.a_exclusive.start : part.a_exclusive.stop] = "a"
         side[part.b_exclusive.start : part.b_exclusive.stop] = "b"
-    else:
-        side[rel <= threshold] = "a"
-        side[rel >= 1 - threshold] = "b"
     return side, rel, norm_a, norm_b
 
 

@@ -82,10 +82,14 @@ def harvest_config(b: Budget, out, *, model_a: str, model_b: str, corpus: str, d
     )
 
 
-def train_config(b: Budget, store, out, *, arch: str = "dfc", seed: int = 0, device: str = "auto"):
+def train_config(
+    b: Budget, store, out, *, arch: str = "dfc", seed: int = 0, device: str = "auto", dec_init_norm=None
+):
     from .train import TrainConfig
 
+    extra = {} if dec_init_norm is None else {"dec_init_norm": dec_init_norm}
     return TrainConfig(
+        **extra,
         store=str(store),
         out=str(out),
         arch=arch,

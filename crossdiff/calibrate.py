@@ -79,6 +79,8 @@ class CalibrateConfig:
     """Compute budget of every stage (crossdiff/budget.py); small: 100k tokens, 4096 latents."""
     seed: int = 0
     """Seed of the planted direction, the rotation and the training runs."""
+    dec_init_norm: float | None = None
+    """Decoder-row norm at initialisation for the six trainings (default: the trainer's, 0.1)."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     overwrite: bool = False
@@ -139,21 +141,25 @@ def base_store(cfg: CalibrateConfig, b: Budget):
 
 # Config fields that change where or how a stage runs, not its result (train resumes across them).
 _NOT_SETTINGS = {"store", "out", "run", "device", "logger", "log_every", "checkpoint_every", "splice_tokens"}
+# Result-changing fields added after calibrations were first written, with their defaults.
+_ADDED_LATER = {"dec_init_norm": 0.1}
 
 
 def calibration_settings(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...]) -> dict:
     """What the results depend on: words, seed, the base store, and the train / analyse settings the
-    budget gives (not the budget itself: its steering or seed-count fields do not matter here)."""
+    budget gives (not the budget itself: its steering or seed-count fields do not matter here).
+    Fields added later are left out at their defaults, so older calibrations stay valid."""
     from .config import config_to_dict
 
     def strip(c) -> dict:
-        return {k: v for k, v in config_to_dict(c).items() if k not in _NOT_SETTINGS}
+        d = config_to_dict(c)
+        return {k: v for k, v in d.items() if k not in _NOT_SETTINGS and _ADDED_LATER.get(k, ...) != v}
 
     return {
         "words": sorted(words),
         "seed": cfg.seed,
         "base_meta_sha1": hashlib.sha1(json.dumps(store.meta, sort_keys=True).encode()).hexdigest(),
-        "train": strip(train_config(b, ".", ".", arch="dfc", seed=cfg.seed)),
+        "train": strip(train_config(b, ".", ".", arch="dfc", seed=cfg.seed, dec_init_norm=cfg.dec_init_norm)),
         "analyze": strip(analyze_config(b, ".", ".", load_models=False)),
     }
 
@@ -193,7 +199,9 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
         path = folder / "stores" / control
         for arch in ARCHS:
             run = folder / f"{control}-{arch}"
-            tcfg = train_config(b, path, run, arch=arch, seed=cfg.seed, device=cfg.device)
+            tcfg = train_config(
+                b, path, run, arch=arch, seed=cfg.seed, device=cfg.device, dec_init_norm=cfg.dec_init_norm
+            )
             acfg = analyze_config(b, run, path, load_models=False, device=cfg.device)
             stages.append(
                 Stage(
@@ -271,8 +279,7 @@ def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -
     verdict = np.array([r["verdict"] for r in table])
     rel = np.array([_num(r["rel_norm"]) for r in table])
     part = np.array([r["partition"] for r in table])
-    dfc = bool((part == "a_exclusive").any() or (part == "b_exclusive").any())
-    a_side = (part == "a_exclusive") if dfc else (rel <= a_threshold)
+    a_side = (part == "a_exclusive") | (rel <= a_threshold)  # analyze.exclusive_sides's A candidates
 
     def best(mask: np.ndarray) -> dict | None:
         ids = np.flatnonzero(mask)

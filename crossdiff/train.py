@@ -83,6 +83,10 @@ class TrainConfig:
     """batchtopk: EMA factor of the inference threshold θ (mean of each batch's smallest kept value)."""
     init_tokens: int = 65536
     """Tokens averaged to initialise the decoder biases (the data mean)."""
+    dec_init_norm: float = 0.1
+    """Norm of every decoder row at initialisation, per model, normalised units (Anthropic 2024). A
+    model's side of a latent that training leaves unused keeps about this norm, which sets a floor
+    on relative decoder norms at short budgets (docs/calibration.md)."""
     heldout_tokens: int = 262144
     """At most this many held-out tokens for the final evaluation."""
     checkpoint_every: int = 1000
@@ -123,6 +127,8 @@ class TrainConfig:
             bad("--warmup-steps must be >= 0")
         if not 0 <= self.decay_frac < 1 or not 0 <= self.threshold_beta < 1:
             bad("--decay-frac and --threshold-beta must be in [0, 1)")
+        if not self.dec_init_norm > 0:
+            bad(f"--dec-init-norm must be positive, got {self.dec_init_norm}")
         if self.aux_alpha < 0 or self.l1_coeff < 0 or (self.aux_k is not None and self.aux_k < 1):
             bad("--aux-alpha and --l1-coeff must be >= 0 and --aux-k >= 1")
 
@@ -455,7 +461,7 @@ def _resume(ckpt: Path, store, device) -> TrainState:
 
 def _initialise(cfg: TrainConfig, store, device) -> TrainState:
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = Crosscoder(cfg.crosscoder_config(store), generator=generator)
+    model = Crosscoder(cfg.crosscoder_config(store), generator=generator, dec_init_norm=cfg.dec_init_norm)
     sum_a, sum_b, n = (
         torch.zeros(store.d_a, dtype=torch.float64),
         torch.zeros(store.d_b, dtype=torch.float64),
@@ -474,7 +480,8 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     saved_path = run / "train_config.json"
     mine = config_to_dict(cfg)
     if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
+        # A field added to TrainConfig after the run was started counts as its default there.
+        saved = {**config_to_dict(TrainConfig(store="-", out="-")), **json.loads(saved_path.read_text())}
         diff = sorted(k for k in mine if k not in _RESUMABLE_FIELDS and saved.get(k) != mine[k])
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff)

@@ -282,3 +282,19 @@ def test_real_pair_end_to_end(tmp_path, models_ab, monkeypatch):
             for key in ("tokens_a", "tokens_b"):
                 (hl,) = [t for t in ex[key] if t["highlight"]]
                 assert hl["text"].strip() and hl["text"].strip() in ex["text_token"] + ex["text_after"][:1]
+
+
+def test_dfc_shared_latent_with_a_one_sided_decoder_is_a_candidate():
+    """A shared latent whose B row stayed tiny (relative norm <= t) is an A candidate in a DFC as in
+    a standard crosscoder; balanced shared latents are not; partition members always are."""
+    from crossdiff.analyze import exclusive_sides
+
+    cc = _handmade("dfc")
+    part = cc.partition
+    with torch.no_grad():
+        cc.W_dec_b[2 - part.n_a_exclusive] *= 0.05  # shared latent 2: ||d_B|| = 0.05 ||d_A||
+        cc.W_dec_a[3] *= 0.05  # shared latent 3: the mirror image
+    side, rel, norm_a, norm_b = exclusive_sides(cc, 0.1)
+    assert rel[2] == pytest.approx(0.05 / 1.05) and rel[3] == pytest.approx(1 / 1.05)
+    assert list(side) == ["a", "a", "a", "b", "", "", "b", "b"]
+    assert list(exclusive_sides(cc, 0.01)[0]) == ["a", "a", "", "", "", "", "b", "b"]

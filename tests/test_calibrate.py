@@ -19,7 +19,7 @@ import torch
 
 from crossdiff.align import tokenize
 from crossdiff.budget import Budget
-from crossdiff.calibrate import DEFAULT_WORDS, CalibrateConfig, calibrate, read_words
+from crossdiff.calibrate import DEFAULT_WORDS, CalibrateConfig, calibrate, calibration_settings, read_words
 from crossdiff.derive import (
     Control,
     derive_store,
@@ -296,6 +296,13 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
 
     with pytest.raises(CrossdiffError, match="other settings"):
         calibrate(CalibrateConfig(out=str(diff), words=str(words), seed=1, device="cpu"), budget=TINY)
+    # --dec-init-norm at the trainer's default is the same calibration; another value is not
+    settings = json.loads((diff / "calibration" / "settings.json").read_text())
+    assert "dec_init_norm" not in settings["train"]  # written as before the option existed
+    same = CalibrateConfig(out=str(diff), words=str(words), device="cpu", dec_init_norm=0.1)
+    assert calibration_settings(same, TINY, base, read_words(str(words))) == settings
+    with pytest.raises(CrossdiffError, match="other settings"):
+        calibrate(CalibrateConfig(out=str(diff), words=str(words), dec_init_norm=0.01), budget=TINY)
 
 
 def test_calibrate_bad_input(base, tmp_path, capsys):

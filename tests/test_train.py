@@ -86,6 +86,7 @@ def _tensors(run: Path) -> dict[str, torch.Tensor]:
         (dict(arch="topk", sparsity="l1"), "applies only to --arch dfc"),
         (dict(tokens=0), "--tokens must be at least 1"),
         (dict(lr=-1.0), "--lr must be positive"),
+        (dict(dec_init_norm=0.0), "--dec-init-norm must be positive"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -182,6 +183,25 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     assert all(torch.equal(v, _tensors(run)[k]) for k, v in before.items())
     assert cli.main(_argv(store_path, run, k=5)) == 2
     assert "other settings (k: 4 -> 5)" in capsys.readouterr().err
+    # a run saved before a field existed counts as that field's default: still finished
+    saved = json.loads((run / "train_config.json").read_text())
+    del saved["dec_init_norm"]
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert cli.main(_argv(store_path, run)) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert cli.main(_argv(store_path, run, dec_init_norm=0.01)) == 2
+    assert "other settings (dec_init_norm: 0.1 -> 0.01)" in capsys.readouterr().err
+
+
+def test_decoder_rows_start_at_dec_init_norm(store_path):
+    from crossdiff.store import Store
+    from crossdiff.train import _initialise
+
+    for norm in (0.1, 0.01):
+        cfg = TrainConfig(store=str(store_path), out="-", latents=96, k=4, arch="dfc", dec_init_norm=norm)
+        model = _initialise(cfg, Store.open(store_path), torch.device("cpu")).model
+        for W in (model.W_dec_a, model.W_dec_b):
+            torch.testing.assert_close(W.norm(dim=1), torch.full((W.shape[0],), norm))
 
 
 def test_sigkill_then_resume_is_bitwise_identical_for_dfc_with_auxk(store_path, tmp_path):
