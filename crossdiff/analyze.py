@@ -53,6 +53,9 @@ VERDICTS = ("exclusive_a", "exclusive_b", "shared", "dead", "rejected")
 THRESHOLDS = (
     "exclusive_threshold reject_r2 reject_auroc reject_latent_scaling min_heldout_fires ridge".split()
 )
+# Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
+# change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
+RULES_VERSION = 2
 # Settings that change neither the passes' results nor the files (where and how to compute).
 _NOT_SETTINGS = {"run", "store", "out", "device"}
 _PASS_FIELDS = (
@@ -496,7 +499,8 @@ def _fingerprint(cfg: AnalyzeConfig, run: Path, store, fields=None) -> str:
     weights = run / "crosscoder.safetensors"
     stat = weights.stat()
     blob = json.dumps(
-        [settings, (run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, store.meta], sort_keys=True
+        [settings, (run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, store.meta, RULES_VERSION],
+        sort_keys=True,
     )
     return hashlib.sha1(blob.encode()).hexdigest()
 

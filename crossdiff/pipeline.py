@@ -81,6 +81,8 @@ def _slug(model: str) -> str:
 
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
+    from .analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
+
     d = cfg.folder
     store, run = d / "store", d / "run"
     seed_runs = {0: run, **{s: d / "seeds" / f"seed{s}" for s in range(1, b.seeds)}}
@@ -103,14 +105,15 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "analyse",
             lambda: _analyze(acfg),
-            _settings(acfg),
+            {**_settings(acfg), "rules": RULES_VERSION},
             lambda: (run / "analysis" / "summary.json").is_file(),
         )
     )
     if b.seeds > 1:
-        out.append(Stage("seed stability", lambda: _stability(run, seed_runs), {"seeds": b.seeds}))
+        stability = {"seeds": b.seeds, "rules": RULES_VERSION}  # reads the analysis's candidates
+        out.append(Stage("seed stability", lambda: _stability(run, seed_runs), stability))
     if b.steer_top:
-        scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds}
+        scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
         out.append(Stage("steer", lambda: _steer(run, b, cfg.device), scfg))
     out.append(Stage("report", lambda: _report(run), after_change=True))
     return out

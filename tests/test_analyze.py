@@ -186,6 +186,15 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     assert (out / "pass.pt").stat().st_mtime_ns == pass_stamp
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == {0, 1}  # stale files removed
     assert _rows(run)[0]["verdict"] == "exclusive_a"  # its AUROC is about 0.5
+    # new candidate / verdict rules (analyze.RULES_VERSION): a rerun redoes everything
+    import crossdiff.analyze as analyze_mod
+
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(analyze_mod, "RULES_VERSION", analyze_mod.RULES_VERSION + 1)
+        assert cli.main(argv + ["--shared-features", "0", "--reject-auroc", "0.6"]) == 0
+    assert (out / "pass.pt").stat().st_mtime_ns > pass_stamp
+    assert (out / "summary.json").stat().st_mtime_ns > stamp
 
 
 def test_max_tokens_and_trained_crosscoder(tmp_path):
