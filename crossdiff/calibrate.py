@@ -180,7 +180,7 @@ def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
 
 
 def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder: Path) -> list[Stage]:
-    from .analyze import analyze
+    from .analyze import RULES_VERSION, analyze
     from .derive import Control, derive_store
     from .train import train
 
@@ -214,6 +214,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"analyse {control}-{arch}",
                     lambda a=acfg: analyze(a) and None,
+                    {"rules": RULES_VERSION},  # new candidate / verdict rules redo the analyses
                     done=lambda r=run: (r / "analysis" / "summary.json").is_file(),
                 )
             )
