@@ -58,7 +58,11 @@ def cases(B: int, M: int, D: int, N: int) -> dict:
     pattern = torch.sparse_csr_tensor(
         torch.searchsorted(rows, torch.arange(B + 1)), cols, torch.zeros(N), (B, M), check_invariants=False
     )
+    x_BD, W_enc_MD = torch.randn(B, D), torch.randn(M, D)
+    x_bf, W_bf = x_BD.bfloat16(), W_enc_MD.bfloat16()
     return {
+        "encoder GEMM (B, D) @ (D, M), fp32 (used)": lambda: x_BD @ W_enc_MD.T,
+        "encoder GEMM (B, D) @ (D, M), bf16": lambda: x_bf @ W_bf.T,
         "sparseT@dense: embedding_bag, offsets without the last": lambda: F.embedding_bag(
             rows_l, dense_BD, offsets_M, mode="sum", per_sample_weights=w_l
         ),
@@ -117,8 +121,10 @@ def main() -> None:
         f"threads={args.threads} B={args.batch_size} M={args.latents} D={args.d} "
         f"N={args.k * args.batch_size} rounds={args.rounds} (median ms, operands from DRAM)"
     )
+    gemm_flop = 2 * args.batch_size * args.latents * args.d
     for name, ts in times.items():
-        print(f"{statistics.median(ts) * 1e3:9.2f}  {name}")
+        rate = f"  ({gemm_flop / statistics.median(ts) / 1e9:.0f} GFLOP/s)" if "GEMM" in name else ""
+        print(f"{statistics.median(ts) * 1e3:9.2f}  {name}{rate}")
 
 
 if __name__ == "__main__":
