@@ -273,14 +273,17 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
 
 def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -> dict:
     """Recovery of the planted direction by a verified A-exclusive latent, with miss diagnostics."""
+    from .analyze import exclusive_sides
+    from .crosscoder import Crosscoder
+
     table = read_latents(run)
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     a_threshold = summary["thresholds"]["exclusive_threshold"]
     cos_F = decoder_cosines(run, direction)
     verdict = np.array([r["verdict"] for r in table])
-    rel = np.array([_num(r["rel_norm"]) for r in table])
-    part = np.array([r["partition"] for r in table])
-    a_side = (part == "a_exclusive") | (rel <= a_threshold)  # analyze.exclusive_sides's A candidates
+    a_side = (
+        exclusive_sides(Crosscoder.from_pretrained(run), a_threshold)[0] == "a"
+    )  # analysis's A candidates
 
     def best(mask: np.ndarray) -> dict | None:
         ids = np.flatnonzero(mask)
