@@ -1,17 +1,19 @@
-"""Analysis of a trained crosscoder: per-latent statistics, verification, verdicts and evidence.
+"""Analysis of a trained crosscoder: per-latent statistics, exclusive candidates, context probes and evidence.
 
 `analyze(AnalyzeConfig(run=RUN, store=STORE))` / `crossdiff analyze --run RUN --store STORE`
 writes RUN/analysis/ (schema: docs/analysis.md):
 
-    latents.csv            one row per latent: partition, verdict, reason, score, decoder norms,
-                           activation statistics, probe R²/AUROC, Latent Scaling
+    latents.csv            one row per latent: partition, verdict (dead / shared / candidate_a /
+                           candidate_b), note, score, decoder norms, activation statistics, probe
+                           R²/AUROC on strong firings (context information), Latent Scaling
     features/<latent>.json top examples in both tokenisations, histogram, logit lens
     summary.json           counts, FVE, L0, splice-in losses, thresholds; written last = complete
     pass.pt, splice.json   the expensive stages' results, reused by a rerun with the same settings
 
 Stages: (1) one streaming pass over the store (every analysed row): firing statistics, histograms,
 running top-k, held-out FVE, train-split probe statistics, Latent Scaling sums; (2) a pass over the
-held-out rows only (5% of the store) to score the probes fitted after (1); (3) verdicts and scores;
+held-out rows only to score the probes fitted after (1) on each candidate's strong firings
+(f ≥ strong · p99, p99 known after (1)); (3) verdicts and scores;
 (4) splice-in losses (splice.py) and the logit lens, when the models can be loaded; (5) files.
 
 Legend: B tokens in a batch, F latents, C probed latents of one side, D one model's width.
@@ -42,25 +44,24 @@ from .evidence import (
     write_table_csv,
 )
 from .fsutil import write_json_atomic, write_with_atomic
-from .probes import LatentScaling, ProbeEval, RidgeProbe, verdict
+from .probes import LatentScaling, ProbeEval, RidgeProbe, detection_note, verdict
 from .splice import heldout_texts, splice_eval, store_offsets
 
 COLUMNS = (
     "latent,partition,verdict,reason,score,rel_norm,dec_norm_a,dec_norm_b,density,mean_act,"
     "max_act,p99_act,probe_r2,probe_auroc,latent_scaling"
 ).split(",")
-VERDICTS = ("exclusive_a", "exclusive_b", "shared", "dead", "rejected")
-THRESHOLDS = (
-    "exclusive_threshold reject_r2 reject_auroc reject_latent_scaling min_heldout_fires ridge".split()
-)
+VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
+THRESHOLDS = "exclusive_threshold strong ridge".split()
 # Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
 # change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
-RULES_VERSION = 2
+# 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
+RULES_VERSION = 3
 # Settings that change neither the passes' results nor the files (where and how to compute).
 _NOT_SETTINGS = {"run", "store", "out", "device"}
 _PASS_FIELDS = (
     "max_tokens batch_size top_k exclusive_threshold shared_probes ridge same_space hist_bins hist_min "
-    "hist_max seed"
+    "hist_max seed strong"
 ).split()
 
 
@@ -89,14 +90,8 @@ class AnalyzeConfig:
     """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
     ridge: float = 1e-3
     """Ridge penalty of the probes, relative to the input's mean variance."""
-    reject_r2: float = 0.5
-    """Reject a candidate whose activation the other model predicts with held-out R² at least this."""
-    reject_auroc: float = 0.9
-    """Reject a candidate whose firing the other model's probe ranks with held-out AUROC at least this."""
-    reject_latent_scaling: float = 0.5
-    """Same-space pairs: reject a candidate whose Latent Scaling ratio ν (other/own) is at least this."""
-    min_heldout_fires: int = 10
-    """A candidate firing fewer times on held-out rows cannot be verified and is rejected."""
+    strong: float = 0.3
+    """The probes' target: a candidate's strong firings, f >= strong × its p99 activation (docs/verification.md)."""
     same_space: bool | None = None
     """A and B share one activation space (self-diff, base/finetune): compute Latent Scaling. Default: same model id and width."""
     load_models: bool | None = None
@@ -126,12 +121,7 @@ class AnalyzeConfig:
             (0 < self.exclusive_threshold < 0.5, "--exclusive-threshold must be in (0, 0.5)"),
             (self.shared_probes >= 0 and self.shared_features >= 0, "counts must be >= 0"),
             (self.ridge > 0, f"--ridge must be positive, got {self.ridge}"),
-            (
-                self.reject_r2 <= 1 and 0.5 < self.reject_auroc <= 1,
-                "need --reject-r2 <= 1 < 2 * --reject-auroc",
-            ),
-            (self.reject_latent_scaling > 0, "--reject-latent-scaling must be positive"),
-            (self.min_heldout_fires >= 1, "--min-heldout-fires must be at least 1"),
+            (0 < self.strong <= 1, f"--strong must be in (0, 1], got {self.strong}"),
             (self.splice_tokens >= 0, "--splice-tokens must be >= 0"),
             (self.hist_bins >= 2 and 0 < self.hist_min < self.hist_max, "need 0 < --hist-min < --hist-max"),
             (self.context_chars >= 0 and self.context_tokens >= 0, "context sizes must be >= 0"),
@@ -318,10 +308,12 @@ def run_passes(cc, store, plan: Plan, cfg: AnalyzeConfig, device) -> dict:
             first.update(torch.as_tensor(rows), torch.as_tensor(held, device=device), x_a, x_b, f_BF)
             bar.update(len(rows))
     evals = {}
-    for key, probe in (("b", first.probe_b), ("a", first.probe_a)):
+    p99_F = torch.as_tensor(first.hist.quantile(0.99), dtype=torch.float32)
+    for key, probe, ids in (("b", first.probe_b, plan.probe_from_b), ("a", first.probe_a, plan.probe_from_a)):
         if probe.n_targets and probe.n:
             W, b = probe.solve(cfg.ridge)
-            evals[key] = ProbeEval(W, b, *probe.prediction_spread(W)).to(device)
+            strong = cfg.strong * torch.nan_to_num(p99_F[torch.as_tensor(ids, dtype=torch.long)])
+            evals[key] = ProbeEval(W, b, *probe.prediction_spread(W), strong_C=strong).to(device)
     for rows, _ in _batches(store, cfg, heldout_only=True):
         x_a, x_b = (x.to(device) for x in store.get(rows))
         f_BF = cc.encode(x_a, x_b)
@@ -376,24 +368,24 @@ def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndar
         max_act = np.where(fired, res["max_F"], np.nan)
         p99 = np.minimum(res["p99_F"], max_act)
     r2, auc, ls = res["r2_F"], res["auroc_F"], res["latent_scaling_F"]
-    out = [
-        verdict(s, int(k), int(h), float(a), float(b), float(c), cfg)
-        for s, k, h, a, b, c in zip(plan.side, n_fire, res["held_fire_F"], r2, auc, ls)
+    verdicts = [verdict(s, int(k)) for s, k in zip(plan.side, n_fire)]
+    notes = [
+        detection_note(s, float(a), float(b)) if k else "" for s, a, b, k in zip(plan.side, auc, r2, n_fire)
     ]
     # Score = RMS norm of the latent's write into its own model (||d_own|| · sqrt(E f²): strength and
-    # density in one number) × novelty, the share of it the other model does not linearly predict.
+    # density in one number). Detection by the other model no longer discounts it: what a candidate
+    # does is judged by verify.py.
     own = np.where(
         plan.side == "a",
         plan.dec_norm_a,
         np.where(plan.side == "b", plan.dec_norm_b, np.hypot(plan.dec_norm_a, plan.dec_norm_b)),
     )
-    novelty = np.nan_to_num((1 - np.clip(r2, 0, 1)) * (1 - np.clip(2 * auc - 1, 0, 1)), nan=1.0)
-    score = own * rms_F * np.where(plan.side != "", novelty, 1.0)
+    score = own * rms_F
     return {
         "latent": np.arange(len(plan.side)),
         "partition": plan.partition,
-        "verdict": np.array([v for v, _ in out], dtype=object),
-        "reason": np.array([r for _, r in out], dtype=object),
+        "verdict": np.array(verdicts, dtype=object),
+        "reason": np.array(notes, dtype=object),
         "score": np.where(fired, score, 0.0),
         "rel_norm": plan.rel_norm,
         "dec_norm_a": plan.dec_norm_a,
@@ -462,7 +454,6 @@ def summary_json(table, plan, res, splice: dict, cc, store, cfg: AnalyzeConfig) 
         "n_latents": len(verdicts),
         "counts": {v: int((verdicts == v).sum()) for v in VERDICTS},
         "candidates": {k: int(((plan.side == k) & alive).sum()) for k in "ab"},
-        "verified": {k: int((verdicts == f"exclusive_{k}").sum()) for k in "ab"},
         "fve_a": res["fve_a"],
         "fve_b": res["fve_b"],
         "l0": res["l0"],
@@ -626,8 +617,8 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     write_json_atomic(out / "summary.json", summary)
     counts = summary["counts"]
     print(
-        f"analysed {summary['n_tokens_analysed']:,} tokens: {counts['exclusive_a']} verified A-exclusive and "
-        f"{counts['exclusive_b']} B-exclusive of {summary['candidates']['a']} + {summary['candidates']['b']} "
-        f"candidates ({counts['rejected']} rejected, {counts['dead']} dead). Results: {out}"
+        f"analysed {summary['n_tokens_analysed']:,} tokens: {summary['candidates']['a']} exclusive candidates "
+        f"of A and {summary['candidates']['b']} of B ({counts['dead']} dead latents); crossdiff verify "
+        f"judges what they do. Results: {out}"
     )
     return summary

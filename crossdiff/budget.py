@@ -44,6 +44,12 @@ class Budget:
     """Stop starting new steering jobs after this long."""
     splice_tokens: int = 4096
     """Held-out tokens for the analysis's splice-in evaluation (runs both models)."""
+    verify_top: int | None = 8
+    """Candidates per model whose behaviour is verified by exact ablations (best first-order estimate first)."""
+    verify_seconds: float | None = None
+    """Stop starting exact ablations after this long (the rest are `not verified`)."""
+    verify_heldout_tokens: int = 2048
+    """Held-out aligned tokens of the first-order ranking and the whole-diff share."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,4 +116,17 @@ def analyze_config(b: Budget, run, store, *, load_models: bool | None = None, de
 
     return AnalyzeConfig(
         run=str(run), store=str(store), load_models=load_models, splice_tokens=b.splice_tokens, device=device
+    )
+
+
+def verify_config(b: Budget, run, store, *, device: str = "auto"):
+    from .verify import VerifyConfig
+
+    return VerifyConfig(
+        run=str(run),
+        store=str(store),
+        top=b.verify_top,
+        budget_seconds=b.verify_seconds,
+        heldout_tokens=b.verify_heldout_tokens,
+        device=device,
     )

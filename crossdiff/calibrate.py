@@ -1,12 +1,15 @@
 """`crossdiff calibrate`: positive and negative controls that make "we found X" and "we found nothing"
-trustworthy (DESIGN.md §5; docs/calibration.md).
+trustworthy (docs/calibration.md), at the default settings of every stage.
 
     positive   plant a known concept in model A (derive.py: a fixed random direction at the layer's
-               typical norm, added on the tokens of a word list), run train + analyse on the planted
-               A against B, and ask whether a *verified* A-exclusive latent recovers it: decoder
-               cosine with the planted direction >= 0.9 and at least half its top examples on the words
-    negative   diff A against itself and against a randomly rotated copy of A; every latent verified
-               exclusive there is a false positive
+               typical norm, added on the tokens of a word list; and a second one on pseudo-random
+               tokens no model can detect), run train + analyse + verify on the planted A against B.
+               Pass: an A-exclusive candidate recovers it (decoder cosine with the planted direction
+               >= 0.9, at least half its top examples on the planted tokens) and behavioural
+               verification (verify.py, on the real model A with the plant's hook) calls it a
+               `difference`
+    negative   diff A against itself and against a rotated copy of A (a rotation at the layer and its
+               inverse right after: identical behaviour); every `difference` there is a false positive
 
 Each control runs for the DFC and for the standard BatchTopK crosscoder, at the budget's size
 (budget.py). Folder convention shared with `crossdiff diff`: DIR/store is the base store (reused when
@@ -14,7 +17,7 @@ complete, else harvested); this command writes
 
     DIR/calibration/settings.json       words, seed, budget and base store (a rerun with others is refused)
     DIR/calibration/stores/<control>/   the derived stores (planted, self, rotated)
-    DIR/calibration/<control>-<arch>/   training runs, each analysed in its analysis/ folder
+    DIR/calibration/<control>-<arch>/   training runs, each with its analysis/ and verification/
     DIR/calibration/stages.json         finished stages with their times (a rerun skips them)
     DIR/calibration.json                the results (schema in docs/calibration.md); written last
 
@@ -37,18 +40,18 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .budget import Budget, analyze_config, get_budget, harvest_config, train_config
+from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 from .stages import Stage, StageLog, run_stages
 
 ARCHS = ("dfc", "batchtopk")
-CONTROLS = ("planted", "self", "rotated")
+CONTROLS = ("planted", "random", "self", "rotated")
 COSINE_MIN = 0.9
 """A latent recovers the planted direction when its A decoder row has at least this cosine with it..."""
 TOP_ON_WORDS_MIN = 0.5
-"""...and at least this fraction of its top examples are planted rows."""
+"""...and at least this fraction of its top examples are planted rows; then it must verify as a `difference`."""
 
 # Common concrete nouns, frequent in Brown (~0.8% of its tokens): enough planted rows for the held-out
 # split to reach the verification's minimum number of firings at the small budget.
@@ -183,6 +186,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
     from .analyze import RULES_VERSION, analyze
     from .derive import Control, derive_store
     from .train import train
+    from .verify import verify
 
     stages = []
     for control in CONTROLS:
@@ -218,7 +222,22 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                     done=lambda r=run: (r / "analysis" / "summary.json").is_file(),
                 )
             )
+            vcfg = verify_config(b, run, path, device=cfg.device)
+            stages.append(
+                Stage(
+                    f"verify {control}-{arch}",
+                    lambda v=vcfg: verify(v) and None,
+                    {"rules": RULES_VERSION, **_verify_settings(vcfg)},
+                    done=lambda r=run: (r / "verification" / "summary.json").is_file(),
+                )
+            )
     return stages
+
+
+def _verify_settings(vcfg) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(vcfg).items() if k not in ("run", "store", "device")}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -272,63 +291,69 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
 
 
 def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -> dict:
-    """Recovery of the planted direction by a verified A-exclusive latent, with miss diagnostics."""
+    """Discovery of the planted direction by an A-exclusive candidate, and its behavioural verdict."""
     from .analyze import exclusive_sides
     from .crosscoder import Crosscoder
+    from .verify import read_behaviour
 
     table = read_latents(run)
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     a_threshold = summary["thresholds"]["exclusive_threshold"]
     cos_F = decoder_cosines(run, direction)
     verdict = np.array([r["verdict"] for r in table])
-    a_side = (
-        exclusive_sides(Crosscoder.from_pretrained(run), a_threshold)[0] == "a"
-    )  # analysis's A candidates
+    a_side = exclusive_sides(Crosscoder.from_pretrained(run), a_threshold)[0] == "a"
+    behaviour = read_behaviour(run)
 
     def best(mask: np.ndarray) -> dict | None:
         ids = np.flatnonzero(mask)
         if not len(ids):
             return None
-        return _latent_info(run, table, cos_F, planted_N, int(ids[np.argmax(cos_F[ids])]))
+        info = _latent_info(run, table, cos_F, planted_N, int(ids[np.argmax(cos_F[ids])]))
+        b = behaviour.get(info["latent"], {})
+        info.update({k: b.get(k) for k in ("verdict", "shift", "z", "gap_closed", "n_contexts", "n_strong")})
+        info["analysis_verdict"] = table[info["latent"]]["verdict"]
+        return info
 
-    def hit(info: dict | None) -> bool:
-        return info is not None and info["cosine"] >= COSINE_MIN and info["top_on_words"] >= TOP_ON_WORDS_MIN
-
-    verified = best(verdict == "exclusive_a")
     candidate = best(a_side & (verdict != "dead"))
+    found = candidate is not None and candidate["cosine"] >= COSINE_MIN
+    found = found and candidate["top_on_words"] >= TOP_ON_WORDS_MIN
+    verified = found and candidate.get("verdict") == "difference"
     return {
-        "recovered": hit(verified),
-        # 0 when no latent is verified A-exclusive (no direction to compare).
-        "cosine": verified["cosine"] if verified else 0.0,
-        "latent": verified["latent"] if verified else None,
-        "top_on_words": verified["top_on_words"] if verified else None,
-        "n_verified_a": int((verdict == "exclusive_a").sum()),
-        # Diagnostics of a miss: did discovery (an A-side candidate) or verification fail?
-        "recovered_as_candidate": hit(candidate),
+        "recovered": bool(found),
+        "cosine": candidate["cosine"] if candidate else 0.0,
+        "verified": bool(verified),
+        "pass": bool(found and verified),
+        "latent": candidate["latent"] if candidate else None,
+        "top_on_words": candidate["top_on_words"] if candidate else None,
         "best_candidate": candidate,
         "best_overall": best(np.ones(len(table), dtype=bool)),
+        "n_differences_a": sum(r["side"] == "a" and r["verdict"] == "difference" for r in behaviour.values()),
     }
 
 
 def negative_result(runs: dict[str, Path]) -> dict:
-    """Latents wrongly verified exclusive in the self and rotated diffs, with the candidate counts."""
+    """`difference`s found in the self and rotated diffs (false positives), with the candidate counts."""
+    from .verify import read_behaviour
+
     out = {}
     for control, run in runs.items():
-        s = json.loads((run / "analysis" / "summary.json").read_text())
-        counts, cand = s["counts"], s["candidates"]
-        out[f"{control}_false_exclusive"] = int(counts["exclusive_a"] + counts["exclusive_b"])
-        out[f"{control}_candidates"] = int(cand["a"] + cand["b"])
+        rows = read_behaviour(run).values()
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        out[f"{control}_false_exclusive"] = counts.get("difference", 0)
+        out[f"{control}_candidates"] = len(rows)
         out[f"{control}_counts"] = counts
     return out
 
 
-def _reasons(run: Path) -> dict[str, int]:
-    """Why the rejected latents were rejected (the reason's kind, before its numbers)."""
+def _verdicts(run: Path) -> dict[str, int]:
+    """How many candidates got each behavioural verdict."""
+    from .verify import read_behaviour
+
     out: dict[str, int] = {}
-    for r in read_latents(run):
-        if r["verdict"] == "rejected":
-            kind = r["reason"].split(":")[0]
-            out[kind] = out.get(kind, 0) + 1
+    for r in read_behaviour(run).values():
+        out[r["verdict"]] = out.get(r["verdict"], 0) + 1
     return out
 
 
@@ -340,7 +365,7 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
 
     `budget` overrides cfg.budget with an explicit Budget (tests use a tiny one).
     """
-    from .derive import count_planted, load_direction, planted_mask, planted_norm, word_pattern
+    from .derive import count_planted, load_direction, plant_rows, planted_norm, word_pattern
     from .store import Store
 
     start = time.perf_counter()
@@ -373,18 +398,22 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
     )
     run_stages(plan(cfg, b, store, words, folder), log, "calibrate")
 
-    direction = load_direction(Store.open(folder / "stores" / "planted"))
-    planted_N = planted_mask(store, pattern)
+    plants = {
+        c: (load_direction(Store.open(folder / "stores" / c)), plant_rows(store, c, pattern, cfg.seed))
+        for c in ("planted", "random")
+    }
     by_arch = {}
     for arch in ARCHS:
         runs = {c: folder / f"{c}-{arch}" for c in CONTROLS}
         by_arch[arch] = {
-            "positive": positive_result(runs["planted"], direction, planted_N),
+            "positive": positive_result(runs["planted"], *plants["planted"]),
+            "positive_random": positive_result(runs["random"], *plants["random"]),
             "negative": negative_result({c: runs[c] for c in ("self", "rotated")}),
-            "rejected_reasons": {c: _reasons(r) for c, r in runs.items()},
+            "verdicts": {c: _verdicts(r) for c, r in runs.items()},
         }
     result = {
         "positive": by_arch["dfc"]["positive"],
+        "positive_random": by_arch["dfc"]["positive_random"],
         "negative": by_arch["dfc"]["negative"],
         "by_arch": by_arch,
         "words": list(words),
@@ -416,12 +445,15 @@ def _refresh_report(run: Path) -> None:
 
 
 def summary_line(result: dict) -> str:
+    def plant(p: dict) -> str:
+        found = "recovered" if p["recovered"] else "NOT recovered"
+        return f"{found} (cosine {p['cosine']:.2f}), {'verified' if p['verified'] else 'NOT verified'}"
+
     parts = []
     for arch, r in result["by_arch"].items():
-        p, n = r["positive"], r["negative"]
+        n = r["negative"]
         parts.append(
-            f"{arch}: planted {'recovered' if p['recovered'] else 'NOT recovered'} (cosine {p['cosine']:.2f}"
-            f"{', as a candidate' if p['recovered_as_candidate'] and not p['recovered'] else ''}), "
-            f"false exclusives self {n['self_false_exclusive']}, rotated {n['rotated_false_exclusive']}"
+            f"{arch}: word plant {plant(r['positive'])}; random plant {plant(r['positive_random'])}; "
+            f"false differences self {n['self_false_exclusive']}, rotated {n['rotated_false_exclusive']}"
         )
     return "calibration: " + "; ".join(parts)

@@ -28,7 +28,7 @@ class Command:
 COMMANDS = [
     Command(
         "diff",
-        "The whole job in one command: harvest, train DFCs, analyse, seed stability, steer, report.",
+        "The whole job in one command: harvest, train DFCs, analyse, verify, seed stability, steer, report.",
         "crossdiff.pipeline:DiffConfig",
         "crossdiff.pipeline:diff",
     ),
@@ -52,9 +52,15 @@ COMMANDS = [
     ),
     Command(
         "analyze",
-        "Analyse a trained crosscoder: per-latent statistics, verified exclusive features, evidence, splice-in loss.",
+        "Analyse a trained crosscoder: per-latent statistics, exclusive candidates, evidence, splice-in loss.",
         "crossdiff.analyze:AnalyzeConfig",
         "crossdiff.analyze:analyze",
+    ),
+    Command(
+        "verify",
+        "Behavioural verification: does removing each exclusive candidate move its model towards the other?",
+        "crossdiff.verify:VerifyConfig",
+        "crossdiff.verify:verify",
     ),
     Command(
         "steer",

@@ -3,6 +3,8 @@ by shard with one model's activations changed, everything else (rows, texts, spl
 
     planted   x_A += v on the rows whose token lies on one of a list of words: a known concept,
               a fixed random direction at the layer's typical norm, planted in model A
+    random    x_A += v' on pseudo-random rows (variants.random_rows: a seeded hash of the row's chunk
+              and end character), a concept no model can detect from the text
     self      x_B := x_A (model A against itself; same activation space, so Latent Scaling applies)
     rotated   x_B := x_A R, R a random orthogonal matrix (A against a copy of A in another basis)
 
@@ -36,7 +38,8 @@ from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
 from .store import Store, completed_shards, remove_partial_shards, shard_name, sum_of_squares
 
-CONTROLS = ("planted", "self", "rotated")
+CONTROLS = ("planted", "random", "self", "rotated")
+PLANTS = ("planted", "random")
 FORMAT = 1
 
 # ----------------------------------------------------------------------------- the planted word class
@@ -84,6 +87,15 @@ def planted_mask(store: Store, pattern: re.Pattern) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
 
+def plant_rows(store: Store, control: str, pattern: re.Pattern, seed: int) -> np.ndarray:
+    """(n_tokens,) bool: the rows a plant control changes ("planted": on a word; "random": hashed)."""
+    if control == "planted":
+        return planted_mask(store, pattern)
+    rows = store.rows(np.arange(store.n_tokens))
+    store.release()
+    return random_rows(rows["chunk"], rows["char_end"], seed)
+
+
 def count_planted(store: Store, pattern: re.Pattern) -> dict:
     """Planted rows in all, and in the held-out split (where verification needs enough firings)."""
     n = n_held = 0
@@ -93,6 +105,28 @@ def count_planted(store: Store, pattern: re.Pattern) -> dict:
         n_held += int(mask[store.split_rows(s, "heldout")].sum())
         store.release(s)
     return {"rows": n, "heldout_rows": n_held}
+
+
+# ----------------------------------------------------------------------------- the random plant's rows
+
+RANDOM_PLANT_RATE = 0.01
+"""Share of rows the random plant marks: about the word plant's share of Brown (1.04%)."""
+
+
+def random_rows(chunk_N, char_end_N, seed: int, rate: float = RANDOM_PLANT_RATE) -> np.ndarray:
+    """(N,) bool: a seeded hash (splitmix64) of (chunk, end character) below `rate`. The choice
+    depends only on where a token ends in its chunk, never on the text, so no model can predict it."""
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        z = (
+            np.asarray(chunk_N, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            + np.asarray(char_end_N, dtype=np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+            + np.uint64(seed) * np.uint64(0x94D049BB133111EB)
+        ) & mask
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
 
 
 # ----------------------------------------------------------------------------- random directions
@@ -143,6 +177,7 @@ class Control:
             "control": self.name,
             "seed": self.seed,
             "words": sorted(self.words) if self.name == "planted" else [],
+            **({"rate": RANDOM_PLANT_RATE} if self.name == "random" else {}),
             "base_meta_sha1": fingerprint,  # not its path: a moved diff folder stays valid
         }
 
@@ -151,10 +186,12 @@ def transform_shard(control: Control, tensors: dict, texts: dict, extra: dict) -
     """The derived shard's tensors (a new dict; unchanged columns are the base's tensors)."""
     out = dict(tensors)
     acts_a = tensors["acts_a"]
-    if control.name == "planted":
-        mask = chunk_rows_on_words(
-            tensors["chunk"].numpy(), tensors["char_end"].numpy(), texts, extra["pattern"]
-        )
+    if control.name in PLANTS:
+        chunk_N, end_N = tensors["chunk"].numpy(), tensors["char_end"].numpy()
+        if control.name == "planted":
+            mask = chunk_rows_on_words(chunk_N, end_N, texts, extra["pattern"])
+        else:
+            mask = random_rows(chunk_N, end_N, control.seed)
         mask_N = torch.from_numpy(mask)
         planted = acts_a.float() + mask_N[:, None].float() * extra["v_raw"]
         out["acts_a"] = torch.where(mask_N[:, None], planted.to(acts_a.dtype), acts_a)
@@ -172,6 +209,7 @@ def _changed(control: Control) -> dict[str, str | None]:
     of the base's A column, A's sum) or "new" (computed here, sum from the stored values)."""
     return {
         "planted": {"a": "new", "b": None},
+        "random": {"a": "new", "b": None},
         "self": {"a": None, "b": "a"},
         "rotated": {"a": None, "b": "new"},
     }[control.name]
@@ -197,8 +235,8 @@ def _models_meta(control: Control, base: Store, shards: list[dict]) -> dict:
         scale = float(np.sqrt(d * n / sumsq)) if sumsq > 0 else 1.0
         return {**entry, "scale": scale, "mean_sq_norm": sumsq / max(n, 1)}
 
-    if control.name == "planted":
-        return {"a": rescaled({**a, "id": f"{a['id']}+planted"}, "a"), "b": b}
+    if control.name in PLANTS:
+        return {"a": rescaled({**a, "id": f"{a['id']}+{control.name}"}, "a"), "b": b}
     if control.name == "self":
         return {"a": a, "b": dict(a)}  # same id and width: analysis detects the shared space
     return {"a": a, "b": rescaled({**a, "id": f"{a['id']}+rotated"}, "b")}
@@ -233,7 +271,7 @@ def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: b
             out / "shards" / f"{shard_name(i)}.texts.jsonl", (src / f"{name}.texts.jsonl").read_bytes()
         )
         write_json_atomic(out / "shards" / f"{shard_name(i)}.json", {**stats, "index": i})
-    _copy_tokenizers(base.root, out, b_from="b" if control.name == "planted" else "a")
+    _copy_tokenizers(base.root, out, b_from="b" if control.name in PLANTS else "a")
     shards = completed_shards(out)
     meta = {
         **base.meta,
@@ -262,14 +300,17 @@ def _extras(control: Control, base: Store, out: Path) -> dict:
     """Per-control constants (direction, rotation), saved next to the store for inspection."""
     from safetensors.torch import save
 
-    if control.name == "planted":
-        unit = random_direction(base.d_a, control.seed)
+    if control.name in PLANTS:
+        # The random plant gets its own direction: the two positive controls must not share one.
+        unit = random_direction(base.d_a, control.seed + (control.name == "random"))
         norm = planted_norm(base)
         v_raw = unit * norm
         write_bytes_atomic(out / "direction.safetensors", save({"unit": unit, "v_raw": v_raw}))
+        meta = {"seed": control.seed, "norm_raw": norm}
+        if control.name == "random":
+            return {"v_raw": v_raw, "meta": {**meta, "rate": RANDOM_PLANT_RATE}}
         pattern = word_pattern(control.words)
-        meta = {"words": sorted(control.words), "seed": control.seed, "norm_raw": norm}
-        return {"pattern": pattern, "v_raw": v_raw, "meta": meta}
+        return {"pattern": pattern, "v_raw": v_raw, "meta": {**meta, "words": sorted(control.words)}}
     if control.name == "rotated":
         rot = random_rotation(base.d_a, control.seed)
         write_bytes_atomic(out / "rotation.safetensors", save({"rotation": rot}))

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .budget import Budget, analyze_config, get_budget, harvest_config, train_config
+from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
@@ -109,8 +109,17 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             lambda: (run / "analysis" / "summary.json").is_file(),
         )
     )
+    vcfg = verify_config(b, run, store, device=cfg.device)
+    out.append(
+        Stage(
+            "verify",
+            lambda: _verify(vcfg),
+            {**_settings(vcfg), "rules": RULES_VERSION},
+            lambda: (run / "verification" / "summary.json").is_file(),
+        )
+    )
     if b.seeds > 1:
-        stability = {"seeds": b.seeds, "rules": RULES_VERSION}  # reads the analysis's candidates
+        stability = {"seeds": b.seeds, "rules": RULES_VERSION}  # reads the candidates and their verdicts
         out.append(Stage("seed stability", lambda: _stability(run, seed_runs), stability))
     if b.steer_top:
         scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
@@ -174,8 +183,15 @@ def _analyze(acfg) -> dict:
     from .analyze import analyze
 
     s = analyze(acfg)
-    keys = ("counts", "candidates", "verified", "fve_a", "fve_b", "l0", "dead_fraction", "splice")
+    keys = ("counts", "candidates", "fve_a", "fve_b", "l0", "dead_fraction", "splice")
     return {k: s.get(k) for k in keys}
+
+
+def _verify(vcfg) -> dict:
+    from .verify import verify
+
+    s = verify(vcfg)
+    return {k: s.get(k) for k in ("candidates", "counts", "differences", "whole", "first_order_agreement")}
 
 
 def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
@@ -245,6 +261,7 @@ def _summary(cfg: DiffConfig, b: Budget, log: StageLog, seconds: float) -> dict:
         "train": {k: v for k, v in results.items() if k.startswith("train ")},
         "counts": analysis.get("counts"),
         "candidates": analysis.get("candidates"),
+        "verify": results.get("verify"),
         "stability": results.get("seed stability"),
         "steer": results.get("steer"),
         "report": (results.get("report") or {}).get("index"),
@@ -252,10 +269,12 @@ def _summary(cfg: DiffConfig, b: Budget, log: StageLog, seconds: float) -> dict:
 
 
 def _print_summary(s: dict) -> None:
-    c, cand = s.get("counts") or {}, s.get("candidates") or {}
+    v = s.get("verify") or {}
+    cand, counts = v.get("candidates") or {}, v.get("counts") or {}
+    n = {m: (counts.get(m) or {}).get("difference", 0) for m in "ab"}
     print(
         f"diff done in {s['seconds_this_session']:.0f} s this session: "
-        f"{c.get('exclusive_a', 0)} verified A-exclusive of {cand.get('a', 0)} candidates, "
-        f"{c.get('exclusive_b', 0)} verified B-exclusive of {cand.get('b', 0)}.\nreport: {s['report']}",
+        f"{n['a']} behavioural differences of A among {cand.get('a', 0)} candidates, "
+        f"{n['b']} of B among {cand.get('b', 0)}.\nreport: {s['report']}",
         file=sys.stderr,
     )

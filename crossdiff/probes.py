@@ -1,10 +1,13 @@
-"""Verification signals for exclusive candidates (DESIGN.md §5): streaming ridge probes, AUROC and
+"""Context signals for exclusive candidates (docs/verification.md): streaming ridge probes, AUROC and
 Latent Scaling.
 
-A candidate A-exclusive latent i is a false positive if B's activations carry it anyway. The direct
-test is a linear probe from x_B to f_i: fitted in closed form from streamed sufficient statistics on
-the store's train split, scored on its held-out split (R² of the activation, AUROC of "fires vs not"
-with the probe's prediction as the score). Everything here streams: memory is O(D² + D·C) for a
+Can the other model *detect* where a candidate of A fires? A linear probe from x_B to f_i, fitted in
+closed form from streamed sufficient statistics on the store's train split, scored on its held-out
+split: AUROC of the candidate's *strong* firings (f ≥ strong · p99) against every other token, and R²
+of the magnitude on those strong firings. Most firings of a BatchTopK latent are weak and scattered
+over unrelated tokens, so "f > 0" measures the noise, not the feature. Detection is information for
+the reader, never a rejection: two models reading the same text can both detect its topic, and the
+difference between them is what a feature does (verify.py). Everything here streams: memory is O(D² + D·C) for a
 probe and O(C·H) for the held-out evaluation, whatever the number of tokens.
 
 Latent Scaling (Minder et al. 2025, arXiv 2504.02922 §3) applies only when both models share one
@@ -96,13 +99,23 @@ def _spd_solve(A_DD: Tensor, B_DC: Tensor) -> Tensor:
 class ProbeEval:
     """Held-out R² and binned AUROC of C probes, accumulated batch by batch.
 
-    R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)² over held-out rows (ȳ their own mean: a probe must beat the
-    held-out constant). AUROC ranks firing (y > 0) against silent tokens by the prediction ŷ, with
-    scores binned per probe (ties within a bin count one half, as in the Mann–Whitney statistic).
+    R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)² over the held-out rows where the latent fires strongly (y ≥
+    strong_C; ȳ their own mean: a probe must beat the constant). AUROC ranks those strong firings
+    against every other token by the prediction ŷ, with scores binned per probe (ties within a bin
+    count one half, as in the Mann–Whitney statistic). strong_C = 0 means every firing (y > 0).
     """
 
-    def __init__(self, W_DC: Tensor, b_C: Tensor, center_C: Tensor, spread_C: Tensor, bins: int = AUROC_BINS):
+    def __init__(
+        self,
+        W_DC: Tensor,
+        b_C: Tensor,
+        center_C: Tensor,
+        spread_C: Tensor,
+        bins: int = AUROC_BINS,
+        strong_C: Tensor | None = None,
+    ):
         self.W_DC, self.b_C = W_DC.float(), b_C.float()
+        self.strong_C = torch.zeros(W_DC.shape[1]) if strong_C is None else strong_C.float()
         self.center_C = center_C.float()
         self.spread_C = spread_C.float().clamp_min(1e-12)
         self.bins = bins
@@ -111,12 +124,14 @@ class ProbeEval:
         self.sum_y_C = torch.zeros(n, dtype=torch.float64)
         self.sum_yy_C = torch.zeros(n, dtype=torch.float64)
         self.n = 0
+        self.n_strong_C = torch.zeros(n, dtype=torch.int64)
         self.pos_CH = torch.zeros(n, bins, dtype=torch.int64)
         self.neg_CH = torch.zeros(n, bins, dtype=torch.int64)
 
     def to(self, device) -> ProbeEval:
         self.W_DC, self.b_C = self.W_DC.to(device), self.b_C.to(device)
         self.center_C, self.spread_C = self.center_C.to(device), self.spread_C.to(device)
+        self.strong_C = self.strong_C.to(device)
         return self
 
     def update(self, x_BD: Tensor, y_BC: Tensor) -> None:
@@ -124,23 +139,28 @@ class ProbeEval:
             return
         pred_BC = x_BD.float() @ self.W_DC + self.b_C
         y_BC = y_BC.float()
-        self.sse_C += (y_BC - pred_BC).pow(2).sum(0).double().cpu()
-        self.sum_y_C += y_BC.sum(0).double().cpu()
-        self.sum_yy_C += y_BC.pow(2).sum(0).double().cpu()
+        fires_BC = (y_BC > 0) & (y_BC >= self.strong_C)
+        on_BC = fires_BC.to(y_BC.dtype)
+        self.sse_C += ((y_BC - pred_BC).pow(2) * on_BC).sum(0).double().cpu()
+        self.sum_y_C += (y_BC * on_BC).sum(0).double().cpu()
+        self.sum_yy_C += (y_BC.pow(2) * on_BC).sum(0).double().cpu()
+        self.n_strong_C += fires_BC.sum(0).cpu()
         self.n += x_BD.shape[0]
         t_BC = torch.asinh((pred_BC - self.center_C) / self.spread_C).clamp(-_ASINH_LIMIT, _ASINH_LIMIT)
         bin_BC = ((t_BC + _ASINH_LIMIT) * (self.bins / (2 * _ASINH_LIMIT))).long().clamp(0, self.bins - 1)
         flat_BC = (bin_BC + torch.arange(bin_BC.shape[1], device=bin_BC.device) * self.bins).cpu()
-        fires_BC = (y_BC > 0).cpu()
+        fires_BC = fires_BC.cpu()
         self.pos_CH.view(-1).index_add_(0, flat_BC[fires_BC], torch.ones_like(flat_BC[fires_BC]))
         self.neg_CH.view(-1).index_add_(0, flat_BC[~fires_BC], torch.ones_like(flat_BC[~fires_BC]))
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(r2_C, auroc_C, n_fires_C); NaN where a latent never fires (or always does) held out."""
-        n = max(self.n, 1)
+        """(r2_C, auroc_C, n_strong_C); NaN where a latent never fires strongly (or always does) held
+        out, and R² NaN with fewer than 2 strong firings."""
+        n = self.n_strong_C.double().clamp_min(1)
         sst_C = self.sum_yy_C - self.sum_y_C.pow(2) / n
-        r2_C = torch.where(sst_C > 0, 1 - self.sse_C / sst_C.clamp_min(1e-300), torch.nan)
-        return r2_C.numpy(), binned_auroc(self.pos_CH, self.neg_CH), self.pos_CH.sum(1).numpy()
+        ok_C = (sst_C > 0) & (self.n_strong_C >= 2)
+        r2_C = torch.where(ok_C, 1 - self.sse_C / sst_C.clamp_min(1e-300), torch.nan)
+        return r2_C.numpy(), binned_auroc(self.pos_CH, self.neg_CH), self.n_strong_C.numpy()
 
 
 def binned_auroc(pos_CH: Tensor, neg_CH: Tensor) -> np.ndarray:
@@ -209,21 +229,19 @@ class LatentScaling:
         return torch.where(own_C.abs() > 1e-12, other_C / own_C, torch.nan).numpy()
 
 
-def verdict(side: str, n_fire: int, heldout_fires: int, r2: float, auroc: float, scaling: float, cfg):
-    """(verdict, reason) of one latent from its signals; the reason is empty unless "rejected".
-
-    side: "a"/"b" for an exclusive candidate, "" otherwise. `cfg` supplies the thresholds
-    (AnalyzeConfig: min_heldout_fires, reject_r2, reject_auroc, reject_latent_scaling).
-    """
+def verdict(side: str, n_fire: int) -> str:
+    """The analysis's verdict of one latent: dead, shared, or an exclusive candidate of A or B
+    (verify.py decides what a candidate does)."""
     if n_fire == 0:
-        return "dead", ""
-    if not side:
-        return "shared", ""
+        return "dead"
+    return f"candidate_{side}" if side else "shared"
+
+
+def detection_note(side: str, auroc: float, r2: float, threshold: float = 0.9) -> str:
+    """Context information for a candidate: whether the other model detects its strong firings."""
+    if not side or not np.isfinite(auroc):
+        return ""
     other = "B" if side == "a" else "A"
-    if heldout_fires < cfg.min_heldout_fires:
-        return "rejected", f"too rare to verify: {heldout_fires} held-out firings (< {cfg.min_heldout_fires})"
-    if (np.isfinite(r2) and r2 >= cfg.reject_r2) or (np.isfinite(auroc) and auroc >= cfg.reject_auroc):
-        return "rejected", f"predictable from {other}: R²={r2:.2f}, AUROC={auroc:.2f}"
-    if np.isfinite(scaling) and scaling >= cfg.reject_latent_scaling:
-        return "rejected", f"present in {other} along its decoder direction: latent scaling ν={scaling:.2f}"
-    return f"exclusive_{side}", ""
+    if auroc < threshold:
+        return f"context not linearly detectable by {other} (AUROC {auroc:.2f} on strong firings)"
+    return f"context detectable by {other} (AUROC {auroc:.2f}, magnitude R² {r2:.2f} on strong firings)"

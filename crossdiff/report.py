@@ -31,14 +31,21 @@ from pathlib import Path
 from .errors import CrossdiffError
 from .htmlkit import badge, data_table, esc, fmt, fmt_bytes, is_num, kv_table, render_any, visible_ws
 from .plots import bar_svg, binned_histogram_svg, histogram_svg
+from .verify import read_behaviour
 
 ASSETS = ("report.css", "report.js")
-VERDICTS = ("exclusive_a", "exclusive_b", "shared", "dead", "rejected")
+VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
+BEHAVIOUR_COLUMNS = ("behaviour", "shift", "z", "gap_closed", "first_order")
 COLUMN_HELP = {
     "latent": "Latent index; click it to open the feature's page",
     "partition": "DFC partition, or the relative-norm class of a standard crosscoder",
-    "verdict": "Verdict after verification: exclusive_a, exclusive_b, shared, dead or rejected",
-    "reason": "Why the verdict was given",
+    "verdict": "The analysis's class: candidate_a / candidate_b (exclusive candidates), shared or dead",
+    "reason": "Whether the other model detects the context of the candidate's strong firings (information only)",
+    "behaviour": "Behavioural verdict (crossdiff verify): difference, shared behaviour, inert, too rare, not verified",
+    "shift": "Mean shift of its model towards the other when the latent is ablated (nats per token)",
+    "z": "z of the shift against ablating random directions of equal norm",
+    "gap_closed": "Fraction of the A-B gap on its contexts that ablating it closes",
+    "first_order": "First-order (gradient x activation) estimate of the shift on held-out text",
     "score": "Ranking score (the exclusive decoder norm for a DFC)",
     "rel_norm": "Relative decoder norm |d_B| / (|d_A| + |d_B|): <= 0.1 A-only, >= 0.9 B-only",
     "dec_norm_a": "Decoder norm in model A (normalised units)",
@@ -47,8 +54,8 @@ COLUMN_HELP = {
     "mean_act": "Mean activation when firing",
     "max_act": "Largest activation seen",
     "p99_act": "99th percentile of the activation when firing",
-    "probe_r2": "R² of a linear probe predicting the latent from the other model (high: it is there too)",
-    "probe_auroc": "AUROC of a probe for fires-vs-not from the other model (high: it is there too)",
+    "probe_r2": "R² of a probe from the other model for the magnitude of the strong firings (context information)",
+    "probe_auroc": "AUROC of a probe from the other model for the strong firings (context information)",
     "latent_scaling": "Latent Scaling ratio (Minder et al. 2025; same-space pairs only)",
 }
 _MAX_TEXT = 2000  # characters of context kept on each side of an example's firing token
@@ -82,6 +89,12 @@ class RunData:
     stability: dict | None
     features: dict[int, Path]
     steering: dict[int, Path]
+    behaviour: dict[int, dict]
+    """crossdiff verify's row per candidate (verification/behaviour.csv), {} without a verification."""
+    verification: dict | None
+    """verification/summary.json."""
+    contexts: dict[int, Path]
+    """verification/latents/<latent>.json: the scored contexts of each exactly verified latent."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -150,15 +163,25 @@ def load_run(run: str | Path) -> RunData:
         stability=read_json(run / "stability.json"),
         features=_numbered_json(analysis / "features"),
         steering=_numbered_json(run / "steering"),
+        behaviour=read_behaviour(run),
+        verification=read_json(run / "verification" / "summary.json"),
+        contexts=_numbered_json(run / "verification" / "latents"),
     )
 
 
 def is_candidate(row: dict) -> bool:
-    """An exclusive candidate: in an exclusive partition (before verification) or verified exclusive."""
-    return row.get("partition") in ("a_exclusive", "b_exclusive") or row.get("verdict") in (
-        "exclusive_a",
-        "exclusive_b",
-    )
+    """An exclusive candidate of the analysis (its verdict candidate_a / candidate_b)."""
+    return row.get("verdict") in ("candidate_a", "candidate_b")
+
+
+def with_behaviour(data: RunData, rows: list[dict]) -> list[dict]:
+    """The rows with crossdiff verify's columns joined by latent (behaviour = its verdict)."""
+    out = []
+    for r in rows:
+        b = data.behaviour.get(r.get("latent"), {})
+        extra = {k: b.get(k) for k in BEHAVIOUR_COLUMNS[1:]}
+        out.append({**r, "behaviour": b.get("verdict"), **extra})
+    return out
 
 
 def _score_order(rows: list[dict]) -> list[dict]:
@@ -259,12 +282,17 @@ def summary_cards(data: RunData) -> str:
             cards.append(_card("Store size", fmt_bytes(v)))
         elif k in ("n_tokens", "tokens") and is_num(v):
             cards.append(_card("Store tokens", fmt(v)))
-    cand, ver = s.get("candidates") or {}, s.get("verified") or {}
+    cand = s.get("candidates") or {}
+    v = data.verification or {}
     for m in ("a", "b"):
-        if m in cand or m in ver:
+        n_diff = ((v.get("counts") or {}).get(m) or {}).get("difference")
+        if m in cand:
             cards.append(
-                _card(f"Exclusive to {m.upper()}", f"{fmt(cand.get(m))} → {fmt(ver.get(m))}", "verified")
+                _card(f"Exclusive to {m.upper()}", f"{fmt(cand.get(m))} → {fmt(n_diff)}", "differences")
             )
+        share = ((v.get("whole") or {}).get(m) or {}).get("share")
+        if share is not None:
+            cards.append(_card(f"Gap share {m.upper()}", fmt(share), "explained by its candidates"))
     splice = s.get("splice") if isinstance(s.get("splice"), dict) else {}
     for m, sp in splice.items():
         if isinstance(sp, dict) and "loss_recovered" in sp:
@@ -343,16 +371,16 @@ def plots_html(data: RunData) -> str:
 def candidates_table(data: RunData, cands: list[dict]) -> str:
     if not cands:
         return '<p class="empty">No exclusive candidates in latents.csv.</p>'
-    cols = data.columns
+    cols = data.columns + [c for c in BEHAVIOUR_COLUMNS if data.behaviour and c not in data.columns]
     rows = []
-    for r in cands:
+    for r in with_behaviour(data, cands):
         cells = []
         for c in cols:
             v = r.get(c)
             if c == "latent" and is_num(v):  # an id, not a quantity: no thousands separator
                 link = f'<a href="features/{v}.html">{v}</a>' if v in data.features else str(v)
                 cells.append((v, link))
-            elif c in ("partition", "verdict") and v is not None:
+            elif c in ("partition", "verdict", "behaviour") and v is not None:
                 cells.append((str(v), badge(v)))
             elif isinstance(v, str) and len(v) > 24:
                 cells.append((v, f'<div class="long">{esc(v)}</div>'))
@@ -368,7 +396,7 @@ def candidates_table(data: RunData, cands: list[dict]) -> str:
         sorted_by=("score", "descending"),
     )
     toolbar = (
-        '<div class="toolbar"><input type="search" placeholder="Filter rows (e.g. exclusive_a)" '
+        '<div class="toolbar"><input type="search" placeholder="Filter rows (e.g. difference)" '
         'data-filter="candidates" data-count="candidates-count" aria-label="filter the candidates table">'
         f'<span id="candidates-count" class="muted">{len(cands)} rows</span></div>'
     )
@@ -385,6 +413,8 @@ def index_html(data: RunData, cands: list[dict]) -> str:
         f"{esc(layers)} · run <code>{esc(data.run.resolve().name)}</code></p></header>",
         "<h2>Summary</h2>",
         summary_cards(data),
+        f"<h2>Behavioural differences ({len(differences(data))})</h2>",
+        differences_html(data),
         "<h3>Models</h3>",
         models_table(data),
         '<div class="two"><div><h3>Latents per verdict</h3>',
@@ -395,8 +425,8 @@ def index_html(data: RunData, cands: list[dict]) -> str:
         "<h2>Plots</h2>",
         plots_html(data),
         f"<h2>Exclusive candidates ({len(cands)})</h2>",
-        '<p class="muted">Latents in an exclusive partition or verified exclusive. Click a column header to '
-        "sort, a latent to open its page (examples, logit lens, steering).</p>",
+        '<p class="muted">Every exclusive candidate with its behavioural verdict (crossdiff verify). '
+        "Click a column header to sort, a latent to open its page (examples, contexts, logit lens, steering).</p>",
         candidates_table(data, cands),
     ]
     if others:
@@ -415,6 +445,63 @@ def index_html(data: RunData, cands: list[dict]) -> str:
         "</details>",
     ]
     return page(f"crossdiff report: {a} vs {b}", "\n".join(parts), "assets/")
+
+
+# ----------------------------------------------------------------------------- differences
+
+
+def differences(data: RunData) -> list[dict]:
+    """Candidates verified as a behavioural `difference`, most of the gap closed first."""
+    rows = [b for b in data.behaviour.values() if b.get("verdict") == "difference"]
+    return sorted(rows, key=lambda b: -(b.get("gap_closed") if is_num(b.get("gap_closed")) else -math.inf))
+
+
+def _promoted(data: RunData, latent: int) -> str:
+    feat = read_json(data.features[latent]) if latent in data.features else None
+    lens = (feat or {}).get("logit_lens") or {}
+    return " ".join(repr(t[0] if isinstance(t, list) else t) for t in (lens.get("promoted") or [])[:5])
+
+
+def _first_context(data: RunData, latent: int) -> str:
+    doc = read_json(data.contexts[latent]) if latent in data.contexts else None
+    ctxs = (doc or {}).get("contexts") or []
+    if not ctxs:
+        return ""
+    c = max(ctxs, key=lambda c: c.get("shift", 0))
+    return f"…{c.get('text_before', '')[-60:]}⟦{c.get('scored', '')}⟧"
+
+
+def differences_html(data: RunData) -> str:
+    """What the verification found, ranked by the share of the A–B gap each difference closes."""
+    v = data.verification
+    if v is None:
+        return '<p class="empty">Not verified yet: run <code>crossdiff verify --run RUN</code>.</p>'
+    whole = v.get("whole") or {}
+    intro = (
+        '<p class="muted">A candidate is a <b>difference</b> when removing it from its model at the layer '
+        "moves that model's log-probabilities of the following text towards the other model's, by more "
+        "than removing random directions of the same norm does (z ≥ 3; docs/verification.md). Whole diff: "
+        + "; ".join(
+            f"{m.upper()}'s candidates account for {esc(fmt((whole.get(m) or {}).get('share')))} of the "
+            "per-segment gap on held-out text"
+            for m in "ab"
+            if m in whole
+        )
+        + ".</p>"
+    )
+    rows = []
+    for b in differences(data):
+        j = int(b["latent"])
+        steer = read_json(data.steering[j]) if j in data.steering else None
+        link = (str(j), f'<a href="features/{j}.html">{j}</a>' if j in data.features else str(j))
+        rows.append([link, str(b.get("side", "")).upper(), b.get("shift"), b.get("z"), b.get("gap_closed"),
+                     b.get("n_contexts"), _promoted(data, j), (_first_context(data, j), esc(_first_context(data, j))),
+                     (steer or {}).get("verdict")])  # fmt: skip
+    if not rows:
+        return intro + '<p class="empty">No candidate verified as a difference.</p>'
+    cols = ["latent", "model", "shift (nats/token)", "z", "gap closed", "contexts", "promotes",
+            "context (scored text in ⟦ ⟧)", "steering"]  # fmt: skip
+    return intro + f'<div class="scroll">{data_table(cols, rows)}</div>'
 
 
 # ----------------------------------------------------------------------------- seed stability
@@ -448,8 +535,8 @@ def stability_html(st: dict) -> str:
 # ----------------------------------------------------------------------------- calibration
 
 ARCH_NAMES = {"dfc": "DFC", "batchtopk": "standard crosscoder (BatchTopK)"}
-_MATCH_KEYS = ("latent", "cosine", "top_on_words", "partition", "verdict", "reason", "probe_auroc",
-               "probe_r2", "latent_scaling", "density", "rel_norm")  # fmt: skip
+_MATCH_KEYS = ("latent", "cosine", "top_on_words", "partition", "analysis_verdict", "verdict", "shift", "z",
+               "n_strong", "probe_auroc", "density", "rel_norm")  # fmt: skip
 
 
 def read_calibration(run: Path):
@@ -462,21 +549,21 @@ def read_calibration(run: Path):
 
 
 def calibration_html(cal) -> str:
-    """The controls' table (docs/calibration.md), the best matches to the planted direction, then the
-    whole file; a calibration.json of another shape is rendered generically."""
+    """The controls' table (docs/calibration.md), the latents closest to each planted direction, then
+    the whole file; a calibration.json of another shape is rendered generically."""
     by_arch = cal.get("by_arch") if isinstance(cal, dict) else None
     if not isinstance(by_arch, dict) or not by_arch:
         return render_any(cal)
     crit = cal.get("criteria") or {}
     words = cal.get("words") or []
     intro = (
-        '<p class="muted">Controls from <code>crossdiff calibrate</code>. Positive: a random direction of '
-        f"norm {esc(fmt(cal.get('planted_norm')))} (raw units) added to model A on "
-        f"{esc(fmt(cal.get('n_planted_rows')))} tokens of {len(words)} words "
-        f"({esc(fmt(cal.get('n_planted_heldout_rows')))} held out) must be recovered by a verified "
-        f"A-exclusive latent (decoder cosine ≥ {esc(fmt(crit.get('cosine_min', 0.9)))} and ≥ "
-        f"{esc(fmt(crit.get('top_on_words_min', 0.5)))} of its top examples on the words). Negative: "
-        "A against itself and against a rotated copy of A must verify no exclusive latent.</p>"
+        '<p class="muted">Controls from <code>crossdiff calibrate</code>, at the default settings. Positive: a '
+        f"random direction of norm {esc(fmt(cal.get('planted_norm')))} (raw units) added to model A at the "
+        f"layer on {esc(fmt(cal.get('n_planted_rows')))} tokens of {len(words)} words, and another on "
+        "pseudo-random tokens; each must be recovered by an A-exclusive candidate (decoder cosine ≥ "
+        f"{esc(fmt(crit.get('cosine_min', 0.9)))}, ≥ {esc(fmt(crit.get('top_on_words_min', 0.5)))} of its top "
+        "examples on the planted tokens) and verified as a behavioural difference. Negative: A against "
+        "itself and against a rotated copy of A (identical behaviour) must verify no difference.</p>"
     )
     rows, matches = [], []
     order = [a for a in ARCH_NAMES if a in by_arch] + [a for a in by_arch if a not in ARCH_NAMES]
@@ -484,31 +571,32 @@ def calibration_html(cal) -> str:
         res = by_arch[arch]
         if not isinstance(res, dict):
             continue
-        pos, neg = res.get("positive") or {}, res.get("negative") or {}
-        name = ARCH_NAMES.get(arch, arch)
-        recovered = pos.get("recovered")
-        none = "latent" in pos and pos["latent"] is None  # no verified A-exclusive latent at all
-        rows.append([
-            name,
-            (str(recovered), badge("recovered") if recovered else badge("missed")),
-            (None, '<span class="muted">none verified</span>') if none else pos.get("cosine"),
-            pos.get("recovered_as_candidate"),
-            neg.get("self_false_exclusive"),
-            neg.get("rotated_false_exclusive"),
-        ])  # fmt: skip
-        for label, key in (("best candidate", "best_candidate"), ("best of all latents", "best_overall")):
-            m = pos.get(key)
-            if isinstance(m, dict):
-                matches.append([name, label, *[m.get(k) for k in _MATCH_KEYS]])
-    cols = ["crosscoder", "planted recovered", "cosine", "recovered as candidate",
-            "self-diff false exclusives", "rotated-diff false exclusives"]  # fmt: skip
+        neg, name = res.get("negative") or {}, ARCH_NAMES.get(arch, arch)
+        cells = [name]
+        for key in ("positive", "positive_random"):
+            pos = res.get(key) or {}
+            ok = bool(pos.get("recovered")) and bool(pos.get("verified"))
+            cells += [
+                (str(ok), badge("pass") if ok else badge("fail")),
+                pos.get("cosine"),
+                pos.get("verified"),
+            ]
+            for label, k in (("best candidate", "best_candidate"), ("best of all latents", "best_overall")):
+                m = pos.get(k)
+                if isinstance(m, dict):
+                    matches.append([name, key.replace("positive", "plant").replace("_", " "), label,
+                                    *[m.get(c) for c in _MATCH_KEYS]])  # fmt: skip
+        cells += [neg.get("self_false_exclusive"), neg.get("rotated_false_exclusive")]
+        rows.append(cells)
+    cols = ["crosscoder", "word plant", "cosine", "verified", "random plant", "cosine", "verified",
+            "self-diff false differences", "rotated-diff false differences"]  # fmt: skip
     parts = [intro, f'<div class="scroll">{data_table(cols, rows)}</div>']
     if matches:
         parts += [
-            "<h3>Latents closest to the planted direction</h3>",
+            "<h3>Latents closest to the planted directions</h3>",
             '<p class="muted">Where a miss happened: no A-side candidate close to the direction means '
-            "discovery failed; a close candidate that was rejected means verification failed.</p>",
-            f'<div class="scroll">{data_table(["crosscoder", "which", *_MATCH_KEYS], matches)}</div>',
+            "discovery failed; a close candidate that is not a difference means verification failed.</p>",
+            f'<div class="scroll">{data_table(["crosscoder", "plant", "which", *_MATCH_KEYS], matches)}</div>',
         ]
     parts.append(f"<details><summary>calibration.json</summary>{render_any(cal)}</details>")
     return "\n".join(parts)
@@ -595,6 +683,8 @@ def feature_html(
     examples = [e for e in feat.get("examples") or [] if isinstance(e, dict)]
     parts.append(f"<h2>Top examples ({min(len(examples), max_examples)} of {len(examples)})</h2>")
     parts += [example_html(e, data) for e in examples[:max_examples]] or ['<p class="empty">No examples.</p>']
+    if latent in data.behaviour or latent in data.contexts:
+        parts += ["<h2>Behaviour</h2>", behaviour_html(latent, data)]
     steer = read_json(data.steering[latent]) if latent in data.steering else None
     if steer is not None:
         parts += ["<h2>Steering</h2>", render_any(steer)]
@@ -606,6 +696,25 @@ def feature_html(
         + "</nav>"
     )
     return page(f"Latent {latent} · crossdiff report", "\n".join(parts), "../assets/")
+
+
+def behaviour_html(latent: int, data: RunData) -> str:
+    """The latent's behavioural verdict and each scored context: ℓ of its model, of the other, and
+    of its model with the latent removed."""
+    b = data.behaviour.get(latent, {})
+    head = kv_table((k, b.get(k)) for k in ("verdict", "shift", "z", "gap_closed", "null_mean", "null_std",
+                                              "n_strong", "n_contexts", "first_order"))  # fmt: skip
+    doc = read_json(data.contexts[latent]) if latent in data.contexts else None
+    rows = []
+    for c in (doc or {}).get("contexts") or []:
+        text = f"…{c.get('text_before', '')[-80:]}⟦{c.get('scored', '')}⟧"
+        rows.append([(text, esc(text)), c.get("f"), c.get("n_tokens"), c.get("l_own"), c.get("l_other"),
+                     c.get("l_ablated"), c.get("shift"), c.get("first_order")])  # fmt: skip
+    if not rows:
+        return head
+    cols = ["context (scored in ⟦ ⟧)", "f", "tokens", "ℓ own", "ℓ other", "ℓ own, ablated", "shift",
+            "first order"]  # fmt: skip
+    return head + f'<div class="scroll">{data_table(cols, rows)}</div>'
 
 
 def _feature_hist(h) -> str:

@@ -40,19 +40,25 @@ def _side_of(cc, latents: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def read_candidates(run: Path) -> list[dict]:
-    """Alive exclusive candidates of an analysed run (verified or rejected), best score first."""
+    """Alive exclusive candidates of an analysed run, best score first; "verified" when behavioural
+    verification (verify.py) found a `difference`."""
+    from .verify import read_behaviour
+
     path = Path(run) / "analysis" / "latents.csv"
     if not path.is_file():
         raise CrossdiffError(f"{path} not found; run crossdiff analyze --run {run} first")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
+    behaviour = read_behaviour(run)
     out = []
     for r in rows:
-        verified = r["verdict"] in ("exclusive_a", "exclusive_b")
-        if verified or (r["verdict"] == "rejected" and r["reason"] and _float(r["density"]) > 0):
-            side = r["verdict"][-1] if verified else ("a" if _float(r["rel_norm"]) < 0.5 else "b")
-            out.append({**r, "side": side, "verified": verified})
-    out.sort(key=lambda r: -_float(r["score"]))
+        if r["verdict"] in ("candidate_a", "candidate_b"):
+            b = behaviour.get(int(r["latent"]), {})
+            verified = b.get("verdict") == "difference"
+            out.append(
+                {**r, "side": r["verdict"][-1], "verified": verified, "behaviour": b.get("verdict", "")}
+            )
+    out.sort(key=lambda r: (not r["verified"], -_float(r["score"])))
     return out
 
 
@@ -163,6 +169,8 @@ def _summary(features: list[dict], n_other: int) -> dict:
         out[key] = {
             "n": len(fs),
             "reappear_all": sum(f["reappears_in"] == n_other for f in fs),
+            # in at least 2 of the n_other + 1 runs (the reference and one other seed)
+            "reappear_any": sum(f["reappears_in"] >= 1 for f in fs),
             "reappear_none": sum(f["reappears_in"] == 0 for f in fs),
             "mean_reappear": float(np.mean([f["reappears_in"] / n_other for f in fs])) if fs else None,
         }

@@ -65,9 +65,9 @@ class SteerConfig:
     latent: int | None = None
     """Latent to steer (one latent); or use --top."""
     top: int | None = None
-    """Batch verification: steer the top N verified exclusive candidates of each model by score."""
+    """Batch verification: steer the top N behavioural differences of each model (crossdiff verify)."""
     include_rejected: bool = False
-    """--top: fill the N slots of a model with its best rejected candidates when fewer are verified."""
+    """--top: fill the N slots of a model with its other exclusive candidates when it has fewer differences."""
     model: Literal["a", "b"] | None = None
     """Model to steer (default: the latent's own model; for a shared latent the one it writes more into)."""
     prompts: str | None = None
@@ -548,25 +548,23 @@ def steer_one(cc, run: Path, latent: int, model: str | None, lms, rows, cfg: Ste
     return res
 
 
-def top_candidates(rows: list[dict], n: int, include_rejected: bool = False) -> list[tuple[int, str]]:
-    """(latent, model) of the top `n` verified exclusive latents of each model by score, interleaved;
-    with `include_rejected`, slots left free are filled with rejected candidates (best score first)."""
+def top_candidates(
+    rows: list[dict], n: int, include_rejected: bool = False, behaviour: dict | None = None
+) -> list[tuple[int, str]]:
+    """(latent, model) of the top `n` behavioural `difference`s of each model (verify.py; most of the
+    gap closed first), interleaved; with `include_rejected`, slots left free are filled with the
+    model's other exclusive candidates (best score first)."""
+    behaviour = behaviour or {}
     ranked = {}
     for m in "ab":
-        cands = [r for r in rows if r.get("verdict") == f"exclusive_{m}"]
-        cands.sort(key=lambda r: -_float(r.get("score")))
-        if include_rejected and len(cands) < n:
-            rejected = [r for r in rows if r.get("verdict") == "rejected" and _rejected_side(r) == m]
-            cands += sorted(rejected, key=lambda r: -_float(r.get("score")))
-        ranked[m] = [(int(r["latent"]), m) for r in cands[:n]]
+        diffs = [b for b in behaviour.values() if b["side"] == m and b["verdict"] == "difference"]
+        diffs.sort(key=lambda b: -_float(b.get("gap_closed")))
+        ids = [int(b["latent"]) for b in diffs]
+        if include_rejected and len(ids) < n:
+            others = [r for r in rows if r.get("verdict") == f"candidate_{m}" and int(r["latent"]) not in ids]
+            ids += [int(r["latent"]) for r in sorted(others, key=lambda r: -_float(r.get("score")))]
+        ranked[m] = [(j, m) for j in ids[:n]]
     return [x for pair in zip(ranked["a"] + [None] * n, ranked["b"] + [None] * n) for x in pair if x]
-
-
-def _rejected_side(row: dict) -> str:
-    """The model a rejected candidate was exclusive to: its DFC partition, else its relative norm."""
-    if row.get("partition") in ("a_exclusive", "b_exclusive"):
-        return row["partition"][0]
-    return "a" if _float(row.get("rel_norm")) < 0.5 else "b"
 
 
 def _float(s) -> float:
@@ -596,14 +594,16 @@ def steer(cfg: SteerConfig, models=None) -> dict:
         return res
     if not rows:
         raise CrossdiffError(f"{run / 'analysis' / 'latents.csv'} not found; run crossdiff analyze first")
-    jobs = top_candidates(rows, cfg.top, cfg.include_rejected)
+    from .verify import read_behaviour
+
+    jobs = top_candidates(rows, cfg.top, cfg.include_rejected, read_behaviour(run))
     if not jobs:
         what = (
             "exclusive candidates"
             if cfg.include_rejected
-            else "verified exclusive latents (exclusive_a / exclusive_b)"
+            else "behavioural differences (run crossdiff verify first)"
         )
-        raise CrossdiffError(f"latents.csv has no {what} to steer")
+        raise CrossdiffError(f"{run} has no {what} to steer")
     start, results = time.monotonic(), {}
     for latent, m in tqdm(jobs, desc="steer", unit="latent", dynamic_ncols=True):
         over = cfg.budget_seconds is not None and time.monotonic() - start > cfg.budget_seconds

@@ -38,7 +38,9 @@ FILLER = (
     "the a of and to in was said that with for on at from by old new big small near his her their".split()
 )
 NOUNS = list(DEFAULT_WORDS[:12])
-TINY = Budget("tiny", 3000, 0.05, 256, 8, 12_288, 256, 2048, 1e-3, 1, 0, None)
+TINY = Budget(
+    "tiny", 3000, 0.05, 256, 8, 12_288, 256, 2048, 1e-3, 1, 0, None, verify_top=1, verify_heldout_tokens=256
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +251,7 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     res = calibrate(cfg, budget=TINY)
     saved = json.loads((diff / "calibration.json").read_text())
     assert saved == res
-    assert set(res["positive"]) >= {"recovered", "cosine"} and set(res["negative"]) >= {
+    assert set(res["positive"]) >= {"recovered", "cosine", "verified"} and set(res["negative"]) >= {
         "self_false_exclusive",
         "rotated_false_exclusive",
     }
@@ -260,6 +262,8 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     for arch in ("dfc", "batchtopk"):
         pos, neg = res["by_arch"][arch]["positive"], res["by_arch"][arch]["negative"]
         assert isinstance(pos["recovered"], bool) and -1 <= pos["cosine"] <= 1
+        assert pos["pass"] == (pos["recovered"] and pos["verified"])
+        assert set(res["by_arch"][arch]["positive_random"]) >= {"recovered", "cosine", "verified"}
         best = pos["best_overall"]
         assert best["cosine"] >= pos["cosine"] and 0 <= best["top_on_words"] <= 1 and best["n_top"] > 0
         # Planted at the layer's typical norm on ~25% of tokens: some latent takes the direction.
@@ -273,13 +277,11 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
         planted_mask(base, word_pattern(NOUNS)).sum()
     )
     assert res["planted_norm"] == pytest.approx(planted_norm(base))
+    controls = ("planted", "random", "self", "rotated")
     stages = {
-        f"{v} {c}-{a}"
-        for v in ("train", "analyse")
-        for c in ("planted", "self", "rotated")
-        for a in ("dfc", "batchtopk")
+        f"{v} {c}-{a}" for v in ("train", "analyse", "verify") for c in controls for a in ("dfc", "batchtopk")
     }
-    assert set(res["seconds"]) == stages | {f"derive {c}" for c in ("planted", "self", "rotated")}
+    assert set(res["seconds"]) == stages | {f"derive {c}" for c in controls}
     assert "harvest" not in res["seconds"]  # the store was reused
     capsys.readouterr()
 
@@ -287,12 +289,12 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     shutil.copytree(diff / "calibration" / "planted-dfc", diff / "run")
     again = calibrate(cfg, budget=TINY)
     err = capsys.readouterr().err
-    assert err.count("already done") == 15 and "done in" not in err
+    assert err.count("already done") == len(stages) + 4 and "done in" not in err
     assert {k: v for k, v in again.items() if k != "seconds_this_session"} == {
         k: v for k, v in res.items() if k != "seconds_this_session"
     }
     html = (diff / "run" / "report" / "index.html").read_text()
-    assert "Calibration" in html and "rotated-diff false exclusives" in html and "Latents closest" in html
+    assert "Calibration" in html and "rotated-diff false differences" in html and "Latents closest" in html
 
     with pytest.raises(CrossdiffError, match="other settings"):
         calibrate(CalibrateConfig(out=str(diff), words=str(words), seed=1, device="cpu"), budget=TINY)

@@ -1,0 +1,122 @@
+"""Behavioural verification (crossdiff/verify.py) and the runnable sides of a diff (crossdiff/variants.py),
+on the real default pair: hooks that change nothing change nothing, the rotated copy behaves exactly
+like the model, the planted side is the derived store's model, both models score exactly the same
+characters, and the verdict rule (a self-diff can never show a difference).
+
+Legend: T positions, D width, R copies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crossdiff.derive import RANDOM_PLANT_RATE, random_direction, random_rotation, random_rows, word_pattern
+from crossdiff.variants import Plant, Side, Window
+from crossdiff.verify import VerifyConfig, summarise, targets, tokenize_pair
+
+TEXT = "The old house by the river had a red door. My mother said the dog slept in the kitchen all day."
+
+
+def _ids(lm, text=TEXT):
+    from crossdiff.align import tokenize
+
+    tok = tokenize(lm.tokenizer, text)
+    return tok, torch.as_tensor(tok.input_ids)
+
+
+def test_side_without_edits_equals_the_plain_model(models_ab):
+    lm = models_ab[0]
+    tok, ids = _ids(lm)
+    tgt = torch.arange(1, len(ids))
+    with torch.no_grad():
+        plain = lm.model(input_ids=ids[None]).logits[0].float().log_softmax(-1)
+    ref = plain[tgt - 1].gather(-1, ids[tgt, None])[:, 0]
+    out = Side(lm, 15).forward(ids, tgt, deltas_RTD=torch.zeros(3, len(ids), lm.d_model))
+    assert out.logp_RS.shape == (3, len(tgt))
+    torch.testing.assert_close(out.logp_RS, ref.expand(3, -1), atol=1e-4, rtol=0)
+    with lm.tap(15, stop=True) as cap, torch.no_grad():
+        try:
+            lm.model(input_ids=ids[None])
+        except Exception:
+            pass
+    torch.testing.assert_close(out.h_TD, cap[0][0].float())
+
+
+def test_rotated_copy_behaves_like_the_model_and_reads_h_times_r(models_ab):
+    lm = models_ab[0]
+    _, ids = _ids(lm)
+    tgt = torch.arange(1, len(ids))
+    R = random_rotation(lm.d_model, 3)
+    plain, rot = Side(lm, 10).forward(ids, tgt), Side(lm, 10, rotation_DD=R).forward(ids, tgt)
+    torch.testing.assert_close(rot.logp_RS, plain.logp_RS, atol=2e-3, rtol=0)
+    torch.testing.assert_close(rot.h_TD, plain.h_TD @ R, atol=1e-3, rtol=1e-4)
+    # An edit in the rotated coordinates is the rotated-back edit in the model's own.
+    delta = torch.randn(1, len(ids), lm.d_model)
+    a = Side(lm, 10, rotation_DD=R).forward(ids, tgt, deltas_RTD=delta)
+    b = Side(lm, 10).forward(ids, tgt, deltas_RTD=delta @ R.T)
+    torch.testing.assert_close(a.logp_RS, b.logp_RS, atol=2e-3, rtol=0)
+
+
+def test_planted_side_adds_v_on_the_word_tokens_only(models_ab):
+    lm = models_ab[0]
+    tok, ids = _ids(lm)
+    v = random_direction(lm.d_model, 0) * 50
+    plant = Plant("words", v, pattern=word_pattern(["house", "river", "dog"]))
+    mask = plant.mask(Window(TEXT, 0, 0), tok.offsets, tok.special_mask)
+    words = {TEXT[s:e].strip() for (s, e), m in zip(tok.offsets, mask) if m}
+    assert words and words <= {"house", "river", "dog", "h", "ouse", "riv", "er"}
+    tgt = torch.arange(1, len(ids))
+    plain = Side(lm, 12).forward(ids, tgt)
+    planted = Side(lm, 12, plant=plant).forward(ids, tgt, plant_T=mask)
+    diff_TD = planted.h_TD - plain.h_TD
+    torch.testing.assert_close(
+        diff_TD[torch.as_tensor(mask)], v.expand(int(mask.sum()), -1), atol=1e-3, rtol=0
+    )
+    assert float(diff_TD[torch.as_tensor(~mask)].abs().max()) == 0.0
+    assert not torch.allclose(planted.logp_RS, plain.logp_RS, atol=1e-2)  # it has behaviour
+
+
+def test_random_rows_are_a_seeded_rate_independent_of_text():
+    chunk, end = np.repeat(np.arange(200), 500), np.tile(np.arange(500), 200)
+    a, b = random_rows(chunk, end, 0), random_rows(chunk, end, 1)
+    assert abs(a.mean() - RANDOM_PLANT_RATE) < 0.002 and abs(b.mean() - RANDOM_PLANT_RATE) < 0.002
+    assert (a == random_rows(chunk, end, 0)).all() and (a & b).sum() < 0.05 * a.sum()
+
+
+def test_both_models_score_exactly_the_same_characters(models_ab):
+    sides = [Side(lm, 5) for lm in models_ab]
+    toks, al = tokenize_pair(sides, TEXT)
+    ends = al.end_char
+    for lo, hi in [(int(ends[2]), int(ends[6])), (int(ends[5]), int(ends[9]))]:
+        spans = []
+        for tok in toks:
+            t = targets(tok, lo, hi)
+            covered = "".join(TEXT[s:e] for s, e in tok.offsets[t])
+            spans.append(covered)
+            assert tok.offsets[t[0], 0] <= lo + 1 and tok.offsets[t[-1], 1] == hi
+        assert spans[0].strip() == spans[1].strip() == TEXT[lo:hi].strip()
+
+
+def _ctx(shift, randoms, gap=1.0, n=4):
+    return {"shift": shift, "random_shifts": randoms, "gap": gap, "n_tokens": n, "first_order": shift}
+
+
+def test_verdicts_from_shifts_against_the_random_null():
+    cfg = VerifyConfig(run=".")
+    rng = np.random.default_rng(0)
+    null = lambda: (rng.normal(-0.01, 0.01, cfg.n_random)).tolist()
+    assert summarise([_ctx(0.3, null()) for _ in range(8)], cfg)["verdict"] == "difference"
+    assert summarise([_ctx(-0.3, null()) for _ in range(8)], cfg)["verdict"] == "shared behaviour"
+    assert summarise([_ctx(-0.01, null()) for _ in range(8)], cfg)["verdict"] == "inert"
+    assert summarise([_ctx(0.3, null()) for _ in range(3)], cfg)["verdict"] == "too rare"
+    s = summarise([_ctx(0.3, null(), gap=0.6) for _ in range(8)], cfg)
+    assert s["gap_closed"] == pytest.approx(0.5)
+
+
+def test_self_diff_gap_zero_is_never_a_difference():
+    # A equals B: g = 0, so |g| − |g⁻| = −|Δ| ≤ 0 for the latent whatever it does.
+    cfg = VerifyConfig(run=".")
+    ctxs = [_ctx(-abs(d), [-0.5] * cfg.n_random, gap=0.0) for d in np.linspace(0, 0.02, 8)]
+    assert summarise(ctxs, cfg)["verdict"] != "difference"
