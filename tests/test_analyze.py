@@ -1,5 +1,5 @@
-"""`crossdiff analyze` on synthetic stores: verdicts on planted latents (one truly A-only, one secretly
-linear in x_B), the output schema (latents.csv, summary.json, features/*.json), restartability, and
+"""`crossdiff analyze` on synthetic stores: candidates and context probes on planted latents (one truly
+A-only, one secretly linear in x_B: both candidates, only the second detectable by B), the output schema (latents.csv, summary.json, features/*.json), restartability, and
 Latent Scaling on a self-diff.
 
 Legend: N tokens, D one model's width, F latents.
@@ -27,7 +27,6 @@ SUMMARY_KEYS = {
     "n_latents",
     "counts",
     "candidates",
-    "verified",
     "fve_a",
     "fve_b",
     "l0",
@@ -124,26 +123,29 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", ["dfc", "standard"])
-def test_planted_exclusive_verified_and_secretly_shared_candidate_rejected(tmp_path, arch):
+def test_both_planted_latents_are_candidates_and_only_the_secretly_shared_one_is_detectable(tmp_path, arch):
     store, run = _setup(tmp_path, arch)
     summary = analyze(AnalyzeConfig(run=str(run), store=str(store), batch_size=500))
     rows = _rows(run)
     verdicts = [r["verdict"] for r in rows]
-    assert verdicts[0] == "exclusive_a", rows[0]
-    assert verdicts[1] == "rejected" and rows[1]["reason"].startswith("predictable from B: R²="), rows[1]
+    # Detection by B is information, never a rejection: both stay candidates.
+    assert verdicts[:2] == ["candidate_a", "candidate_a"], rows[:2]
+    assert rows[1]["reason"].startswith("context detectable by B (AUROC"), rows[1]
+    assert rows[0]["reason"].startswith("context not linearly detectable by B"), rows[0]
     assert float(rows[1]["probe_r2"]) > 0.5 and float(rows[0]["probe_r2"]) < 0.1
     assert float(rows[0]["probe_auroc"]) < 0.7 < 0.95 < float(rows[1]["probe_auroc"])
     assert verdicts[2:6] == ["shared"] * 4 and verdicts[6:] == ["dead"] * 2
-    assert all(r["reason"] == "" for i, r in enumerate(rows) if i != 1)
+    assert all(r["reason"] == "" for r in rows[2:])
     expected_partition = ["a_exclusive"] * 2 + ["shared"] * 4 + ["b_exclusive"] * 2
     assert [r["partition"] for r in rows] == (expected_partition if arch == "dfc" else ["shared"] * 8)
     assert float(rows[0]["rel_norm"]) == pytest.approx(0.0 if arch == "dfc" else 0.05 / 1.05, abs=1e-6)
-    assert summary["candidates"] == {"a": 2, "b": 0} and summary["verified"] == {"a": 1, "b": 0}
-    assert summary["counts"] == {"exclusive_a": 1, "exclusive_b": 0, "shared": 4, "dead": 2, "rejected": 1}
+    assert summary["candidates"] == {"a": 2, "b": 0}
+    assert summary["counts"] == {"candidate_a": 2, "candidate_b": 0, "shared": 4, "dead": 2}
     # shared references are probed too, and are predictable from the other side
     assert summary["shared_reference"]["n"] == 4 and summary["shared_reference"]["median_r2"] > 0.5
     assert math.isnan(float(rows[0]["latent_scaling"]))  # different models: no Latent Scaling
-    assert float(rows[0]["score"]) > float(rows[1]["score"])  # novelty discounts the rejected one
+    # The score is the RMS write into A; detection by B does not discount it.
+    assert float(rows[0]["score"]) > 0 and float(rows[1]["score"]) > 0
 
 
 def test_end_to_end_cli_schema_features_and_restart(tmp_path):
@@ -169,7 +171,7 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == expected
     feat = json.loads((out / "features" / "0.json").read_text())
     assert set(feat) == {"latent", "partition", "verdict", "stats", "examples", "histogram", "logit_lens"}
-    assert feat["verdict"] == "exclusive_a" and set(feat["stats"]) == set(COLUMNS)
+    assert feat["verdict"] == "candidate_a" and set(feat["stats"]) == set(COLUMNS)
     assert feat["logit_lens"] is None and feat["stats"]["latent_scaling"] is None  # NaN -> null
     assert len(feat["examples"]) == 5
     values = [e["value"] for e in feat["examples"]]
@@ -180,19 +182,19 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     stamp = (out / "summary.json").stat().st_mtime_ns
     assert cli.main(argv + ["--shared-features", "2"]) == 0
     assert (out / "summary.json").stat().st_mtime_ns == stamp
-    # other verdict settings: the table is redone, the streaming pass is reused
+    # other output settings: the files are redone, the streaming pass is reused
     pass_stamp = (out / "pass.pt").stat().st_mtime_ns
-    assert cli.main(argv + ["--shared-features", "0", "--reject-auroc", "0.6"]) == 0
+    assert cli.main(argv + ["--shared-features", "0", "--context-chars", "40"]) == 0
     assert (out / "pass.pt").stat().st_mtime_ns == pass_stamp
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == {0, 1}  # stale files removed
-    assert _rows(run)[0]["verdict"] == "exclusive_a"  # its AUROC is about 0.5
+    assert _rows(run)[0]["verdict"] == "candidate_a"
     # new candidate / verdict rules (analyze.RULES_VERSION): a rerun redoes everything
     import crossdiff.analyze as analyze_mod
 
     stamp = (out / "summary.json").stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(analyze_mod, "RULES_VERSION", analyze_mod.RULES_VERSION + 1)
-        assert cli.main(argv + ["--shared-features", "0", "--reject-auroc", "0.6"]) == 0
+        assert cli.main(argv + ["--shared-features", "0", "--context-chars", "40"]) == 0
     assert (out / "pass.pt").stat().st_mtime_ns > pass_stamp
     assert (out / "summary.json").stat().st_mtime_ns > stamp
 
@@ -218,8 +220,9 @@ def test_max_tokens_and_trained_crosscoder(tmp_path):
     assert summary["candidates"]["a"] == sum(r["partition"] == "a_exclusive" for r in alive)
     for r in rows:
         assert (r["verdict"] == "dead") == (float(r["density"]) == 0)
-        if r["verdict"] in ("exclusive_a", "exclusive_b", "rejected"):
-            assert r["partition"] in ("a_exclusive", "b_exclusive")
+        if r["verdict"] in ("candidate_a", "candidate_b"):
+            assert r["partition"] in ("a_exclusive", "b_exclusive") or float(r["rel_norm"]) <= 0.1
+            assert r["partition"] != ("b_exclusive" if r["verdict"] == "candidate_a" else "a_exclusive")
     # over the whole store, held-out FVE and L0 agree with the trainer's own evaluation
     full = analyze(AnalyzeConfig(run=str(run), out=str(tmp_path / "full"), batch_size=512))
     trained = json.loads((run / "eval.json").read_text())
@@ -233,7 +236,8 @@ def test_self_diff_gets_latent_scaling(tmp_path):
     rows = _rows(run)
     # B's activation is A's: latent 0's direction is fully present in "B" (ν ≈ 1), and B predicts it.
     assert float(rows[0]["latent_scaling"]) == pytest.approx(1.0, abs=0.05)
-    assert rows[0]["verdict"] == "rejected" and float(rows[0]["probe_r2"]) > 0.9
+    assert rows[0]["verdict"] == "candidate_a" and float(rows[0]["probe_r2"]) > 0.9
+    assert rows[0]["reason"].startswith("context detectable by B")
     assert all(math.isnan(float(r["latent_scaling"])) for r in rows[6:])  # dead
 
 
@@ -245,8 +249,8 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
         analyze(AnalyzeConfig(run=str(run)))
     with pytest.raises(CrossdiffError, match="same-space needs equal widths"):
         analyze(AnalyzeConfig(run=str(run), store=str(store), same_space=True))
-    with pytest.raises(CrossdiffError, match="reject-auroc"):
-        AnalyzeConfig(run=str(run), reject_auroc=0.4)
+    with pytest.raises(CrossdiffError, match="--strong"):
+        AnalyzeConfig(run=str(run), strong=0.0)
     other = tmp_path / "other"
     write_synthetic_store(other, torch.zeros(64, D_A), torch.zeros(64, D_B + 1))
     with pytest.raises(CrossdiffError, match="does not match the store"):

@@ -7,13 +7,20 @@ Legend: N rows, D input width, C targets (probed latents).
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from crossdiff.probes import LatentScaling, ProbeEval, RidgeProbe, auroc, binned_auroc, verdict
+from crossdiff.probes import (
+    LatentScaling,
+    ProbeEval,
+    RidgeProbe,
+    auroc,
+    binned_auroc,
+    detection_note,
+    verdict,
+)
 
 
 def _data(n=700, d=9, c=3, seed=0):
@@ -68,8 +75,11 @@ def test_probe_eval_r2_and_auroc_match_direct_computation():
     r2_C, auc_C, fires_C = ev.result()
     x, y = x_ND[800:].double(), y_NC[800:].double()
     pred = x @ W_DC + b_C
-    ref_r2 = 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
-    np.testing.assert_allclose(r2_C, ref_r2.numpy(), rtol=1e-4)
+    for c in range(y.shape[1]):  # R² over the rows where the latent fires (strong_C = 0)
+        on = y[:, c] > 0
+        yc, pc = y[on, c], pred[on, c]
+        ref_r2 = 1 - ((yc - pc) ** 2).sum() / ((yc - yc.mean()) ** 2).sum()
+        assert r2_C[c] == pytest.approx(float(ref_r2), rel=1e-4)
     for c in range(y.shape[1]):
         assert abs(auc_C[c] - auroc(pred[:, c].numpy(), (y[:, c] > 0).numpy())) < 2e-3
     assert fires_C.tolist() == (y > 0).sum(0).tolist()
@@ -126,23 +136,43 @@ def test_latent_scaling_matches_lstsq_per_model():
     assert nu[1] == pytest.approx(float(beta_a[1] / beta_b[1]))
 
 
-CFG = SimpleNamespace(min_heldout_fires=10, reject_r2=0.5, reject_auroc=0.9, reject_latent_scaling=0.5)
-
-
 @pytest.mark.parametrize(
-    "args, expected, reason",
-    [
-        (("a", 0, 0, math.nan, math.nan, math.nan), "dead", ""),
-        (("", 50, 9, 0.9, 0.99, math.nan), "shared", ""),
-        (("a", 50, 9, 0.0, 0.5, math.nan), "rejected", "too rare to verify: 9 held-out firings"),
-        (("a", 50, 30, 0.71, 0.97, math.nan), "rejected", "predictable from B: R²=0.71, AUROC=0.97"),
-        (("b", 50, 30, 0.1, 0.93, math.nan), "rejected", "predictable from A: R²=0.10, AUROC=0.93"),
-        (("a", 50, 30, 0.1, 0.6, 0.8), "rejected", "latent scaling ν=0.80"),
-        (("a", 50, 30, 0.1, 0.6, 0.2), "exclusive_a", ""),
-        (("b", 50, 30, math.nan, math.nan, math.nan), "exclusive_b", ""),
-    ],
+    "args, expected",
+    [(("a", 0), "dead"), (("", 50), "shared"), (("a", 50), "candidate_a"), (("b", 3), "candidate_b")],
 )
-def test_verdict_rule(args, expected, reason):
-    got, why = verdict(*args, CFG)
-    assert got == expected
-    assert reason in why and (why == "") == (expected != "rejected")
+def test_verdict_rule(args, expected):
+    assert verdict(*args) == expected
+
+
+def test_detection_note_informs_and_never_rejects():
+    assert detection_note("a", 0.97, 0.41).startswith("context detectable by B (AUROC 0.97")
+    assert detection_note("b", 0.95, 0.2).startswith("context detectable by A")
+    assert detection_note("a", 0.7, 0.0).startswith("context not linearly detectable by B")
+    assert detection_note("", 0.99, 0.9) == "" and detection_note("a", math.nan, math.nan) == ""
+
+
+def test_auroc_and_r2_target_the_strong_firings():
+    # y fires weakly (0.05) on noise tokens and strongly (1-2) on "signal" tokens; the probe sees the
+    # signal only. Against "f > 0" its AUROC is diluted; against f >= 0.3 (strong) it is near 1.
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    signal = torch.rand(n, generator=g) < 0.05
+    noise = (torch.rand(n, generator=g) < 0.2) & ~signal
+    y = torch.where(signal, 1 + torch.rand(n, generator=g), torch.where(noise, torch.full((n,), 0.05), 0.0))
+    x = torch.stack(
+        [signal.float() * (1 + 0.1 * torch.randn(n, generator=g)), torch.randn(n, generator=g)], 1
+    )
+    W, b = torch.tensor([[1.0], [0.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    center, spread = torch.zeros(1), torch.ones(1)
+    every, strong = (
+        ProbeEval(W, b, center, spread),
+        ProbeEval(W, b, center, spread, strong_C=torch.tensor([0.3])),
+    )
+    for e in (every, strong):
+        e.update(x, y[:, None])
+    r2_s, auc_s, n_s = strong.result()
+    _, auc_all, _ = every.result()
+    assert int(n_s[0]) == int(signal.sum()) and auc_s[0] > 0.99 and auc_all[0] < 0.8
+    y_s, pred_s = y[signal].double(), x[signal, 0].double()
+    ref = 1 - ((y_s - pred_s) ** 2).sum() / ((y_s - y_s.mean()) ** 2).sum()
+    assert r2_s[0] == pytest.approx(float(ref), rel=1e-6)

@@ -34,20 +34,15 @@ EXCLUSIVE_A, EXCLUSIVE_B, SHARED_PAGE = [0, 1, 2, 3], [36, 37, 38, 39], 10
 
 def _row(i: int) -> dict:
     part = "a_exclusive" if i in EXCLUSIVE_A else "b_exclusive" if i in EXCLUSIVE_B else "shared"
-    verdict = {
-        0: "exclusive_a",
-        1: "exclusive_a",
-        2: "rejected",
-        3: "dead",
-        36: "exclusive_b",
-        37: "rejected",
-    }
+    verdict = {3: "dead"}
     rel = 0.0 if part == "a_exclusive" else 1.0 if part == "b_exclusive" else 0.3 + 0.01 * i
     return {
         "latent": i,
         "partition": part,
-        "verdict": verdict.get(i, "exclusive_b" if part == "b_exclusive" else "shared"),
-        "reason": XSS if i == 2 else "probe R2 0.81 >= 0.5" if i == 37 else "",
+        "verdict": verdict.get(
+            i, {"a_exclusive": "candidate_a", "b_exclusive": "candidate_b"}.get(part, "shared")
+        ),
+        "reason": XSS if i == 2 else "context detectable by A (AUROC 0.97)" if i == 37 else "",
         "score": NAN if i == 3 else round(5.0 - 0.1 * i, 3),
         "rel_norm": rel,
         "dec_norm_a": 1.0 - rel,
@@ -112,9 +107,8 @@ def make_run(root: Path, n_latents: int = 40, features: bool = True) -> Path:
         w.writerows(rows)
     summary = {
         "n_latents": n_latents,
-        "counts": {"exclusive_a": 2, "exclusive_b": 3, "shared": 32, "dead": 1, "rejected": 2},
-        "candidates": {"a": 4, "b": 4},
-        "verified": {"a": 2, "b": 3},
+        "counts": {"candidate_a": 3, "candidate_b": 4, "shared": 32, "dead": 1},
+        "candidates": {"a": 3, "b": 4},
         **{k: evals[k] for k in ("fve_a", "fve_b", "l0", "dead_fraction")},
         "n_tokens_analysed": 200_000,
         "thresholds": {"probe_r2": 0.5, "probe_auroc": 0.9},
@@ -135,7 +129,38 @@ def make_run(root: Path, n_latents: int = 40, features: bool = True) -> Path:
     (run / "calibration.json").write_text(
         json.dumps({"self_diff": {"verified": 0}, "planted": {"recall": 1.0}})
     )
+    write_verification(run)
     return run
+
+
+BEHAVIOUR = {0: ("a", "difference", 0.21, 6.5, 0.42), 1: ("a", "inert", 0.001, 0.4, 0.0),
+             2: ("a", "too rare", NAN, NAN, NAN), 36: ("b", "difference", 0.08, 3.4, 0.11),
+             37: ("b", "shared behaviour", -0.2, -5.0, -0.3), 38: ("b", "not verified", NAN, NAN, NAN),
+             39: ("b", "too rare", NAN, NAN, NAN)}  # fmt: skip
+
+
+def write_verification(run: Path) -> None:
+    """RUN/verification/ as `crossdiff verify` leaves it (docs/verification.md), trimmed."""
+    from crossdiff.verify import COLUMNS as VCOLS
+
+    out = run / "verification"
+    (out / "latents").mkdir(parents=True)
+    with open(out / "behaviour.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=VCOLS)
+        w.writeheader()
+        for j, (side, verdict, shift, z, closed) in BEHAVIOUR.items():
+            w.writerow({"latent": j, "side": side, "verdict": verdict, "shift": shift, "z": z, "gap_closed": closed,
+                        "n_strong": 12, "n_contexts": 8})  # fmt: skip
+    ctx = {"text_before": "the old " + XSS, "scored": " dog barked", "f": 3.0, "n_tokens": 3, "l_own": -9.0,
+           "l_other": -6.0, "l_ablated": -7.0, "shift": 0.66, "random_shifts": [0.0] * 8, "first_order": 0.5}  # fmt: skip
+    (out / "latents" / "0.json").write_text(json.dumps({"latent": 0, "contexts": [ctx]}))
+    whole = {m: {"share": 0.12, "gap_spliced": 10.0, "gap_without_candidates": 8.8} for m in "ab"}
+    counts = {m: {} for m in "ab"}
+    for side, verdict, *_ in BEHAVIOUR.values():
+        counts[side][verdict] = counts[side].get(verdict, 0) + 1
+    (out / "summary.json").write_text(
+        json.dumps({"candidates": {"a": 3, "b": 4}, "counts": counts, "whole": whole})
+    )
 
 
 def _all_html(run: Path) -> dict[str, str]:
@@ -189,10 +214,16 @@ def test_report_files_and_escaping(tmp_path):
     idx = pages["report/index.html"]
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in idx  # the hostile reason, shown as text
     assert "steer_verdict" in idx and "confirmed" in idx  # extra columns are shown
+    # The report leads with the behavioural differences, most of the gap closed first.
+    diffs = idx[idx.index("<h2>Behavioural differences (2)</h2>") : idx.index("<h3>Models</h3>")]
+    assert diffs.index('href="features/0.html"') < diffs.index('href="features/36.html"')
+    assert "⟦ dog barked⟧" in diffs and "&lt;script&gt;" in diffs and "0.12" in diffs
+    assert "shared behaviour" in idx and "not verified" in idx  # joined into the candidates table
     assert "Calibration" in idx and "self_diff" in idx and "117.7 MB" in idx
     assert 'href="features/10.html"' in idx  # the shared latent with a page is linked too
     f0, f1 = pages["report/features/0.html"], pages["report/features/1.html"]
     assert "<mark>&lt;script&gt;" in f0 and "Steering" in f0 and "delta_logprob" in f0
+    assert "Behaviour" in f0 and "ℓ own, ablated" in f0 and "difference" in f0
     assert "Steering" not in f1 and "Logit lens" in f1 and "log10(activation)" in f1
 
 
@@ -219,16 +250,16 @@ def test_rerender_replaces_report_and_leaves_no_temp(tmp_path):
 def _calibration() -> dict:
     """calibration.json as `crossdiff calibrate` writes it (docs/calibration.md), trimmed."""
 
-    def arch(recovered: bool, cosine: float, false_self: int) -> dict:
+    def arch(recovered: bool, cosine: float, verified: bool, false_self: int) -> dict:
         match = {"latent": 7, "cosine": 0.97, "top_on_words": 1.0, "partition": "a_exclusive",
-                 "verdict": "rejected", "reason": "predictable from B: R²=0.61, AUROC=0.99 " + XSS,
-                 "probe_auroc": 0.99, "probe_r2": 0.61, "density": 0.008, "rel_norm": 0.0}  # fmt: skip
-        positive = {"recovered": recovered, "cosine": cosine, "recovered_as_candidate": True,
+                 "analysis_verdict": "candidate_a", "verdict": "inert " + XSS, "shift": 0.001, "z": 0.4,
+                 "probe_auroc": 0.99, "density": 0.008, "rel_norm": 0.0}  # fmt: skip
+        positive = {"recovered": recovered, "cosine": cosine, "verified": verified,
                     "best_candidate": match, "best_overall": match}  # fmt: skip
         negative = {"self_false_exclusive": false_self, "rotated_false_exclusive": 0, "self_candidates": 12}
-        return {"positive": positive, "negative": negative}
+        return {"positive": positive, "positive_random": positive, "negative": negative}
 
-    by_arch = {"dfc": arch(False, 0.0, 0), "batchtopk": arch(True, 0.93, 3)}
+    by_arch = {"dfc": arch(True, 0.95, False, 0), "batchtopk": arch(True, 0.93, True, 3)}
     return {"positive": by_arch["dfc"]["positive"], "negative": by_arch["dfc"]["negative"], "by_arch": by_arch,
             "words": ["house", XSS], "n_planted_rows": 812, "n_planted_heldout_rows": 77, "planted_norm": 170.3,
             "criteria": {"cosine_min": 0.9, "top_on_words_min": 0.5}}  # fmt: skip
@@ -243,9 +274,9 @@ def test_calibration_section_from_the_diff_folder(tmp_path):
     section = html[html.index("<h2>Calibration</h2>") : html.index("<h2>Run details</h2>")]
     assert "812" in section and "77" in section and "170.3" in section
     rows = section.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
-    assert len(rows) == 2 and "DFC" in rows[0] and "missed" in rows[0] and "recovered" in rows[1]
-    assert ">3</td>" in rows[1]  # the standard crosscoder's self-diff false exclusives
-    assert "Latents closest to the planted direction" in section and "predictable from B" in section
+    assert len(rows) == 2 and "DFC" in rows[0] and "fail" in rows[0] and "pass" in rows[1]
+    assert ">3</td>" in rows[1]  # the standard crosscoder's self-diff false differences
+    assert "Latents closest to the planted directions" in section and "inert" in section
     assert "<script" not in section and "&lt;script&gt;" in section
     (tmp_path / "calibration.json").write_text(json.dumps({"planted": {"recall": 1.0}}))  # another shape
     html = report(ReportConfig(run=str(run))).read_text()
@@ -258,7 +289,7 @@ def test_minimal_analysis_renders(tmp_path):
         (run / p).unlink()
     shutil.rmtree(run / "steering")
     html = report(ReportConfig(run=str(run))).read_text()
-    assert "Exclusive candidates (8)" in html and "No splice-in evaluation" in html
+    assert "Exclusive candidates (7)" in html and "No splice-in evaluation" in html
 
 
 def test_large_run_index_stays_small(tmp_path):
@@ -267,7 +298,7 @@ def test_large_run_index_stays_small(tmp_path):
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for i in range(5000):
-            w.writerow({**_row(i % 40), "latent": i, "partition": "a_exclusive"})
+            w.writerow({**_row(i % 40), "latent": i, "partition": "a_exclusive", "verdict": "candidate_a"})
     html = report(ReportConfig(run=str(run))).read_text()
     assert "Exclusive candidates (5000)" in html and len(html) < 4_000_000
 

@@ -28,7 +28,7 @@ def _permuted(cc: Crosscoder, perm_a: np.ndarray) -> Crosscoder:
 
 def _cands(latents, side="a", verified=True):
     return [
-        {"latent": str(j), "side": side, "verified": verified, "verdict": f"exclusive_{side}", "score": str(1.0 / (1 + j))}
+        {"latent": str(j), "side": side, "verified": verified, "verdict": f"candidate_{side}", "score": str(1.0 / (1 + j))}
         for j in latents
     ]  # fmt: skip
 

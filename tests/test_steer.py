@@ -135,10 +135,14 @@ def test_cli_single_and_top(tmp_path, models_ab, monkeypatch, one_thread):
     feats = run / "analysis" / "features"
     feats.mkdir(parents=True)
     cols = "latent,partition,verdict,score,p99_act"
-    rows = ["0,a_exclusive,exclusive_a,2.0,4.0", "1,a_exclusive,exclusive_a,1.0,4.0"]
+    rows = ["0,a_exclusive,candidate_a,2.0,4.0", "1,a_exclusive,candidate_a,1.0,4.0"]
     rows += [f"{i},shared,shared,0.5,1.0" for i in range(2, 6)]
-    rows += ["6,b_exclusive,exclusive_b,1.0,4.0", "7,b_exclusive,rejected,3.0,4.0"]
+    rows += ["6,b_exclusive,candidate_b,1.0,4.0", "7,b_exclusive,candidate_b,3.0,4.0"]
     (run / "analysis" / "latents.csv").write_text("\n".join([cols, *rows]) + "\n")
+    # --top steers the behavioural differences (crossdiff verify), most of the gap closed first
+    (run / "verification").mkdir()
+    behaviour = ["latent,side,verdict,gap_closed", "0,a,difference,0.3", "1,a,inert,", "6,b,difference,0.2"]
+    (run / "verification" / "behaviour.csv").write_text("\n".join([*behaviour, "7,b,inert,"]) + "\n")
     ex = [{"value": 3.0, "text_before": p, "text_token": c, "text_after": ""} for p, c in PARIS]
     for i in (0, 1, 6):
         (feats / f"{i}.json").write_text(json.dumps({"latent": i, "examples": ex}))
