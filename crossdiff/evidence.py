@@ -12,8 +12,6 @@ V vocabulary, L latents in one chunk (re-ranked, or read by the logit lens), N f
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import defaultdict
 from functools import reduce
@@ -21,8 +19,6 @@ from functools import reduce
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from .fsutil import write_text_atomic
 
 
 class TopK:
@@ -286,19 +282,3 @@ def jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def write_table_csv(path, table: dict, columns) -> None:
-    """A CSV of equal-length column arrays: floats to 8 significant digits, "NaN" where missing."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for i in range(len(table[columns[0]])):
-        writer.writerow([_cell(table[c][i]) for c in columns])
-    write_text_atomic(path, buf.getvalue())
-
-
-def _cell(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "NaN" if not np.isfinite(v) else format(float(v), ".8g")
-    return str(v.item() if isinstance(v, np.generic) else v)

@@ -15,7 +15,6 @@ grow. docs/report.md has details.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -31,12 +30,13 @@ from pathlib import Path
 from .errors import CrossdiffError
 from .htmlkit import badge, data_table, esc, fmt, fmt_bytes, is_num, kv_table, render_any, visible_ws
 from .plots import bar_svg, binned_histogram_svg, histogram_svg
+from .results import VERDICTS, is_candidate, load_results
 
 ASSETS = ("report.css", "report.js")
-VERDICTS = ("exclusive_a", "exclusive_b", "shared", "dead", "rejected")
 COLUMN_HELP = {
     "latent": "Latent index; click it to open the feature's page",
-    "partition": "DFC partition, or the relative-norm class of a standard crosscoder",
+    "partition": "DFC partition (a_exclusive, b_exclusive, shared; all shared for a standard crosscoder)",
+    "side": "The model a candidate is exclusive to (a or b), by its partition or relative norm; empty otherwise",
     "verdict": "Verdict after verification: exclusive_a, exclusive_b, shared, dead or rejected",
     "reason": "Why the verdict was given",
     "score": "Ranking score (the exclusive decoder norm for a DFC)",
@@ -50,6 +50,8 @@ COLUMN_HELP = {
     "probe_r2": "R² of a linear probe predicting the latent from the other model (high: it is there too)",
     "probe_auroc": "AUROC of a probe for fires-vs-not from the other model (high: it is there too)",
     "latent_scaling": "Latent Scaling ratio (Minder et al. 2025; same-space pairs only)",
+    "steer_verdict": "Steering verdict (crossdiff steer, RUN/steering/verdicts.csv): pass, fail or skipped",
+    "steer_effect": "Steering effect size: z-score of the latent's effect against random directions",
 }
 _MAX_TEXT = 2000  # characters of context kept on each side of an example's firing token
 
@@ -97,33 +99,6 @@ def read_json(path: Path):
         raise CrossdiffError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from e
 
 
-def _parse_cell(s: str):
-    s = s.strip()
-    if not s:
-        return None
-    for conv in (int, float):  # float() also takes nan / NaN / inf
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return s
-
-
-def read_latents_csv(path: Path) -> tuple[list[str], list[dict]]:
-    if not path.is_file():
-        raise CrossdiffError(f"{path} not found; rerun crossdiff analyze on this run")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if "latent" not in columns:
-            raise CrossdiffError(f"{path} has no 'latent' column; rerun crossdiff analyze on this run")
-        rows = [{k: _parse_cell(v or "") for k, v in r.items() if k is not None} for r in reader]
-    for r in rows:  # "12.0" from a float-typed writer is still latent 12 (it names files)
-        if isinstance(r["latent"], float) and r["latent"].is_integer():
-            r["latent"] = int(r["latent"])
-    return columns, rows
-
-
 def _numbered_json(folder: Path) -> dict[int, Path]:
     """{latent: path} for the <latent>.json files of a folder (other names are ignored)."""
     if not folder.is_dir():
@@ -138,7 +113,8 @@ def load_run(run: str | Path) -> RunData:
     analysis = run / "analysis"
     if not analysis.is_dir():
         raise CrossdiffError(f"{analysis} not found; run crossdiff analyze first")
-    columns, rows = read_latents_csv(analysis / "latents.csv")
+    latents = load_results(run)  # latents.csv joined with the later stages' files (steering)
+    columns, rows = latents.columns, latents.rows
     return RunData(
         run=run,
         cfg=read_json(run / "cfg.json") or {},
@@ -150,14 +126,6 @@ def load_run(run: str | Path) -> RunData:
         stability=read_json(run / "stability.json"),
         features=_numbered_json(analysis / "features"),
         steering=_numbered_json(run / "steering"),
-    )
-
-
-def is_candidate(row: dict) -> bool:
-    """An exclusive candidate: in an exclusive partition (before verification) or verified exclusive."""
-    return row.get("partition") in ("a_exclusive", "b_exclusive") or row.get("verdict") in (
-        "exclusive_a",
-        "exclusive_b",
     )
 
 

@@ -13,7 +13,6 @@ Legend: C candidates, M latents with a row in one model, D width.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
+from .results import VERIFIED, exclusive_sides, read_latents
 
 DEFAULT_THRESHOLD = 0.7
 
@@ -33,27 +33,13 @@ def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _side_of(cc, latents: np.ndarray, threshold: float) -> np.ndarray:
-    """ "a" / "b" / "" for each latent: the analysis's candidate rule (analyze.exclusive_sides)."""
-    from .analyze import exclusive_sides
-
+    """ "a" / "b" / "" for each latent: the analysis's candidate rule (crossdiff.results)."""
     return exclusive_sides(cc, threshold)[0][latents]
 
 
 def read_candidates(run: Path) -> list[dict]:
     """Alive exclusive candidates of an analysed run (verified or rejected), best score first."""
-    path = Path(run) / "analysis" / "latents.csv"
-    if not path.is_file():
-        raise CrossdiffError(f"{path} not found; run crossdiff analyze --run {run} first")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out = []
-    for r in rows:
-        verified = r["verdict"] in ("exclusive_a", "exclusive_b")
-        if verified or (r["verdict"] == "rejected" and r["reason"] and _float(r["density"]) > 0):
-            side = r["verdict"][-1] if verified else ("a" if _float(r["rel_norm"]) < 0.5 else "b")
-            out.append({**r, "side": side, "verified": verified})
-    out.sort(key=lambda r: -_float(r["score"]))
-    return out
+    return read_latents(Path(run) / "analysis").candidates()
 
 
 def _float(s) -> float:
@@ -88,7 +74,8 @@ def seed_stability(
     alive: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict:
-    """The stability table. `others` maps seed -> crosscoder; `candidates` from read_candidates."""
+    """The stability table. `others` maps seed -> crosscoder; `candidates`: rows of the analysis's
+    candidates (crossdiff.results.LatentTable.candidates, or read_candidates)."""
     if not others:
         raise CrossdiffError("seed stability needs at least one other seed")
     features = []
@@ -116,7 +103,7 @@ def seed_stability(
                 {
                     "latent": int(c["latent"]),
                     "model": model,
-                    "verified": bool(c["verified"]),
+                    "verified": c["verdict"] in VERIFIED,
                     "verdict": c["verdict"],
                     "reason": c.get("reason", ""),
                     "score": _float(c["score"]),
