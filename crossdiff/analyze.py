@@ -72,7 +72,7 @@ class AnalyzeConfig:
     batch_size: int = in_part(1024, "pass")
     """Rows per encoder batch; memory grows with batch size × latents."""
     exclusive_threshold: float = in_part(EXCLUSIVE_THRESHOLD, "pass")
-    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (DESIGN §5; in a DFC
+    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (docs/design.md §5; in a DFC
     besides the exclusive partitions)."""
     shared_probes: int = in_part(256, "pass")
     """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
@@ -152,7 +152,7 @@ def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
     side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
     partition = partitions(cc)
     others = (side == "") & np.isfinite(rel)
-    pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # DESIGN §5's "shared" band
+    pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # the shared band of docs/design.md §5
     pool = pool if len(pool) else np.flatnonzero(others)
     rng = np.random.default_rng(cfg.seed)
     refs = np.sort(rng.choice(pool, min(cfg.shared_probes, len(pool)), replace=False))

@@ -1,5 +1,5 @@
 """`crossdiff calibrate`: positive and negative controls that make "we found X" and "we found nothing"
-trustworthy (DESIGN.md §5; docs/calibration.md).
+trustworthy (docs/design.md §5; docs/calibration.md).
 
     positive   plant a known concept in model A (derive.py: a fixed random direction at the layer's
                typical norm, added on the tokens of a word list), run train + analyse on the planted

@@ -9,8 +9,7 @@ Settings: every field changes a command's results unless its definition says oth
 `where(...)` (where or how it runs: folders, device, logging; left out of the settings) or `added(...)`
 (added after folders were first written: left out at its default, so those folders stay valid).
 `settings(cfg)` is what a rerun compares and `fingerprint` hashes it; a folder made elsewhere, moved or
-named by another spelling of its path therefore has the same settings (docs/design.md, "Settings and
-resumption").
+named by another spelling of its path therefore has the same settings (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -174,7 +173,11 @@ def fingerprint(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def changed_settings(old: dict, new: dict) -> str:
-    """ "name: old -> new" for every setting that differs ("" when none)."""
+def changed_settings(saved: dict, cfg) -> str:
+    """ "name: saved -> now" for every setting in which `cfg` differs from a saved config of its class
+    ("" when none), the saved values read as `settings_of` reads them."""
+    cls = type(cfg)
+    old, new = settings_of(cls, saved), settings(cfg)
+    old_values, new_values = {**_defaults(cls), **saved}, dataclasses.asdict(cfg)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return ", ".join(f"{k}: {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in keys)

@@ -255,7 +255,7 @@ def logit_lenses(cc, lms, by_model: dict[str, list[int]]) -> dict[int, dict]:
     for key, lm, scale in (("a", lms[0], cc.cfg.scale_a), ("b", lms[1], cc.cfg.scale_b)):
         ids = [int(j) for j in by_model.get(key, [])]
         if ids:
-            dirs_raw = decoder_rows(cc, ids, key) / scale  # raw units: d / scale (DESIGN §4)
+            dirs_raw = decoder_rows(cc, ids, key) / scale  # raw units: d / scale (docs/design.md §4)
             for j, lens in zip(ids, logit_lens(lm, dirs_raw)):
                 out[j] = {"model": key, **lens}
     return out

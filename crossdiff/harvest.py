@@ -455,7 +455,7 @@ def _meta(root: Path, cfg: HarvestConfig, lms, layers, world: int) -> dict:
     models = {}
     for key, lm, layer in zip("ab", lms, layers):
         sumsq = sum(s[f"sumsq_{key}"] for s in shards)
-        # One scalar per model so that E||x||^2 = d_model after scaling (DESIGN.md §4).
+        # One scalar per model so that E||x||^2 = d_model after scaling (docs/design.md §4).
         scale = float(np.sqrt(lm.d_model * n / sumsq)) if sumsq > 0 else 1.0
         models[key] = {
             "id": lm.id,

@@ -1,4 +1,4 @@
-"""Verification signals for exclusive candidates (DESIGN.md §5): streaming ridge probes, AUROC and
+"""Verification signals for exclusive candidates (docs/design.md §5): streaming ridge probes, AUROC and
 Latent Scaling.
 
 A candidate A-exclusive latent i is a false positive if B's activations carry it anyway. The direct

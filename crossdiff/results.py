@@ -9,7 +9,7 @@ analysis results goes through `read_latents` / `load_results`; nothing rewrites 
                                  steer_effect
 
 A latent's *side* ("a" / "b", or "" for none) says which model it is an exclusive candidate of; the rule
-(`candidate_sides`) is the one in docs/design.md, "Candidates", and it is written into latents.csv so
+(`candidate_sides`) is the one in docs/design.md §5, and it is written into latents.csv so
 that no reader has to restate it. Files written before the column existed get it from the same rule,
 applied to their partition and relative-norm columns with the analysis's threshold (summary.json).
 
@@ -48,7 +48,7 @@ LATENTS_CSV = "latents.csv"
 
 def candidate_sides(partition_F, rel_norm_F, threshold: float) -> np.ndarray:
     """(F,) "a" / "b" for an exclusive candidate, else "": relative norm <= t (A) or >= 1 - t (B), and
-    every member of a DFC's exclusive partitions (docs/design.md, "Candidates")."""
+    every member of a DFC's exclusive partitions (docs/design.md §5)."""
     rel = np.asarray(rel_norm_F, dtype=float)
     part = np.asarray(partition_F, dtype=object)
     side = np.full(len(rel), "", dtype="<U1")

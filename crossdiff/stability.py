@@ -1,4 +1,4 @@
-"""Seed stability (DESIGN §5): does an exclusive feature come back when the crosscoder is retrained?
+"""Seed stability (docs/design.md §5): does an exclusive feature come back when the crosscoder is retrained?
 
 `seed_stability(reference, others)` matches every exclusive candidate of the reference run (the
 analysed one) against each other seed's dictionary by decoder cosine *within the candidate's own

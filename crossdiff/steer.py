@@ -1,4 +1,4 @@
-"""Steering to verify (DESIGN §6): push a latent's decoder direction into a real model and measure.
+"""Steering to verify (docs/design.md §6): push a latent's decoder direction into a real model and measure.
 
 `steer(SteerConfig(run=RUN, latent=I))` / `crossdiff steer --run RUN --latent I` writes
 RUN/steering/<I>.json; `--top N` verifies the top N exclusive candidates of each model. Every steered

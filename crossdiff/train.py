@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .config import added, changed_settings, config_to_dict, settings, settings_of, where
+from .config import added, changed_settings, config_to_dict, where
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .errors import CrossdiffError
@@ -483,7 +483,7 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     mine = config_to_dict(cfg)
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text())
-        detail = changed_settings(settings_of(TrainConfig, saved), settings(cfg))
+        detail = changed_settings(saved, cfg)
         if detail:
             raise CrossdiffError(
                 f"{run} holds a run with other settings ({detail}); use another --out or the same options"

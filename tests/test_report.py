@@ -274,7 +274,7 @@ def test_large_run_index_stays_small(tmp_path):
 
 
 def test_candidates_are_the_analysis_candidates_including_rejected_norm_rule_ones(tmp_path):
-    """A shared-partition latent with relative norm <= 0.1 is an A candidate (docs/design.md); the analysis
+    """A shared-partition latent with relative norm <= 0.1 is an A candidate (docs/design.md §5); the analysis
     rejected it, and the report lists it among the candidates all the same, with its side."""
     run = make_run(tmp_path, features=False)
     rows = [_row(i) for i in range(40)]
