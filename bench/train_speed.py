@@ -9,7 +9,7 @@ counters, threshold EMA) on the same planted-feature batches, alternating rounds
 load hits both alike. Prints a table; the last line is `speedup=X.XX` (sparse / dense tokens/s).
 
 `--write-store DIR --tokens N` instead writes a synthetic store of planted features (shared,
-A-only and B-only directions, as in DESIGN §5's planted controls) for quality runs of `crossdiff train`.
+A-only and B-only directions, as in docs/design.md §5's planted controls) for quality runs of `crossdiff train`.
 
 Legend: N tokens, F planted features, D one model's width.
 """
@@ -79,7 +79,7 @@ def write_store(path: str, n_tokens: int, d_a: int, d_b: int, seed: int) -> None
     from crossdiff.store import write_synthetic_store
 
     x_a, x_b = planted_pairs(n_tokens, d_a, d_b, seed=seed)
-    scale_a = (d_a / x_a.pow(2).sum(1).mean()).sqrt().item()  # E||x·s||² = d (DESIGN §4)
+    scale_a = (d_a / x_a.pow(2).sum(1).mean()).sqrt().item()  # E||x·s||² = d (docs/design.md §4)
     scale_b = (d_b / x_b.pow(2).sum(1).mean()).sqrt().item()
     write_synthetic_store(path, x_a, x_b, scale_a=scale_a, scale_b=scale_b, shard_tokens=32768)
     print(f"wrote {n_tokens} tokens to {path} (scale_a={scale_a:.4g}, scale_b={scale_b:.4g})")

@@ -1,4 +1,4 @@
-"""Align two tokenizations of the same text by character end offsets (DESIGN.md §3), and split
+"""Align two tokenizations of the same text by character end offsets (docs/design.md §3), and split
 documents into chunks that fit both models' contexts.
 
 Position i of A and position j of B are aligned when both tokens end at the same character: both

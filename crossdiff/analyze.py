@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import config_to_dict
+from .config import config_to_dict, fingerprint, in_part, settings, where
 from .errors import CrossdiffError
 from .evidence import (
     Histogram,
@@ -41,76 +41,65 @@ from .evidence import (
     logit_lenses,
     render_examples,
     store_tokenizers,
-    write_table_csv,
 )
 from .fsutil import write_json_atomic, write_with_atomic
 from .probes import LatentScaling, ProbeEval, RidgeProbe, detection_note, verdict
+from .results import COLUMNS, EXCLUSIVE_THRESHOLD, VERDICTS, exclusive_sides, partitions, write_latents
 from .splice import heldout_texts, splice_eval, store_offsets
 
-COLUMNS = (
-    "latent,partition,verdict,reason,score,rel_norm,dec_norm_a,dec_norm_b,density,mean_act,"
-    "max_act,p99_act,probe_r2,probe_auroc,latent_scaling"
-).split(",")
-VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
 THRESHOLDS = "exclusive_threshold strong ridge".split()
 # Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
 # change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
 # 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
 RULES_VERSION = 3
-# Settings that change neither the passes' results nor the files (where and how to compute).
-_NOT_SETTINGS = {"run", "store", "out", "device"}
-_PASS_FIELDS = (
-    "max_tokens batch_size top_k exclusive_threshold shared_probes ridge same_space hist_bins hist_min "
-    "hist_max seed strong"
-).split()
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """What to analyse and how strictly to verify exclusive candidates (docs/analysis.md)."""
 
-    run: str
+    run: str = where()
     """Training run folder (or checkpoint directory) holding crosscoder.safetensors and cfg.json."""
-    store: str | None = None
+    store: str | None = where(None)
     """Paired-activation store to analyse (default: the store the run was trained on)."""
-    out: str | None = None
+    out: str | None = where(None)
     """Output folder (default: RUN/analysis). A rerun with the same settings skips finished work."""
-    device: str = "auto"
+    device: str = where("auto")
     """cpu, cuda, cuda:N or auto (cuda when available)."""
-    top_k: int = 20
+    top_k: int = in_part(20, "pass")
     """Top-activating examples kept per latent."""
-    max_tokens: int | None = None
+    max_tokens: int | None = in_part(None, "pass")
     """Analyse only the first N rows of the store (default: all)."""
-    batch_size: int = 1024
+    batch_size: int = in_part(1024, "pass")
     """Rows per encoder batch; memory grows with batch size × latents."""
-    exclusive_threshold: float = 0.1
-    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (DESIGN §5; in a DFC
+    exclusive_threshold: float = in_part(EXCLUSIVE_THRESHOLD, "pass")
+    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (docs/design.md §5; in a DFC
     besides the exclusive partitions)."""
-    shared_probes: int = 256
+    shared_probes: int = in_part(256, "pass")
     """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
-    ridge: float = 1e-3
+    ridge: float = in_part(1e-3, "pass")
     """Ridge penalty of the probes, relative to the input's mean variance."""
-    strong: float = 0.3
+    strong: float = in_part(0.3, "pass")
     """The probes' target: a candidate's strong firings, f >= strong × its p99 activation (docs/verification.md)."""
-    same_space: bool | None = None
+    same_space: bool | None = in_part(None, "pass")
     """A and B share one activation space (self-diff, base/finetune): compute Latent Scaling. Default: same model id and width."""
-    load_models: bool | None = None
+    load_models: bool | None = in_part(None, "splice")
     """Load both models for the logit lens and the splice-in evaluation. Default: yes unless the store is synthetic."""
-    splice_tokens: int = 4096
+    splice_tokens: int = in_part(4096, "splice")
     """Held-out aligned tokens for the splice-in evaluation (0 skips it)."""
     shared_features: int = 50
     """Also write evidence files for this many shared latents, best score first."""
-    hist_bins: int = 64
+    hist_bins: int = in_part(64, "pass")
     """Log-spaced activation histogram bins per latent."""
-    hist_min: float = 1e-3
+    hist_min: float = in_part(1e-3, "pass")
     """Lower edge of the histogram (normalised units); smaller activations count in the first bin."""
-    hist_max: float = 1e3
+    hist_max: float = in_part(1e3, "pass")
     """Upper edge of the histogram; larger activations count in the last bin."""
     context_chars: int = 160
     """Characters of text shown on each side of an example's token."""
     context_tokens: int = 8
     """Tokens shown on each side of an example's token, in each model's tokenisation."""
-    seed: int = 0
+    seed: int = in_part(0, "pass")
     """Seed of the random sample of shared reference latents."""
 
     def __post_init__(self):
@@ -149,33 +138,11 @@ class Plan:
     same_space: bool
 
 
-def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(side, relative norm, ||d_A||, ||d_B||) per latent; side is "a" / "b" for an exclusive candidate,
-    else "". Candidates: a latent with relative norm <= t (A) or >= 1 - t (B) (DESIGN §5), and in a
-    DFC also every member of an exclusive partition. The norm rule applies to a DFC's shared
-    latents too: a concept only A has can be learned by a shared latent whose B row stays near its
-    initialisation (docs/calibration.md)."""
-    part, n_f = cc.partition, cc.cfg.n_latents
-    norm_a, norm_b = (t.detach().double().cpu().numpy() for t in cc.decoder_norms())
-    total = norm_a + norm_b
-    rel = np.where(total > 0, norm_b / np.where(total > 0, total, 1.0), np.nan)
-    side = np.full(n_f, "", dtype="<U1")
-    side[rel <= threshold] = "a"
-    side[rel >= 1 - threshold] = "b"
-    if part.is_dfc:  # membership makes a candidate
-        side[part.a_exclusive.start : part.a_exclusive.stop] = "a"
-        side[part.b_exclusive.start : part.b_exclusive.stop] = "b"
-    return side, rel, norm_a, norm_b
-
-
 def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
-    part, n_f = cc.partition, cc.cfg.n_latents
     side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
-    partition = np.full(n_f, "shared", dtype=object)
-    partition[part.a_exclusive.start : part.a_exclusive.stop] = "a_exclusive"
-    partition[part.b_exclusive.start : part.b_exclusive.stop] = "b_exclusive"
+    partition = partitions(cc)
     others = (side == "") & np.isfinite(rel)
-    pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # DESIGN §5's "shared" band
+    pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # the shared band of docs/design.md §5
     pool = pool if len(pool) else np.flatnonzero(others)
     rng = np.random.default_rng(cfg.seed)
     refs = np.sort(rng.choice(pool, min(cfg.shared_probes, len(pool)), replace=False))
@@ -384,6 +351,7 @@ def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndar
     return {
         "latent": np.arange(len(plan.side)),
         "partition": plan.partition,
+        "side": plan.side,
         "verdict": np.array(verdicts, dtype=object),
         "reason": np.array(notes, dtype=object),
         "score": np.where(fired, score, 0.0),
@@ -482,28 +450,31 @@ def _median(x: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- orchestration
 
 
-def _fingerprint(cfg: AnalyzeConfig, run: Path, store, fields=None) -> str:
-    """Hash of the settings in `fields` (default: all that matter), the checkpoint and the store."""
-    settings = {
-        k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS and (fields is None or k in fields)
-    }
+def _fingerprints(cfg: AnalyzeConfig, run: Path, store, part: str | None = None) -> tuple[str, str]:
+    """(fingerprint, the same as crossdiff <= 0.1 wrote it) of the settings (those of `part`, or all),
+    the checkpoint and the store. The old form (a sha1) is still accepted: no reanalysis on upgrade."""
     weights = run / "crosscoder.safetensors"
     stat = weights.stat()
-    blob = json.dumps(
-        [settings, (run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, store.meta, RULES_VERSION],
-        sort_keys=True,
-    )
-    return hashlib.sha1(blob.encode()).hexdigest()
+    inputs = [
+        settings(cfg, part),
+        (run / "cfg.json").read_text(),
+        stat.st_size,
+        stat.st_mtime_ns,
+        store.meta,
+        RULES_VERSION,
+    ]
+    legacy = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return fingerprint(inputs), legacy
 
 
-def _cached(path: Path, fingerprint: str, compute, save, load):
-    """Reuse a stage's result saved at `path` with the same fingerprint; else compute and save it."""
+def _cached(path: Path, fingerprints: tuple[str, ...], compute, save, load):
+    """Reuse a stage's result saved at `path` with one of these fingerprints; else compute and save it."""
     if path.is_file():
         saved = load(path)
-        if saved.get("fingerprint") == fingerprint:
+        if saved.get("fingerprint") in fingerprints:
             return saved["result"]
     result = compute()
-    save(path, {"fingerprint": fingerprint, "result": result})
+    save(path, {"fingerprint": fingerprints[0], "result": result})
     return result
 
 
@@ -549,8 +520,8 @@ def _splice(cc, store, lms, reason: str, cfg: AnalyzeConfig) -> dict:
         return {"skipped": reason}
     if cfg.splice_tokens == 0:
         return {"skipped": "--splice-tokens 0"}
-    settings = store.root / "settings.json"
-    factor = json.loads(settings.read_text()).get("outlier_factor", 10.0) if settings.is_file() else 10.0
+    saved = store.root / "settings.json"
+    factor = json.loads(saved.read_text()).get("outlier_factor", 10.0) if saved.is_file() else 10.0
     layers = (store.model_a["layer"], store.model_b["layer"])
     texts = heldout_texts(store, cfg.splice_tokens)
     return splice_eval(cc, lms, layers, texts, max_tokens=cfg.splice_tokens, outlier_factor=factor)
@@ -580,8 +551,8 @@ def analyze(cfg: AnalyzeConfig) -> dict:
 
     run, cc, store = _open_inputs(cfg)
     out = Path(cfg.out) if cfg.out else run / "analysis"
-    fingerprint = _fingerprint(cfg, run, store)
-    done = _load_json(out / "settings.json").get("fingerprint") == fingerprint
+    fingerprints = _fingerprints(cfg, run, store)
+    done = _load_json(out / "settings.json").get("fingerprint") in fingerprints
     if done and (out / "summary.json").is_file():
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
@@ -594,7 +565,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     plan = make_plan(cc, store, cfg)
     res = _cached(
         out / "pass.pt",
-        _fingerprint(cfg, run, store, _PASS_FIELDS),
+        _fingerprints(cfg, run, store, "pass"),
         lambda: run_passes(cc, store, plan, cfg, device),
         _save_pt,
         _load_pt,
@@ -603,7 +574,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     lms, reason = _models_or_reason(store, cfg, device)
     splice = _cached(
         out / "splice.json",
-        _fingerprint(cfg, run, store, ("splice_tokens", "load_models")),
+        _fingerprints(cfg, run, store, "splice"),
         lambda: jsonable(_splice(cc, store, lms, reason, cfg)),
         write_json_atomic,
         _load_json,
@@ -611,9 +582,10 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     write_features(
         out, feature_latents(table, plan, cfg.shared_features), table, plan, res, store, cc, lms, cfg
     )
-    write_table_csv(out / "latents.csv", table, COLUMNS)
+    write_latents(out, table)
     summary = jsonable(summary_json(table, plan, res, splice, cc, store, cfg))
-    write_json_atomic(out / "settings.json", {"fingerprint": fingerprint, "settings": jsonable(asdict(cfg))})
+    record = {"fingerprint": fingerprints[0], "settings": jsonable(asdict(cfg))}
+    write_json_atomic(out / "settings.json", record)
     write_json_atomic(out / "summary.json", summary)
     counts = summary["counts"]
     print(

@@ -26,7 +26,6 @@ and regenerates DIR/run/report when DIR/run has been analysed, so the report sho
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -41,9 +40,11 @@ import numpy as np
 import torch
 
 from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
+from .config import settings, where
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
+from .results import read_latents
 from .stages import Stage, StageLog, run_stages
 
 ARCHS = ("dfc", "batchtopk")
@@ -68,7 +69,7 @@ DEFAULT_WORDS = tuple(
 class CalibrateConfig:
     """Which diff folder to calibrate, which concept to plant, how much compute (docs/calibration.md)."""
 
-    out: str
+    out: str = where()
     """Diff folder DIR (as for crossdiff diff): reuses DIR/store when complete, else harvests it there; writes DIR/calibration/ and DIR/calibration.json."""
     words: str | None = None
     """File of words to plant the concept on, one per line (# starts a comment). Default: 40 common concrete nouns."""
@@ -84,9 +85,9 @@ class CalibrateConfig:
     """Seed of the planted direction, the rotation and the training runs."""
     dec_init_norm: float | None = None
     """Decoder-row norm at initialisation for the six trainings (default: the trainer's, 0.1)."""
-    device: str = "auto"
+    device: str = where("auto")
     """cpu, cuda, cuda:N or auto (cuda when available)."""
-    overwrite: bool = False
+    overwrite: bool = where(False)
     """Replace a calibration in DIR made with other settings (words, seed, budget or base store)."""
 
 
@@ -142,34 +143,28 @@ def base_store(cfg: CalibrateConfig, b: Budget):
     return harvest(hcfg), True
 
 
-# Config fields that change where or how a stage runs, not its result (train resumes across them).
-_NOT_SETTINGS = {"store", "out", "run", "device", "logger", "log_every", "checkpoint_every", "splice_tokens"}
-# Result-changing fields added after calibrations were first written, with their defaults.
-_ADDED_LATER = {"dec_init_norm": 0.1}
-
-
 def calibration_settings(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...]) -> dict:
     """What the results depend on: words, seed, the base store, and the train / analyse settings the
     budget gives (not the budget itself: its steering or seed-count fields do not matter here).
-    Fields added later are left out at their defaults, so older calibrations stay valid."""
-    from .config import config_to_dict
-
-    def strip(c) -> dict:
-        d = config_to_dict(c)
-        return {k: v for k, v in d.items() if k not in _NOT_SETTINGS and _ADDED_LATER.get(k, ...) != v}
-
+    Fields added later are left out at their defaults (crossdiff.config.added), so older calibrations
+    stay valid."""
+    tcfg = train_config(b, ".", ".", arch="dfc", seed=cfg.seed, dec_init_norm=cfg.dec_init_norm)
+    analyze = settings(analyze_config(b, ".", ".", load_models=False))
+    del analyze["splice_tokens"]  # the analyses here load no models, so nothing is spliced in
     return {
         "words": sorted(words),
         "seed": cfg.seed,
         "base_meta_sha1": hashlib.sha1(json.dumps(store.meta, sort_keys=True).encode()).hexdigest(),
-        "train": strip(train_config(b, ".", ".", arch="dfc", seed=cfg.seed, dec_init_norm=cfg.dec_init_norm)),
-        "analyze": strip(analyze_config(b, ".", ".", load_models=False)),
+        "train": settings(tcfg),
+        "analyze": analyze,
     }
 
 
 def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     path = folder / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) != settings:
+    if path.is_file() and json.loads(path.read_text()) == settings:
+        return
+    if path.is_file():
         if not overwrite:
             raise CrossdiffError(
                 f"{folder} holds a calibration made with other settings (words, seed, budget or base "
@@ -227,32 +222,14 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"verify {control}-{arch}",
                     lambda v=vcfg: verify(v) and None,
-                    {"rules": RULES_VERSION, **_verify_settings(vcfg)},
+                    {"rules": RULES_VERSION, **settings(vcfg)},
                     done=lambda r=run: (r / "verification" / "summary.json").is_file(),
                 )
             )
     return stages
 
 
-def _verify_settings(vcfg) -> dict:
-    from dataclasses import asdict
-
-    return {k: v for k, v in asdict(vcfg).items() if k not in ("run", "store", "device")}
-
-
 # ----------------------------------------------------------------------------- scoring
-
-
-def read_latents(run: Path) -> list[dict]:
-    with open(run / "analysis" / "latents.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _num(s) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def top_rows(run: Path, latent: int) -> list[int]:
@@ -283,25 +260,21 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
     rows = top_rows(run, j)
     on = float(np.mean(planted_N[rows])) if rows else 0.0
     info = {"latent": j, "cosine": float(cos_F[j]), "top_on_words": on, "n_top": len(rows)}
-    info.update({k: r.get(k) for k in ("partition", "verdict", "reason")})
+    info.update({k: r[k] for k in ("partition", "verdict", "reason")})
     for k in ("probe_auroc", "probe_r2", "latent_scaling", "density", "rel_norm", "dec_norm_a", "dec_norm_b"):
-        v = _num(r.get(k))
-        info[k] = v if math.isfinite(v) else None
+        info[k] = r[k] if math.isfinite(r[k]) else None
     return info
 
 
 def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -> dict:
     """Discovery of the planted direction by an A-exclusive candidate, and its behavioural verdict."""
-    from .analyze import exclusive_sides
-    from .crosscoder import Crosscoder
     from .verify import read_behaviour
 
-    table = read_latents(run)
-    summary = json.loads((run / "analysis" / "summary.json").read_text())
-    a_threshold = summary["thresholds"]["exclusive_threshold"]
+    latents = read_latents(run / "analysis")
+    table = latents.rows
     cos_F = decoder_cosines(run, direction)
-    verdict = np.array([r["verdict"] for r in table])
-    a_side = exclusive_sides(Crosscoder.from_pretrained(run), a_threshold)[0] == "a"
+    verdict = latents.column("verdict")
+    a_side = latents.column("side") == "a"  # the analysis's A candidates
     behaviour = read_behaviour(run)
 
     def best(mask: np.ndarray) -> dict | None:

@@ -4,6 +4,12 @@ A config is a frozen dataclass; the string literal under each field documents it
 `add_config_arguments` turns one into argparse options (`batch_size` -> `--batch-size`) and
 `config_from_args` builds it back, so the CLI and the Python API share one definition and one
 validation (`__post_init__` raising `CrossdiffError`).
+
+Settings: every field changes a command's results unless its definition says otherwise, with
+`where(...)` (where or how it runs: folders, device, logging; left out of the settings) or `added(...)`
+(added after folders were first written: left out at its default, so those folders stay valid).
+`settings(cfg)` is what a rerun compares and `fingerprint` hashes it; a folder made elsewhere, moved or
+named by another spelling of its path therefore has the same settings (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import inspect
+import json
 import textwrap
 import types
 import typing
@@ -105,3 +113,71 @@ def config_from_args(cls: type, args: argparse.Namespace):
 
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def where(default=dataclasses.MISSING, **metadata):
+    """A field that says where or how a command runs (a folder, the device, logging), not what it
+    computes: not part of the settings, so a rerun may change it."""
+    return dataclasses.field(default=default, metadata={"setting": False, **metadata})
+
+
+def added(default, **metadata):
+    """A result-changing field added after folders were first written: left out of the settings at its
+    default, so that a folder written before the field existed keeps matching."""
+    return dataclasses.field(default=default, metadata={"added": True, **metadata})
+
+
+def in_part(default, *parts: str):
+    """A setting that a cached part of a command's work depends on (`settings(cfg, part)`)."""
+    return dataclasses.field(default=default, metadata={"parts": parts})
+
+
+def _defaults(cls) -> dict:
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def settings_of(cls, values: dict, part: str | None = None) -> dict:
+    """The settings of a config of class `cls` given as a dict (e.g. a saved one, of any crossdiff
+    version): fields missing there take their defaults; keys that are not fields are dropped."""
+    values = {**_defaults(cls), **values}
+    out = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("setting", True) is False or f.name not in values:
+            continue
+        if part is not None and part not in meta.get("parts", ()):
+            continue
+        v = values[f.name]
+        if meta.get("added") and v == f.default:
+            continue
+        out[f.name] = list(v) if isinstance(v, tuple) else v  # as JSON reads it back
+    return out
+
+
+def settings(cfg, part: str | None = None) -> dict:
+    """What a config's results depend on: every field but the `where` ones (and `added` ones at their
+    default); with `part`, only the fields marked as mattering to that part of the work."""
+    return settings_of(type(cfg), dataclasses.asdict(cfg), part)
+
+
+def fingerprint(value) -> str:
+    """16 hex digits of sha256 over the value's canonical JSON: what skip-if-done records compare."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_settings(saved: dict, cfg) -> str:
+    """ "name: saved -> now" for every setting in which `cfg` differs from a saved config of its class
+    ("" when none), the saved values read as `settings_of` reads them."""
+    cls = type(cfg)
+    old, new = settings_of(cls, saved), settings(cfg)
+    old_values, new_values = {**_defaults(cls), **saved}, dataclasses.asdict(cfg)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in keys)

@@ -3,20 +3,20 @@
     f_pre = W_enc_A (x_A - b_dec_A) + W_enc_B (x_B - b_dec_B) + b_enc        f = sparsify(ReLU(f_pre))
     x̂_m  = W_dec_m f + b_dec_m
 
-DESIGN §2 writes f_pre = W_enc_A x_A + W_enc_B x_B + b_enc; the two are the same family (b_enc
-absorbs W_enc b_dec) but not the same optimisation problem. Without centring, the data mean
+The crosscoder papers write f_pre = W_enc_A x_A + W_enc_B x_B + b_enc; the two are the same family
+(b_enc absorbs W_enc b_dec) but not the same optimisation problem. Without centring, the data mean
 (half the energy of real residual streams) adds the same W_enc·μ to every token, BatchTopK keeps
 picking the same few latents for all tokens and the rest die (we measured 99% dead latents after
 160 steps on the synthetic benchmark). Centring on b_dec is what OpenAI's TopK SAE (Gao et al. 2024)
 and dictionary_learning's BatchTopK do.
 
 Units: `encode`, `decode` and `forward` take and return **normalised** activations
-(normalised = raw × scale, scale chosen so that E||x_m||² = d_m, DESIGN §4). Use `normalise` /
+(normalised = raw × scale, scale chosen so that E||x_m||² = d_m, docs/design.md §4). Use `normalise` /
 `denormalise` to convert; the scales travel in the checkpoint's cfg.json.
 
 Layout (as in sparsify): one set of plain parameters per model, one row per latent for both the
 encoder and the decoder: W_enc_a, W_dec_a are (M_a, d_a); W_enc_b, W_dec_b are (M_b, d_b). Row j of
-W_dec_a is latent j's decoder vector for A (DESIGN's column W_dec_A[:, j]); rows make the sparse
+W_dec_a is latent j's decoder vector for A (the column W_dec_A[:, j] of the usual matrix notation); rows make the sparse
 kernels' gathers contiguous. The DFC partition lays latents out as [A-exclusive | shared |
 B-exclusive]: A owns rows for latents [0, F - Eb), B for [Ea, F), so the weights an exclusive latent
 must not have (A-exclusive in W_enc_b/W_dec_b, and the mirror) do not exist. A standard crosscoder

@@ -17,7 +17,7 @@ store kept; adding v there equals a forward hook adding v to A's block output on
 Layout and guarantees are a store's (crossdiff/store.py): each shard is written atomically, its .json
 last; meta.json is written last; a rerun skips finished shards and finished stores. A column copied
 from the base keeps the base's sum of squares (so that model's scale is unchanged); a new column's sum
-is computed in float64 from the values stored, and its scale follows (E||x||² = d, DESIGN.md §4).
+is computed in float64 from the values stored, and its scale follows (E||x||² = d, docs/design.md §4).
 
 Legend: N rows of one shard, D model A's width.
 """

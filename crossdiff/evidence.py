@@ -12,8 +12,6 @@ V vocabulary, L latents in one chunk (re-ranked, or read by the logit lens), N f
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import defaultdict
 from functools import reduce
@@ -21,8 +19,6 @@ from functools import reduce
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from .fsutil import write_text_atomic
 
 
 class TopK:
@@ -259,7 +255,7 @@ def logit_lenses(cc, lms, by_model: dict[str, list[int]]) -> dict[int, dict]:
     for key, lm, scale in (("a", lms[0], cc.cfg.scale_a), ("b", lms[1], cc.cfg.scale_b)):
         ids = [int(j) for j in by_model.get(key, [])]
         if ids:
-            dirs_raw = decoder_rows(cc, ids, key) / scale  # raw units: d / scale (DESIGN §4)
+            dirs_raw = decoder_rows(cc, ids, key) / scale  # raw units: d / scale (docs/design.md §4)
             for j, lens in zip(ids, logit_lens(lm, dirs_raw)):
                 out[j] = {"model": key, **lens}
     return out
@@ -286,19 +282,3 @@ def jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def write_table_csv(path, table: dict, columns) -> None:
-    """A CSV of equal-length column arrays: floats to 8 significant digits, "NaN" where missing."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for i in range(len(table[columns[0]])):
-        writer.writerow([_cell(table[c][i]) for c in columns])
-    write_text_atomic(path, buf.getvalue())
-
-
-def _cell(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "NaN" if not np.isfinite(v) else format(float(v), ".8g")
-    return str(v.item() if isinstance(v, np.generic) else v)

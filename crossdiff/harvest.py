@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import harvest_ranks
+from .config import settings, settings_of, where
 from .errors import CrossdiffError
 from .fsutil import explain_os_error, write_json_atomic
 from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
@@ -44,7 +45,7 @@ STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class HarvestConfig:
-    out: str
+    out: str = where()
     """Directory of the activation store to write (created; resumed if a harvest there was interrupted)."""
     model_a: str = DEFAULT_MODEL_A
     """Model A: a short name (smollm2-135m, gemma3-270m), a Hugging Face hub id, a local directory or a .gguf file."""
@@ -74,9 +75,9 @@ class HarvestConfig:
     """Drop a pair when either model's activation norm exceeds this multiple of the batch median (massive activations)."""
     heldout_frac: float = HELDOUT_FRAC
     """Share of chunks held out for evaluation and verification probes, chosen by a fixed hash of the chunk id."""
-    device: str = "auto"
+    device: str = where("auto")
     """Where the models run: auto (cuda when available), cpu, cuda, cuda:1 ..."""
-    overwrite: bool = False
+    overwrite: bool = where(False)
     """Replace an existing store made with other settings."""
 
     def __post_init__(self):
@@ -99,13 +100,6 @@ class HarvestConfig:
         for ok, message in checks:
             if not ok:
                 raise CrossdiffError(message)
-
-    def settings(self) -> dict:
-        """The fields that determine the store's bytes (device and overwrite do not)."""
-        d = asdict(self)
-        for k in ("out", "device", "overwrite"):
-            d.pop(k)
-        return d
 
 
 def harvest(cfg: HarvestConfig) -> Store:
@@ -179,7 +173,7 @@ def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> bool:
             )
         shutil.rmtree(root)
     elif settings_path.is_file():
-        if json.loads(settings_path.read_text()) != cfg.settings():
+        if settings_of(HarvestConfig, json.loads(settings_path.read_text())) != settings(cfg):
             if not cfg.overwrite:
                 raise CrossdiffError(
                     f"{root} holds a store made with other settings; pass --overwrite to replace it or choose another --out"
@@ -218,7 +212,7 @@ def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
 def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
     """The store's folder, settings.json and both tokenizers (before any shard)."""
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "settings.json", cfg.settings())
+    write_json_atomic(root / "settings.json", settings(cfg))
     for key, lm in zip("ab", lms):
         if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
             tmp = root / "tokenizers" / f".{key}.tmp"
@@ -461,7 +455,7 @@ def _meta(root: Path, cfg: HarvestConfig, lms, layers, world: int) -> dict:
     models = {}
     for key, lm, layer in zip("ab", lms, layers):
         sumsq = sum(s[f"sumsq_{key}"] for s in shards)
-        # One scalar per model so that E||x||^2 = d_model after scaling (DESIGN.md §4).
+        # One scalar per model so that E||x||^2 = d_model after scaling (docs/design.md §4).
         scale = float(np.sqrt(lm.d_model * n / sumsq)) if sumsq > 0 else 1.0
         models[key] = {
             "id": lm.id,

@@ -1,7 +1,7 @@
 """Match learned latents to planted ground-truth features, classify latents, score exclusivity.
 
 Matching is one-to-one and by decoder cosine in each model's own space (a cosine *between* A's and
-B's spaces means nothing across architectures, DESIGN §5):
+B's spaces means nothing across architectures, docs/design.md §5):
 
 - a shared GT feature matches latent i when cos(d_A,i, u_A) ≥ τ **and** cos(d_B,i, u_B) ≥ τ
   (score: the smaller of the two);
@@ -15,12 +15,12 @@ assignment inside a conflict chain, which at τ ≥ 0.9 needs two GT features wi
 twin_cos_max. Matching ignores classification: a GT A-only feature matched to a latent that is
 classified shared counts as *missed* by exclusive recall.
 
-Classification (DESIGN §5): DFC by partition membership; standard crosscoder by the relative decoder
+Classification (docs/design.md §5): DFC by partition membership; standard crosscoder by the relative decoder
 norm r = ||d_B|| / (||d_A|| + ||d_B||), r ≤ 0.1 → A-only, r ≥ 0.9 → B-only. `classify(model,
 "union")` also calls a DFC's shared-partition latents exclusive by their r (a diagnostic).
 
 Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
-pass verification (DESIGN §5, a probe from the other model's activations). Verification does not
+pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
 exist yet (the analysis issue); until then those fields are None.
 
 Legend: F learned latents, G ground-truth features, D one model's width, P eligible pairs.
@@ -37,7 +37,7 @@ from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
 
 OTHER = SHARED  # class of a latent that is not exclusive (shared or in between)
 DEFAULT_THRESHOLD = 0.9
-REL_NORM_A, REL_NORM_B = 0.1, 0.9  # DESIGN §5 thresholds on r
+REL_NORM_A, REL_NORM_B = 0.1, 0.9  # docs/design.md §5 thresholds on r
 ClassifyMethod = Literal["auto", "partition", "relative_norm", "union"]
 
 
@@ -124,7 +124,7 @@ def relative_norm(norm_a_F, norm_b_F) -> np.ndarray:
 def classify_by_relative_norm(
     norm_a_F, norm_b_F, lo: float = REL_NORM_A, hi: float = REL_NORM_B
 ) -> np.ndarray:
-    """Standard crosscoder (DESIGN §5): r ≤ lo → A_ONLY, r ≥ hi → B_ONLY, else OTHER."""
+    """Standard crosscoder (docs/design.md §5): r ≤ lo → A_ONLY, r ≥ hi → B_ONLY, else OTHER."""
     r_F = relative_norm(norm_a_F, norm_b_F)
     return np.where(r_F <= lo, A_ONLY, np.where(r_F >= hi, B_ONLY, OTHER)).astype(np.int64)
 

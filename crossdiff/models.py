@@ -24,7 +24,7 @@ from torch import nn
 from .errors import CrossdiffError
 from .fsutil import crossdiff_home
 
-# --- the embedded default pair (DESIGN.md §7) ------------------------------------------------------
+# --- the embedded default pair (docs/design.md §7) ------------------------------------------------------
 
 
 def _smollm2_gguf(workdir: Path) -> Path:

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Literal
 
 from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
+from .config import settings
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
 from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
+from .results import STEERING, write_stage
 from .stages import Stage, StageLog, run_stages
 
 
@@ -89,15 +91,16 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
     hcfg = harvest_config(
         b, store, model_a=cfg.model_a, model_b=cfg.model_b, corpus=cfg.corpus, device=cfg.device
     )
-    out = [Stage("harvest", lambda: _harvest(hcfg), hcfg.settings(), lambda: (store / "meta.json").is_file())]
+    out = [Stage("harvest", lambda: _harvest(hcfg), settings(hcfg), lambda: (store / "meta.json").is_file())]
     for s, path in seed_runs.items():
         tcfg = train_config(b, store, path, arch="dfc", seed=s, device=cfg.device)
         out.append(
             Stage(
                 f"train DFC (seed {s})",
                 lambda t=tcfg: _train(t),
-                _settings(tcfg),
+                settings(tcfg),
                 lambda p=path: (p / "eval.json").is_file(),
+                legacy=_legacy(tcfg),
             )
         )
     acfg = analyze_config(b, run, store, device=cfg.device)
@@ -105,8 +108,9 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "analyse",
             lambda: _analyze(acfg),
-            {**_settings(acfg), "rules": RULES_VERSION},
+            {**settings(acfg), "rules": RULES_VERSION},
             lambda: (run / "analysis" / "summary.json").is_file(),
+            legacy={**_legacy(acfg), "rules": RULES_VERSION},
         )
     )
     vcfg = verify_config(b, run, store, device=cfg.device)
@@ -114,7 +118,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "verify",
             lambda: _verify(vcfg),
-            {**_settings(vcfg), "rules": RULES_VERSION},
+            {**settings(vcfg), "rules": RULES_VERSION},
             lambda: (run / "verification" / "summary.json").is_file(),
         )
     )
@@ -123,13 +127,21 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         out.append(Stage("seed stability", lambda: _stability(run, seed_runs), stability))
     if b.steer_top:
         scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
-        out.append(Stage("steer", lambda: _steer(run, b, cfg.device), scfg))
+        out.append(
+            Stage(
+                "steer",
+                lambda: _steer(run, b, cfg.device),
+                scfg,
+                lambda: (run / STEERING.path).is_file(),  # its own file: gone means not done
+            )
+        )
     out.append(Stage("report", lambda: _report(run), after_change=True))
     return out
 
 
-def _settings(cfg) -> dict:
-    """A stage config's settings, less where it runs."""
+def _legacy(cfg) -> dict:
+    """A stage's settings as crossdiff <= 0.1 recorded them in stages.json (every field but the device,
+    folders included), so that its diff folders stay complete (where they were)."""
     return {k: v for k, v in asdict(cfg).items() if k != "device"}
 
 
@@ -195,18 +207,14 @@ def _verify(vcfg) -> dict:
 
 
 def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
-    import csv
-
-    import numpy as np
-
     from .crosscoder import Crosscoder
-    from .stability import format_table, read_candidates, seed_stability, write_stability
+    from .results import read_latents
+    from .stability import format_table, seed_stability, write_stability
 
     ref = Crosscoder.from_pretrained(run, device="cpu")
     others = {s: Crosscoder.from_pretrained(p, device="cpu") for s, p in seed_runs.items() if s != 0}
-    with (run / "analysis" / "latents.csv").open(newline="") as fh:
-        alive = np.array([r["verdict"] != "dead" for r in csv.DictReader(fh)])
-    table = seed_stability(ref, others, read_candidates(run), alive=alive)
+    latents = read_latents(run / "analysis")
+    table = seed_stability(ref, others, latents.candidates(), alive=latents.alive())
     write_stability(run, table)
     print(format_table(table), file=sys.stderr)
     return table["summary"]
@@ -229,6 +237,7 @@ def _steer(run: Path, b: Budget, device: str) -> dict:
         if "no exclusive candidates" not in str(e):
             raise
         print(f"steer: skipped ({e})", file=sys.stderr)
+        write_stage(run, STEERING, {})  # done, with nothing steered
         return {"steered": 0}
     verdicts = [r["verdict"] for r in res.values() if r is not None]
     return {

@@ -15,7 +15,6 @@ grow. docs/report.md has details.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import math
@@ -31,21 +30,21 @@ from pathlib import Path
 from .errors import CrossdiffError
 from .htmlkit import badge, data_table, esc, fmt, fmt_bytes, is_num, kv_table, render_any, visible_ws
 from .plots import bar_svg, binned_histogram_svg, histogram_svg
+from .results import VERDICTS, is_candidate, load_results
 from .verify import read_behaviour
 
 ASSETS = ("report.css", "report.js")
-VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
-BEHAVIOUR_COLUMNS = ("behaviour", "shift", "z", "gap_closed", "first_order")
 COLUMN_HELP = {
     "latent": "Latent index; click it to open the feature's page",
-    "partition": "DFC partition, or the relative-norm class of a standard crosscoder",
+    "partition": "DFC partition (a_exclusive, b_exclusive, shared; all shared for a standard crosscoder)",
+    "side": "The model a candidate is exclusive to (a or b), by its partition or relative norm; empty otherwise",
     "verdict": "The analysis's class: candidate_a / candidate_b (exclusive candidates), shared or dead",
     "reason": "Whether the other model detects the context of the candidate's strong firings (information only)",
-    "behaviour": "Behavioural verdict (crossdiff verify): difference, shared behaviour, inert, too rare, not verified",
-    "shift": "Mean shift of its model towards the other when the latent is ablated (nats per token)",
-    "z": "z of the shift against ablating random directions of equal norm",
-    "gap_closed": "Fraction of the A-B gap on its contexts that ablating it closes",
-    "first_order": "First-order (gradient x activation) estimate of the shift on held-out text",
+    "behaviour_verdict": "Behavioural verdict (crossdiff verify): difference, shared behaviour, inert, too rare, not verified",
+    "behaviour_shift": "Mean shift of its model towards the other when the latent is ablated (nats per token)",
+    "behaviour_z": "z of the shift against ablating random directions of equal norm",
+    "behaviour_gap_closed": "Fraction of the A-B gap on its contexts that ablating it closes",
+    "behaviour_first_order": "First-order (gradient x activation) estimate of the shift on held-out text",
     "score": "Ranking score (the exclusive decoder norm for a DFC)",
     "rel_norm": "Relative decoder norm |d_B| / (|d_A| + |d_B|): <= 0.1 A-only, >= 0.9 B-only",
     "dec_norm_a": "Decoder norm in model A (normalised units)",
@@ -57,6 +56,8 @@ COLUMN_HELP = {
     "probe_r2": "R² of a probe from the other model for the magnitude of the strong firings (context information)",
     "probe_auroc": "AUROC of a probe from the other model for the strong firings (context information)",
     "latent_scaling": "Latent Scaling ratio (Minder et al. 2025; same-space pairs only)",
+    "steer_verdict": "Steering verdict (crossdiff steer, RUN/steering/verdicts.csv): pass, fail or skipped",
+    "steer_effect": "Steering effect size: z-score of the latent's effect against random directions",
 }
 _MAX_TEXT = 2000  # characters of context kept on each side of an example's firing token
 
@@ -110,33 +111,6 @@ def read_json(path: Path):
         raise CrossdiffError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from e
 
 
-def _parse_cell(s: str):
-    s = s.strip()
-    if not s:
-        return None
-    for conv in (int, float):  # float() also takes nan / NaN / inf
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return s
-
-
-def read_latents_csv(path: Path) -> tuple[list[str], list[dict]]:
-    if not path.is_file():
-        raise CrossdiffError(f"{path} not found; rerun crossdiff analyze on this run")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if "latent" not in columns:
-            raise CrossdiffError(f"{path} has no 'latent' column; rerun crossdiff analyze on this run")
-        rows = [{k: _parse_cell(v or "") for k, v in r.items() if k is not None} for r in reader]
-    for r in rows:  # "12.0" from a float-typed writer is still latent 12 (it names files)
-        if isinstance(r["latent"], float) and r["latent"].is_integer():
-            r["latent"] = int(r["latent"])
-    return columns, rows
-
-
 def _numbered_json(folder: Path) -> dict[int, Path]:
     """{latent: path} for the <latent>.json files of a folder (other names are ignored)."""
     if not folder.is_dir():
@@ -151,7 +125,8 @@ def load_run(run: str | Path) -> RunData:
     analysis = run / "analysis"
     if not analysis.is_dir():
         raise CrossdiffError(f"{analysis} not found; run crossdiff analyze first")
-    columns, rows = read_latents_csv(analysis / "latents.csv")
+    latents = load_results(run)  # latents.csv joined with the later stages' files (steering)
+    columns, rows = latents.columns, latents.rows
     return RunData(
         run=run,
         cfg=read_json(run / "cfg.json") or {},
@@ -167,21 +142,6 @@ def load_run(run: str | Path) -> RunData:
         verification=read_json(run / "verification" / "summary.json"),
         contexts=_numbered_json(run / "verification" / "latents"),
     )
-
-
-def is_candidate(row: dict) -> bool:
-    """An exclusive candidate of the analysis (its verdict candidate_a / candidate_b)."""
-    return row.get("verdict") in ("candidate_a", "candidate_b")
-
-
-def with_behaviour(data: RunData, rows: list[dict]) -> list[dict]:
-    """The rows with crossdiff verify's columns joined by latent (behaviour = its verdict)."""
-    out = []
-    for r in rows:
-        b = data.behaviour.get(r.get("latent"), {})
-        extra = {k: b.get(k) for k in BEHAVIOUR_COLUMNS[1:]}
-        out.append({**r, "behaviour": b.get("verdict"), **extra})
-    return out
 
 
 def _score_order(rows: list[dict]) -> list[dict]:
@@ -371,16 +331,16 @@ def plots_html(data: RunData) -> str:
 def candidates_table(data: RunData, cands: list[dict]) -> str:
     if not cands:
         return '<p class="empty">No exclusive candidates in latents.csv.</p>'
-    cols = data.columns + [c for c in BEHAVIOUR_COLUMNS if data.behaviour and c not in data.columns]
+    cols = data.columns
     rows = []
-    for r in with_behaviour(data, cands):
+    for r in cands:
         cells = []
         for c in cols:
             v = r.get(c)
             if c == "latent" and is_num(v):  # an id, not a quantity: no thousands separator
                 link = f'<a href="features/{v}.html">{v}</a>' if v in data.features else str(v)
                 cells.append((v, link))
-            elif c in ("partition", "verdict", "behaviour") and v is not None:
+            elif c in ("partition", "verdict", "behaviour_verdict") and v is not None:
                 cells.append((str(v), badge(v)))
             elif isinstance(v, str) and len(v) > 24:
                 cells.append((v, f'<div class="long">{esc(v)}</div>'))

@@ -1,8 +1,8 @@
 """Sparse training path: selection of active latents and autograd ops that touch only them.
 
-With k active latents per token only the encoder forward has to be dense (DESIGN §2 "Fast
-training"): the decoder forward, the decoder gradients and the encoder weight gradient each cost
-O(k·d) per token when computed from the list of active (token, latent) entries. This module holds
+With k active latents per token only the encoder forward has to be dense (docs/design.md §2;
+docs/training.md, "The sparse training path"): the decoder forward, the decoder gradients and the
+encoder weight gradient each cost O(k·d) per token when computed from the list of active (token, latent) entries. This module holds
 
 - `matmuls_nograd`: the one dense matmul, written in place (no autograd graph, no extra passes);
 - selections (BatchTopK, per-token TopK, positive entries for L1) returning the active entries in
@@ -138,7 +138,7 @@ def select_batch_topk(
     f_pre = xw + bias (bias None: xw already is f_pre).
 
     A top-k over all B·F values is slow (300 ms for 1024 x 16384 on one CPU core; 5 ms on an H200
-    at 4096 x 65536, DESIGN §2). With `shortcut`, candidates above a guess of the cutoff are found in
+    at 4096 x 65536). With `shortcut`, candidates above a guess of the cutoff are found in
     one comparison pass and only they are ranked. Guesses: the caller's (the trainer extrapolates the
     previous batches' cutoffs), then an estimate from every 16th token. Each attempt proves its own
     result (every value left out is at most the guess, below the kept minimum), and the full top-k

@@ -1,4 +1,4 @@
-"""Seed stability (DESIGN §5): does an exclusive feature come back when the crosscoder is retrained?
+"""Seed stability (docs/design.md §5): does an exclusive feature come back when the crosscoder is retrained?
 
 `seed_stability(reference, others)` matches every exclusive candidate of the reference run (the
 analysed one) against each other seed's dictionary by decoder cosine *within the candidate's own
@@ -13,7 +13,6 @@ Legend: C candidates, M latents with a row in one model, D width.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
+from .results import exclusive_sides, load_results
 
 DEFAULT_THRESHOLD = 0.7
 
@@ -33,33 +33,14 @@ def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _side_of(cc, latents: np.ndarray, threshold: float) -> np.ndarray:
-    """ "a" / "b" / "" for each latent: the analysis's candidate rule (analyze.exclusive_sides)."""
-    from .analyze import exclusive_sides
-
+    """ "a" / "b" / "" for each latent: the analysis's candidate rule (crossdiff.results)."""
     return exclusive_sides(cc, threshold)[0][latents]
 
 
 def read_candidates(run: Path) -> list[dict]:
-    """Alive exclusive candidates of an analysed run, best score first; "verified" when behavioural
-    verification (verify.py) found a `difference`."""
-    from .verify import read_behaviour
-
-    path = Path(run) / "analysis" / "latents.csv"
-    if not path.is_file():
-        raise CrossdiffError(f"{path} not found; run crossdiff analyze --run {run} first")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    behaviour = read_behaviour(run)
-    out = []
-    for r in rows:
-        if r["verdict"] in ("candidate_a", "candidate_b"):
-            b = behaviour.get(int(r["latent"]), {})
-            verified = b.get("verdict") == "difference"
-            out.append(
-                {**r, "side": r["verdict"][-1], "verified": verified, "behaviour": b.get("verdict", "")}
-            )
-    out.sort(key=lambda r: (not r["verified"], -_float(r["score"])))
-    return out
+    """Alive exclusive candidates of an analysed run, best score first, with crossdiff verify's columns
+    joined (a candidate is "verified" when its behavioural verdict is `difference`)."""
+    return load_results(run).candidates()
 
 
 def _float(s) -> float:
@@ -94,7 +75,8 @@ def seed_stability(
     alive: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict:
-    """The stability table. `others` maps seed -> crosscoder; `candidates` from read_candidates."""
+    """The stability table. `others` maps seed -> crosscoder; `candidates`: rows of the analysis's
+    candidates (crossdiff.results.LatentTable.candidates, or read_candidates)."""
     if not others:
         raise CrossdiffError("seed stability needs at least one other seed")
     features = []
@@ -122,7 +104,7 @@ def seed_stability(
                 {
                     "latent": int(c["latent"]),
                     "model": model,
-                    "verified": bool(c["verified"]),
+                    "verified": c.get("behaviour_verdict") == "difference",
                     "verdict": c["verdict"],
                     "reason": c.get("reason", ""),
                     "score": _float(c["score"]),

@@ -2,14 +2,14 @@
 and a record of finished stages so that a rerun skips them.
 
 FOLDER/stages.json maps each finished stage to {fingerprint, seconds, result}: the fingerprint of the
-settings it ran with (a stage whose settings changed runs again), its wall time and a small JSON
-summary. Each stage also resumes on its own inside (harvest by shard, training by checkpoint), so a
+settings it ran with (crossdiff.config.fingerprint; a stage whose settings changed runs again), its
+wall time and a small JSON summary. Settings leave out where things are (crossdiff.config.where), so a
+moved folder, or one named by another spelling of its path, skips its finished stages. Each stage also resumes on its own inside (harvest by shard, training by checkpoint), so a
 kill mid-stage loses at most the stage's last unit of work.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -18,6 +18,7 @@ from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import fingerprint
 from .fsutil import write_json_atomic
 
 
@@ -33,6 +34,9 @@ class Stage:
     """Extra check that the stage's output is still there (a stage whose output was deleted reruns)."""
     after_change: bool = False
     """Run again whenever an earlier stage ran in this invocation (e.g. a report that shows them all)."""
+    legacy: dict | None = None
+    """The settings as crossdiff <= 0.1 fingerprinted them (with the folders' paths): a stage recorded
+    that way is still finished, and its record is upgraded."""
 
 
 class StageLog:
@@ -40,20 +44,23 @@ class StageLog:
         self.path = Path(path)
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    @staticmethod
-    def fingerprint(settings: dict) -> str:
-        text = json.dumps(settings, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    fingerprint = staticmethod(fingerprint)
 
     def finished(self, stage: Stage) -> bool:
         rec = self.done.get(stage.name)
-        if not isinstance(rec, dict) or rec.get("fingerprint") != self.fingerprint(stage.settings):
+        if not isinstance(rec, dict):
             return False
+        now = fingerprint(stage.settings)
+        if rec.get("fingerprint") != now:
+            if stage.legacy is None or rec.get("fingerprint") != fingerprint(stage.legacy):
+                return False
+            self.done[stage.name] = {**rec, "fingerprint": now}  # recorded by an older version
+            write_json_atomic(self.path, self.done)
         return stage.done is None or bool(stage.done())
 
     def record(self, stage: Stage, seconds: float, result) -> None:
         self.done[stage.name] = {
-            "fingerprint": self.fingerprint(stage.settings),
+            "fingerprint": fingerprint(stage.settings),
             "seconds": round(seconds, 1),
             "result": result,
         }

@@ -1,8 +1,9 @@
-"""Steering to verify (DESIGN §6): push a latent's decoder direction into a real model and measure.
+"""Steering to verify (docs/design.md §6): push a latent's decoder direction into a real model and measure.
 
 `steer(SteerConfig(run=RUN, latent=I))` / `crossdiff steer --run RUN --latent I` writes
-RUN/steering/<I>.json; `--top N` verifies the top N exclusive candidates of each model and appends
-`steer_verdict` / `steer_effect` to RUN/analysis/latents.csv. Schema and verdict rule: docs/steering.md.
+RUN/steering/<I>.json; `--top N` verifies the top N exclusive candidates of each model. Every steered
+latent's verdict and effect go in RUN/steering/verdicts.csv (crossdiff.results joins it to the analysis
+as `steer_verdict` / `steer_effect`). Schema and verdict rule: docs/steering.md.
 
 Hooks are forward hooks on the crosscoder's block of the real HF model (`lm.blocks[layer]`), editing
 its output, the residual stream the crosscoder was trained on. Edits (all in raw units, d_raw = d / scale):
@@ -26,8 +27,6 @@ Legend: B sequences, T positions, D model width, V vocabulary, R random directio
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Callable
@@ -41,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .errors import CrossdiffError
-from .fsutil import write_json_atomic, write_text_atomic
+from .fsutil import write_json_atomic
+from .results import STEERING, LatentTable, load_results, read_stage, write_stage
 
 # Neutral prompts for the KL side-effect measure and for generations (short: CPU time is the budget).
 NEUTRAL_PROMPTS = (
@@ -55,7 +55,6 @@ NEUTRAL_PROMPTS = (
     "He said that the meeting",
 )
 GENERATION_PROMPTS = NEUTRAL_PROMPTS[:2]
-STEER_COLUMNS = ("steer_verdict", "steer_effect")
 
 
 @dataclass(frozen=True)
@@ -473,31 +472,32 @@ def _stats(name: str, x_SR: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- run files
 
 
-def read_latents(run: Path) -> tuple[list[str], list[dict]]:
-    path = run / "analysis" / "latents.csv"
-    if not path.is_file():
-        return [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+def _latent_rows(run: Path) -> list[dict]:
+    """The analysis's rows (latent order), or [] before any analysis (one latent can still be steered
+    from its feature file)."""
+    if not (run / "analysis" / "latents.csv").is_file():
+        return []
+    return load_results(run).rows  # with crossdiff verify's behaviour_* columns joined
 
 
-def write_latents(run: Path, columns: list[str], rows: list[dict]) -> None:
-    """latents.csv with the steering columns appended (or updated), atomically."""
-    cols = columns + [c for c in STEER_COLUMNS if c not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, cols, lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(run / "analysis" / "latents.csv", buf.getvalue())
+def record_verdicts(run: Path, results: dict[int, dict | None]) -> None:
+    """Add (or update) these latents' verdicts in RUN/steering/verdicts.csv; None means skipped."""
+    rows = read_stage(run, STEERING)
+    for latent, r in results.items():
+        rows[latent] = (
+            {"verdict": "skipped", "effect": None}
+            if r is None
+            else {"verdict": r["verdict"], "effect": format(r["effect_size"], ".4g")}
+        )
+    write_stage(run, STEERING, rows)
 
 
 def typical_activation(latent: int, rows: list[dict], doc: dict | None) -> float:
     """p99_act from latents.csv; else the median of the top examples' activations (a high percentile)."""
     if latent < len(rows):
         try:
-            v = float(rows[latent].get("p99_act", "nan"))
-        except ValueError:
+            v = float(rows[latent].get("p99_act", math.nan))
+        except (TypeError, ValueError):
             v = math.nan
         if math.isfinite(v) and v > 0:
             return v
@@ -548,22 +548,19 @@ def steer_one(cc, run: Path, latent: int, model: str | None, lms, rows, cfg: Ste
     return res
 
 
-def top_candidates(
-    rows: list[dict], n: int, include_rejected: bool = False, behaviour: dict | None = None
-) -> list[tuple[int, str]]:
-    """(latent, model) of the top `n` behavioural `difference`s of each model (verify.py; most of the
-    gap closed first), interleaved; with `include_rejected`, slots left free are filled with the
-    model's other exclusive candidates (best score first)."""
-    behaviour = behaviour or {}
+def top_candidates(rows: list[dict], n: int, include_rejected: bool = False) -> list[tuple[int, str]]:
+    """(latent, model) of the top `n` behavioural `difference`s of each model (crossdiff verify's
+    column behaviour_verdict; most of the gap closed first), interleaved; with `include_rejected`, slots
+    left free are filled with the model's other exclusive candidates (best score first)."""
+    table = LatentTable([], rows)
     ranked = {}
     for m in "ab":
-        diffs = [b for b in behaviour.values() if b["side"] == m and b["verdict"] == "difference"]
-        diffs.sort(key=lambda b: -_float(b.get("gap_closed")))
-        ids = [int(b["latent"]) for b in diffs]
-        if include_rejected and len(ids) < n:
-            others = [r for r in rows if r.get("verdict") == f"candidate_{m}" and int(r["latent"]) not in ids]
-            ids += [int(r["latent"]) for r in sorted(others, key=lambda r: -_float(r.get("score")))]
-        ranked[m] = [(j, m) for j in ids[:n]]
+        cands = table.candidates(m)
+        picked = [r for r in cands if r.get("behaviour_verdict") == "difference"]
+        picked.sort(key=lambda r: -_float(r.get("behaviour_gap_closed")))
+        if include_rejected:
+            picked += [r for r in cands if r.get("behaviour_verdict") != "difference"]
+        ranked[m] = [(int(r["latent"]), m) for r in picked[:n]]
     return [x for pair in zip(ranked["a"] + [None] * n, ranked["b"] + [None] * n) for x in pair if x]
 
 
@@ -587,16 +584,15 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     device = resolve_device(cfg.device)
     cc = Crosscoder.from_pretrained(run, device=device)
     lms = models if models is not None else _Models(cc, device)
-    columns, rows = read_latents(run)
+    rows = _latent_rows(run)
     if cfg.latent is not None:
         res = steer_one(cc, run, cfg.latent, cfg.model, lms, rows, cfg)
+        record_verdicts(run, {cfg.latent: res})
         _print_result(res)
         return res
     if not rows:
         raise CrossdiffError(f"{run / 'analysis' / 'latents.csv'} not found; run crossdiff analyze first")
-    from .verify import read_behaviour
-
-    jobs = top_candidates(rows, cfg.top, cfg.include_rejected, read_behaviour(run))
+    jobs = top_candidates(rows, cfg.top, cfg.include_rejected)
     if not jobs:
         what = (
             "exclusive candidates"
@@ -608,10 +604,7 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     for latent, m in tqdm(jobs, desc="steer", unit="latent", dynamic_ncols=True):
         over = cfg.budget_seconds is not None and time.monotonic() - start > cfg.budget_seconds
         results[latent] = None if over else steer_one(cc, run, latent, m, lms, rows, cfg)
-        r = results[latent]
-        rows[latent]["steer_verdict"] = "skipped" if r is None else r["verdict"]
-        rows[latent]["steer_effect"] = "" if r is None else format(r["effect_size"], ".4g")
-    write_latents(run, columns, rows)
+    record_verdicts(run, results)
     _print_table(results, jobs)
     return results
 

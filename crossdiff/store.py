@@ -11,7 +11,7 @@ Layout of a store directory (format 1):
     shards/NNNNN.json          the shard's statistics; written after the two above, marks it complete
 
 Activations are stored raw; `normalised = raw * scale` with one scalar per model chosen so that
-E||x||^2 = d_model (DESIGN.md §4). Shards are read through numpy memory maps (the safetensors layout
+E||x||^2 = d_model (docs/design.md §4). Shards are read through numpy memory maps (the safetensors layout
 is a JSON header followed by raw little-endian arrays), so random access and shuffled batches never
 load a whole shard, let alone the store. Letters in names: N rows, D model width.
 """

@@ -7,7 +7,7 @@ Each token is a sparse sum of planted features rendered separately into each mod
     x_A = Σ_{i ∈ A's features} c_i · j_A,i · s_A,i · u_A,i + μ_A + ε_A          (likewise x_B)
 
 - shared features have a direction u_A,i in A's space and an *independent* one u_B,i in B's
-  (different architectures share no basis, DESIGN §5); A-only features have no B direction at all,
+  (different architectures share no basis, docs/design.md §5); A-only features have no B direction at all,
   so B's activations are computed without them (switching them off leaves x_B bit-for-bit equal);
 - firing probabilities follow a power law over a random ranking of all features;
 - the shared activation c_i is the same concept in both models, seen through per-model jitter j
@@ -48,7 +48,7 @@ _GAMMA_SHAPE = 2.0  # activation magnitudes ~ Gamma(2, mean 1): few near-zero va
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Sizes and hard cases of the synthetic ground truth (DESIGN §5 planted controls, at scale)."""
+    """Sizes and hard cases of the synthetic ground truth (docs/design.md §5 planted controls, at scale)."""
 
     d_a: int = 64
     """Width of model A's activations."""
@@ -185,7 +185,7 @@ class GroundTruth:
 
     def relative_norm_F(self, gain_a: float = 1.0, gain_b: float = 1.0) -> np.ndarray:
         """True r = s_B / (s_A + s_B) with each model's strengths multiplied by its gain (e.g. the
-        raw gain times the store's normalisation scale): 0 for A-only, 1 for B-only (DESIGN §5)."""
+        raw gain times the store's normalisation scale): 0 for A-only, 1 for B-only (docs/design.md §5)."""
         s_a, s_b = self.strength_a_F * gain_a, self.strength_b_F * gain_b
         return s_b / (s_a + s_b)
 
@@ -391,7 +391,7 @@ class SyntheticPairs:
                 carry_a, carry_b = carry_a[batch_size:], carry_b[batch_size:]
 
     def norm_scales(self, n_tokens: int = 65536) -> tuple[float, float]:
-        """Store scales so that E||scale·x_m||² = d_m (DESIGN §4), on the "calib" split (memoised)."""
+        """Store scales so that E||scale·x_m||² = d_m (docs/design.md §4), on the "calib" split (memoised)."""
         if n_tokens in self._scales:
             return self._scales[n_tokens]
         sq_a = sq_b = 0.0

@@ -21,7 +21,6 @@ match, so re-scoring needs no store.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -35,8 +34,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import config
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic
+from .results import read_latents
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
@@ -190,9 +191,6 @@ def train_config(cfg: ToyBenchConfig, store_path: Path, run: Path, method: Metho
     )  # fmt: skip
 
 
-VERIFIED = ("exclusive_a", "exclusive_b")
-
-
 def verify_settings(cfg: ToyBenchConfig) -> dict:
     """AnalyzeConfig settings of the verification: the verdict thresholds are analyze's defaults; only
     what verdicts do not need is cut (no models, splice, shared reference probes or evidence files)."""
@@ -203,7 +201,7 @@ def verify_settings(cfg: ToyBenchConfig) -> dict:
 
 
 def verify_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[np.ndarray | None, dict]:
-    """(verified_F, info): which latents crossdiff.analyze verifies as exclusive (verdict exclusive_a/_b).
+    """(verified_F, info): which candidates the other side does not linearly detect (crossdiff.analyze's notes).
 
     Reuses RUN/analysis/ when it was written with the same settings after the weights; otherwise runs
     the analysis on the seed's store (regenerated if it is gone). (None, {}) when verification is off.
@@ -226,17 +224,21 @@ def verify_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[np.ndarr
         acfg = AnalyzeConfig(run=str(run), store=str(data.store_path()), device=cfg.device, **want)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             analyze(acfg)  # quiet: its progress bar and summary line would swamp the bench's log
-    with open(out / "latents.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    verdict_F = np.array([r["verdict"] for r in rows])
-    reasons = [r["reason"] for r in rows if r["verdict"] == "rejected"]
+    # Synthetic data has no model behaviour to verify (verify.py); what is left is the detection filter:
+    # a candidate counts as "verified" here when the other side does not linearly detect its strong
+    # firings. Information for comparison with the real pipeline's behavioural verdicts, not a rule.
+    rows = [r for r in read_latents(out).rows]
+    notes = [r["reason"] for r in rows if r["side"] and r["verdict"] != "dead"]
     info = {
-        "rejected_rare": sum(r.startswith("too rare") for r in reasons),
-        "rejected_predictable": sum(r.startswith("predictable") for r in reasons),
-        "rejected_other": sum(not r.startswith(("too rare", "predictable")) for r in reasons),
+        "rejected_rare": sum(n == "" for n in notes),  # too few strong held-out firings for a probe
+        "rejected_predictable": sum(n.startswith("context detectable") for n in notes),
+        "rejected_other": 0,
         "verify_seconds": None if fresh else time.perf_counter() - t0,
     }
-    return np.isin(verdict_F, VERIFIED), info
+    undetected = [
+        r["reason"].startswith("context not linearly detectable") and r["verdict"] != "dead" for r in rows
+    ]
+    return np.array(undetected, dtype=bool), info
 
 
 def score_run(
@@ -284,15 +286,17 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
 
     run = Path(cfg.out) / "runs" / f"{method.name}-seed-{data.seed}"
     tcfg = train_config(cfg, data.root, run, method, data.seed)
-    settings = {k: v for k, v in asdict(tcfg).items() if k not in ("store", "out", "device")}
-    settings.update(
+    scoring = dict(
         match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION,
         verify_tokens=cfg.verify_tokens,
     )  # fmt: skip
+    settings = {**config.settings(tcfg), **scoring}
     rec_path = run / RECORD
     if rec_path.is_file():
         record = json.loads(rec_path.read_text())
-        if record.get("settings") == settings:
+        saved = record.get("settings") or {}
+        # A record of any version: its training settings read as TrainConfig's (see config.settings_of).
+        if {**config.settings_of(type(tcfg), saved), **{k: saved.get(k) for k in scoring}} == settings:
             return record
     if (run / "eval.json").is_file():  # finished: re-score only (no store, no training)
         ev = json.loads((run / "eval.json").read_text())

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from .config import config_to_dict
+from .config import added, changed_settings, config_to_dict, where
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .errors import CrossdiffError
@@ -39,17 +39,15 @@ from .models import resolve_device
 STATE_FILE = "trainer_state.pt"
 # Test hook: SIGKILL ourselves right after this step (tests/test_train.py proves resume with it).
 KILL_ENV = "CROSSDIFF_TEST_SIGKILL_AFTER_STEP"
-# Settings that may change between a run and its resumption without changing the result.
-_RESUMABLE_FIELDS = {"store", "device", "logger", "log_every", "checkpoint_every"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; the architecture itself is saved with the weights (CrosscoderConfig)."""
 
-    store: str
+    store: str = where()
     """Paired-activation store to train on (made by `crossdiff harvest`)."""
-    out: str
+    out: str = where()
     """Run folder: checkpoints, metrics.jsonl, eval.json and the final crosscoder. Rerun to resume."""
     arch: Literal["batchtopk", "topk", "l1", "dfc"] = "batchtopk"
     """Standard crosscoder with that sparsity, or dfc (Dedicated Feature Crosscoder, see --sparsity)."""
@@ -83,25 +81,25 @@ class TrainConfig:
     """batchtopk: EMA factor of the inference threshold θ (mean of each batch's smallest kept value)."""
     init_tokens: int = 65536
     """Tokens averaged to initialise the decoder biases (the data mean)."""
-    dec_init_norm: float = 0.1
+    dec_init_norm: float = added(0.1)
     """Norm of every decoder row at initialisation, per model, normalised units (Anthropic 2024). A
     model's side of a latent that training leaves unused keeps about this norm, which sets a floor
     on relative decoder norms at short budgets (docs/calibration.md)."""
     heldout_tokens: int = 262144
     """At most this many held-out tokens for the final evaluation."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = where(1000)
     """Steps between checkpoints (the latest complete one is kept)."""
-    log_every: int = 50
+    log_every: int = where(50)
     """Steps between lines of metrics.jsonl."""
     seed: int = 0
     """Seed of the initialisation and the data order."""
-    device: str = "auto"
+    device: str = where("auto")
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     autocast: bool = True
     """bf16 autocast for the dense matmuls on CUDA (no effect on CPU)."""
     sparse_kernels: bool = True
     """Sparse decoder/encoder-gradient path; --no-sparse-kernels runs the dense reference."""
-    logger: Literal["none", "wandb", "tensorboard"] = "none"
+    logger: Literal["none", "wandb", "tensorboard"] = where("none")
     """Also log to wandb or tensorboard (skipped with a warning if not installed)."""
 
     def __post_init__(self):
@@ -477,17 +475,21 @@ def _initialise(cfg: TrainConfig, store, device) -> TrainState:
 
 
 def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
+    """Refuse a folder holding another run (its settings differ) or something else. Where the folder and
+    the store are, and how the run logs, are not settings: a moved folder, another spelling of its path
+    or a moved store resume it. train_config.json is written for a new run and updated (the store's
+    path) for an unfinished one; a finished run's is never touched."""
     saved_path = run / "train_config.json"
     mine = config_to_dict(cfg)
     if saved_path.is_file():
-        # A field added to TrainConfig after the run was started counts as its default there.
-        saved = {**config_to_dict(TrainConfig(store="-", out="-")), **json.loads(saved_path.read_text())}
-        diff = sorted(k for k in mine if k not in _RESUMABLE_FIELDS and saved.get(k) != mine[k])
-        if diff:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff)
+        saved = json.loads(saved_path.read_text())
+        detail = changed_settings(saved, cfg)
+        if detail:
             raise CrossdiffError(
                 f"{run} holds a run with other settings ({detail}); use another --out or the same options"
             )
+        if (run / "eval.json").is_file() or saved == mine:
+            return
     elif run.exists() and any(run.iterdir()):
         raise CrossdiffError(f"{run} exists and is not a crossdiff training run; choose another --out")
     write_json_atomic(saved_path, mine)

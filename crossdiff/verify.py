@@ -48,25 +48,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import fingerprint, settings, where
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
+from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
-COLUMNS = (
-    "latent side verdict n_strong n_contexts shift z gap_closed null_mean null_std gap first_order "
-    "first_order_contexts"
-).split()
+COLUMNS = ("latent", *BEHAVIOUR.columns)
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
     """Which run to verify and how (docs/verification.md)."""
 
-    run: str
+    run: str = where()
     """Training run folder, analysed (RUN/analysis/latents.csv); writes RUN/verification/."""
-    store: str | None = None
+    store: str | None = where(None)
     """Paired-activation store (default: the one the analysis used)."""
-    device: str = "auto"
+    device: str = where("auto")
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     strong: float = 0.3
     """A strong firing: f >= strong × the latent's p99 activation (docs/verification.md)."""
@@ -120,23 +119,19 @@ class Candidate:
     u_D: Tensor  # decoder row in raw units, the crosscoder's coordinates of its model
 
 
-def candidates(cc, table: list[dict], threshold: float) -> list[Candidate]:
-    """Alive exclusive candidates (analysis's side rule) with their decoder rows in raw units."""
-    from .analyze import exclusive_sides
+def candidates(cc, table) -> list[Candidate]:
+    """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw units."""
     from .evidence import decoder_rows
 
-    side = exclusive_sides(cc, threshold)[0]
     out = []
-    for j in np.flatnonzero(side != ""):
-        row = table[int(j)]
+    for row in table.candidates():
         p99 = _num(row.get("p99_act"))
-        if row.get("verdict") == "dead" or not math.isfinite(p99) or p99 <= 0:
+        if not math.isfinite(p99) or p99 <= 0:
             continue
-        m = str(side[j])
+        m, j = row["side"], int(row["latent"])
         scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
-        u = decoder_rows(cc, [int(j)], m)[0] / scale
-        out.append(Candidate(int(j), m, p99, u.float()))
-    return out
+        out.append(Candidate(j, m, p99, (decoder_rows(cc, [j], m)[0] / scale).float()))
+    return sorted(out, key=lambda c: c.latent)
 
 
 def _num(s) -> float:
@@ -495,7 +490,7 @@ def verify(cfg: VerifyConfig) -> dict:
     from .models import resolve_device
     from .variants import sides_for_store
 
-    run, cc, store, table, threshold = _open(cfg)
+    run, cc, store, table = _open(cfg)
     out = run / "verification"
     fingerprint = _fingerprint(cfg, run, store)
     settings_path = out / "settings.json"
@@ -510,7 +505,7 @@ def verify(cfg: VerifyConfig) -> dict:
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = candidates(cc, table, threshold)
+    cands = candidates(cc, table)
     factor = _outlier_factor(store)
     start = time.perf_counter()
     sides = sides_for_store(store, device=str(device))
@@ -522,7 +517,7 @@ def verify(cfg: VerifyConfig) -> dict:
         _row(c, strong.get(c.latent, {}), first.get(c.latent, math.nan), results.get(c.latent), cfg)
         for c in cands
     ]
-    _write_csv(out / "behaviour.csv", rows)
+    write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
     summary = _summary(rows, results, held, cfg, time.perf_counter() - start)
     write_json_atomic(out / "summary.json", summary)
     print(summary_line(summary))
@@ -567,9 +562,7 @@ def _row(c: Candidate, strong: dict, first: float, res: dict | None, cfg: Verify
 
 
 def _open(cfg: VerifyConfig):
-    """(run, crosscoder, store, latents.csv rows, the analysis's exclusive threshold)."""
-    import csv
-
+    """(run, crosscoder, store, the analysis's latents table)."""
     from .crosscoder import Crosscoder
     from .store import Store
 
@@ -583,17 +576,14 @@ def _open(cfg: VerifyConfig):
     cc.cfg.check_store(store)
     if not (store.root / "tokenizers").is_dir() or store.meta.get("corpus") == "synthetic":
         raise CrossdiffError(f"{store.root} is a synthetic store: there are no models to verify behaviour on")
-    with (analysis / "latents.csv").open(newline="") as fh:
-        table = list(csv.DictReader(fh))
-    return run, cc, store, table, float(summary["thresholds"]["exclusive_threshold"])
+    return run, cc, store, read_latents(analysis)
 
 
 def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "store", "device")}
+    """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
     weights = (run / "crosscoder.safetensors").read_bytes()
-    latents = (run / "analysis" / "latents.csv").read_bytes()
-    blob = json.dumps([settings, store.meta, hashlib.sha1(weights + latents).hexdigest()], sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()
+    latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
+    return fingerprint([settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
 
 
 def _cached(path: Path, compute):
@@ -611,20 +601,6 @@ def _outlier_factor(store) -> float:
     return json.loads(settings.read_text()).get("outlier_factor", 10.0) if settings.is_file() else 10.0
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-    import io
-
-    from .fsutil import write_text_atomic
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(r[k]) for k in COLUMNS})
-    write_text_atomic(path, buf.getvalue())
-
-
 def _fmt(v):
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
@@ -632,17 +608,11 @@ def _fmt(v):
 
 
 def read_behaviour(run: str | Path) -> dict[int, dict]:
-    """latent -> its behaviour.csv row (numbers parsed), {} without a verification."""
-    import csv
-
-    path = Path(run) / "verification" / "behaviour.csv"
-    if not path.is_file():
-        return {}
+    """latent -> its behaviour.csv row (numbers as floats, NaN where empty); {} without a verification."""
     out = {}
-    with path.open(newline="") as fh:
-        for r in csv.DictReader(fh):
-            row = {k: (v if k in ("side", "verdict") else _num(v)) for k, v in r.items()}
-            out[int(r["latent"])] = row
+    for latent, row in read_stage(run, BEHAVIOUR).items():
+        parsed = {k: (v if k in ("side", "verdict") else _num(v)) for k, v in row.items()}
+        out[latent] = {"latent": latent, **parsed}
     return out
 
 

@@ -1,4 +1,4 @@
-"""Alignment by character end offsets and document chunking (DESIGN.md §3).
+"""Alignment by character end offsets and document chunking (docs/design.md §3).
 
 Hand-made offset arrays pin down the rule; the real default tokenizers (fixture `tokenizers_ab`)
 check it on the cases that motivated it: digits, Ġ vs ▁ spaces, byte pieces, emoji, CJK, BOS.

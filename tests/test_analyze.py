@@ -8,6 +8,7 @@ Legend: N tokens, D one model's width, F latents.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.analyze import COLUMNS, AnalyzeConfig, analyze
+from crossdiff.analyze import COLUMNS, RULES_VERSION, AnalyzeConfig, analyze
 from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.errors import CrossdiffError
 from crossdiff.store import write_synthetic_store
@@ -136,6 +137,8 @@ def test_both_planted_latents_are_candidates_and_only_the_secretly_shared_one_is
     assert float(rows[0]["probe_auroc"]) < 0.7 < 0.95 < float(rows[1]["probe_auroc"])
     assert verdicts[2:6] == ["shared"] * 4 and verdicts[6:] == ["dead"] * 2
     assert all(r["reason"] == "" for r in rows[2:])
+    sides = [r["side"] for r in rows]  # the candidate rule, written down (dead ones keep their side)
+    assert sides[:6] == ["a", "a"] + [""] * 4 and (arch != "dfc" or sides[6:] == ["b", "b"])
     expected_partition = ["a_exclusive"] * 2 + ["shared"] * 4 + ["b_exclusive"] * 2
     assert [r["partition"] for r in rows] == (expected_partition if arch == "dfc" else ["shared"] * 8)
     assert float(rows[0]["rel_norm"]) == pytest.approx(0.0 if arch == "dfc" else 0.05 / 1.05, abs=1e-6)
@@ -197,6 +200,31 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
         assert cli.main(argv + ["--shared-features", "0", "--context-chars", "40"]) == 0
     assert (out / "pass.pt").stat().st_mtime_ns > pass_stamp
     assert (out / "summary.json").stat().st_mtime_ns > stamp
+
+
+def test_analysis_written_by_the_previous_version_is_complete(tmp_path, capsys):
+    """settings.json as crossdiff 0.1 (commit 29d79fc) wrote it: a sha1 over the settings (every field but
+    run, store, out, device), cfg.json, the weights' size and time, the store's meta and the rules."""
+    import hashlib
+
+    store, run = _setup(tmp_path, "dfc")
+    cfg = AnalyzeConfig(run=str(run), store=str(store), batch_size=700)
+    analyze(cfg)
+    out = run / "analysis"
+    settings = {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run", "store", "out", "device")
+    }
+    stat = (run / "crosscoder.safetensors").stat()
+    meta = json.loads((store / "meta.json").read_text())
+    blob = [settings, (run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, meta, RULES_VERSION]
+    record = json.loads((out / "settings.json").read_text())
+    record["fingerprint"] = hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+    (out / "settings.json").write_text(json.dumps(record))
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    analyze(AnalyzeConfig(run=str(run), store=str(store.resolve()), batch_size=700, device="cpu"))
+    assert "already complete" in capsys.readouterr().out
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
 
 
 def test_max_tokens_and_trained_crosscoder(tmp_path):

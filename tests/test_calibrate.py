@@ -328,3 +328,40 @@ def test_calibrate_bad_input(base, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err
     assert not (diff / "calibration").exists()
+
+
+def test_calibration_settings_written_by_the_previous_version_still_match():
+    """settings.json as crossdiff 0.1 (commit 29d79fc) wrote it: each stage config's fields less a list
+    of non-settings, dec_init_norm left out at its default. The settings now read from the configs'
+    own field marks must give the same dict, or every old calibration would be refused."""
+    from types import SimpleNamespace
+
+    from crossdiff.budget import analyze_config, train_config
+    from crossdiff.config import config_to_dict
+
+    not_settings = {
+        "store",
+        "out",
+        "run",
+        "device",
+        "logger",
+        "log_every",
+        "checkpoint_every",
+        "splice_tokens",
+    }
+
+    def old_strip(c) -> dict:
+        d = config_to_dict(c)
+        return {
+            k: v for k, v in d.items() if k not in not_settings and not (k == "dec_init_norm" and v == 0.1)
+        }
+
+    store = SimpleNamespace(meta={"n_tokens": 3000, "models": {}})
+    for dec_init_norm in (None, 0.1, 0.03):
+        cfg = CalibrateConfig(out="x", seed=2, dec_init_norm=dec_init_norm)
+        old = {
+            "train": old_strip(train_config(TINY, ".", ".", arch="dfc", seed=2, dec_init_norm=dec_init_norm)),
+            "analyze": old_strip(analyze_config(TINY, ".", ".", load_models=False)),
+        }
+        new = calibration_settings(cfg, TINY, store, DEFAULT_WORDS)
+        assert {k: new[k] for k in ("train", "analyze")} == json.loads(json.dumps(old))

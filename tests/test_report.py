@@ -289,6 +289,7 @@ def test_minimal_analysis_renders(tmp_path):
         (run / p).unlink()
     shutil.rmtree(run / "steering")
     html = report(ReportConfig(run=str(run))).read_text()
+    # 8 latents in the exclusive partitions, less latent 3 that never fired (dead is no candidate).
     assert "Exclusive candidates (7)" in html and "No splice-in evaluation" in html
 
 
@@ -300,7 +301,35 @@ def test_large_run_index_stays_small(tmp_path):
         for i in range(5000):
             w.writerow({**_row(i % 40), "latent": i, "partition": "a_exclusive", "verdict": "candidate_a"})
     html = report(ReportConfig(run=str(run))).read_text()
-    assert "Exclusive candidates (5000)" in html and len(html) < 4_000_000
+    assert "Exclusive candidates (4875)" in html and len(html) < 4_000_000  # less 125 dead (i % 40 == 3)
+
+
+def test_candidates_are_the_analysis_candidates_including_rejected_norm_rule_ones(tmp_path):
+    """A shared-partition latent with relative norm <= 0.1 is an A candidate (docs/design.md §5); the analysis
+    rejected it, and the report lists it among the candidates all the same, with its side."""
+    run = make_run(tmp_path, features=False)
+    rows = [_row(i) for i in range(40)]
+    reason = "too rare to verify: 3 held-out firings (< 10)"
+    rows[20].update(rel_norm=0.05, dec_norm_a=0.95, dec_norm_b=0.05, verdict="rejected", reason=reason)
+    with open(run / "analysis" / "latents.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    html = report(ReportConfig(run=str(run))).read_text()
+    assert "Exclusive candidates (8)" in html and reason in html
+
+
+def test_steering_verdicts_come_from_the_steering_file(tmp_path):
+    """crossdiff steer writes RUN/steering/verdicts.csv; the report joins it by latent id, and a rerun of
+    the analysis (latents.csv rewritten without steering columns) does not lose it."""
+    run = make_run(tmp_path, features=False)
+    with open(run / "analysis" / "latents.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(_row(i) for i in range(40))
+    (run / "steering" / "verdicts.csv").write_text("latent,verdict,effect\n36,pass,7.25\n")
+    idx = report(ReportConfig(run=str(run))).read_text()
+    assert "steer_verdict" in idx and "7.25" in idx and ">pass<" in idx
 
 
 # ----------------------------------------------------------------------------- the browser

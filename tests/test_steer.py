@@ -151,11 +151,13 @@ def test_cli_single_and_top(tmp_path, models_ab, monkeypatch, one_thread):
     assert cli.main(["steer", *common, "--latent", "0"]) == 0
     doc = json.loads((run / "steering" / "0.json").read_text())
     assert doc["verdict"] in ("pass", "fail") and len(doc["strengths"]) == len(doc["dlogprob_z"]) == 2
+    verdicts = run / "steering" / "verdicts.csv"  # steering's own file; latents.csv is never rewritten
+    analysis = (run / "analysis" / "latents.csv").read_bytes()
+    assert verdicts.read_text().splitlines()[1].split(",")[:2] == ["0", doc["verdict"]]
     assert cli.main(["steer", *common, "--top", "1", "--budget-seconds", "0"]) == 0
-    lines = (run / "analysis" / "latents.csv").read_text().splitlines()
-    assert lines[0] == cols + ",steer_verdict,steer_effect"
-    assert lines[1].endswith(",skipped,") and lines[7].endswith(",skipped,") and lines[2].endswith(",,")
+    assert verdicts.read_text().splitlines() == ["latent,verdict,effect", "0,skipped,", "6,skipped,"]
     assert cli.main(["steer", *common, "--top", "1"]) == 0
-    lines = (run / "analysis" / "latents.csv").read_text().splitlines()
-    assert lines[1].split(",")[-2] in ("pass", "fail") and lines[7].split(",")[-2] in ("pass", "fail")
-    assert lines[8].endswith(",,") and len(lines[0].split(",")) == 7
+    lines = verdicts.read_text().splitlines()
+    assert [ln.split(",")[0] for ln in lines[1:]] == ["0", "6"]  # the rejected 7 is not steered
+    assert all(ln.split(",")[1] in ("pass", "fail") and ln.split(",")[2] for ln in lines[1:])
+    assert (run / "analysis" / "latents.csv").read_bytes() == analysis

@@ -50,6 +50,16 @@ def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monke
     assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs
 
+    # bench.json as crossdiff 0.1 wrote it (every TrainConfig field but store, out and device, logging
+    # and checkpoint intervals included): still this run's record, neither retrained nor re-scored.
+    monkeypatch.setattr("crossdiff.toybench.score_run", lambda *a: pytest.fail("re-scored"))
+    for r in runs:
+        path = out / "runs" / f"{r['name']}-seed-0" / "bench.json"
+        rec = json.loads(path.read_text())
+        rec["settings"].update(logger="none", log_every=50, checkpoint_every=11, dec_init_norm=0.1)
+        path.write_text(json.dumps(rec))
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
+
 
 def test_bench_toy_verifies_exclusive_latents_and_rescores_without_the_store(
     tmp_path, monkeypatch, one_thread

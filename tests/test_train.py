@@ -193,6 +193,33 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     assert "other settings (dec_init_norm: 0.1 -> 0.01)" in capsys.readouterr().err
 
 
+def test_rerun_with_a_relative_out_of_a_run_made_with_its_absolute_path_is_accepted(
+    store_path, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    assert cli.main(_argv(store_path, run.resolve())) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(_argv(os.path.relpath(store_path), "run")) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_moved_run_folder_is_accepted_and_a_noop_rerun_writes_nothing(store_path, tmp_path, capsys):
+    """A finished run, renamed, rerun with its store spelled another way: "already finished", and
+    train_config.json untouched (so `crossdiff analyze` still finds the store it names)."""
+    assert cli.main(_argv(store_path, tmp_path / "run")) == 0
+    moved = tmp_path / "renamed"
+    (tmp_path / "run").rename(moved)
+    saved = moved / "train_config.json"
+    before = (saved.read_bytes(), saved.stat().st_mtime_ns)
+    other_spelling = store_path.parent / ".." / store_path.parent.name / store_path.name
+    capsys.readouterr()
+    assert cli.main(_argv(other_spelling, moved, log_every=8, checkpoint_every=3)) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (saved.read_bytes(), saved.stat().st_mtime_ns) == before
+    assert json.loads(saved.read_text())["store"] == str(store_path)
+
+
 def test_decoder_rows_start_at_dec_init_norm(store_path):
     from crossdiff.store import Store
     from crossdiff.train import _initialise
