@@ -184,17 +184,6 @@ class _Rows:
 # ----------------------------------------------------------------------------- one context
 
 
-@dataclass
-class Paired:
-    """Both sides' tokens of one text, their alignment, and the crosscoder's latents there."""
-
-    toks: tuple
-    ends_P: np.ndarray  # aligned end characters (all pairs)
-    pos: tuple  # (pos_a, pos_b) of the kept pairs (first dropped, norm outliers dropped)
-    kept_ends: np.ndarray
-    f_PF: Tensor | None = None
-
-
 def tokenize_pair(sides, text: str):
     from .align import align, tokenize
 
@@ -422,7 +411,7 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
             )
     share = {m: float((g[1] - g[2]) / g[1]) if g[1] > 0 else math.nan for m, g in gaps.items()}
     return {
-        "first_order": {k: v / max(n_tok[c.side], 1) for c in cands for k, v in [(c.latent, est[c.latent])]},
+        "first_order": {c.latent: est[c.latent] / max(n_tok[c.side], 1) for c in cands},
         "whole": {
             m: {
                 "gap_clean": g[0],

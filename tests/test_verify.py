@@ -41,7 +41,7 @@ def test_side_without_edits_equals_the_plain_model(models_ab):
             lm.model(input_ids=ids[None])
         except Exception:
             pass
-    torch.testing.assert_close(out.h_TD, cap[0][0].float())
+    torch.testing.assert_close(out.h_TD, cap[0][0].float(), atol=1e-3, rtol=1e-3)  # batch 3 vs 1 GEMMs
 
 
 def test_rotated_copy_behaves_like_the_model_and_reads_h_times_r(models_ab):
