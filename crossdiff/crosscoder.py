@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import sparse
 from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
-from .sparsity import DFC, SPARSITIES, Select, Sparsity, get_sparsity
+from .sparsity import DEFAULT_SPARSITY, DFC, SPARSITIES, Select, Sparsity, get_sparsity
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "crosscoder.safetensors"
@@ -111,7 +111,7 @@ class CrosscoderConfig:
     """Width of model B's activations."""
     n_latents: int = 16384
     """Dictionary size D."""
-    sparsity: str = "batchtopk"
+    sparsity: str = DEFAULT_SPARSITY
     """A name in crossdiff.sparsity.SPARSITIES: batchtopk (inference uses the learned threshold),
     topk (per token) or l1."""
     k: int = 32

@@ -584,7 +584,7 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     from .crosscoder import Crosscoder
 
     run = Path(cfg.run)
-    from .models import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(cfg.device)
     cc = Crosscoder.from_pretrained(run, device=device)

@@ -37,7 +37,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic
-from .sparsity import DEFAULT_SPARSITY, DFC, arch_name
+from .sparsity import DEFAULT_SPARSITY, DFC, NAMES, arch_name
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
@@ -104,9 +104,9 @@ class ToyBenchConfig:
         if not 0 < self.match_threshold <= 1:
             raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
         for sparsity in self.dfc_sparsities:
-            if sparsity not in ("batchtopk", "topk", "l1"):
+            if sparsity not in NAMES:
                 raise CrossdiffError(
-                    f"--dfc-sparsities: unknown sparsity {sparsity!r}; use batchtopk, topk or l1"
+                    f"--dfc-sparsities: unknown sparsity {sparsity!r}; use one of {', '.join(NAMES)}"
                 )
         for frac in self.dfc_fracs:
             if not 0 < frac < 0.5:
@@ -494,7 +494,12 @@ def write_report(out: Path, results: dict) -> None:
         for r in verified if r["exclusive_precision"]["mean"] is not None
     ]  # fmt: skip
     write_text_atomic(out / "recall_precision.svg", _arrows_svg(svg, arrows, **frame))
-    rel = [v for r in results["runs"] if r["arch"] == "batchtopk" for v in r["relative_norms_alive"] or []]
+    rel = [
+        v
+        for r in results["runs"]
+        if r["sparsity"] == DEFAULT_SPARSITY and not r["exclusive_frac"]
+        for v in r["relative_norms_alive"] or []
+    ]
     write_text_atomic(out / "relative_norms.svg", histogram_svg(
         rel, bins=40, value_range=(0.0, 1.0), log_y=True, y_label="alive latents",
         title="Standard BatchTopK crosscoder: relative decoder norm (all seeds)",

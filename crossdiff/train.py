@@ -34,7 +34,7 @@ from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
-from .models import resolve_device
+from .runtime import apply_cpu_policy, resolve_device
 from .sparsity import (
     DEFAULT_SPARSITY,
     DFC,
@@ -61,7 +61,7 @@ class TrainConfig:
     """Paired-activation store to train on (made by `crossdiff harvest`)."""
     out: str
     """Run folder: checkpoints, metrics.jsonl, eval.json and the final crosscoder. Rerun to resume."""
-    sparsity: Literal[NAMES] = "batchtopk"
+    sparsity: Literal[NAMES] = DEFAULT_SPARSITY
     """How latents are selected (crossdiff/sparsity.py): batchtopk, topk (per token) or l1."""
     exclusive_frac: float = 0.0
     """Fraction of latents exclusive to A, and the same fraction exclusive to B; the rest are shared.
@@ -536,28 +536,6 @@ def upgrade_train_settings(saved: dict) -> dict:
     return saved
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in the process heap (glibc): a no-op elsewhere; True if applied.
-
-    glibc hands every freed block above 32 MB back to the OS, so each step's (B, F) buffers and
-    fresh gradients come back as zeroed pages: measured ~84k page faults per sparse step and ~416k
-    per dense step at d=576/640, D=16384, B=1024 (up to 25% of a step on 2 cores). PyTorch has no
-    caching allocator on CPU, so we ask malloc to keep large blocks instead (costs: resident memory
-    stays at its peak until the process exits).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -586,8 +564,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
-    if device.type == "cpu":
-        tune_cpu_allocator()
+    apply_cpu_policy()  # once per process (crossdiff/runtime.py)
     ckpt = latest_checkpoint(run)
     st = _resume(ckpt, store, device) if ckpt else _initialise(cfg, store, device)
     if ctx is not None:  # replicas start identical (same seed or checkpoint); select globally
