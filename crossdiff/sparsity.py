@@ -64,15 +64,23 @@ def _positive(xw_BF: Tensor, bias_F, norm_F, k: int, guess=None, shortcut=True) 
 SPARSITIES: dict[str, Sparsity] = {
     s.name: s
     for s in (
-        # BatchTopK (Bussmann et al. 2024): the k·B largest over the batch; θ at inference.
-        Sparsity("batchtopk", _batch_topk, True, True, True, False, True),
-        Sparsity("topk", _topk, True, True, False, False, False),  # per token (Gao et al. 2024)
-        Sparsity("l1", _positive, False, False, False, True, False, max_sparse_density=0.05),
+        Sparsity(  # the k·B largest over the batch (Bussmann et al. 2024); the learned θ at inference
+            "batchtopk", _batch_topk, uses_k=True, selects=True, learns_threshold=True, l1_penalty=False,
+            couples_batch=True,
+        ),
+        Sparsity(  # the k largest per token (Gao et al. 2024)
+            "topk", _topk, uses_k=True, selects=True, learns_threshold=False, l1_penalty=False,
+            couples_batch=False,
+        ),
+        Sparsity(  # every positive pre-activation, an L1 penalty in the loss (Anthropic 2024)
+            "l1", _positive, uses_k=False, selects=False, learns_threshold=False, l1_penalty=True,
+            couples_batch=False, max_sparse_density=0.05,
+        ),
     )
-}
+}  # fmt: skip
 NAMES = tuple(SPARSITIES)
 DEFAULT_SPARSITY = "batchtopk"
-"""The sparsity of --arch dfc unless --sparsity says otherwise (the DFC paper's)."""
+"""The default sparsity, also of --arch dfc (the DFC paper's)."""
 DFC = "dfc"
 """The --arch name of the Dedicated Feature Crosscoder (an exclusive fraction > 0)."""
 DFC_EXCLUSIVE_FRAC = 0.05
