@@ -138,12 +138,11 @@ def train_rate(device, d_a, d_b, latents, k, batch, arch, steps) -> float:
     tcfg = TrainConfig(
         store="-",
         out="-",
-        arch=arch,
         latents=latents,
         k=k,
         batch_size=batch,
         tokens=10**9,
-        exclusive_frac=frac or 0.05,
+        exclusive_frac=frac,
     )
     st = _new_state(Crosscoder(ccfg, device=device), device)
     g = torch.Generator(device=device).manual_seed(0)

@@ -4,7 +4,11 @@ Each size runs `crossdiff harvest` in its own process; peak RSS comes from the k
 that child (os.wait4). Memory is bounded by design (one batch of activations plus one shard buffer), so
 the peak should not grow with the number of tokens.
 
-    .venv/bin/python bench/harvest_memory.py [--tokens 20000 200000] [--keep DIR]
+    .venv/bin/python bench/harvest_memory.py [--tokens 20000 200000] [--keep DIR] [--policy threshold]
+
+`--policy threshold` runs the harvest with the allocator policy it had before crossdiff/runtime.py
+made one policy per process (every block above 1 MiB mmap-ed and returned to the OS), to compare
+peak memory with today's (`keep`, the default).
 """
 
 from __future__ import annotations
@@ -29,12 +33,23 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run(out: Path, tokens: int) -> tuple[float, float, list[float]]:
+# The old harvest policy, in place of crossdiff.runtime.apply_cpu_policy (patched before harvest.py
+# imports it): a fixed 1 MiB mmap threshold.
+THRESHOLD_POLICY = """
+import ctypes, ctypes.util, sys
+from crossdiff import cli, runtime
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+runtime.apply_cpu_policy = lambda: bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def run(out: Path, tokens: int, policy: str = "keep") -> tuple[float, float, list[float]]:
     """(peak RSS MiB, seconds, RSS sampled at each quarter of the shards written)."""
+    launch = ["-m", "crossdiff"] if policy == "keep" else ["-c", THRESHOLD_POLICY]
     args = [
         sys.executable,
-        "-m",
-        "crossdiff",
+        *launch,
         "harvest",
         "--out",
         str(out),
@@ -71,6 +86,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[20000, 200000])
     p.add_argument("--keep", help="write the stores under this folder and keep them")
+    p.add_argument(
+        "--policy", choices=["keep", "threshold"], default="keep", help="allocator policy (see above)"
+    )
     args = p.parse_args()
     root = Path(args.keep or tempfile.mkdtemp())
     print(
@@ -78,7 +96,7 @@ def main() -> None:
     )
     for tokens in args.tokens:
         out = root / f"brown-{tokens}"
-        rss, seconds, quarters = run(out, tokens)
+        rss, seconds, quarters = run(out, tokens, args.policy)
         meta = json.loads((out / "meta.json").read_text())
         shards = sum(f.stat().st_size for f in (out / "shards").iterdir())
         acts = 2 * (meta["models"]["a"]["d_model"] + meta["models"]["b"]["d_model"])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from crossdiff import sparse  # noqa: E402
-from crossdiff.train import tune_cpu_allocator  # noqa: E402
+from crossdiff.runtime import apply_cpu_policy  # noqa: E402
 
 
 def entries(n_tokens: int, n_latents: int, n_entries: int, seed: int = 0):
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--evict-mb", type=int, default=400, help="buffer rewritten before each call")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    tune_cpu_allocator()
+    apply_cpu_policy()
     import warnings
 
     warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"

@@ -3,6 +3,12 @@
     python bench/train_speed.py                                   # CPU: d=576/640, D=16384, k=32, B=1024
     python bench/train_speed.py --device cuda --d-a 4096 --d-b 4096 --latents 65536 --batch-size 4096
     python bench/train_speed.py --threads 1 --clock cpu           # on a shared machine: CPU time per step
+    python bench/train_speed.py --contention 2                    # slowdown beside 2 busy processes
+
+`--contention N` times the trainer's default (sparse) step with N competing busy processes (one
+Python busy loop each) against the same step with them paused (SIGSTOP), alternating rounds in one
+run, and prints `slowdown=X.XX` (contended / quiet wall time per step). With one busy process per
+core, the fair share of the CPU is half, so 2.00 is the ideal.
 
 Both modes run the trainer's own `train_step` (forward, backward, grad clip, fused Adam, dead-latent
 counters, threshold EMA) on the same planted-feature batches, alternating rounds so that background
@@ -18,17 +24,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from crossdiff import runtime  # noqa: E402
+
+runtime.before_torch()  # the process-wide OpenMP settings of `crossdiff`, before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from crossdiff.crosscoder import Crosscoder  # noqa: E402
-from crossdiff.train import TrainConfig, _new_state, train_step, tune_cpu_allocator  # noqa: E402
+from crossdiff.runtime import apply_cpu_policy  # noqa: E402
+from crossdiff.sparsity import arch_settings  # noqa: E402
+from crossdiff.train import TrainConfig, _new_state, train_step  # noqa: E402
 
 
 def planted_pairs(
@@ -85,10 +99,11 @@ def write_store(path: str, n_tokens: int, d_a: int, d_b: int, seed: int) -> None
     print(f"wrote {n_tokens} tokens to {path} (scale_a={scale_a:.4g}, scale_b={scale_b:.4g})")
 
 
-def bench(args) -> None:
+def _setup(args, modes: dict):
+    """Normalised synthetic batches and one (TrainConfig, TrainState) per mode, same init."""
     device = torch.device(args.device)
     if device.type == "cpu" and args.tune_allocator:
-        tune_cpu_allocator()  # as `crossdiff train` does; applies to both modes alike
+        apply_cpu_policy()  # as `crossdiff train` does; applies to both modes alike
     x_a, x_b = planted_pairs(args.batch_size * args.n_batches, args.d_a, args.d_b)
     scale_a = (args.d_a / x_a.pow(2).sum(1).mean()).sqrt()
     scale_b = (args.d_b / x_b.pow(2).sum(1).mean()).sqrt()
@@ -96,13 +111,12 @@ def bench(args) -> None:
         (a.to(device) * scale_a, b.to(device) * scale_b)
         for a, b in zip(x_a.split(args.batch_size), x_b.split(args.batch_size), strict=True)
     ]
-    modes = {"dense reference": dict(sparse_kernels=False), "sparse": dict(sparse_kernels=True)}
-    states, times = {}, {m: [] for m in modes}
+    states = {}
     for mode, kw in modes.items():
         cfg = TrainConfig(
             store="-",
             out="-",
-            arch=args.arch,
+            **arch_settings(args.arch),
             latents=args.latents,
             k=args.k,
             batch_size=args.batch_size,
@@ -118,6 +132,13 @@ def bench(args) -> None:
 
         model = Crosscoder(cfg.crosscoder_config(_Store), generator=torch.Generator().manual_seed(0))
         states[mode] = (cfg, _new_state(model, device))
+    return batches, states
+
+
+def bench(args) -> None:
+    modes = {"dense reference": dict(sparse_kernels=False), "sparse": dict(sparse_kernels=True)}
+    batches, states = _setup(args, modes)
+    device, times = torch.device(args.device), {m: [] for m in modes}
     step = 0
     # --clock cpu: this process's CPU time, which leaves out the time other jobs hold the core
     # (meaningful with --threads 1 on CPU; with more threads it sums over them).
@@ -133,6 +154,42 @@ def bench(args) -> None:
             if rnd >= args.warmup_rounds:
                 times[mode].append((clock() - t0) / args.steps)
     _report(args, times)
+
+
+def contention(args) -> None:
+    """Wall time per sparse step with N busy processes running vs paused, alternating rounds."""
+    batches, states = _setup(args, {"sparse": dict(sparse_kernels=True)})
+    cfg, st = states["sparse"]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)]
+    times, step = {"quiet": [], "contended": []}, 0
+    try:
+        for rnd in range(args.warmup_rounds + args.rounds):
+            for mode in ("quiet", "contended"):
+                sig = signal.SIGCONT if mode == "contended" else signal.SIGSTOP
+                for p in busy:
+                    p.send_signal(sig)
+                time.sleep(0.2)  # let the scheduler see the change
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    train_step(st, *batches[step % len(batches)], cfg)
+                    step += 1
+                if rnd >= args.warmup_rounds:
+                    times[mode].append((time.perf_counter() - t0) / args.steps)
+    finally:
+        for p in busy:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    print(
+        f"contention={args.contention} busy processes on {os.cpu_count()} cores, threads={torch.get_num_threads()} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} d_a={args.d_a} d_b={args.d_b} D={args.latents} "
+        f"k={args.k} batch={args.batch_size} arch={args.arch} rounds={args.rounds}x{args.steps} steps"
+    )
+    print(f"{'':<12}{'ms/step (median)':>18}{'min':>10}{'tokens/s':>12}")
+    for mode, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{mode:<12}{med * 1e3:>18.1f}{min(ts) * 1e3:>10.1f}{args.batch_size / med:>12.0f}")
+    print(f"slowdown={statistics.median(times['contended']) / statistics.median(times['quiet']):.2f}")
 
 
 def _sync(device):
@@ -172,7 +229,10 @@ def main() -> None:
     p.add_argument("--warmup-rounds", type=int, default=1)
     p.add_argument("--n-batches", type=int, default=4, help="distinct synthetic batches cycled through")
     p.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: crossdiff's, the available cores)",
     )
     p.add_argument(
         "--tune-allocator",
@@ -186,13 +246,23 @@ def main() -> None:
         default="wall",
         help="wall time, or this process's CPU time (robust to other jobs with --threads 1)",
     )
+    p.add_argument(
+        "--contention",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the sparse step beside N busy processes vs without them; prints slowdown=",
+    )
     p.add_argument("--write-store", metavar="DIR", help="write a synthetic planted-feature store instead")
     p.add_argument("--tokens", type=int, default=262144, help="tokens for --write-store")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.write_store:
         write_store(args.write_store, args.tokens, args.d_a, args.d_b, args.seed)
+    elif args.contention:
+        contention(args)
     else:
         bench(args)
 

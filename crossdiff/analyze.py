@@ -546,8 +546,7 @@ def _open_inputs(cfg: AnalyzeConfig):
 
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Analyse (or finish analysing, or report) the run; returns summary.json's content."""
-    from .models import resolve_device
-    from .train import tune_cpu_allocator
+    from .runtime import apply_cpu_policy, resolve_device
 
     run, cc, store = _open_inputs(cfg)
     out = Path(cfg.out) if cfg.out else run / "analysis"
@@ -559,8 +558,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     (out / "summary.json").unlink(missing_ok=True)
     shutil.rmtree(out / "features", ignore_errors=True)  # derived files of other settings
     device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        tune_cpu_allocator()
+    apply_cpu_policy()  # once per process (crossdiff/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
     plan = make_plan(cc, store, cfg)
     res = _cached(

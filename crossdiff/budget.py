@@ -91,6 +91,7 @@ def harvest_config(b: Budget, out, *, model_a: str, model_b: str, corpus: str, d
 def train_config(
     b: Budget, store, out, *, arch: str = "dfc", seed: int = 0, device: str = "auto", dec_init_norm=None
 ):
+    from .sparsity import arch_settings
     from .train import TrainConfig
 
     extra = {} if dec_init_norm is None else {"dec_init_norm": dec_init_norm}
@@ -98,7 +99,7 @@ def train_config(
         **extra,
         store=str(store),
         out=str(out),
-        arch=arch,
+        **arch_settings(arch),
         latents=b.latents,
         k=b.k,
         tokens=b.train_tokens,

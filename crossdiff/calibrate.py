@@ -161,10 +161,15 @@ def calibration_settings(cfg: CalibrateConfig, b: Budget, store, words: tuple[st
 
 
 def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
+    from .train import upgrade_train_settings
+
     path = folder / "settings.json"
-    if path.is_file() and json.loads(path.read_text()) == settings:
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if isinstance(saved, dict) and isinstance(saved.get("train"), dict):  # `arch` before sparsity/frac
+        saved["train"] = upgrade_train_settings(saved["train"])
+    if saved == settings:
         return
-    if path.is_file():
+    if saved is not None:
         if not overwrite:
             raise CrossdiffError(
                 f"{folder} holds a calibration made with other settings (words, seed, budget or base "

@@ -12,6 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from . import runtime
 from .config import add_config_arguments, config_from_args
 from .errors import CrossdiffError
 
@@ -127,6 +128,7 @@ _ALL_CONFIGS = False
 
 def main(argv: list[str] | None = None) -> int:
     global _ALL_CONFIGS
+    runtime.before_torch()  # OpenMP settings take effect only if set before torch loads
     argv = list(sys.argv[1:] if argv is None else argv)
     _ALL_CONFIGS = (
         bool(argv)

@@ -3,7 +3,8 @@
 A config is a frozen dataclass; the string literal under each field documents it (as in sparsify).
 `add_config_arguments` turns one into argparse options (`batch_size` -> `--batch-size`) and
 `config_from_args` builds it back, so the CLI and the Python API share one definition and one
-validation (`__post_init__` raising `CrossdiffError`).
+validation (`__post_init__` raising `CrossdiffError`). A config may also list `CLI_SHORTHANDS`:
+options that exist only on the command line and stand for values of its fields (train's --arch).
 
 Settings: every field changes a command's results unless its definition says otherwise, with
 `where(...)` (where or how it runs: folders, device, logging; left out of the settings) or `added(...)`
@@ -23,7 +24,20 @@ import json
 import textwrap
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
+
+
+@dataclass(frozen=True)
+class Shorthand:
+    """A command-line option that stands for values of other fields (e.g. train's --arch)."""
+
+    name: str
+    help: str
+    choices: tuple[str, ...]
+    expand: Callable[[str, dict], dict]
+    """(the option's value, the fields given explicitly) -> the fields to build the config with."""
 
 
 @cache
@@ -100,6 +114,11 @@ def add_config_arguments(
             parser.add_argument(f.name, **kwargs)
         else:
             parser.add_argument(name, **kwargs)
+    for sh in getattr(cls, "CLI_SHORTHANDS", ()):
+        parser.add_argument(
+            "--" + sh.name, dest="_shorthand_" + sh.name, choices=sh.choices, default=argparse.SUPPRESS,
+            help=sh.help.replace("%", "%%"),
+        )  # fmt: skip
 
 
 def config_from_args(cls: type, args: argparse.Namespace):
@@ -108,6 +127,9 @@ def config_from_args(cls: type, args: argparse.Namespace):
     for k, v in values.items():
         if isinstance(v, list):
             values[k] = tuple(v)
+    for sh in getattr(cls, "CLI_SHORTHANDS", ()):
+        if hasattr(args, "_shorthand_" + sh.name):
+            values = sh.expand(getattr(args, "_shorthand_" + sh.name), values)
     return cls(**values)
 
 

@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,14 +41,19 @@ from torch import Tensor, nn
 from . import sparse
 from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
+from .sparsity import DEFAULT_SPARSITY, DFC, SPARSITIES, Select, Sparsity, get_sparsity
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "cfg.json"
-Sparsity = Literal["batchtopk", "topk", "l1"]
-# Above this fraction of active entries the L1 step falls back to the dense path (early L1 training
-# is dense, where gathers are slower than GEMMs).
-L1_SPARSE_MAX_DENSITY = 0.05
+ALIGN = 64
+"""Exclusive partition sizes are rounded up to a multiple of this many latents (docs/training.md):
+then every GEMM operand, output view and offset of the partition is 64-aligned. cuBLAS falls back
+to a several-times slower kernel for unaligned column ranges (measured on an H200: the output view
+out[:, 3276:65536] at 276 TFLOP/s, out[:, 3328:65536] at 719)."""
+ALIGN_MIN_LATENTS = 256 * ALIGN
+"""Smaller dictionaries keep the exact count: there rounding up would move the exclusive fraction
+by more than 1/256 of the dictionary (5% of 4,096 = 205 would become 256, 6.25%)."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,14 @@ class Partition:
 
     @classmethod
     def from_fractions(cls, n_latents: int, frac_a: float, frac_b: float | None = None) -> Partition:
+        """round(D·frac) exclusive latents per model, rounded up to a multiple of ALIGN when D is a
+        multiple of ALIGN, at least ALIGN_MIN_LATENTS, and shared latents remain."""
         frac_b = frac_a if frac_b is None else frac_b
-        return cls(n_latents, round(n_latents * frac_a), round(n_latents * frac_b))
+        exact = round(n_latents * frac_a), round(n_latents * frac_b)
+        aligned = tuple(-(-n // ALIGN) * ALIGN for n in exact)
+        if n_latents % ALIGN or n_latents < ALIGN_MIN_LATENTS or sum(aligned) >= n_latents:
+            return cls(n_latents, *exact)
+        return cls(n_latents, *aligned)
 
     @property
     def a_exclusive(self) -> range:
@@ -100,8 +111,9 @@ class CrosscoderConfig:
     """Width of model B's activations."""
     n_latents: int = 16384
     """Dictionary size D."""
-    sparsity: Sparsity = "batchtopk"
-    """batchtopk (inference uses the learned threshold), topk (per token) or l1."""
+    sparsity: str = DEFAULT_SPARSITY
+    """A name in crossdiff.sparsity.SPARSITIES: batchtopk (inference uses the learned threshold),
+    topk (per token) or l1."""
     k: int = 32
     """Active latents per token for batchtopk/topk."""
     n_a_exclusive: int = 0
@@ -125,9 +137,7 @@ class CrosscoderConfig:
                 f"widths and dictionary size must be positive, got d_a={self.d_a}, "
                 f"d_b={self.d_b}, n_latents={self.n_latents}"
             )
-        if self.sparsity not in ("batchtopk", "topk", "l1"):
-            raise CrossdiffError(f"unknown sparsity {self.sparsity!r}; use batchtopk, topk or l1")
-        if self.sparsity != "l1" and not 1 <= self.k <= self.n_latents:
+        if get_sparsity(self.sparsity).uses_k and not 1 <= self.k <= self.n_latents:
             raise CrossdiffError(f"k={self.k} must be between 1 and the dictionary size {self.n_latents}")
         if self.n_a_exclusive < 0 or self.n_b_exclusive < 0:
             raise CrossdiffError("exclusive latent counts must be >= 0")
@@ -145,11 +155,16 @@ class CrosscoderConfig:
     def partition(self) -> Partition:
         return Partition(self.n_latents, self.n_a_exclusive, self.n_b_exclusive)
 
+    @property
+    def rule(self) -> Sparsity:
+        """This crosscoder's entry of the sparsity table."""
+        return SPARSITIES[self.sparsity]
+
     def to_dict(self) -> dict:
         part = self.partition
         return {
             "format_version": FORMAT_VERSION,
-            "architecture": "dfc" if part.is_dfc else "crosscoder",
+            "architecture": DFC if part.is_dfc else "crosscoder",
             **dataclasses.asdict(self),
             "partition": {
                 "layout": ["a_exclusive", "shared", "b_exclusive"],
@@ -342,14 +357,14 @@ class Crosscoder(nn.Module):
         cfg = self.cfg
         xc_a, xc_b = x_a - self.b_dec_a, x_b - self.b_dec_b
         f_BF = sparse.matmuls_nograd(xc_a, xc_b, self.W_enc_a, self.W_enc_b, cfg.n_latents, cfg.n_a_exclusive)
-        if cfg.sparsity == "l1":
+        if not cfg.rule.selects:
             return sparse.bias_relu_threshold_(f_BF, self.b_enc), None
         norm_a_F, norm_b_F = self.decoder_norms()
         norm_F = norm_a_F + norm_b_F
-        if cfg.sparsity == "batchtopk" and self.threshold >= 0:
+        if self._threshold_learned():
             return sparse.bias_relu_threshold_(f_BF, self.b_enc, norm_F, self.threshold), None
         # The selections rank ReLU(f_pre)·norm, so selecting on ReLU(f_pre) picks the same entries.
-        entries = self._select(sparse.bias_relu_threshold_(f_BF, self.b_enc), None, norm_F)
+        entries = cfg.rule.select(sparse.bias_relu_threshold_(f_BF, self.b_enc), None, norm_F, cfg.k)
         return sparse.keep_entries_(f_BF, entries), entries
 
     def _encode_reference(self, x_a: Tensor, x_b: Tensor) -> Tensor:
@@ -358,11 +373,14 @@ class Crosscoder(nn.Module):
         f_BF = f_pre_BF.relu()
         norm_a_F, norm_b_F = self.decoder_norms()
         norm_F = (norm_a_F + norm_b_F).detach()
-        if self.cfg.sparsity == "l1":
+        if not self.cfg.rule.selects:
             return f_BF
-        if self.cfg.sparsity == "batchtopk" and self.threshold >= 0:
+        if self._threshold_learned():
             return f_BF * (f_BF * norm_F > self.threshold)
-        return f_BF * self._mask(self._select(f_pre_BF.detach(), None, norm_F), f_BF)
+        return f_BF * self._mask(self.cfg.rule.select(f_pre_BF.detach(), None, norm_F, self.cfg.k), f_BF)
+
+    def _threshold_learned(self) -> bool:
+        return self.cfg.rule.learns_threshold and bool(self.threshold >= 0)
 
     def decode(self, f_BF: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂_A, x̂_B) in normalised units from activations (B, F)."""
@@ -376,14 +394,6 @@ class Crosscoder(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def _select(self, xw_BF: Tensor, bias_F: Tensor | None, norm_F: Tensor, guess=None, shortcut=True):
-        if self.cfg.sparsity == "batchtopk":
-            n_keep = self.cfg.k * xw_BF.shape[0]
-            return sparse.select_batch_topk(xw_BF, bias_F, norm_F, n_keep, guess, shortcut)
-        if self.cfg.sparsity == "topk":
-            return sparse.select_topk(xw_BF, bias_F, norm_F, self.cfg.k)
-        return sparse.select_positive(xw_BF, bias_F)
-
     def training_forward(
         self,
         x_a: Tensor,
@@ -395,24 +405,28 @@ class Crosscoder(nn.Module):
         l1_coeff: float = 0.0,
         sparse_kernels: bool = True,
         guess: float | None = None,
+        select: Select | None = None,
     ) -> TrainOutput:
         """Loss and statistics for one batch (normalised units).
 
         sparse_kernels=True uses the sparse path (sparse.py); False the dense oracle. Both select the
-        same latents and agree to float rounding (tests/test_sparse.py).
+        same latents and agree to float rounding (tests/test_sparse.py). `select` replaces the
+        sparsity's own selection (data-parallel training: the global-batch BatchTopK of
+        distributed.py).
         """
+        select = select or self.cfg.rule.select
         n_tokens = x_a.shape[0]
         norm_a_F, norm_b_F = self.decoder_norms()
         norm_F = norm_a_F + norm_b_F  # BatchTopK ranking and L1 weight: Σ of per-model norms (§2)
         xc_a, xc_b = x_a - self.b_dec_a, x_b - self.b_dec_b  # the encoder reads centred inputs
-        acts = self._sparse_acts(x_a, x_b, xc_a, xc_b, norm_F, guess) if sparse_kernels else None
+        acts = self._sparse_acts(x_a, x_b, xc_a, xc_b, norm_F, guess, select) if sparse_kernels else None
         if acts is None:  # dense oracle (or an L1 batch too dense for gathers to pay off)
-            acts = self._dense_acts(x_a, x_b, norm_F)
+            acts = self._dense_acts(x_a, x_b, norm_F, select)
         entries, x_hat_a, x_hat_b, l1_sum, xw_BF = acts
         err_a, err_b = x_a - x_hat_a, x_b - x_hat_b
         sse_a, sse_b = err_a.pow(2).sum(), err_b.pow(2).sum()
         loss = (sse_a + sse_b) / n_tokens
-        if self.cfg.sparsity == "l1" and l1_coeff > 0:
+        if self.cfg.rule.l1_penalty and l1_coeff > 0:
             loss = loss + l1_coeff * l1_sum / n_tokens
         aux = self._auxk(xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF)
         if aux_alpha > 0:
@@ -428,13 +442,13 @@ class Crosscoder(nn.Module):
             entries.cutoff,
         )
 
-    def _sparse_acts(self, x_a, x_b, xc_a, xc_b, norm_F, guess):
+    def _sparse_acts(self, x_a, x_b, xc_a, xc_b, norm_F, guess, select):
         """Sparse path: dense encoder matmul of the centred inputs without graph, then only the selected entries."""
         ea, n_f = self.cfg.n_a_exclusive, self.cfg.n_latents
         xw_BF = sparse.matmuls_nograd(xc_a, xc_b, self.W_enc_a, self.W_enc_b, n_f, ea)
         bias_F = self.b_enc.detach()
-        entries = self._select(xw_BF, bias_F, norm_F.detach(), guess)
-        if self.cfg.sparsity == "l1" and entries.rows_N.numel() > L1_SPARSE_MAX_DENSITY * xw_BF.numel():
+        entries = select(xw_BF, bias_F, norm_F.detach(), self.cfg.k, guess)
+        if entries.rows_N.numel() > self.cfg.rule.max_sparse_density * xw_BF.numel():
             return None
         entries = sparse.with_latent_order(entries)
         enc = (self.W_enc_a, self.W_enc_b, self.b_enc, ea, self.b_dec_a, self.b_dec_b)
@@ -443,10 +457,10 @@ class Crosscoder(nn.Module):
         x_hat_a, x_hat_b = sparse.decode_pair(entries, vals_N, *dec, ea, xc_a.shape[0])
         return entries, x_hat_a, x_hat_b, (vals_N * norm_F[entries.cols_N]).sum(), xw_BF
 
-    def _dense_acts(self, x_a, x_b, norm_F):
+    def _dense_acts(self, x_a, x_b, norm_F, select):
         """Dense oracle: f = ReLU(f_pre) masked to the selection, decoded by plain matmuls."""
         f_pre_BF = self.pre_acts(x_a, x_b)
-        entries = self._select(f_pre_BF.detach(), None, norm_F.detach(), shortcut=False)  # plain top-k
+        entries = select(f_pre_BF.detach(), None, norm_F.detach(), self.cfg.k, shortcut=False)  # plain top-k
         f_BF = f_pre_BF.relu() * self._mask(entries, f_pre_BF)
         x_hat_a, x_hat_b = self.decode(f_BF)
         return entries, x_hat_a, x_hat_b, (f_BF * norm_F).sum(), None

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import gc
 import os
-import types
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from . import sparse
+from .sparsity import Select, Sparsity
 
 EXCHANGE_TIMEOUT = timedelta(hours=24)
 
@@ -112,16 +112,17 @@ class DistContext:
             self._cpu_group = dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT)
         return self._cpu_group
 
-    def install_global_batch_topk(self, model) -> None:
-        """Make `model`'s BatchTopK select over the global batch (instance-level override)."""
-        if model.cfg.sparsity != "batchtopk":
-            return  # topk and l1 select per token: local selection is already exact
-        ctx = self
+    def selection(self, rule: Sparsity) -> Select | None:
+        """The selection to pass to `Crosscoder.training_forward` (its `select` argument): over the
+        global batch for a sparsity that couples the batch's tokens (BatchTopK), None (the local
+        selection, already exact) for per-token ones."""
+        if not rule.couples_batch:
+            return None
 
-        def _select(self_model, xw_BF, bias_F, norm_F, guess=None, shortcut=True):
-            return ctx.select_batch_topk(xw_BF, bias_F, norm_F, self_model.cfg.k * ctx.n_global)
+        def select(xw_BF, bias_F, norm_F, k: int, guess=None, shortcut=True) -> sparse.Entries:
+            return self.select_batch_topk(xw_BF, bias_F, norm_F, k * self.n_global)
 
-        model._select = types.MethodType(_select, model)
+        return select
 
     def select_batch_topk(self, xw_BF, bias_F, norm_F, n_keep: int) -> sparse.Entries:
         """The n_keep largest ReLU(xw + bias)·norm over all ranks' rows; this rank's share of them."""

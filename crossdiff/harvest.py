@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,7 +28,15 @@ from .config import settings, settings_of, where
 from .errors import CrossdiffError
 from .fsutil import explain_os_error, write_json_atomic
 from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
-from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, LanguageModel, load_model, resolve_device, resolve_layer
+from .models import (
+    DEFAULT_MODEL_A,
+    DEFAULT_MODEL_B,
+    LanguageModel,
+    batch_median_norm,
+    load_model,
+    resolve_layer,
+)
+from .runtime import apply_cpu_policy, resolve_device
 from .store import (
     HELDOUT_FRAC,
     Store,
@@ -143,7 +150,7 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
             print(f"{root} is already complete ({n:,} aligned pairs)")
         return Store.open(root)
     corpus = open_corpus(cfg.corpus)
-    _fix_mmap_threshold()
+    apply_cpu_policy()  # one allocator policy per process (crossdiff/runtime.py)
     lm_a, lm_b = load_model(cfg.model_a, device=device), load_model(cfg.model_b, device=device)
     layers = resolve_layer(cfg.layer_a, lm_a.n_layers), resolve_layer(cfg.layer_b, lm_b.n_layers)
     try:
@@ -188,25 +195,6 @@ def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> bool:
         if problem:
             shutil.rmtree(root)
     return False
-
-
-def _fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
-    """Serve every allocation above 1 MiB by mmap, returned to the OS when freed (glibc only).
-
-    glibc raises its mmap threshold each time a large block is freed, after which batches of varying
-    shape land in the heap and fragment it: RSS crept up shard after shard (1,665 -> 1,751 -> 1,807 MiB
-    over a 50k-token harvest). A fixed threshold keeps the harvest's memory flat (bench/harvest_memory.py).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD from <malloc.h>
-    except (OSError, AttributeError):
-        pass
 
 
 def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
@@ -317,16 +305,6 @@ def _run(lm: LanguageModel, layer: int, encs) -> torch.Tensor:
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids_BT, mask_BT = _pad([list(e[0]) for e in encs], pad_id)
     return lm.hidden(ids_BT.to(lm.device), mask_BT.to(lm.device), layer).float().cpu()
-
-
-def batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
-    """Median activation norm over the batch's text tokens after each sequence's first position."""
-    norms = [
-        hidden_BTD[i, 1 : len(e[0])].norm(dim=-1)[~torch.as_tensor(e[2][1:], dtype=torch.bool)]
-        for i, e in enumerate(encs)
-    ]
-    cat = torch.cat(norms)
-    return float(cat.median()) if cat.numel() else float("inf")
 
 
 def _process_batch(items: list[Item], lms, layers, cfg: HarvestConfig):

@@ -156,19 +156,15 @@ def _convert_gguf(locate: Callable[[Path], Path], target: Path) -> Path:
     return target
 
 
-def resolve_device(name: str) -> torch.device:
-    """A torch device from cpu, cuda, cuda:N or auto (cuda when available), with a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CrossdiffError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrossdiffError(
-            f"--device {name} was asked for but no CUDA device is available; use --device cpu"
-        )
-    return device
+def batch_median_norm(hidden_BTD: torch.Tensor, encs) -> float:
+    """Median activation norm over a batch's text tokens after each sequence's first position
+    (`encs`: align.tokenize's Tokens per sequence); harvest's and splice's outlier reference."""
+    norms = [
+        hidden_BTD[i, 1 : len(e[0])].norm(dim=-1)[~torch.as_tensor(e[2][1:], dtype=torch.bool)]
+        for i, e in enumerate(encs)
+    ]
+    cat = torch.cat(norms)
+    return float(cat.median()) if cat.numel() else float("inf")
 
 
 def load_tokenizer(spec: str):

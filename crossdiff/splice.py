@@ -58,7 +58,7 @@ def aligned_activations(lms, layers, text: str, outlier_factor: float):
     The masks are harvest's (harvest._process_batch): drop the first aligned pair, and pairs where
     either norm exceeds `outlier_factor` × the median (here of this one chunk, at harvest of its batch).
     """
-    from .harvest import batch_median_norm
+    from .models import batch_median_norm
 
     encs = [tokenize(lm.tokenizer, text) for lm in lms]
     ids = [torch.as_tensor(e.input_ids, dtype=torch.long)[None].to(lm.device) for e, lm in zip(encs, lms)]

@@ -181,7 +181,7 @@ def latent_direction(cc, latent: int, model: str | None = None, typical: float =
             w_enc_D=W_enc[row].detach().float().cpu(),
             b_enc=float(cc.b_enc[latent]),
             b_dec_D=b_dec.detach().float().cpu(),
-            threshold=float(cc.threshold) if c.sparsity == "batchtopk" else -1.0,
+            threshold=float(cc.threshold) if c.rule.learns_threshold else -1.0,
             dec_norm=float(W_dec[row].norm()),
         )
 
@@ -579,7 +579,7 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     from .crosscoder import Crosscoder
 
     run = Path(cfg.run)
-    from .models import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(cfg.device)
     cc = Crosscoder.from_pretrained(run, device=device)

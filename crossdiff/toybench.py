@@ -38,6 +38,7 @@ from . import config
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic
 from .results import read_latents
+from .sparsity import DEFAULT_SPARSITY, DFC, NAMES, arch_name
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
@@ -104,9 +105,9 @@ class ToyBenchConfig:
         if not 0 < self.match_threshold <= 1:
             raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
         for sparsity in self.dfc_sparsities:
-            if sparsity not in ("batchtopk", "topk", "l1"):
+            if sparsity not in NAMES:
                 raise CrossdiffError(
-                    f"--dfc-sparsities: unknown sparsity {sparsity!r}; use batchtopk, topk or l1"
+                    f"--dfc-sparsities: unknown sparsity {sparsity!r}; use one of {', '.join(NAMES)}"
                 )
         for frac in self.dfc_fracs:
             if not 0 < frac < 0.5:
@@ -128,17 +129,20 @@ class ToyBenchConfig:
     def methods(self) -> list[Method]:
         out = [Method("batchtopk", "batchtopk"), Method("l1", "l1")]
         for sparsity in self.dfc_sparsities:
-            prefix = "dfc" if sparsity == "batchtopk" else f"dfc-{sparsity}"
-            out += [Method(f"{prefix}-{f:g}", "dfc", sparsity, f) for f in self.dfc_fracs]
+            prefix = DFC if sparsity == DEFAULT_SPARSITY else f"{DFC}-{sparsity}"
+            out += [Method(f"{prefix}-{f:g}", sparsity, f) for f in self.dfc_fracs]
         return out
 
 
 class Method(NamedTuple):
     name: str
-    arch: str
-    sparsity: str | None = None
-    """DFC sparsity (None for the standard crosscoders: their arch names it)."""
+    sparsity: str
     exclusive_frac: float | None = None
+    """The DFC's exclusive fraction; None for the standard crosscoders."""
+
+    @property
+    def arch(self) -> str:
+        return arch_name(self.sparsity, self.exclusive_frac or 0.0)
 
 
 # ----------------------------------------------------------------------------- one seed's data
@@ -184,8 +188,8 @@ def train_config(cfg: ToyBenchConfig, store_path: Path, run: Path, method: Metho
     from .train import TrainConfig
 
     return TrainConfig(
-        store=str(store_path), out=str(run), arch=method.arch, sparsity=method.sparsity, latents=cfg.latents,
-        k=cfg.k, exclusive_frac=method.exclusive_frac or 0.05, tokens=cfg.tokens, batch_size=cfg.batch_size,
+        store=str(store_path), out=str(run), sparsity=method.sparsity, latents=cfg.latents,
+        k=cfg.k, exclusive_frac=method.exclusive_frac or 0.0, tokens=cfg.tokens, batch_size=cfg.batch_size,
         lr=cfg.lr, l1_coeff=cfg.l1_coeff, dead_tokens=cfg.dead_tokens, threshold_beta=cfg.threshold_beta,
         seed=seed, device=cfg.device, checkpoint_every=max(1, math.ceil(cfg.tokens / cfg.batch_size) // 4),
     )  # fmt: skip
@@ -282,7 +286,7 @@ def score_run(
 
 def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     """Train (or resume) and score one (method, seed); returns its record (also saved as bench.json)."""
-    from .train import train
+    from .train import train, upgrade_train_settings
 
     run = Path(cfg.out) / "runs" / f"{method.name}-seed-{data.seed}"
     tcfg = train_config(cfg, data.root, run, method, data.seed)
@@ -294,7 +298,7 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     rec_path = run / RECORD
     if rec_path.is_file():
         record = json.loads(rec_path.read_text())
-        saved = record.get("settings") or {}
+        saved = upgrade_train_settings(record.get("settings") or {})  # `arch` before sparsity/frac
         # A record of any version: its training settings read as TrainConfig's (see config.settings_of).
         if {**config.settings_of(type(tcfg), saved), **{k: saved.get(k) for k in scoring}} == settings:
             return record
@@ -309,9 +313,9 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     metrics, rel_norm = score_run(cfg, data, run, verified_F)
     record = {
         "name": method.name, "arch": method.arch, "seed": data.seed, "exclusive_frac": method.exclusive_frac,
-        "sparsity": tcfg.resolved_sparsity, **metrics,
+        "sparsity": tcfg.sparsity, **metrics,
         "fve_a": ev["fve_a"], "fve_b": ev["fve_b"], "l0": ev["l0"], "dead_fraction": ev["dead_fraction"],
-        "relative_norms_alive": [round(float(r), 4) for r in rel_norm] if method.arch != "dfc" else None,
+        "relative_norms_alive": [round(float(r), 4) for r in rel_norm] if not method.exclusive_frac else None,
         "train_seconds": ev.get("seconds_this_session"), "score_seconds": time.perf_counter() - t_score,
         "verification": verification or None, "settings": settings,
     }  # fmt: skip
@@ -412,7 +416,7 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| {r['name']} | {c['claimed']} → {v['claimed']} | {v['rejected_rare']} | "
                 f"{v['rejected_predictable']} | {arrow} |"
             )
-    dfc = [r for r in rows if r["arch"] == "dfc"]
+    dfc = [r for r in rows if r["exclusive_frac"]]
     if dfc:
         lines += ["", "DFC classified by partition ∪ relative norm (a shared-partition latent with r ≤ 0.1 or "
                   "r ≥ 0.9 also counts as exclusive; a diagnostic, not the paper's rule):", "",
@@ -482,7 +486,7 @@ def write_report(out: Path, results: dict) -> None:
         Point(f"{r['name']} ∪ r", r["exclusive_precision_union"]["mean"], r["exclusive_recall_union"]["mean"],
               r["exclusive_precision_union"]["std"] or 0.0, r["exclusive_recall_union"]["std"] or 0.0,
               color="#999999")
-        for r in rows if r["arch"] == "dfc"
+        for r in rows if r["exclusive_frac"]
     ]  # fmt: skip
     frame = dict(width=600, height=460, x_range=(0.0, 1.05), y_range=(0.0, 1.05))
     svg = scatter_svg(
@@ -494,7 +498,12 @@ def write_report(out: Path, results: dict) -> None:
         for r in verified if r["exclusive_precision"]["mean"] is not None
     ]  # fmt: skip
     write_text_atomic(out / "recall_precision.svg", _arrows_svg(svg, arrows, **frame))
-    rel = [v for r in results["runs"] if r["arch"] == "batchtopk" for v in r["relative_norms_alive"] or []]
+    rel = [
+        v
+        for r in results["runs"]
+        if r["sparsity"] == DEFAULT_SPARSITY and not r["exclusive_frac"]
+        for v in r["relative_norms_alive"] or []
+    ]
     write_text_atomic(out / "relative_norms.svg", histogram_svg(
         rel, bins=40, value_range=(0.0, 1.0), log_y=True, y_label="alive latents",
         title="Standard BatchTopK crosscoder: relative decoder norm (all seeds)",

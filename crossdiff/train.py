@@ -25,16 +25,26 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from .config import added, changed_settings, config_to_dict, where
+from .config import Shorthand, added, changed_settings, config_to_dict, where
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic, write_text_atomic, write_with_atomic
-from .models import resolve_device
+from .runtime import apply_cpu_policy, resolve_device
+from .sparsity import (
+    DEFAULT_SPARSITY,
+    DFC,
+    DFC_EXCLUSIVE_FRAC,
+    NAMES,
+    Select,
+    arch_name,
+    arch_settings,
+    get_sparsity,
+)
 
 STATE_FILE = "trainer_state.pt"
 # Test hook: SIGKILL ourselves right after this step (tests/test_train.py proves resume with it).
@@ -49,16 +59,16 @@ class TrainConfig:
     """Paired-activation store to train on (made by `crossdiff harvest`)."""
     out: str = where()
     """Run folder: checkpoints, metrics.jsonl, eval.json and the final crosscoder. Rerun to resume."""
-    arch: Literal["batchtopk", "topk", "l1", "dfc"] = "batchtopk"
-    """Standard crosscoder with that sparsity, or dfc (Dedicated Feature Crosscoder, see --sparsity)."""
-    sparsity: Literal["batchtopk", "topk", "l1"] | None = None
-    """Sparsity of a dfc run (default batchtopk); for the other archs it must equal --arch."""
+    sparsity: Literal[NAMES] = DEFAULT_SPARSITY
+    """How latents are selected (crossdiff/sparsity.py): batchtopk, topk (per token) or l1."""
+    exclusive_frac: float = 0.0
+    """Fraction of latents exclusive to A, and the same fraction exclusive to B; the rest are shared.
+    0 is the standard crosscoder, > 0 the DFC (Dedicated Feature Crosscoder; sizes rounded up to multiples of 64 latents from
+    16,384 latents on; cfg.json holds the real ones)."""
     latents: int = 16384
     """Dictionary size D."""
     k: int = 32
     """Active latents per token (batchtopk, topk)."""
-    exclusive_frac: float = 0.05
-    """dfc: fraction of latents exclusive to A, and the same fraction exclusive to B; the rest are shared."""
     tokens: int = 50_000_000
     """Training tokens."""
     batch_size: int = 4096
@@ -102,22 +112,35 @@ class TrainConfig:
     logger: Literal["none", "wandb", "tensorboard"] = where("none")
     """Also log to wandb or tensorboard (skipped with a warning if not installed)."""
 
+    CLI_SHORTHANDS: ClassVar[tuple[Shorthand, ...]] = (
+        Shorthand(
+            "arch",
+            "Shorthand for --sparsity and --exclusive-frac: a sparsity name is the standard crosscoder "
+            f"with that sparsity, dfc the DFC (--sparsity batchtopk, --exclusive-frac {DFC_EXCLUSIVE_FRAC} "
+            "unless given).",
+            (*NAMES, DFC),
+            lambda arch, given: {
+                **given,
+                **arch_settings(arch, given.get("sparsity"), given.get("exclusive_frac")),
+            },
+        ),
+    )
+
     def __post_init__(self):
         def bad(msg):
             raise CrossdiffError(msg)
 
-        if self.arch != "dfc" and self.sparsity not in (None, self.arch):
-            bad(f"--sparsity {self.sparsity} applies only to --arch dfc (got --arch {self.arch})")
+        get_sparsity(self.sparsity)
         for name in "latents k tokens batch_size checkpoint_every log_every init_tokens heldout_tokens dead_tokens".split():
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.resolved_sparsity != "l1" and self.k > self.latents:
+        if get_sparsity(self.sparsity).uses_k and self.k > self.latents:
             bad(f"k={self.k} exceeds the dictionary size {self.latents}; lower --k or raise --latents")
         if not 0 <= self.exclusive_frac < 0.5:
             bad(
                 f"--exclusive-frac must be in [0, 0.5) so that shared latents remain, got {self.exclusive_frac}"
             )
-        if self.arch == "dfc" and round(self.latents * self.exclusive_frac) < 1:
+        if self.exclusive_frac > 0 and round(self.latents * self.exclusive_frac) < 1:
             bad(f"--exclusive-frac {self.exclusive_frac} gives no exclusive latent out of {self.latents}")
         if self.lr is not None and not self.lr > 0:
             bad(f"--lr must be positive, got {self.lr}")
@@ -131,8 +154,9 @@ class TrainConfig:
             bad("--aux-alpha and --l1-coeff must be >= 0 and --aux-k >= 1")
 
     @property
-    def resolved_sparsity(self) -> str:
-        return (self.sparsity or "batchtopk") if self.arch == "dfc" else self.arch
+    def arch(self) -> str:
+        """The --arch name of this run (eval.json's "arch")."""
+        return arch_name(self.sparsity, self.exclusive_frac)
 
     @property
     def total_steps(self) -> int:
@@ -155,13 +179,12 @@ class TrainConfig:
         return self.l1_coeff * min(1.0, (step + 1) / ramp)
 
     def crosscoder_config(self, store) -> CrosscoderConfig:
-        frac = self.exclusive_frac if self.arch == "dfc" else 0.0
-        part = Partition.from_fractions(self.latents, frac)
+        part = Partition.from_fractions(self.latents, self.exclusive_frac)
         return CrosscoderConfig(
             d_a=store.d_a,
             d_b=store.d_b,
             n_latents=self.latents,
-            sparsity=self.resolved_sparsity,
+            sparsity=self.sparsity,
             k=self.k,
             n_a_exclusive=part.n_a_exclusive,
             n_b_exclusive=part.n_b_exclusive,
@@ -190,6 +213,8 @@ class TrainState:
     """Extrapolated lower bound of the next BatchTopK cutoff: the exact-selection hint (sparse.py)."""
     dist: DistContext | None = None
     """Data-parallel context under torchrun (crossdiff/distributed.py); None when single-process."""
+    select: Select | None = None
+    """The training selection when not the sparsity's own (the global-batch BatchTopK under torchrun)."""
 
     @property
     def is_main(self) -> bool:
@@ -230,7 +255,7 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
         aux_k = cfg.aux_k or max(x_a.shape[1], x_b.shape[1]) // 2
         out = st.model.training_forward(
             x_a, x_b, dead_F=st.since_fired_F >= cfg.dead_tokens, aux_k=aux_k, aux_alpha=cfg.aux_alpha,
-            l1_coeff=cfg.l1_at(st.step), sparse_kernels=cfg.sparse_kernels, guess=st.guess,
+            l1_coeff=cfg.l1_at(st.step), sparse_kernels=cfg.sparse_kernels, guess=st.guess, select=st.select,
         )  # fmt: skip
     if not torch.isfinite(out.loss):
         raise CrossdiffError(
@@ -482,7 +507,7 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     saved_path = run / "train_config.json"
     mine = config_to_dict(cfg)
     if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
+        saved = upgrade_train_settings(json.loads(saved_path.read_text()))  # `arch` before sparsity/frac
         detail = changed_settings(saved, cfg)
         if detail:
             raise CrossdiffError(
@@ -495,26 +520,19 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     write_json_atomic(saved_path, mine)
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in the process heap (glibc): a no-op elsewhere; True if applied.
-
-    glibc hands every freed block above 32 MB back to the OS, so each step's (B, F) buffers and
-    fresh gradients come back as zeroed pages: measured ~84k page faults per sparse step and ~416k
-    per dense step at d=576/640, D=16384, B=1024 (up to 25% of a step on 2 cores). PyTorch has no
-    caching allocator on CPU, so we ask malloc to keep large blocks instead (costs: resident memory
-    stays at its peak until the process exits).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+def upgrade_train_settings(saved: dict) -> dict:
+    """A train_config.json written before `sparsity` and `exclusive_frac` replaced `arch`, in
+    today's fields: arch dfc was (sparsity or batchtopk, exclusive_frac); any other arch was that
+    sparsity with exclusive_frac ignored (0)."""
+    if "arch" not in saved:
+        return saved
+    saved = dict(saved)
+    arch = saved.pop("arch")
+    if arch == DFC:
+        saved["sparsity"] = saved.get("sparsity") or DEFAULT_SPARSITY
+    else:
+        saved["sparsity"], saved["exclusive_frac"] = arch, 0.0
+    return saved
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -545,13 +563,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
-    if device.type == "cpu":
-        tune_cpu_allocator()
+    apply_cpu_policy()  # once per process (crossdiff/runtime.py)
     ckpt = latest_checkpoint(run)
     st = _resume(ckpt, store, device) if ckpt else _initialise(cfg, store, device)
     if ctx is not None:  # replicas start identical (same seed or checkpoint); select globally
-        st.dist = ctx
-        ctx.install_global_batch_topk(st.model)
+        st.dist, st.select = ctx, ctx.selection(st.model.cfg.rule)
     if ckpt and st.is_main:
         print(f"resuming {run} from step {st.step} of {cfg.total_steps}", file=sys.stderr)
     log = MetricsLog(run, cfg, st.step) if st.is_main else None
@@ -559,7 +575,6 @@ def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
     fit(st, store.batches(cfg.batch_size, split="train", seed=cfg.seed, start=st.step), cfg, run, log)
     if not st.is_main:  # rank 0 alone writes the weights and evaluates
         return {}
-    st.model.__dict__.pop("_select", None)  # evaluate on rank 0's own batches, no collectives
     st.model.save_pretrained(run)
     result = evaluate(st.model, store, cfg, device)
     result.update(
@@ -613,7 +628,8 @@ def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
         "heldout_tokens": n,
         "threshold": float(model.threshold),
         "arch": cfg.arch,
-        "sparsity": cfg.resolved_sparsity,
+        "sparsity": cfg.sparsity,
+        "exclusive_latents": [model.cfg.n_a_exclusive, model.cfg.n_b_exclusive],
         "latents": cfg.latents,
         "k": cfg.k,
     }

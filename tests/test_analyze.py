@@ -235,9 +235,7 @@ def test_max_tokens_and_trained_crosscoder(tmp_path):
     write_synthetic_store(store, x_a * 3, x_b, scale_a=1 / 3, shard_tokens=2000, chunk_len=32)
     run = tmp_path / "run"
     cfg = dict(latents=32, k=4, batch_size=256, heldout_tokens=2048, log_every=10, checkpoint_every=100)
-    train(
-        TrainConfig(store=str(store), out=str(run), arch="dfc", exclusive_frac=0.125, tokens=256 * 16, **cfg)
-    )
+    train(TrainConfig(store=str(store), out=str(run), exclusive_frac=0.125, tokens=256 * 16, **cfg))
     summary = analyze(AnalyzeConfig(run=str(run), max_tokens=5000, batch_size=512))  # store from the run
     assert summary["n_tokens_analysed"] == 5000 and SUMMARY_KEYS <= set(summary)
     with open(run / "analysis" / "latents.csv") as f:
@@ -306,7 +304,13 @@ def test_real_pair_end_to_end(tmp_path, models_ab, monkeypatch):
     run = tmp_path / "run"
     train(
         TrainConfig(
-            store=str(store.root), out=str(run), arch="dfc", latents=64, k=8, tokens=128 * 12, batch_size=128
+            store=str(store.root),
+            out=str(run),
+            exclusive_frac=0.05,
+            latents=64,
+            k=8,
+            tokens=128 * 12,
+            batch_size=128,
         )
     )
     summary = analyze(AnalyzeConfig(run=str(run), splice_tokens=64, shared_features=3, top_k=3))

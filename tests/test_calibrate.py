@@ -305,6 +305,16 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     assert calibration_settings(same, TINY, base, read_words(str(words))) == settings
     with pytest.raises(CrossdiffError, match="other settings"):
         calibrate(CalibrateConfig(out=str(diff), words=str(words), dec_init_norm=0.01), budget=TINY)
+    # a calibration written when the trainer's `arch` named the DFC is the same calibration
+    from crossdiff.calibrate import _check_settings
+
+    old_train = {k: v for k, v in settings["train"].items() if k != "sparsity"} | {
+        "arch": "dfc",
+        "sparsity": None,
+    }
+    (diff / "calibration" / "settings.json").write_text(json.dumps({**settings, "train": old_train}))
+    _check_settings(diff / "calibration", settings, overwrite=False)
+    assert json.loads((diff / "calibration" / "settings.json").read_text()) == settings
 
 
 def test_calibrate_bad_input(base, tmp_path, capsys):

@@ -53,6 +53,59 @@ def test_partition_ranges_and_layout():
     assert Partition(50).shared == range(0, 50) and not Partition(50).is_dfc
 
 
+@pytest.mark.parametrize("n_latents", [16384, 32768, 65536, 3 * 16384, 131072])
+@pytest.mark.parametrize("frac", [0.001, 0.01, 0.05, 0.1, 0.25, 0.45])
+def test_large_partitions_are_64_aligned(n_latents, frac):
+    part = Partition.from_fractions(n_latents, frac)
+    exact = round(n_latents * frac)
+    bounds = (part.a_exclusive.stop, part.shared.stop, len(part.a_latents), part.b_latents.start)
+    assert all(b % 64 == 0 for b in bounds), bounds  # every GEMM's width and column offset
+    for n in (part.n_a_exclusive, part.n_b_exclusive):  # rounded up by less than one block
+        assert exact <= n < exact + 64 and n % 64 == 0
+    assert len(part.shared) > 0
+
+
+def test_partition_rounding_examples():
+    assert Partition.from_fractions(65536, 0.05).n_a_exclusive == 3328  # 3,277 exact
+    assert Partition.from_fractions(16384, 0.05).n_b_exclusive == 832  # 819 exact
+    # small or unaligned dictionaries keep the exact count (the fraction would move too much)
+    assert Partition.from_fractions(4096, 0.05).n_a_exclusive == 205
+    assert Partition.from_fractions(1024, 0.1).n_a_exclusive == 102
+    assert Partition.from_fractions(16384 + 32, 0.05).n_a_exclusive == 821
+    assert Partition.from_fractions(16384, 0.4999).n_a_exclusive == 8190  # aligned would leave none shared
+
+
+def test_aligned_dfc_has_no_forbidden_weights(tmp_path):
+    cfg = CrosscoderConfig(d_a=4, d_b=3, n_latents=16384, **_excl(Partition.from_fractions(16384, 0.05)))
+    m = Crosscoder(cfg, generator=torch.Generator().manual_seed(0))
+    assert m.W_enc_a.shape == m.W_dec_a.shape == (16384 - 832, 4)
+    assert m.W_enc_b.shape == m.W_dec_b.shape == (16384 - 832, 3)
+    x_a, x_b = torch.randn(8, 4), torch.randn(8, 3)
+    f = m.encode(x_a, x_b)
+    f_hi = f.clone()
+    f_hi[:, :832] += 1.0  # A-exclusive activations do not reach x̂_B
+    assert torch.equal(m.decode(f)[1], m.decode(f_hi)[1])
+    m.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "cfg.json").read_text())
+    assert (saved["n_a_exclusive"], saved["partition"]["shared"]) == (832, 16384 - 2 * 832)
+
+
+def test_old_checkpoint_keeps_its_unaligned_partition(tmp_path):
+    """A cfg.json written before partitions were aligned (819 = round(5% of 16,384)) loads as it is."""
+    old = CrosscoderConfig(d_a=4, d_b=3, n_latents=16384, n_a_exclusive=819, n_b_exclusive=819)
+    Crosscoder(old, generator=torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "old")
+    text = (tmp_path / "old" / "cfg.json").read_text()
+    assert '"n_a_exclusive": 819' in text and '"a_exclusive": 819' in text
+    m = Crosscoder.from_pretrained(tmp_path / "old")
+    assert (m.partition.n_a_exclusive, m.partition.n_b_exclusive) == (819, 819)
+    assert m.W_enc_b.shape[0] == m.W_dec_a.shape[0] == 16384 - 819
+    assert m.partition != Partition.from_fractions(16384, 0.05)  # today's rule would give 832
+
+
+def _excl(part: Partition) -> dict:
+    return {"n_a_exclusive": part.n_a_exclusive, "n_b_exclusive": part.n_b_exclusive}
+
+
 def test_dfc_forbidden_weights_do_not_exist():
     m = _dfc()
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}

@@ -165,7 +165,7 @@ def test_dfc_recovers_planted_a_only_features_in_an_easy_setting(tmp_path, one_t
     gen = SyntheticPairs(easy)
     store = gen.write_store(tmp_path / "store", 120_000)
     cfg = TrainConfig(
-        store=str(store.root), out=str(tmp_path / "run"), arch="dfc", sparsity="l1", l1_coeff=1.0,
+        store=str(store.root), out=str(tmp_path / "run"), sparsity="l1", l1_coeff=1.0,
         exclusive_frac=0.15, latents=64, tokens=100_000, batch_size=256, lr=5e-3, dead_tokens=10_000,
         device="cpu", checkpoint_every=10_000,
     )  # fmt: skip

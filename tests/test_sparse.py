@@ -3,12 +3,14 @@
 Legend: B tokens, F latents, D one model's width.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
-from crossdiff import crosscoder as cc
 from crossdiff import sparse
 from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.sparsity import SPARSITIES
 
 CASES = [
     # sparsity, d_a, d_b, n_latents, n_a_excl, n_b_excl, batch, k
@@ -56,7 +58,8 @@ def _run(model, x_a, x_b, dead_F, sparse_kernels, guess=None):
 @pytest.mark.parametrize("with_aux", [False, True])
 def test_sparse_path_matches_dense_oracle(case, with_aux, monkeypatch):
     sparsity, d_a, d_b, n_latents, ea, eb, batch, k = case
-    monkeypatch.setattr(cc, "L1_SPARSE_MAX_DENSITY", 1.0)  # make L1 take the sparse path too
+    l1_sparse = dataclasses.replace(SPARSITIES["l1"], max_sparse_density=1.0)
+    monkeypatch.setitem(SPARSITIES, "l1", l1_sparse)  # make L1 take the sparse path too
     model = _model(sparsity, d_a, d_b, n_latents, ea, eb, k)
     g = torch.Generator().manual_seed(2)
     x_a = torch.randn(batch, d_a, generator=g, dtype=torch.float64)

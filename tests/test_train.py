@@ -80,10 +80,10 @@ def _tensors(run: Path) -> dict[str, torch.Tensor]:
     "kwargs, match",
     [
         (dict(k=200, latents=96), "exceeds the dictionary size"),
-        (dict(arch="dfc", exclusive_frac=0.5), r"exclusive-frac must be in \[0, 0.5\)"),
-        (dict(arch="dfc", exclusive_frac=-0.1), "exclusive-frac"),
-        (dict(arch="dfc", exclusive_frac=0.001, latents=96), "no exclusive latent"),
-        (dict(arch="topk", sparsity="l1"), "applies only to --arch dfc"),
+        (dict(exclusive_frac=0.5), r"exclusive-frac must be in \[0, 0.5\)"),
+        (dict(exclusive_frac=-0.1), "exclusive-frac"),
+        (dict(exclusive_frac=0.001, latents=96), "no exclusive latent"),
+        (dict(sparsity="relu"), "unknown sparsity 'relu'"),
         (dict(tokens=0), "--tokens must be at least 1"),
         (dict(lr=-1.0), "--lr must be positive"),
         (dict(dec_init_norm=0.0), "--dec-init-norm must be positive"),
@@ -100,8 +100,6 @@ def test_schedule():
     assert cfg.lr_at(0) == pytest.approx(1e-4 / 500) and cfg.lr_at(249) == pytest.approx(0.5e-4)
     assert cfg.lr_at(9999) == pytest.approx(1e-4 / 2000)  # linear decay over the last 20%
     assert TrainConfig(store="s", out="o", lr=3e-4).lr_at(5000) == 3e-4
-    assert TrainConfig(store="s", out="o", arch="dfc").resolved_sparsity == "batchtopk"
-    assert TrainConfig(store="s", out="o", arch="dfc", sparsity="l1").resolved_sparsity == "l1"
 
 
 def test_clipping_folded_into_fused_adam_matches_clip_grad_norm():
@@ -136,7 +134,7 @@ def test_help_comes_from_field_docstrings(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for text in ("--exclusive-frac", "--no-sparse-kernels", "Dedicated Feature Crosscoder", "2e-4 / sqrt"):
         assert text in out
 
@@ -191,6 +189,35 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     assert "already finished" in capsys.readouterr().out
     assert cli.main(_argv(store_path, run, dec_init_norm=0.01)) == 2
     assert "other settings (dec_init_norm: 0.1 -> 0.01)" in capsys.readouterr().err
+    # a run saved when `arch` named the sparsity (exclusive_frac ignored) is the same run
+    old = {k: v for k, v in saved.items() if k != "sparsity"} | {"arch": "batchtopk", "exclusive_frac": 0.05}
+    (run / "train_config.json").write_text(json.dumps(old))
+    assert cli.main(_argv(store_path, run)) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert cli.main(_argv(store_path, run, exclusive_frac=0.05)) == 2
+    assert "other settings (exclusive_frac: 0.0 -> 0.05)" in capsys.readouterr().err
+
+
+def test_arch_shorthand_maps_to_sparsity_and_exclusive_fraction():
+    import argparse
+
+    from crossdiff.config import add_config_arguments, config_from_args
+    from crossdiff.sparsity import arch_settings
+
+    assert arch_settings("dfc") == {"sparsity": "batchtopk", "exclusive_frac": 0.05}
+    assert arch_settings("dfc", "l1", 0.1) == {"sparsity": "l1", "exclusive_frac": 0.1}
+    assert arch_settings("topk") == {"sparsity": "topk", "exclusive_frac": 0.0}
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    for argv, want in (
+        (["--arch", "dfc"], ("batchtopk", 0.05, "dfc")),
+        (["--arch", "dfc", "--sparsity", "topk", "--exclusive-frac", "0.1"], ("topk", 0.1, "dfc")),
+        (["--arch", "l1"], ("l1", 0.0, "l1")),
+        (["--exclusive-frac", "0.2"], ("batchtopk", 0.2, "dfc")),
+        ([], ("batchtopk", 0.0, "batchtopk")),
+    ):
+        cfg = config_from_args(TrainConfig, parser.parse_args(["--store", "s", "--out", "o", *argv]))
+        assert (cfg.sparsity, cfg.exclusive_frac, cfg.arch) == want, argv
 
 
 def test_rerun_with_a_relative_out_of_a_run_made_with_its_absolute_path_is_accepted(
@@ -225,7 +252,9 @@ def test_decoder_rows_start_at_dec_init_norm(store_path):
     from crossdiff.train import _initialise
 
     for norm in (0.1, 0.01):
-        cfg = TrainConfig(store=str(store_path), out="-", latents=96, k=4, arch="dfc", dec_init_norm=norm)
+        cfg = TrainConfig(
+            store=str(store_path), out="-", latents=96, k=4, exclusive_frac=0.05, dec_init_norm=norm
+        )
         model = _initialise(cfg, Store.open(store_path), torch.device("cpu")).model
         for W in (model.W_dec_a, model.W_dec_b):
             torch.testing.assert_close(W.norm(dim=1), torch.full((W.shape[0],), norm))
@@ -366,6 +395,9 @@ def test_fit_takes_a_plain_iterator_of_tensors(tmp_path):
     [
         ({"k": 500}, "k=500 exceeds the dictionary size 96"),
         ({"arch": "dfc", "exclusive_frac": 0.7}, "exclusive-frac"),
+        ({"arch": "dfc", "exclusive_frac": 0}, "--arch dfc needs --exclusive-frac > 0"),
+        ({"arch": "topk", "sparsity": "l1"}, "--sparsity l1 applies only to --arch dfc"),
+        ({"arch": "batchtopk", "exclusive_frac": 0.1}, "--exclusive-frac applies only to --arch dfc"),
     ],
 )
 def test_cli_rejects_bad_options_in_one_line(store_path, tmp_path, capsys, argv_opts, match):
