@@ -58,7 +58,7 @@ def check_store(root: Path) -> tuple[list[str], str]:
     lines = [
         f"damaged: {path} ({problem}); repair: {repair}" for _, path, problem in store_problems(root, meta)
     ]
-    for key in "ab":
+    for key in "ab" if (root / "settings.json").is_file() else ():  # harvested, not synthetic
         if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
             lines.append(f"damaged: {root / 'tokenizers' / key} (missing); repair: {repair} --overwrite")
     recorded = all("files" in s for s in shards)

@@ -26,7 +26,7 @@ import torch
 
 from . import harvest_ranks
 from .errors import CrossdiffError
-from .fsutil import explain_os_error, write_json_atomic
+from .fsutil import explain_os_error, os_error_message, write_json_atomic
 from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
 from .models import (
     DEFAULT_MODEL_A,
@@ -177,9 +177,9 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
             else:
                 _write_ranks(root, cfg, corpus, (lm_a, lm_b), layers, ctx)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if os_error_message(e) is None:
                 raise
-            raise explain_os_error(e, root) from e
+            raise explain_os_error(e, root if e.errno == errno.ENOSPC else e.filename or root) from e
     except CrossdiffError:
         if (ctx is None or ctx.is_main) and created and not harvest_ranks.has_shards(root):
             shutil.rmtree(root, ignore_errors=True)  # nothing finished: leave nothing behind
@@ -318,9 +318,9 @@ def _write_ranks(root: Path, cfg: HarvestConfig, corpus, lms, layers, ctx) -> No
         except CrossdiffError as e:
             error = str(e)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if os_error_message(e) is None:
                 raise
-            error = str(explain_os_error(e, root))
+            error = str(explain_os_error(e, root if e.errno == errno.ENOSPC else e.filename or root))
     error = ctx.broadcast_object(error)  # every rank ends with rank 0's one-line error, if any
     if error is not None:
         raise CrossdiffError(error)
