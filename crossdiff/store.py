@@ -329,8 +329,16 @@ def _to_torch(arr: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
 
 
-def _to_float(arr: np.ndarray) -> torch.Tensor:
-    return _to_torch(arr).float()
+def _peak_abs(raw: torch.Tensor) -> float:
+    """max |x| of a tensor in storage precision (NaN if any is NaN). For bf16 from the bit patterns:
+    with the sign bit cleared they order like the values, NaN and inf highest; this integer pass is
+    ~10x faster than abs().amax() in bf16 on a CPU."""
+    if raw.numel() == 0:
+        return 0.0
+    if raw.dtype == torch.bfloat16:
+        bits = (raw.view(torch.int16) & 0x7FFF).amax().reshape(1)
+        return float(bits.view(torch.bfloat16).float())
+    return float(raw.abs().amax())
 
 
 class Store:
@@ -404,7 +412,7 @@ class Store:
         """Stop at non-finite or impossible activations where they enter (training and analysis read
         through here), naming the shard: the bytes are damaged, whatever the later symptom would be."""
         for raw, scale in ((raw_a, self.scale_a), (raw_b, self.scale_b)):
-            peak = float(raw.abs().amax()) * scale if raw.numel() else 0.0
+            peak = _peak_abs(raw) * scale
             if not peak <= MAX_ABS_NORMALISED:  # also true for NaN
                 path = self.root / "shards" / f"{self.meta['shards'][shard]['name']}.safetensors"
                 raise damaged(
@@ -415,8 +423,9 @@ class Store:
 
     def _read(self, shard: int, rows: np.ndarray, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
         arrays = self._shard(shard)
-        x_a, x_b = _to_float(arrays["acts_a"][rows]), _to_float(arrays["acts_b"][rows])
-        self._check_values(shard, x_a, x_b)
+        raw_a, raw_b = _to_torch(arrays["acts_a"][rows]), _to_torch(arrays["acts_b"][rows])
+        self._check_values(shard, raw_a, raw_b)
+        x_a, x_b = raw_a.float(), raw_b.float()
         if normalised:
             x_a, x_b = x_a * self.scale_a, x_b * self.scale_b
         return x_a, x_b

@@ -506,7 +506,15 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     if saved_path.is_file():
         # A field added to TrainConfig after the run was started counts as its default there.
         saved = {**config_to_dict(TrainConfig(store="-", out="-")), **json.loads(saved_path.read_text())}
-        diff = sorted(k for k in mine if k not in _RESUMABLE_FIELDS and saved.get(k) != mine[k])
+        # Runs started before these defaults scaled with the run saved the value they used.
+        same = {k: getattr(cfg, v) for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta"))}
+        diff = sorted(
+            k
+            for k in mine
+            if k not in _RESUMABLE_FIELDS
+            and saved.get(k) != mine[k]
+            and not (k in same and saved[k] == same[k])
+        )
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff)
             raise CrossdiffError(

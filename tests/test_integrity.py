@@ -147,3 +147,14 @@ def test_check_of_a_run_names_damaged_weights_and_checkpoints(tmp_path, capsys):
         and "crossdiff train --store S" in lines[0]
     )
     assert lines[1].startswith(f"damaged: {ckpt / 'trainer_state.pt'}") and f"rm -r {ckpt}" in lines[1]
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = _run_folder(tmp_path)
+    tensors = load_file(str(run / "crosscoder.safetensors"))
+    tensors["W_dec_a"][3, 1] = float("nan")
+    save_file(tensors, str(run / "crosscoder.safetensors"), metadata={"format_version": "1"})
+    with pytest.raises(CrossdiffError, match="holds non-finite values in W_dec_a; it is damaged"):
+        Crosscoder.from_pretrained(run)

@@ -377,3 +377,18 @@ def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
     assert "AuxK dead window 192 tokens, threshold EMA factor 0.167" in err
     fixed = train(_tiny_cfg(store_path, tmp_path / "fixed", threshold_beta=0.999, **base))
     assert abs(scaled["l0"] - 4) < abs(fixed["l0"] - 4)
+
+
+def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
+    from crossdiff.config import config_to_dict
+    from crossdiff.train import _check_run_folder
+
+    cfg = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=50_000_000)
+    old = {**config_to_dict(cfg), "dead_tokens": 10_000_000, "threshold_beta": 0.999}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(old))
+    _check_run_folder(cfg, tmp_path / "run")  # the values it used are the scaled defaults' values
+    short = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=60_000)
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({**old, "tokens": 60_000}))
+    with pytest.raises(CrossdiffError, match="dead_tokens: 10000000 -> None, threshold_beta: 0.999 -> None"):
+        _check_run_folder(short, tmp_path / "run")
