@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import runtime
 from .config import add_config_arguments, config_from_args
 from .errors import CrossdiffError
+from .fsutil import os_error_message
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,13 @@ COMMANDS = [
         "crossdiff.toybench:run_toy_bench",
     ),
     Command(
+        "check",
+        "Verify a store or a run folder: every file's size and checksum, checkpoints, weights; one line per damaged file with the command that repairs it.",
+        "crossdiff.check:CheckConfig",
+        "crossdiff.check:check",
+        positional=("path",),
+    ),
+    Command(
         "report",
         "Write a static HTML report of an analysed run (summary, plots, candidates, feature pages) to RUN/report/.",
         "crossdiff.report:ReportConfig",
@@ -145,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             _load(cmd.run)(cfg)
         except CrossdiffError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the one place a user-fixable OS error becomes one line (fsutil)
+            message = os_error_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -544,5 +544,11 @@ class Crosscoder(nn.Module):
                 f"the checkpoint at {path} is corrupt: its tensors {got} do not match "
                 f"{CONFIG_FILE} (expected {expected})"
             )
+        bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:  # damaged bytes, or saved from a diverged run: every later symptom would mislead
+            raise CrossdiffError(
+                f"the checkpoint at {path} holds non-finite values in {', '.join(sorted(bad))}; it is "
+                "damaged: delete it (a training run then restarts) or restore it"
+            )
         model.load_state_dict(tensors)
         return model.to(device) if device is not None else model

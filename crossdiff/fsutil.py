@@ -30,8 +30,13 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        if os_error_message(e, path) is None:
+            raise
+        raise explain_os_error(e, path) from e
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     os.close(fd)
     try:
@@ -41,7 +46,7 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
-        if e.errno != errno.ENOSPC:
+        if os_error_message(e, path) is None:
             raise
         raise explain_os_error(e, path) from e
     except BaseException:
@@ -75,9 +80,46 @@ def _unlink_quietly(p: str | Path) -> None:
         pass
 
 
-def explain_os_error(e: OSError, path: Path) -> CrossdiffError:
-    """The one-line message for a full disk."""
-    return CrossdiffError(
-        f"no space left on the device while writing {path}; free some disk space and rerun the same "
-        "command (finished work is kept)"
-    )
+# errno -> (what happened, how to fix it): the operating-system errors a user can cause and fix.
+# Anything else is a bug and keeps its traceback (crossdiff.cli).
+_OS_ERRORS = {
+    errno.ENOSPC: (
+        "no space left on the device",
+        "free some disk space and rerun the same command (finished work is kept)",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        "free some space or raise the quota, then rerun the same command (finished work is kept)",
+    ),
+    errno.EROFS: ("the file system is read-only", "choose a folder on a writable disk"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to, or change its permissions"),
+    errno.ENOTDIR: (
+        "a file stands where a folder is needed",
+        "choose a path whose folders are folders, not files",
+    ),
+    errno.EISDIR: ("it is a folder where a file is needed", "pass the path of a file"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and rerun the same command"),
+    errno.EIO: (
+        "input/output error (a failing disk or network mount)",
+        "check the disk, then rerun the same command",
+    ),
+}
+
+
+def os_error_message(e: OSError, path: str | Path | None = None) -> str | None:
+    """One line for an operating-system error the user can fix (with the path and the fix), else None."""
+    if e.errno not in _OS_ERRORS:
+        return None
+    what, fix = _OS_ERRORS[e.errno]
+    where = path if path is not None else e.filename
+    if e.errno == errno.ENOSPC:
+        return f"{what} while writing {where}; {fix}"
+    return f"{where}: {what}; {fix}" if where is not None else f"{what}; {fix}"
+
+
+def explain_os_error(e: OSError, path: str | Path | None = None) -> CrossdiffError:
+    """The one-line CrossdiffError for an operating-system error (see os_error_message)."""
+    return CrossdiffError(os_error_message(e, path) or f"{path}: {e.strerror or e}")

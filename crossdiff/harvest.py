@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from . import harvest_ranks
 from .config import settings, settings_of, where
 from .errors import CrossdiffError
-from .fsutil import explain_os_error, write_json_atomic
+from .fsutil import explain_os_error, os_error_message, write_json_atomic
 from .harvest_blocks import Item, Resume, Schedule, Solo, Sync
 from .models import (
     DEFAULT_MODEL_A,
@@ -35,6 +36,7 @@ from .models import (
     batch_median_norm,
     load_model,
     resolve_layer,
+    resolve_model_dir,
 )
 from .runtime import apply_cpu_policy, resolve_device
 from .store import (
@@ -43,6 +45,7 @@ from .store import (
     completed_shards,
     finalize,
     remove_partial_shards,
+    store_problems,
     sum_of_squares,
     write_shard,
 )
@@ -134,35 +137,44 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     root, world = Path(cfg.out), 1 if ctx is None else ctx.world
     verdict: str | tuple[bool, bool] | None = None
     if ctx is None or ctx.is_main:
-        try:  # (already complete, folder created by this run), or the one-line refusal
-            verdict = (_check_existing(root, cfg, world), not root.exists())
+        try:  # (already complete, folder created by this run, damaged shards), or the one-line refusal
+            verdict = (*_check_existing(root, cfg, world), not root.exists())
         except CrossdiffError as e:
             verdict = str(e)
     if ctx is not None:
         verdict = ctx.broadcast_object(verdict)
     if isinstance(verdict, str):
         raise CrossdiffError(verdict)
-    complete, created = verdict
-    if complete:
+    complete, bad, created = verdict
+    if complete and not bad:
         if ctx is None or ctx.is_main:
             shutil.rmtree(root / "ranks", ignore_errors=True)  # left by a merge killed at its very end
-            n = json.loads((root / "meta.json").read_text())["n_tokens"]
-            print(f"{root} is already complete ({n:,} aligned pairs)")
+            meta = json.loads((root / "meta.json").read_text())
+            print(
+                f"{root} is already complete ({meta['n_tokens']:,} aligned pairs, {len(meta['shards'])} shards verified)"
+            )
         return Store.open(root)
+    if bad and ctx is not None:
+        raise CrossdiffError(
+            f"{root} has damaged shards; rerun this harvest in one process (without torchrun) to re-harvest them"
+        )
+    resolve_model_dir(cfg.model_a), resolve_model_dir(cfg.model_b)  # names and files before any work
     corpus = open_corpus(cfg.corpus)
     apply_cpu_policy()  # one allocator policy per process (crossdiff/runtime.py)
     lm_a, lm_b = load_model(cfg.model_a, device=device), load_model(cfg.model_b, device=device)
     layers = resolve_layer(cfg.layer_a, lm_a.n_layers), resolve_layer(cfg.layer_b, lm_b.n_layers)
     try:
         try:
-            if ctx is None:
+            if bad:
+                _repair(root, cfg, corpus, (lm_a, lm_b), layers, bad)
+            elif ctx is None:
                 _write_store(root, cfg, corpus, (lm_a, lm_b), layers)
             else:
                 _write_ranks(root, cfg, corpus, (lm_a, lm_b), layers, ctx)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if os_error_message(e) is None:
                 raise
-            raise explain_os_error(e, root) from e
+            raise explain_os_error(e, root if e.errno == errno.ENOSPC else e.filename or root) from e
     except CrossdiffError:
         if (ctx is None or ctx.is_main) and created and not harvest_ranks.has_shards(root):
             shutil.rmtree(root, ignore_errors=True)  # nothing finished: leave nothing behind
@@ -170,7 +182,45 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     return Store.open(root)
 
 
-def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> bool:
+def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> tuple[bool, list[int]]:
+    """(a complete store with these settings exists, its damaged shards); refuse other settings unless overwrite."""
+    complete = _check_settings(root, cfg, world)
+    return complete, (damaged_shards(root) if complete else [])
+
+
+def damaged_shards(root: Path) -> list[int]:
+    """Indices of a complete store's shards that fail their size or sha256 check, each damaged file
+    reported on stderr. A harvest rerun re-harvests them."""
+    meta = json.loads((root / "meta.json").read_text())
+    problems = store_problems(root, meta)
+    for _, path, problem in problems:
+        print(f"damaged: {path} ({problem})", file=sys.stderr)
+    bad = sorted({i for i, _, _ in problems})
+    if bad and meta.get("ranks", 1) > 1:
+        raise CrossdiffError(
+            f"{root} has {len(bad)} damaged shard(s) and was harvested by {meta['ranks']} processes, whose "
+            "shards cannot be re-harvested one by one; pass --overwrite to harvest it again"
+        )
+    return bad
+
+
+def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int]) -> None:
+    """Re-harvest damaged shards in place (each from where the shard before it left the stream, so
+    the bytes are the ones first written), then meta.json again."""
+    meta = json.loads((root / "meta.json").read_text())
+    for index in bad:
+        print(f"re-harvesting shard {meta['shards'][index]['name']} of {root}", file=sys.stderr)
+        _write_shards(root, cfg, corpus, lms, layers, Solo(), cfg.max_tokens, False, only=index)
+        stats = json.loads((root / "shards" / f"{meta['shards'][index]['name']}.json").read_text())
+        if stats["n_tokens"] != meta["shards"][index]["n_tokens"]:
+            raise CrossdiffError(
+                f"shard {index} of {root} came out different when harvested again (the models or "
+                "libraries changed since); pass --overwrite to harvest the whole store again"
+            )
+    _report(_meta(root, cfg, lms, layers, world=1), root, time.perf_counter(), lms)
+
+
+def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
     """True if a complete store with these settings exists; refuse other settings unless overwrite."""
     settings_path = root / "settings.json"
     if root.exists() and not settings_path.is_file() and any(root.iterdir()):
@@ -205,8 +255,11 @@ def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
         if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
             tmp = root / "tokenizers" / f".{key}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            lm.tokenizer.save_pretrained(tmp)
-            tmp.rename(root / "tokenizers" / key)
+            try:
+                lm.tokenizer.save_pretrained(tmp)
+                tmp.rename(root / "tokenizers" / key)
+            finally:  # a full disk must not leave a half-written tokenizer folder behind
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_store(
@@ -216,7 +269,7 @@ def _write_store(
     start = time.perf_counter()
     _prepare(root, cfg, lms)
     _write_shards(root, cfg, corpus, lms, layers, Solo(), cfg.max_tokens, show_progress=True)
-    _report(_meta(root, cfg, lms, layers, world=1), root, start)
+    _report(_meta(root, cfg, lms, layers, world=1), root, start, lms)
 
 
 def _write_ranks(root: Path, cfg: HarvestConfig, corpus, lms, layers, ctx) -> None:
@@ -237,34 +290,82 @@ def _write_ranks(root: Path, cfg: HarvestConfig, corpus, lms, layers, ctx) -> No
             harvest_ranks.merge(root, ctx.world)
             meta = _meta(root, cfg, lms, layers, world=ctx.world)
             harvest_ranks.clean(root)
-            _report(meta, root, start)
+            _report(meta, root, start, lms)
         except CrossdiffError as e:
             error = str(e)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if os_error_message(e) is None:
                 raise
-            error = str(explain_os_error(e, root))
+            error = str(explain_os_error(e, root if e.errno == errno.ENOSPC else e.filename or root))
     error = ctx.broadcast_object(error)  # every rank ends with rank 0's one-line error, if any
     if error is not None:
         raise CrossdiffError(error)
 
 
-def _report(meta: dict, root: Path, start: float) -> None:
+def _report(meta: dict, root: Path, start: float, lms) -> None:
     a, b = meta["models"]["a"]["aligned_fraction"], meta["models"]["b"]["aligned_fraction"]
     print(
         f"harvested {meta['n_tokens']:,} aligned pairs into {root} ({time.perf_counter() - start:.0f} s this run); "
         f"aligned fraction A {a:.3f}, B {b:.3f}"
     )
+    warning = aligned_fraction_warning(a, b, lms[0].tokenizer, lms[1].tokenizer)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+# Plain English prose: what the pair's aligned fraction is compared with (the tokenizers' best case).
+ENGLISH_REFERENCE = (
+    "The committee met on Tuesday morning to discuss the new budget for the city's public libraries. "
+    "Several members argued that the reading rooms should stay open later in the evening, because many "
+    "students and workers cannot visit before six o'clock. Others worried about the cost of heating the "
+    "old buildings during the winter months. After a long debate, they agreed to try longer hours at "
+    "two branches for one year and to report the number of visitors to the council in the spring."
+)
+ALIGNED_WARNING_RATIO = 0.7
+"""Warn when a model's aligned fraction is below this share of the pair's on ENGLISH_REFERENCE
+(the default pair: 0.98 on Brown and on the reference; 0.31-0.34 on Chinese or emoji text)."""
+
+
+def aligned_fraction_warning(frac_a: float, frac_b: float, tok_a, tok_b) -> str | None:
+    """A warning when the two tokenizers align this corpus far worse than plain English, with why."""
+    from .align import align, tokenize
+
+    enc_a, enc_b = tokenize(tok_a, ENGLISH_REFERENCE), tokenize(tok_b, ENGLISH_REFERENCE)
+    al = align(enc_a.offsets, enc_b.offsets, enc_a.special_mask, enc_b.special_mask)
+    ref_a, ref_b = al.aligned_fraction_a, al.aligned_fraction_b
+    if frac_a >= ALIGNED_WARNING_RATIO * ref_a and frac_b >= ALIGNED_WARNING_RATIO * ref_b:
+        return None
+    return (
+        f"only {frac_a:.0%} of model A's and {frac_b:.0%} of model B's text tokens were aligned, against "
+        f"{ref_a:.0%} and {ref_b:.0%} for the same tokenizers on English prose. The tokenizers split this "
+        "text (typically Chinese, Japanese, emoji or other scripts outside their main vocabulary) into "
+        "byte pieces whose ends rarely coincide, so most positions are dropped and the store samples only "
+        "the token ends both models share; expect few pairs per token of text and check that they cover "
+        "what you want to compare"
+    )
 
 
 def _write_shards(
-    folder: Path, cfg: HarvestConfig, corpus, lms, layers, sync: Sync, quota: int | None, show_progress: bool
+    folder: Path,
+    cfg: HarvestConfig,
+    corpus,
+    lms,
+    layers,
+    sync: Sync,
+    quota: int | None,
+    show_progress: bool,
+    only: int | None = None,
 ) -> None:
-    """This rank's shards: its batches (harvest_blocks.Schedule) until its quota or the corpus ends."""
+    """This rank's shards: its batches (harvest_blocks.Schedule) until its quota or the corpus ends.
+
+    With `only` = k, shard k alone is written again, from where shard k - 1 left the stream."""
     from tqdm.auto import tqdm
 
     done = completed_shards(folder)
-    remove_partial_shards(folder, len(done))
+    if only is None:
+        remove_partial_shards(folder, len(done))
+    else:
+        done = done[:only]
     n_done, n_shards = sum(s["n_tokens"] for s in done), len(done)
     schedule = Schedule(
         corpus, (lms[0].tokenizer, lms[1].tokenizer), cfg, sync, Resume.from_shards(done, quota)
@@ -285,6 +386,8 @@ def _write_shards(
             elif buffer.n >= cfg.shard_tokens:
                 n_done += buffer.flush(folder, n_shards, position, schedule.round, None, cfg)
                 n_shards += 1
+            if only is not None and n_shards > only:
+                return
         if buffer.n:  # the corpus ended
             buffer.flush(folder, n_shards, None, schedule.round, None, cfg)
 

@@ -92,7 +92,7 @@ def resolve_model_dir(spec: str) -> str:
             )
         st = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return str(_convert_gguf(lambda _: path, crossdiff_home() / "models" / f"{path.stem}-{key}"))
+        return str(_convert_gguf(_checked_gguf(path), crossdiff_home() / "models" / f"{path.stem}-{key}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CrossdiffError(
@@ -104,7 +104,72 @@ def resolve_model_dir(spec: str) -> str:
             f"model {spec!r} not found: expected a short name ({', '.join(EMBEDDED)}), a .gguf file, "
             "a model directory or a Hugging Face hub id"
         )
+    _check_hub_id(spec)
     return spec  # a hub id; from_pretrained reports if it cannot be fetched
+
+
+def _check_hub_id(spec: str) -> None:
+    """Fail at once when a hub id is neither cached nor downloadable: offline, huggingface_hub
+    retries five times with back-off (~30 s) before the same conclusion."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except Exception:  # an id the hub library rejects: from_pretrained gives its own message
+        return
+    fix = "pass a local model directory or .gguf file, or download the model while online"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or offline:
+        raise CrossdiffError(
+            f"could not load model {spec!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+            f"is set; {fix}"
+        )
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # through a proxy a direct connection says nothing
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        raise CrossdiffError(
+            f"could not load model {spec!r}: it is not in the local Hugging Face cache and {url.hostname} "
+            f"cannot be reached (offline?); {fix}"
+        ) from None
+
+
+def _checked_gguf(path: Path) -> Callable[[Path], Path]:
+    """`locate` for _convert_gguf that first proves the file is a whole GGUF file (one line if not)."""
+
+    def locate(_: Path) -> Path:
+        problem = gguf_problem(path)
+        if problem:
+            raise CrossdiffError(f"{path} is not a usable GGUF file ({problem}); download it again")
+        return path
+
+    return locate
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a .gguf file is unusable: empty, another format, or shorter than its tensor table says."""
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty"
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return "it does not start with the GGUF magic bytes"
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None  # the conversion reports the missing package
+    try:
+        tensors = GGUFReader(str(path)).tensors
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as e:
+        return f"truncated or corrupt: {type(e).__name__}"
+    end = max((t.data_offset + t.n_bytes for t in tensors), default=0)
+    return f"truncated: {size:,} bytes, its tensors need {end:,}" if end > size else None
 
 
 def _convert_embedded(m: EmbeddedModel) -> Path:

@@ -101,6 +101,12 @@ class SteerConfig:
             )
         if self.top is not None and self.top < 1:
             raise CrossdiffError(f"--top must be at least 1, got {self.top}")
+        if self.latent is not None and self.latent < 0:
+            raise CrossdiffError(f"--latent must be a latent index (0 or more), got {self.latent}")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise CrossdiffError(
+                f"--prompts {self.prompts}: no such file; pass a text file with one prompt per line"
+            )
         if self.n_random < 5:
             raise CrossdiffError(f"--n-random must be at least 5 for a usable null, got {self.n_random}")
         if not self.strengths or not all(math.isfinite(s) for s in self.strengths):
@@ -583,6 +589,10 @@ def steer(cfg: SteerConfig, models=None) -> dict:
 
     device = resolve_device(cfg.device)
     cc = Crosscoder.from_pretrained(run, device=device)
+    if cfg.latent is not None and cfg.latent >= cc.cfg.n_latents:  # before any model is loaded
+        raise CrossdiffError(
+            f"--latent {cfg.latent} is out of range: the crosscoder in {run} has latents 0..{cc.cfg.n_latents - 1}"
+        )
     lms = models if models is not None else _Models(cc, device)
     rows = _latent_rows(run)
     if cfg.latent is not None:

@@ -8,7 +8,8 @@ Layout of a store directory (format 1):
     shards/NNNNN.safetensors   acts_a [n, d_a], acts_b [n, d_b] (raw units, bf16), chunk, doc, pos_a,
                                pos_b, tok_a, tok_b, char_start, char_end (per row)
     shards/NNNNN.texts.jsonl   the text of every chunk in the shard (chunk id, doc id, source, text)
-    shards/NNNNN.json          the shard's statistics; written after the two above, marks it complete
+    shards/NNNNN.json          the shard's statistics and the byte size and sha256 of the two files
+                               above; written after them, marks the shard complete
 
 Activations are stored raw; `normalised = raw * scale` with one scalar per model chosen so that
 E||x||^2 = d_model (docs/design.md §4). Shards are read through numpy memory maps (the safetensors layout
@@ -18,7 +19,9 @@ load a whole shard, let alone the store. Letters in names: N rows, D model width
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import CrossdiffError
-from .fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .fsutil import write_bytes_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 HELDOUT_FRAC = 0.05
@@ -61,6 +64,12 @@ def sum_of_squares(acts_ND: torch.Tensor) -> float:
     return total
 
 
+def file_record(data: bytes) -> dict:
+    """What a shard's .json records about one of its files: byte size and sha256 (the same digest
+    as `sha256sum`; about as fast as writing the file, measured in docs/store.md)."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_shard(
     root: Path,
     index: int,
@@ -83,19 +92,27 @@ def write_shard(
         n_heldout=int(heldout_mask(chunk_N, heldout_frac).sum()),
     )
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    write_bytes_atomic(shards / f"{name}.safetensors", save(tensors))
-    write_text_atomic(
-        shards / f"{name}.texts.jsonl", "".join(json.dumps(t, sort_keys=True) + "\n" for t in texts)
-    )
+    data = save(tensors)
+    text = "".join(json.dumps(t, sort_keys=True) + "\n" for t in texts).encode("utf-8")
+    stats["files"] = {"safetensors": file_record(data), "texts.jsonl": file_record(text)}
+    write_bytes_atomic(shards / f"{name}.safetensors", data)
+    write_bytes_atomic(shards / f"{name}.texts.jsonl", text)
     write_json_atomic(shards / f"{name}.json", stats)
     return stats
 
 
 def completed_shards(root: Path) -> list[dict]:
-    """Stats of the complete shards 0..k-1 (stopping at the first gap)."""
+    """Stats of the complete shards 0..k-1, stopping at the first gap or the first shard whose files
+    fail their size check (so a resumed harvest writes that one again instead of trusting it)."""
     out = []
     while (p := Path(root) / "shards" / f"{shard_name(len(out))}.json").is_file():
-        out.append(json.loads(p.read_text()))
+        try:
+            stats = json.loads(p.read_text())
+        except ValueError:
+            break
+        if shard_problems(root, stats, checksums=False):
+            break
+        out.append(stats)
     return out
 
 
@@ -121,6 +138,7 @@ def finalize(root: Path, meta: dict, *, heldout_frac: float = HELDOUT_FRAC) -> d
     meta["heldout_frac"] = heldout_frac
     meta["shards"] = [
         {"name": shard_name(s["index"]), "n_tokens": s["n_tokens"], "n_heldout": s["n_heldout"]}
+        | ({"files": s["files"]} if "files" in s else {})
         for s in shards
     ]
     meta["n_tokens"] = sum(s["n_tokens"] for s in shards)
@@ -187,10 +205,106 @@ def write_synthetic_store(
     return Store.open(root)
 
 
+# --- integrity -------------------------------------------------------------------------------------
+
+SHARD_FILES = ("safetensors", "texts.jsonl")
+# A normalised activation has E||x||² = d and rows above 10x the median norm are dropped at harvest,
+# so no coordinate comes near this; random bytes read as bf16 exceed it in ~40% of values.
+MAX_ABS_NORMALISED = 1e5
+
+
+def harvest_command(root: str | Path) -> str:
+    """The command that finishes or repairs the store: the harvest rerun with its settings.json."""
+    root = Path(root)
+    try:
+        settings = json.loads((root / "settings.json").read_text())
+    except (OSError, ValueError):
+        return f"recreate {root} the way it was made (it has no readable settings.json)"
+    parts = ["crossdiff", "harvest", "--out", shlex.quote(str(root))]
+    for key, value in settings.items():
+        if value is not None:
+            parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def damaged(path: Path, reason: str, root: Path) -> CrossdiffError:
+    """The one-line error of every reader that meets a damaged store file."""
+    return CrossdiffError(f"{path} is damaged ({reason}); repair the store with: {harvest_command(root)}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be complete (unreadable header, shorter than its header says)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                return f"header length {header_len:,} exceeds the file's {size:,} bytes"
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "missing"
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable header: {type(e).__name__}"
+    expected = 8 + header_len + end
+    return None if size == expected else f"{size:,} bytes, its header describes {expected:,}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_problems(root: Path, entry: dict, *, checksums: bool) -> list[tuple[Path, str]]:
+    """(file, what is wrong) for a shard-table entry (meta.json) or a shard's own .json.
+
+    Sizes and sha256 come from the record written with the shard; stores written before records
+    existed (no "files") get the check their safetensors header allows (the size it describes)."""
+    out = []
+    name = entry.get("name", shard_name(entry.get("index", 0)))
+    for ext in SHARD_FILES:
+        path = Path(root) / "shards" / f"{name}.{ext}"
+        record = entry.get("files", {}).get(ext)
+        if not path.is_file():
+            out.append((path, "missing"))
+        elif record is None:
+            problem = safetensors_problem(path) if ext == "safetensors" else None
+            if problem:
+                out.append((path, problem))
+        elif (size := path.stat().st_size) != record["bytes"]:
+            out.append((path, f"{size:,} bytes, {record['bytes']:,} were written"))
+        elif checksums and sha256_file(path) != record["sha256"]:
+            out.append((path, "its sha256 differs from the one recorded when it was written"))
+    return out
+
+
+def store_problems(root: Path, meta: dict) -> list[tuple[int, Path, str]]:
+    """(shard index, file, what is wrong) over a complete store: sizes and sha256 of every shard's
+    files, and each shard's .json against meta.json's table. Reads the whole store once."""
+    out = []
+    for i, entry in enumerate(meta["shards"]):
+        problems = shard_problems(root, entry, checksums=True)
+        own = Path(root) / "shards" / f"{entry['name']}.json"
+        try:
+            stats = json.loads(own.read_text())
+            if stats.get("files") != entry.get("files") or stats.get("n_tokens") != entry["n_tokens"]:
+                problems.append((own, "it disagrees with meta.json"))
+        except (OSError, ValueError) as e:
+            problems.append((own, f"unreadable: {type(e).__name__}"))
+        out += [(i, path, problem) for path, problem in problems]
+    return out
+
+
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
+def _memmap_safetensors(path: Path, root: Path) -> dict[str, np.memmap]:
+    problem = safetensors_problem(path)
+    if problem:
+        raise damaged(path, problem, root)
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
@@ -215,8 +329,16 @@ def _to_torch(arr: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
 
 
-def _to_float(arr: np.ndarray) -> torch.Tensor:
-    return _to_torch(arr).float()
+def _peak_abs(raw: torch.Tensor) -> float:
+    """max |x| of a tensor in storage precision (NaN if any is NaN). For bf16 from the bit patterns:
+    with the sign bit cleared they order like the values, NaN and inf highest; this integer pass is
+    ~10x faster than abs().amax() in bf16 on a CPU."""
+    if raw.numel() == 0:
+        return 0.0
+    if raw.dtype == torch.bfloat16:
+        bits = (raw.view(torch.int16) & 0x7FFF).amax().reshape(1)
+        return float(bits.view(torch.bfloat16).float())
+    return float(raw.abs().amax())
 
 
 class Store:
@@ -249,6 +371,9 @@ class Store:
             raise CrossdiffError(
                 f"{root} has store format {meta.get('format_version')}, this crossdiff reads {FORMAT_VERSION}; re-harvest it"
             )
+        for entry in meta["shards"]:  # sizes only (one stat per file); `crossdiff check` reads the bytes
+            for path, problem in shard_problems(root, entry, checksums=False):
+                raise damaged(path, problem, root)
         return cls(root, meta)
 
     # metadata
@@ -268,7 +393,9 @@ class Store:
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
-        arrays = _memmap_safetensors(self.root / "shards" / f"{self.meta['shards'][i]['name']}.safetensors")
+        arrays = _memmap_safetensors(
+            self.root / "shards" / f"{self.meta['shards'][i]['name']}.safetensors", self.root
+        )
         self._open[i] = arrays
         if len(self._open) > self._MAX_OPEN:
             self._open.popitem(last=False)
@@ -281,9 +408,24 @@ class Store:
         else:
             self._open.pop(shard, None)
 
+    def _check_values(self, shard: int, raw_a: torch.Tensor, raw_b: torch.Tensor) -> None:
+        """Stop at non-finite or impossible activations where they enter (training and analysis read
+        through here), naming the shard: the bytes are damaged, whatever the later symptom would be."""
+        for raw, scale in ((raw_a, self.scale_a), (raw_b, self.scale_b)):
+            peak = _peak_abs(raw) * scale
+            if not peak <= MAX_ABS_NORMALISED:  # also true for NaN
+                path = self.root / "shards" / f"{self.meta['shards'][shard]['name']}.safetensors"
+                raise damaged(
+                    path,
+                    f"it holds non-finite or impossible activations, max |x| = {peak:.3g} normalised",
+                    self.root,
+                )
+
     def _read(self, shard: int, rows: np.ndarray, normalised: bool) -> tuple[torch.Tensor, torch.Tensor]:
         arrays = self._shard(shard)
-        x_a, x_b = _to_float(arrays["acts_a"][rows]), _to_float(arrays["acts_b"][rows])
+        raw_a, raw_b = _to_torch(arrays["acts_a"][rows]), _to_torch(arrays["acts_b"][rows])
+        self._check_values(shard, raw_a, raw_b)
+        x_a, x_b = raw_a.float(), raw_b.float()
         if normalised:
             x_a, x_b = x_a * self.scale_a, x_b * self.scale_b
         return x_a, x_b
@@ -320,7 +462,10 @@ class Store:
     def texts(self, shard: int) -> dict[int, dict]:
         """chunk id -> {"doc", "source", "text", ...} for one shard."""
         path = self.root / "shards" / f"{self.meta['shards'][shard]['name']}.texts.jsonl"
-        return {t["chunk"]: t for t in map(json.loads, path.read_text().splitlines())}
+        try:
+            return {t["chunk"]: t for t in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+            raise damaged(path, f"unreadable: {type(e).__name__}", self.root) from e
 
     def shard_of(self, index: int) -> int:
         return int(np.searchsorted(self._offsets, index, side="right") - 1)
@@ -430,5 +575,6 @@ class Store:
         for s in shard_ids:
             arrays, rows = self._shard(s), self.split_rows(s, split)
             parts.append((_to_torch(arrays["acts_a"][rows]), _to_torch(arrays["acts_b"][rows])))
+            self._check_values(s, *parts[-1])
             self.release(s)  # read once per epoch: keep its pages out of RSS
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -85,10 +85,12 @@ class TrainConfig:
     """AuxK: dead latents used to model the residual (default half the wider model's width)."""
     aux_alpha: float = 1 / 32
     """AuxK loss weight α (0 disables AuxK)."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens is dead (AuxK)."""
-    threshold_beta: float = 0.999
-    """batchtopk: EMA factor of the inference threshold θ (mean of each batch's smallest kept value)."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many training tokens is dead (AuxK). Default: 10M, or a
+    quarter of --tokens when that is less (a window longer than the run never revives a latent)."""
+    threshold_beta: float | None = None
+    """batchtopk: EMA factor of the inference threshold θ (mean of each batch's smallest kept value).
+    Default: 0.999, or 1 - 10/steps when that is less (a memory of a tenth of the run)."""
     init_tokens: int = 65536
     """Tokens averaged to initialise the decoder biases (the data mean)."""
     dec_init_norm: float = added(0.1)
@@ -132,7 +134,7 @@ class TrainConfig:
 
         get_sparsity(self.sparsity)
         for name in "latents k tokens batch_size checkpoint_every log_every init_tokens heldout_tokens dead_tokens".split():
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if get_sparsity(self.sparsity).uses_k and self.k > self.latents:
             bad(f"k={self.k} exceeds the dictionary size {self.latents}; lower --k or raise --latents")
@@ -146,7 +148,7 @@ class TrainConfig:
             bad(f"--lr must be positive, got {self.lr}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             bad("--warmup-steps must be >= 0")
-        if not 0 <= self.decay_frac < 1 or not 0 <= self.threshold_beta < 1:
+        if not 0 <= self.decay_frac < 1 or not 0 <= self.beta < 1:
             bad("--decay-frac and --threshold-beta must be in [0, 1)")
         if not self.dec_init_norm > 0:
             bad(f"--dec-init-norm must be positive, got {self.dec_init_norm}")
@@ -161,6 +163,19 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return math.ceil(self.tokens / self.batch_size)
+
+    # Defaults sized for 50M tokens shrink with shorter runs (docs/training.md, "Short runs").
+    @property
+    def dead_window(self) -> int:
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 4))
+
+    @property
+    def beta(self) -> float:
+        return (
+            self.threshold_beta
+            if self.threshold_beta is not None
+            else min(0.999, max(0.0, 1 - 10 / self.total_steps))
+        )
 
     @property
     def warmup(self) -> int:
@@ -254,13 +269,13 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.autocast and device == "cuda"):
         aux_k = cfg.aux_k or max(x_a.shape[1], x_b.shape[1]) // 2
         out = st.model.training_forward(
-            x_a, x_b, dead_F=st.since_fired_F >= cfg.dead_tokens, aux_k=aux_k, aux_alpha=cfg.aux_alpha,
+            x_a, x_b, dead_F=st.since_fired_F >= cfg.dead_window, aux_k=aux_k, aux_alpha=cfg.aux_alpha,
             l1_coeff=cfg.l1_at(st.step), sparse_kernels=cfg.sparse_kernels, guess=st.guess, select=st.select,
         )  # fmt: skip
     if not torch.isfinite(out.loss):
         raise CrossdiffError(
-            f"the loss became non-finite at step {st.step} (training diverged; try a lower --lr); "
-            "the last good checkpoint is kept"
+            f"the loss became non-finite at step {st.step} on finite data (training diverged; try a lower "
+            "--lr); the last good checkpoint is kept"
         )
     out.loss.backward()
     fired_F, n_tokens = out.fired_F, x_a.shape[0]
@@ -287,7 +302,7 @@ def _track_cutoff(st: TrainState, cutoff: float, cfg: TrainConfig) -> None:
     # θ: bias-corrected EMA of the cutoff, started after warm-up (dictionary_learning starts it at
     # step 1000) so that the random-init phase does not drag it down.
     if st.step >= cfg.warmup:
-        beta = cfg.threshold_beta
+        beta = cfg.beta
         st.theta_ema, st.theta_n = beta * st.theta_ema + (1 - beta) * cutoff, st.theta_n + 1
         st.model.threshold.fill_(st.theta_ema / (1 - beta**st.theta_n))
 
@@ -386,7 +401,7 @@ class _Meter:
             "fve_b": 1 - s["sse_b"] / max(s["var_b"], 1e-12),
             "l0": s["l0_tokens"] / n,
             "threshold": float(st.model.threshold),
-            "dead_fraction": float((st.since_fired_F >= cfg.dead_tokens).float().mean()),
+            "dead_fraction": float((st.since_fired_F >= cfg.dead_window).float().mean()),
             "tokens_per_s": n / (time.perf_counter() - self.t0),
         }
         self.__init__()
@@ -443,14 +458,23 @@ def save_checkpoint(run: Path, st: TrainState) -> Path:
     ckpts = run / "checkpoints"
     final, tmp = ckpts / f"step-{st.step:09d}", ckpts / f".tmp-step-{st.step:09d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    st.model.save_pretrained(tmp)
-    write_with_atomic(tmp / STATE_FILE, lambda p: torch.save(st.state_dict(), p))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        st.model.save_pretrained(tmp)
+        # Through a file object: torch.save to a path turns a full disk into an opaque RuntimeError.
+        write_with_atomic(tmp / STATE_FILE, lambda p: _save_torch(st.state_dict(), p))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:  # a failed write (full disk) leaves no half-written checkpoint folder
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in ckpts.iterdir():
         if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_torch(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -508,6 +532,10 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
     mine = config_to_dict(cfg)
     if saved_path.is_file():
         saved = upgrade_train_settings(json.loads(saved_path.read_text()))  # `arch` before sparsity/frac
+        # Runs started before these defaults scaled with the run saved the value they used.
+        for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
+            if k in saved and saved[k] == getattr(cfg, v):
+                saved[k] = getattr(cfg, k)
         detail = changed_settings(saved, cfg)
         if detail:
             raise CrossdiffError(
@@ -552,6 +580,9 @@ def train(cfg: TrainConfig) -> dict:
             ctx.barrier()
             if cfg.batch_size < ctx.world:
                 raise CrossdiffError(f"--batch-size {cfg.batch_size} is below the {ctx.world} ranks")
+        if (ctx is None or ctx.is_main) and not (run / "eval.json").is_file():
+            for warning in short_run_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr)
         if (run / "eval.json").is_file():
             print(
                 f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
@@ -560,6 +591,33 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, run, Store.open(cfg.store), device, ctx)
     finally:
         distributed.shutdown(ctx)
+
+
+SHORT_RUN_STEPS = 200
+"""Fewer optimizer steps than this draw a warning (the small diff budget trains 390: docs/diff.md)."""
+
+
+def short_run_warnings(cfg: TrainConfig) -> list[str]:
+    """What will not take effect in a run this short, and what to change."""
+    out = []
+    if cfg.total_steps < SHORT_RUN_STEPS:
+        out.append(
+            f"{cfg.total_steps} optimizer steps ({cfg.tokens:,} tokens at --batch-size {cfg.batch_size}) are "
+            f"too few to train a useful crosscoder; raise --tokens or lower --batch-size to get at least "
+            f"{SHORT_RUN_STEPS} steps (defaults scaled to this run: AuxK dead window {cfg.dead_window:,} "
+            f"tokens, threshold EMA factor {cfg.beta:.3g}, warm-up {cfg.warmup} steps)"
+        )
+    if cfg.dead_tokens is not None and cfg.dead_tokens >= cfg.tokens and cfg.aux_alpha > 0:
+        out.append(
+            f"--dead-tokens {cfg.dead_tokens:,} is not below --tokens {cfg.tokens:,}: no latent can count as "
+            f"dead, so AuxK never revives one; leave it out (default: a quarter of --tokens) or lower it"
+        )
+    if cfg.warmup_steps is not None and cfg.warmup_steps >= cfg.total_steps:
+        out.append(
+            f"--warmup-steps {cfg.warmup_steps} covers the whole run of {cfg.total_steps} steps: the learning "
+            "rate never reaches its value; leave it out (default: 5% of the steps) or lower it"
+        )
+    return out
 
 
 def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:

@@ -3,10 +3,12 @@ a full disk end byte-identical to an uninterrupted run, and bad input fails clea
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,3 +244,65 @@ def test_help_lists_subcommands():
     )
     assert "--max-tokens" in r.stdout and "relative depth" in r.stdout
     assert json.loads(json.dumps(SETTINGS))  # settings stay JSON-serialisable
+
+
+def test_rerun_reharvests_damaged_shards_byte_identically(reference, corpus_file, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(reference.root, out)
+    one, three = out / "shards" / "00001.safetensors", out / "shards" / "00003.safetensors"
+    with open(one, "r+b") as f:  # random bytes, same size: only the sha256 can tell
+        f.seek(one.stat().st_size - 2000)
+        f.write(np.random.default_rng(0).bytes(2000))
+    with open(three, "r+b") as f:
+        f.truncate(three.stat().st_size // 2)
+    with pytest.raises(
+        CrossdiffError, match="00003.safetensors is damaged .*repair the store with: crossdiff harvest"
+    ):
+        Store.open(out)
+    r = subprocess.run(_cli(out, corpus_file), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"damaged: {one} (its sha256 differs" in r.stderr and f"damaged: {three} (" in r.stderr
+    assert "re-harvesting shard 00001" in r.stderr and "re-harvesting shard 00003" in r.stderr
+    _same_tree(reference.root, out)
+
+
+def test_full_disk_while_saving_tokenizers_leaves_no_temporary(tmp_path, models_ab):
+    from crossdiff.harvest import _prepare
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    # SmolLM2's tokenizer files take ~3.5 MB, Gemma's ~33 MB: the second one cannot fit in 8 MB.
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        cfg = HarvestConfig(out=str(mnt / "store"), device="cpu")
+        with pytest.raises(OSError) as e:
+            _prepare(mnt / "store", cfg, models_ab)
+        assert e.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in (mnt / "store" / "tokenizers").iterdir()) == ["a"]
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+CHINESE = (
+    "今天早上委员会开会讨论了城市公共图书馆的新预算。几位委员认为阅览室晚上应该开得更晚一些，"
+    "因为许多学生和工人六点以前没有时间去。🙂📚 其他人担心冬天几个月里老建筑的取暖费用。"
+    "经过长时间的辩论，他们同意在两个分馆试行一年延长开放时间，并在春天向议会报告来访人数。🎉"
+)
+
+
+def test_badly_aligned_text_warns_and_says_why(tmp_path, capsys, tokenizers_ab):
+    from crossdiff.harvest import aligned_fraction_warning
+
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n\n".join(CHINESE[i:] + CHINESE[:i] for i in range(0, 120, 10)) + "\n")
+    store = harvest(HarvestConfig(out=str(tmp_path / "zh"), corpus=str(corpus), device="cpu", max_tokens=300))
+    frac_a, frac_b = (store.meta["models"][k]["aligned_fraction"] for k in "ab")
+    assert frac_a < 0.5 and frac_b < 0.5
+    err = capsys.readouterr().err
+    assert f"warning: only {frac_a:.0%} of model A's and {frac_b:.0%} of model B's text tokens" in err
+    assert "byte pieces whose ends rarely coincide" in err
+    # The English store of this module's fixture stays silent.
+    assert aligned_fraction_warning(0.98, 0.98, *tokenizers_ab) is None

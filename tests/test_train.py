@@ -337,7 +337,10 @@ def test_nan_in_the_store_is_a_one_line_cli_error(tmp_path, capsys):
     write_synthetic_store(tmp_path / "bad", x_a, x_b)
     assert cli.main(_argv(tmp_path / "bad", tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: the training batch at step 0 contains NaN or inf"), err
+    # Stopped where the data enters (the store reader), naming the shard, before any step.
+    shard = tmp_path / "bad" / "shards" / "00000.safetensors"
+    assert err.startswith(f"error: {shard} is damaged (it holds non-finite or impossible activations"), err
+    assert "lr" not in err
 
 
 def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
@@ -416,3 +419,35 @@ def test_missing_optional_logger_is_a_warning(tmp_path, capsys, monkeypatch, log
     log.write({"step": 1, "loss": 2.0})
     assert log.backend is None and f"--logger {logger} is not installed" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"loss": 2.0, "step": 1}
+
+
+def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
+    short = TrainConfig(store="S", out="R", arch="dfc", latents=4096, k=32, tokens=60_000)
+    assert (short.total_steps, short.dead_window, short.warmup) == (15, 15_000, 0)
+    assert short.beta == pytest.approx(1 - 10 / 15)
+    long = TrainConfig(store="S", out="R", tokens=50_000_000)
+    assert (long.dead_window, long.beta) == (10_000_000, 0.999)  # the defaults for full-length runs
+    assert TrainConfig(store="S", out="R", tokens=60_000, dead_tokens=5, threshold_beta=0.9).beta == 0.9
+    # 12 steps: θ follows the recent cutoffs, so inference fires about k latents per token.
+    base = dict(heldout_tokens=1024, dead_tokens=None)
+    scaled = train(_tiny_cfg(store_path, tmp_path / "scaled", **base))
+    err = capsys.readouterr().err
+    assert "warning: 12 optimizer steps (768 tokens at --batch-size 64) are too few" in err
+    assert "AuxK dead window 192 tokens, threshold EMA factor 0.167" in err
+    fixed = train(_tiny_cfg(store_path, tmp_path / "fixed", threshold_beta=0.999, **base))
+    assert abs(scaled["l0"] - 4) < abs(fixed["l0"] - 4)
+
+
+def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
+    from crossdiff.config import config_to_dict
+    from crossdiff.train import _check_run_folder
+
+    cfg = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=50_000_000)
+    old = {**config_to_dict(cfg), "dead_tokens": 10_000_000, "threshold_beta": 0.999}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(old))
+    _check_run_folder(cfg, tmp_path / "run")  # the values it used are the scaled defaults' values
+    short = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=60_000)
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({**old, "tokens": 60_000}))
+    with pytest.raises(CrossdiffError, match="dead_tokens: 10000000 -> None, threshold_beta: 0.999 -> None"):
+        _check_run_folder(short, tmp_path / "run")

@@ -1,0 +1,137 @@
+"""`crossdiff check STORE|RUN`: read every file of a store or a training run and report damage.
+
+A store is checked against the byte sizes and sha256 its harvest recorded for each shard (stores
+written before those records get the size their safetensors headers describe); a run folder's
+weights, checkpoints and JSON files are opened the way their readers open them. Each damaged file
+gets one line naming it and the command that repairs it; the command exits 2 when anything is
+damaged. Readers check sizes on open (store.Store.open); only this command reads every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CrossdiffError
+from .store import harvest_command, safetensors_problem, store_problems
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    path: str
+    """A store (made by crossdiff harvest) or a training run folder (made by crossdiff train)."""
+
+
+def check(cfg: CheckConfig) -> list[str]:
+    """Print one line per damaged file (with its repair command); raise if there is any."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise CrossdiffError(f"{root} is not a folder; pass a store or a training run folder")
+    if (root / "settings.json").is_file() or (root / "meta.json").is_file():
+        lines, what = check_store(root)
+    elif (root / "train_config.json").is_file() or (root / "cfg.json").is_file():
+        lines, what = check_run(root)
+    else:
+        raise CrossdiffError(
+            f"{root} is neither an activation store nor a training run folder (no meta.json, "
+            "settings.json, train_config.json or cfg.json)"
+        )
+    for line in lines:
+        print(line)
+    if lines:
+        raise CrossdiffError(f"{len(lines)} damaged file(s) in {root}; run the commands above to repair them")
+    print(f"{root}: {what}, no damage found")
+    return lines
+
+
+def check_store(root: Path) -> tuple[list[str], str]:
+    repair = harvest_command(root)
+    if not (root / "meta.json").is_file():
+        return [f"incomplete: {root} (its harvest was interrupted); finish it with: {repair}"], ""
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        shards = meta["shards"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"damaged: {root / 'meta.json'} ({type(e).__name__}); repair: {repair} --overwrite"], ""
+    lines = [
+        f"damaged: {path} ({problem}); repair: {repair}" for _, path, problem in store_problems(root, meta)
+    ]
+    for key in "ab" if (root / "settings.json").is_file() else ():  # harvested, not synthetic
+        if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
+            lines.append(f"damaged: {root / 'tokenizers' / key} (missing); repair: {repair} --overwrite")
+    recorded = all("files" in s for s in shards)
+    detail = "sizes and sha256" if recorded else "sizes (a store written before checksums were recorded)"
+    return lines, f"{len(shards)} shards, {meta['n_tokens']:,} pairs: {detail} match"
+
+
+def train_command(run: Path) -> str:
+    """The train command recorded in RUN/train_config.json (rerunning it resumes or restarts the run)."""
+    try:
+        settings = json.loads((run / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return f"the crossdiff train command that made {run}"
+    parts = ["crossdiff", "train"]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is not None:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
+def check_run(run: Path) -> tuple[list[str], str]:
+    """The final weights (if written), the latest checkpoint and the JSON files of a run folder."""
+    retrain = train_command(run)
+    lines = []
+    if (run / "cfg.json").is_file() or (run / "crosscoder.safetensors").is_file():
+        problem = _checkpoint_problem(run)
+        if problem:
+            lines.append(f"damaged: {problem}; repair: rm {shlex.quote(str(run / 'eval.json'))}; {retrain}")
+    for ckpt in sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []:
+        problem = _checkpoint_problem(ckpt) or _state_problem(ckpt)
+        if problem:
+            lines.append(
+                f"damaged: {problem}; repair: rm -r {shlex.quote(str(ckpt))}; {retrain} (restarts the run)"
+            )
+    for name in ("train_config.json", "eval.json"):
+        if (run / name).is_file():
+            try:
+                json.loads((run / name).read_text())
+            except (OSError, ValueError) as e:
+                lines.append(
+                    f"damaged: {run / name} ({type(e).__name__}); repair: rm {run / name}; {retrain}"
+                )
+    state = "finished" if (run / "eval.json").is_file() else "unfinished"
+    return lines, f"{state} run, weights and checkpoints readable and finite"
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why a crosscoder checkpoint folder cannot be used (None when it loads with finite weights)."""
+    import torch
+
+    from .crosscoder import Crosscoder
+
+    weights = folder / "crosscoder.safetensors"
+    problem = safetensors_problem(weights)
+    if problem:
+        return f"{weights} ({problem})"
+    try:
+        model = Crosscoder.from_pretrained(folder)
+    except CrossdiffError as e:
+        return f"{folder} ({e})"
+    bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
+    return f"{weights} (non-finite values in {', '.join(bad)})" if bad else None
+
+
+def _state_problem(ckpt: Path) -> str | None:
+    import torch
+
+    path = ckpt / "trainer_state.pt"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure means the file is unusable
+        return f"{path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
