@@ -285,14 +285,14 @@ def profile_steps(step, device, steps: int) -> list[str]:
 def train_part(device, size, rate: float, bandwidth: float) -> None:
     print(
         "\n4. training (train_step, DFC, bf16 autocast on CUDA). floor = encoder forward 2*B*(d_A+d_B)*D FLOP"
-        f" at {rate / 1e12:.3g} TFLOP/s + {ADAM_BYTES_PER_PARAM} B/param fp32 Adam at {bandwidth / 1e9:,.0f} GB/s"
+        f" at {rate / 1e12:.3g} TFLOP/s + {ADAM_BYTES_PER_PARAM} B/param fp32 Adam at {bandwidth / 1e9:.4g} GB/s"
     )
     for d_a, d_b, latents, k, batch in size["train"]:
         st, step, n_params = train_setup(device, d_a, d_b, latents, k, batch)
         sec = timed(step, device, *size["train_steps"])
         floor = 2 * batch * (d_a + d_b) * latents / rate + ADAM_BYTES_PER_PARAM * n_params / bandwidth
         print(
-            f"\n  DFC d_A+d_B={d_a}+{d_b} D={latents:,} k={k} batch={batch:,} ({n_params / 1e9:.3g}B params): "
+            f"\n  DFC d_A+d_B={d_a}+{d_b} D={latents:,} k={k} batch={batch:,} ({n_params / 1e6:,.1f}M params): "
             f"{batch / sec:,.0f} tokens/s, {sec * 1e3:.1f} ms/step; floor {floor * 1e3:.1f} ms/step = "
             f"{batch / floor:,.0f} tokens/s; reached {floor / sec:.1%} of the floor"
         )
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     n = size["matmul"]
     kind = "bf16" if device.type == "cuda" else "fp32"
     print(
-        f"2. matmul rate ({kind}, {n}^3): {rate / 1e12:.3g} TFLOP/s; copy bandwidth: {bandwidth / 1e9:,.0f} GB/s"
+        f"2. matmul rate ({kind}, {n}^3): {rate / 1e12:.3g} TFLOP/s; copy bandwidth: {bandwidth / 1e9:.4g} GB/s"
     )
 
     if device.type == "cuda":
