@@ -14,7 +14,8 @@ safetensors, tqdm): nothing is installed or downloaded. Each part prints as it f
    device-to-device copy, bytes read + written).
 3. The sparse products alone at D = 65,536, d = 4096, batch 4096, k = 32: the Triton kernels against
    the CPU path's torch formulation (embedding_bag, gather-multiply, a dense GEMV) on the GPU: ms
-   per call, the effective GB/s of the bytes each must move, and their agreement.
+   per call, the effective GB/s of the bytes each must move, and their agreement; then the
+   segment-sum kernel's time for a few block shapes (the data for tuning its defaults).
 4. Training (the trainer's own `train_step`: forward, backward, clip, fused Adam, counters; bf16
    autocast): DFC at d_A = d_B = 4096, D = 65,536, k = 32, batch 4096 and 16,384, and at the default
    pair's widths (576 + 640, D = 16,384). Per configuration: tokens/s, ms/step, and the floor
@@ -64,7 +65,7 @@ SMOKE = dict(
     check=dict(d_a=24, d_b=40, latents=256, k=4, batch=64),
     matmul=256,
     copy_bytes=1 << 22,
-    products=dict(d=64, latents=1024, k=8, batch=128),
+    products=dict(d=48, latents=96, k=4, batch=24),  # through Triton's interpreter on CPU
     train=[(64, 64, 1024, 8, 256), (48, 40, 512, 8, 256)],
     train_steps=(1, 2),
     profile_steps=1,
@@ -72,6 +73,16 @@ SMOKE = dict(
     harvest_iters=(1, 2),
 )
 ADAM_BYTES_PER_PARAM = 28
+# (BLOCK_N, BLOCK_D, warps) of sparse_triton.segment_sum tried in part 3 (the defaults are among them)
+SEGMENT_CONFIGS = [
+    (32, 256, 4),
+    (32, 128, 4),
+    (16, 256, 4),
+    (8, 512, 4),
+    (4, 512, 4),
+    (4, 1024, 8),
+    (4, 256, 2),
+]
 
 
 def sync(device):
@@ -164,8 +175,9 @@ def copy_bandwidth(device, n_bytes: int) -> float:
 # ----------------------------------------------------------------------------- 3. sparse products
 
 
-def sparse_products(device, d, latents, k, batch) -> list[tuple[str, float, float, float, float]]:
-    """(product, GB it must move, ms Triton, ms embedding_bag formulation, relative difference)."""
+def sparse_products(device, d, latents, k, batch) -> tuple[list[tuple], list[str]]:
+    """[(product, GB it must move, ms Triton, ms torch formulation, relative difference)], and the
+    segment-sum block-shape sweep's printable lines."""
     from crossdiff import sparse_triton
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -181,6 +193,9 @@ def sparse_products(device, d, latents, k, batch) -> list[tuple[str, float, floa
     tok_off = sparse_triton.token_offsets(rows, batch)
     lat_off = sparse._bag_offsets(cols[order], latents)
     n, f4 = rows.numel(), 4
+    grad_bias = torch.zeros(latents, device=device).index_add_(
+        0, cols, vals
+    )  # ∂b_enc-like: 0 off the entries
     cases = [
         (
             "decode (B, D) = Σ_k val·W_dec[col]",
@@ -203,8 +218,8 @@ def sparse_products(device, d, latents, k, batch) -> list[tuple[str, float, floa
         (
             "centres (D,) = Σ_j g_j·W[j], g_j ≠ 0",
             (int(torch.unique(cols).numel()) * d) * f4,
-            lambda: sparse_triton.rowsum_nonzero(torch.bincount(cols, vals, minlength=latents), W),
-            lambda: torch.bincount(cols, vals, minlength=latents) @ W,
+            lambda: sparse_triton.rowsum_nonzero(grad_bias, W),
+            lambda: grad_bias @ W,
         ),
     ]
     out = []
@@ -214,7 +229,17 @@ def sparse_products(device, d, latents, k, batch) -> list[tuple[str, float, floa
         out.append(
             (name, n_bytes / 1e9, timed(new, device, 2, 10) * 1e3, timed(old, device, 2, 10) * 1e3, rel)
         )
-    return out
+    sweep = {
+        "decode": lambda c: sparse_triton.segment_sum(cols, vals, tok_off, W, config=c),
+        "∂W": lambda c: sparse_triton.segment_sum(rows[order], vals[order], lat_off, G, config=c),
+    }
+    lines = []
+    for name, fn in sweep.items():  # block shapes for the next tuning step: ms per call of each
+        configs = SEGMENT_CONFIGS if device.type == "cuda" else SEGMENT_CONFIGS[:2]  # the interpreter is slow
+        times = {c: timed(lambda c=c, fn=fn: fn(c), device, 1, 5) * 1e3 for c in configs}
+        best = min(times, key=times.get)
+        lines.append(f"  {name}: " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items()) + f"; best {best}")
+    return out, lines
 
 
 # ----------------------------------------------------------------------------- 4. training
@@ -346,6 +371,50 @@ def harvest_rate(device, spec, iters) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- main
 
 
+def interpreter_kernels(smoke: bool) -> bool:
+    """--smoke without CUDA: run the Triton kernels (parts 1 and 3) through Triton's interpreter, if
+    triton is installed (it reads TRITON_INTERPRET when the kernels are defined, i.e. now)."""
+    if not smoke or torch.cuda.is_available():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import crossdiff.sparse_triton  # noqa: F401
+    except ImportError:
+        return False
+    sparse.TRITON_ON_CPU = True
+    return True
+
+
+def correctness_part(device, size, on_triton: bool) -> list[str]:
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    failures = check_sparse_vs_dense(device, **size["check"])
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    path = (
+        ("Triton kernels" + ("" if device.type == "cuda" else ", interpreted"))
+        if on_triton
+        else "CPU kernels"
+    )
+    print(f"1. correctness (sparse path on {path} vs dense, fp32; loss, SSE, AuxK, all grads): ", end="")
+    print("FAIL" if failures else "ok")
+    for f in failures:
+        print("  " + f)
+    return failures
+
+
+def products_part(device, size) -> list[str]:
+    p = size["products"]
+    print(f"\n3. sparse products, D={p['latents']:,} d={p['d']} batch={p['batch']} k={p['k']} (fp32)")
+    print(f"  {'product':<38}{'GB':>7}{'Triton ms':>11}{'GB/s':>8}{'torch ms':>10}{'rel diff':>10}")
+    table, sweep = sparse_products(device, **p)
+    failures = []
+    for what, gb, ms_new, ms_old, rel in table:
+        print(f"  {what:<38}{gb:>7.2f}{ms_new:>11.3f}{gb / ms_new * 1e3:>8,.0f}{ms_old:>10.3f}{rel:>10.1e}")
+        failures += [f"sparse product {what}: rel diff {rel:.1e}"] if not rel < 1e-4 else []
+    print("  segment_sum ms per (BLOCK_N, BLOCK_D, warps):\n" + "\n".join(sweep))
+    return failures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device (checks the script)")
@@ -356,47 +425,25 @@ def main(argv=None) -> int:
         return 0
     size = SMOKE if args.smoke else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_triton = device.type == "cuda" or interpreter_kernels(args.smoke)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    triton = sys.modules.get("triton") or (__import__("triton") if device.type == "cuda" else None)
-    print(
-        f"device: {name}, torch {torch.__version__}"
-        f"{f', triton {triton.__version__}' if triton else ''}{' (smoke sizes)' if args.smoke else ''}"
+    versions = f"torch {torch.__version__}" + (
+        f", triton {__import__('triton').__version__}" if on_triton else ""
     )
+    print(f"device: {name}, {versions}{' (smoke sizes)' if args.smoke else ''}")
     t_start = time.perf_counter()
-
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    failures = check_sparse_vs_dense(device, **size["check"])
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    path = "Triton kernels" if device.type == "cuda" else "CPU kernels"
-    print(f"1. correctness (sparse path on {path} vs dense, fp32; loss, SSE, AuxK, all grads): ", end="")
-    print("FAIL" if failures else "ok")
-    for f in failures:
-        print("  " + f)
-
+    failures = correctness_part(device, size, on_triton)
     rate, bandwidth = matmul_rate(device, size["matmul"]), copy_bandwidth(device, size["copy_bytes"])
-    n = size["matmul"]
-    kind = "bf16" if device.type == "cuda" else "fp32"
+    kind, n = ("bf16" if device.type == "cuda" else "fp32"), size["matmul"]
     print(
         f"2. matmul rate ({kind}, {n}^3): {rate / 1e12:.3g} TFLOP/s; copy bandwidth: {bandwidth / 1e9:.4g} GB/s"
     )
-
-    if device.type == "cuda":
-        p = size["products"]
-        print(f"\n3. sparse products, D={p['latents']:,} d={p['d']} batch={p['batch']} k={p['k']} (fp32)")
-        print(f"  {'product':<38}{'GB':>7}{'Triton ms':>11}{'GB/s':>8}{'torch ms':>10}{'rel diff':>10}")
-        for what, gb, ms_new, ms_old, rel in sparse_products(device, **p):
-            print(
-                f"  {what:<38}{gb:>7.2f}{ms_new:>11.3f}{gb / ms_new * 1e3:>8,.0f}{ms_old:>10.3f}{rel:>10.1e}"
-            )
-            failures += [f"sparse product {what}: rel diff {rel:.1e}"] if not rel < 1e-4 else []
+    if on_triton:
+        failures += products_part(device, size)
     else:
-        print(
-            "\n3. sparse products: CUDA only (the Triton kernels; tests/test_sparse_triton.py runs them on CPU)"
-        )
-
+        print("\n3. sparse products: skipped (no CUDA, and no triton for its interpreter)")
+    sparse.TRITON_ON_CPU = False  # training, harvest and pipeline on CPU: the CPU path
     train_part(device, size, rate, bandwidth)
-
     spec = size["llama"]
     tok_s, flop = harvest_rate(device, spec, size["harvest_iters"])
     ceiling = rate / flop
@@ -407,7 +454,7 @@ def main(argv=None) -> int:
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    print(f"\nparts 1-5: {time.perf_counter() - t_start:.0f} s")
+    print(f"\nparts 1-5: {time.perf_counter() - t_start:.0f} s", flush=True)
     if not args.no_pipeline:
         from gpu_pipeline import run_pipeline  # bench/ is on sys.path when run as a script
 

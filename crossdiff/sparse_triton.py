@@ -118,9 +118,12 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def segment_sum(idx_N, w_N, offsets_S1, table_RD, bias_D=None, idx_lo: int = 0, idx_hi: int | None = None):
+def segment_sum(
+    idx_N, w_N, offsets_S1, table_RD, bias_D=None, idx_lo: int = 0, idx_hi: int | None = None, config=None
+):
     """(S, D): out[s] = Σ_{i in [off[s], off[s+1]), idx_lo <= idx[i] < idx_hi} w[i] · table[idx[i] - idx_lo]
-    (+ bias), in the table's dtype (accumulated in fp32 or fp64)."""
+    (+ bias), in the table's dtype (accumulated in fp32 or fp64). config: (BLOCK_N, BLOCK_D, warps)
+    instead of the defaults below (bench/gpu.py tries a few)."""
     table_RD = _rows(table_RD)
     n_seg, (n_rows, d) = offsets_S1.numel() - 1, table_RD.shape
     idx_hi = idx_lo + n_rows if idx_hi is None else idx_hi
@@ -131,12 +134,15 @@ def segment_sum(idx_N, w_N, offsets_S1, table_RD, bias_D=None, idx_lo: int = 0, 
     # mean segment length (k per token for the decoder, N/M per latent for the gradients).
     block_n = _pow2(-(-idx_N.numel() // n_seg), 4, 32)
     block_d = _pow2(d, 16, 8192 // block_n if block_n > 8 else 512)
+    warps = 4
+    if config is not None:
+        block_n, block_d, warps = config
     grid = (n_seg, triton.cdiv(d, block_d))
     _segment_sum_kernel[grid](
         idx_N, w_N, offsets_S1, table_RD, table_RD if bias_D is None else bias_D, out_SD,
         d, table_RD.stride(0), out_SD.stride(0), idx_lo, idx_hi,
         HAS_BIAS=bias_D is not None, ACC=_acc(table_RD, w_N), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=warps,
     )  # fmt: skip
     return out_SD
 
