@@ -114,7 +114,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _rows(t: Tensor) -> Tensor:
-    """A row-contiguous view (the kernels step rows by stride and columns by 1)."""
+    """A row-contiguous view (the kernels step rows by stride and columns by 1; 1-D inputs must be
+    contiguous: entries from `nonzero(as_tuple=True)` on CUDA are strided views)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -124,7 +125,12 @@ def segment_sum(
     """(S, D): out[s] = Σ_{i in [off[s], off[s+1]), idx_lo <= idx[i] < idx_hi} w[i] · table[idx[i] - idx_lo]
     (+ bias), in the table's dtype (accumulated in fp32 or fp64). config: (BLOCK_N, BLOCK_D, warps)
     instead of the defaults below (bench/gpu.py tries a few)."""
-    table_RD = _rows(table_RD)
+    table_RD, idx_N, w_N, offsets_S1 = (
+        _rows(table_RD),
+        idx_N.contiguous(),
+        w_N.contiguous(),
+        offsets_S1.contiguous(),
+    )
     n_seg, (n_rows, d) = offsets_S1.numel() - 1, table_RD.shape
     idx_hi = idx_lo + n_rows if idx_hi is None else idx_hi
     out_SD = torch.empty(n_seg, d, dtype=table_RD.dtype, device=table_RD.device)
@@ -149,7 +155,7 @@ def segment_sum(
 
 def token_offsets(rows_N: Tensor, n_tokens: int) -> Tensor:
     """(B + 1,) start of each token's entries in row-major entries, plus the closing N."""
-    return torch.searchsorted(rows_N, torch.arange(n_tokens + 1, device=rows_N.device))
+    return torch.searchsorted(rows_N.contiguous(), torch.arange(n_tokens + 1, device=rows_N.device))
 
 
 def bag_by_token(rows_N, cols_N, w_N, W_MD, n_tokens: int, bias_D=None, col_lo: int = 0) -> Tensor:
@@ -169,7 +175,7 @@ def bag_by_latent(rows_N, cols_N, w_N, dense_BD, lo: int, hi: int, order_N: Tens
 
 def row_dots(rows_N, cols_N, A_BD, W_MD, col_lo: int = 0) -> Tensor:
     """(N,): <A[row], W[col - col_lo]> per entry; 0 for entries outside [col_lo, col_lo + M)."""
-    A_BD, W_MD = _rows(A_BD), _rows(W_MD)
+    A_BD, W_MD, rows_N, cols_N = _rows(A_BD), _rows(W_MD), rows_N.contiguous(), cols_N.contiguous()
     n, d = rows_N.numel(), A_BD.shape[1]
     out_N = torch.empty(n, dtype=torch.promote_types(A_BD.dtype, W_MD.dtype), device=A_BD.device)
     if n == 0:

@@ -77,6 +77,25 @@ def test_kernels_match_dense_oracle(dtype, n_tokens, n_latents, width, lo):
     assert _rel(sparse_triton.rowsum_nonzero(g_J.to(DEV), W_poisoned.to(DEV)), g_J.double() @ Wd) < TOL[dtype]
 
 
+def test_strided_entries():
+    """Entries as strided views (what `nonzero(as_tuple=True)` returns on CUDA) give the same results."""
+    g = torch.Generator().manual_seed(2)
+    rows, cols = _entries(g, 11, 20, 30, heavy_col=4)
+    both = torch.stack([rows, cols], 1).to(DEV)  # (N, 2): its columns are views with stride 2
+    r, c = both[:, 0], both[:, 1]
+    assert not r.is_contiguous()
+    w = torch.randn(rows.numel(), 3, generator=g).to(DEV)[:, 1]  # strided weights too
+    W, A = torch.randn(20, 9, generator=g).to(DEV), torch.randn(11, 9, generator=g).to(DEV)
+    rc, cc, wc = r.contiguous(), c.contiguous(), w.contiguous()
+    assert torch.equal(
+        sparse_triton.bag_by_token(r, c, w, W, 11), sparse_triton.bag_by_token(rc, cc, wc, W, 11)
+    )
+    assert torch.equal(
+        sparse_triton.bag_by_latent(r, c, w, A, 0, 20), sparse_triton.bag_by_latent(rc, cc, wc, A, 0, 20)
+    )
+    assert torch.equal(sparse_triton.row_dots(r, c, A, W), sparse_triton.row_dots(rc, cc, A, W))
+
+
 def test_no_entries():
     empty = torch.zeros(0, dtype=torch.long, device=DEV)
     W, A = torch.randn(5, 7, device=DEV), torch.randn(3, 7, device=DEV)
