@@ -15,7 +15,8 @@ safetensors, tqdm): nothing is installed or downloaded. Each part prints as it f
 3. The sparse products alone at D = 65,536, d = 4096, batch 4096, k = 32: the Triton kernels against
    the CPU path's torch formulation (embedding_bag, gather-multiply, a dense GEMV) on the GPU: ms
    per call, the effective GB/s of the bytes each must move, and their agreement; then the
-   segment-sum kernel's time for a few block shapes (the data for tuning its defaults).
+   segment-sum kernel's time for a few block shapes (the data for tuning its defaults), against
+   torch.sparse's CSR @ dense (cuSPARSE), and with one latent active on every token (the tail).
 4. Training (the trainer's own `train_step`: forward, backward, clip, fused Adam, counters; bf16
    autocast): DFC at d_A = d_B = 4096, D = 65,536, k = 32, batch 4096 and 16,384, and at the default
    pair's widths (576 + 640, D = 16,384). Per configuration: tokens/s, ms/step, and the floor
@@ -39,6 +40,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never the hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -193,9 +195,7 @@ def sparse_products(device, d, latents, k, batch) -> tuple[list[tuple], list[str
     tok_off = sparse_triton.token_offsets(rows, batch)
     lat_off = sparse._bag_offsets(cols[order], latents)
     n, f4 = rows.numel(), 4
-    grad_bias = torch.zeros(latents, device=device).index_add_(
-        0, cols, vals
-    )  # ∂b_enc-like: 0 off the entries
+    grad_bias = torch.zeros(latents, device=device).index_add_(0, cols, vals)  # 0 off the entries
     cases = [
         (
             "decode (B, D) = Σ_k val·W_dec[col]",
@@ -234,6 +234,23 @@ def sparse_products(device, d, latents, k, batch) -> tuple[list[tuple], list[str
         "∂W": lambda c: sparse_triton.segment_sum(rows[order], vals[order], lat_off, G, config=c),
     }
     lines = []
+    for name, (crow, idx, w, shape, dense) in {  # cuSPARSE (MKL on CPU): another formulation
+        "decode": (tok_off, cols, vals, (batch, latents), W),
+        "∂W": (lat_off, rows[order], vals[order], (latents, batch), G),
+    }.items():
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(crow, idx, w, shape)
+            ms = timed(lambda csr=csr, dense=dense: csr @ dense, device, 2, 10) * 1e3
+        lines.append(f"  {name}: CSR @ dense (torch.sparse, cuSPARSE on CUDA) {ms:.3f} ms")
+    # the tail: one latent active on every token (one long segment; BatchTopK early in training)
+    key_h = torch.cat([key, torch.arange(batch, device=device) * latents]).unique()
+    rows_h, cols_h = key_h // latents, key_h % latents
+    vals_h = torch.rand(rows_h.numel(), device=device, generator=g)
+    ms = (
+        timed(lambda: sparse_triton.bag_by_latent(rows_h, cols_h, vals_h, G, 0, latents), device, 2, 10) * 1e3
+    )
+    lines.append(f"  ∂W with latent 0 active on all {batch:,} tokens (Triton, default blocks): {ms:.3f} ms")
     for name, fn in sweep.items():  # block shapes for the next tuning step: ms per call of each
         configs = SEGMENT_CONFIGS if device.type == "cuda" else SEGMENT_CONFIGS[:2]  # the interpreter is slow
         times = {c: timed(lambda c=c, fn=fn: fn(c), device, 1, 5) * 1e3 for c in configs}
@@ -411,7 +428,10 @@ def products_part(device, size) -> list[str]:
     for what, gb, ms_new, ms_old, rel in table:
         print(f"  {what:<38}{gb:>7.2f}{ms_new:>11.3f}{gb / ms_new * 1e3:>8,.0f}{ms_old:>10.3f}{rel:>10.1e}")
         failures += [f"sparse product {what}: rel diff {rel:.1e}"] if not rel < 1e-4 else []
-    print("  segment_sum ms per (BLOCK_N, BLOCK_D, warps):\n" + "\n".join(sweep))
+    print(
+        "  ms per call: cuSPARSE; one long segment; segment_sum per (BLOCK_N, BLOCK_D, warps)\n"
+        + "\n".join(sweep)
+    )
     return failures
 
 
