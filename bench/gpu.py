@@ -177,86 +177,88 @@ def copy_bandwidth(device, n_bytes: int) -> float:
 # ----------------------------------------------------------------------------- 3. sparse products
 
 
-def sparse_products(device, d, latents, k, batch) -> tuple[list[tuple], list[str]]:
-    """[(product, GB it must move, ms Triton, ms torch formulation, relative difference)], and the
-    segment-sum block-shape sweep's printable lines."""
-    from crossdiff import sparse_triton
-
+def sparse_problem(device, d, latents, k, batch) -> dict:
+    """Random row-major entries (about k per token), W (M, d), G (B, d) and the offsets both ways."""
     g = torch.Generator(device=device).manual_seed(0)
-    n = batch * k
     rows = torch.arange(batch, device=device).repeat_interleave(k)
-    cols = torch.randint(0, latents, (n,), device=device, generator=g)
+    cols = torch.randint(0, latents, (batch * k,), device=device, generator=g)
     key = (rows * latents + cols).unique()  # row-major, unique (token, latent) pairs
     rows, cols = key // latents, key % latents
-    vals = torch.rand(rows.numel(), device=device, generator=g)
-    W = torch.randn(latents, d, device=device, generator=g)
-    G = torch.randn(batch, d, device=device, generator=g)
     order = cols.argsort(stable=True)
-    tok_off = sparse_triton.token_offsets(rows, batch)
-    lat_off = sparse._bag_offsets(cols[order], latents)
-    n, f4 = rows.numel(), 4
-    grad_bias = torch.zeros(latents, device=device).index_add_(0, cols, vals)  # 0 off the entries
+    return dict(
+        g=g, key=key, rows=rows, cols=cols, order=order, d=d, latents=latents, batch=batch,
+        vals=torch.rand(rows.numel(), device=device, generator=g),
+        W=torch.randn(latents, d, device=device, generator=g),
+        G=torch.randn(batch, d, device=device, generator=g),
+        tok_off=torch.searchsorted(rows, torch.arange(batch + 1, device=device)),
+        lat_off=sparse._bag_offsets(cols[order], latents),
+    )  # fmt: skip
+
+
+def sparse_products(device, **size) -> tuple[list[tuple], list[str]]:
+    """[(product, GB it must move, ms Triton, ms torch formulation, relative difference)], and the
+    printable lines of `segment_sum_variants`."""
+    from crossdiff import sparse_triton as st
+
+    p = sparse_problem(device, **size)
+    rows, cols, vals, W, G, order, batch, M = (
+        p[x] for x in ("rows", "cols", "vals", "W", "G", "order", "batch", "latents")
+    )
+    n, d, f4 = rows.numel(), p["d"], 4
+    grad_bias = torch.zeros(M, device=device).index_add_(0, cols, vals)  # 0 off the entries
     cases = [
-        (
-            "decode (B, D) = Σ_k val·W_dec[col]",
-            (n * d + batch * d) * f4,
-            lambda: sparse_triton.bag_by_token(rows, cols, vals, W, batch),
-            lambda: sparse._bags(cols, W, tok_off, vals),
-        ),
-        (
-            "∂W (M, D) = Σ_token val·G[row]",
-            (latents * d + n * d) * f4,
-            lambda: sparse_triton.bag_by_latent(rows, cols, vals, G, 0, latents, order),
-            lambda: sparse._bags(rows[order], G, lat_off, vals[order]),
-        ),
-        (
-            "∂vals (N,) = <G[row], W[col]>",
-            2 * n * d * f4,
-            lambda: sparse_triton.row_dots(rows, cols, G, W),
-            lambda: sparse._row_dots(rows, cols, G, W, batch, sddmm=False),
-        ),
-        (
-            "centres (D,) = Σ_j g_j·W[j], g_j ≠ 0",
-            (int(torch.unique(cols).numel()) * d) * f4,
-            lambda: sparse_triton.rowsum_nonzero(grad_bias, W),
-            lambda: grad_bias @ W,
-        ),
-    ]
+        ("decode (B, D) = Σ_k val·W_dec[col]", (n * d + batch * d) * f4,
+         lambda: st.bag_by_token(rows, cols, vals, W, batch), lambda: sparse._bags(cols, W, p["tok_off"], vals)),
+        ("∂W (M, D) = Σ_token val·G[row]", (M * d + n * d) * f4,
+         lambda: st.bag_by_latent(rows, cols, vals, G, 0, M, order),
+         lambda: sparse._bags(rows[order], G, p["lat_off"], vals[order])),
+        ("∂vals (N,) = <G[row], W[col]>", 2 * n * d * f4,
+         lambda: st.row_dots(rows, cols, G, W), lambda: sparse._row_dots(rows, cols, G, W, batch, sddmm=False)),
+        ("centres (D,) = Σ_j g_j·W[j], g_j ≠ 0", int(torch.unique(cols).numel()) * d * f4,
+         lambda: st.rowsum_nonzero(grad_bias, W), lambda: grad_bias @ W),
+    ]  # fmt: skip
     out = []
     for name, n_bytes, new, old in cases:
         a, b = new(), old()
         rel = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-        out.append(
-            (name, n_bytes / 1e9, timed(new, device, 2, 10) * 1e3, timed(old, device, 2, 10) * 1e3, rel)
-        )
-    sweep = {
-        "decode": lambda c: sparse_triton.segment_sum(cols, vals, tok_off, W, config=c),
-        "∂W": lambda c: sparse_triton.segment_sum(rows[order], vals[order], lat_off, G, config=c),
-    }
+        ms_new, ms_old = timed(new, device, 2, 10) * 1e3, timed(old, device, 2, 10) * 1e3
+        out.append((name, n_bytes / 1e9, ms_new, ms_old, rel))
+    return out, segment_sum_variants(device, p)
+
+
+def segment_sum_variants(device, p: dict) -> list[str]:
+    """ms per call of: cuSPARSE's CSR @ dense (MKL on CPU), the ∂W kernel with one latent active on
+    every token (one long segment: its loop runs alone), and `segment_sum` at other block shapes."""
+    from crossdiff import sparse_triton as st
+
+    rows, cols, vals, W, G, order, batch, M = (
+        p[x] for x in ("rows", "cols", "vals", "W", "G", "order", "batch", "latents")
+    )
     lines = []
-    for name, (crow, idx, w, shape, dense) in {  # cuSPARSE (MKL on CPU): another formulation
-        "decode": (tok_off, cols, vals, (batch, latents), W),
-        "∂W": (lat_off, rows[order], vals[order], (latents, batch), G),
+    for name, (crow, idx, w, shape, dense) in {
+        "decode": (p["tok_off"], cols, vals, (batch, M), W),
+        "∂W": (p["lat_off"], rows[order], vals[order], (M, batch), G),
     }.items():
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             csr = torch.sparse_csr_tensor(crow, idx, w, shape)
             ms = timed(lambda csr=csr, dense=dense: csr @ dense, device, 2, 10) * 1e3
         lines.append(f"  {name}: CSR @ dense (torch.sparse, cuSPARSE on CUDA) {ms:.3f} ms")
-    # the tail: one latent active on every token (one long segment; BatchTopK early in training)
-    key_h = torch.cat([key, torch.arange(batch, device=device) * latents]).unique()
-    rows_h, cols_h = key_h // latents, key_h % latents
-    vals_h = torch.rand(rows_h.numel(), device=device, generator=g)
-    ms = (
-        timed(lambda: sparse_triton.bag_by_latent(rows_h, cols_h, vals_h, G, 0, latents), device, 2, 10) * 1e3
-    )
+    key_h = torch.cat([p["key"], torch.arange(batch, device=device) * M]).unique()  # + latent 0 everywhere
+    rows_h, cols_h = key_h // M, key_h % M
+    vals_h = torch.rand(rows_h.numel(), device=device, generator=p["g"])
+    ms = timed(lambda: st.bag_by_latent(rows_h, cols_h, vals_h, G, 0, M), device, 2, 10) * 1e3
     lines.append(f"  ∂W with latent 0 active on all {batch:,} tokens (Triton, default blocks): {ms:.3f} ms")
-    for name, fn in sweep.items():  # block shapes for the next tuning step: ms per call of each
-        configs = SEGMENT_CONFIGS if device.type == "cuda" else SEGMENT_CONFIGS[:2]  # the interpreter is slow
+    sweep = {
+        "decode": lambda c: st.segment_sum(cols, vals, p["tok_off"], W, config=c),
+        "∂W": lambda c: st.segment_sum(rows[order], vals[order], p["lat_off"], G, config=c),
+    }
+    configs = SEGMENT_CONFIGS if device.type == "cuda" else SEGMENT_CONFIGS[:2]  # the interpreter is slow
+    for name, fn in sweep.items():
         times = {c: timed(lambda c=c, fn=fn: fn(c), device, 1, 5) * 1e3 for c in configs}
         best = min(times, key=times.get)
         lines.append(f"  {name}: " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items()) + f"; best {best}")
-    return out, lines
+    return lines
 
 
 # ----------------------------------------------------------------------------- 4. training
