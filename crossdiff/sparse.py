@@ -11,6 +11,9 @@ encoder weight gradient each cost O(k·d) per token when computed from the list 
   (and `gather_columns` for AuxK's dead latents);
 - `dense_preacts` / `dense_decode`: the plain dense implementation kept as the test oracle.
 
+The sparse products run as embedding_bag (tuned for CPU) on CPU and as Triton kernels
+(sparse_triton.py, imported only then) on CUDA; `_on_triton` picks, per call, by device.
+
 Latent layout (DFC, crosscoder.py): [A-exclusive | shared | B-exclusive]. Model A reads/writes the
 contiguous range [0, F - Eb), model B the range [Ea, F); a per-model tensor row j is latent j (A)
 or latent Ea + j (B). Forbidden weights therefore do not exist.
@@ -29,6 +32,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+TRITON_ON_CPU = False
+"""Run the CUDA path's kernels on CPU tensors too: the tests set it, with TRITON_INTERPRET=1, to run
+them through Triton's interpreter (tests/test_sparse_triton.py). Never set in normal use."""
+
+
+def _on_triton(t: Tensor) -> bool:
+    return t.device.type == "cuda" or TRITON_ON_CPU
+
+
+def _kernels():
+    """crossdiff.sparse_triton, imported on first use (it imports triton, which CPU installs lack)."""
+    from crossdiff import sparse_triton
+
+    return sparse_triton
 
 
 class Entries(NamedTuple):
@@ -257,6 +275,8 @@ def _bag_by_latent(rows_N, cols_N, weights_N, dense_BD, lo: int, hi: int, order_
     argsort of cols_N, if known): no (N, D) temporary and a deterministic summation order on CPU
     (needed for bitwise-identical resume).
     """
+    if _on_triton(dense_BD):  # no host sync: offsets by searchsorted over the whole sorted list
+        return _kernels().bag_by_latent(rows_N, cols_N, weights_N, dense_BD, lo, hi, order_N)
     order_N = cols_N.argsort(stable=True) if order_N is None else order_N
     sorted_N = cols_N[order_N]
     start, stop = torch.searchsorted(sorted_N, torch.tensor([lo, hi], device=cols_N.device)).tolist()
@@ -291,14 +311,26 @@ def _weighted_row_sum(W_MD: Tensor, rows_U: Tensor, weights_U: Tensor) -> Tensor
     return _bags(rows_U, W_MD, offsets, weights_U)[0]
 
 
-def _bag_by_token(rows_N, cols_N, weights_N, W_MD, n_tokens: int) -> Tensor:
-    """out[b] = Σ_{entries of token b} weight · W[col] (entries row-major): sparse @ dense."""
+def _bag_by_token(rows_N, cols_N, weights_N, W_MD, n_tokens: int, col_lo: int = 0, bias_D=None) -> Tensor:
+    """out[b] = Σ_{entries of token b} weight · W[col - col_lo] (+ bias) (entries row-major): sparse @
+    dense. On Triton, entries outside [col_lo, col_lo + M) are skipped; on CPU there are none
+    (col_lo = 0)."""
+    if _on_triton(W_MD):
+        return _kernels().bag_by_token(rows_N, cols_N, weights_N, W_MD, n_tokens, bias_D, col_lo)
+    assert col_lo == 0, "the CPU path decodes compacted entries"
     offsets_B1 = torch.searchsorted(rows_N, torch.arange(n_tokens + 1, device=rows_N.device))
-    return _bags(cols_N, W_MD, offsets_B1, weights_N)
+    out_BD = _bags(cols_N, W_MD, offsets_B1, weights_N)
+    return out_BD if bias_D is None else out_BD + bias_D
 
 
-def _row_dots(rows_N, cols_N, A_BD, W_MD, n_tokens: int, sddmm: bool | None = None) -> Tensor:
-    """<A[row], W[col]> per entry (SDDMM): the decoder's gradient w.r.t. the activations."""
+def _row_dots(
+    rows_N, cols_N, A_BD, W_MD, n_tokens: int, sddmm: bool | None = None, col_lo: int = 0
+) -> Tensor:
+    """<A[row], W[col - col_lo]> per entry (SDDMM): the decoder's gradient w.r.t. the activations
+    (on Triton 0 for the entries outside [col_lo, col_lo + M); on CPU there are none)."""
+    if sddmm is None and _on_triton(W_MD):
+        return _kernels().row_dots(rows_N, cols_N, A_BD, W_MD, col_lo)
+    assert col_lo == 0, "the CPU path decodes compacted entries"
     sddmm = A_BD.device.type == "cpu" if sddmm is None else sddmm
     if sddmm and rows_N.numel():
         # MKL's sampled_addmm reads each row once; a gather + multiply writes 2·N·D floats.
@@ -366,7 +398,12 @@ class _GatherPreacts(torch.autograd.Function):
             # The centres (b_dec): dL/dc_A = -Σ_j dL/db_enc[j] · W_enc_A[j] over the latents with an
             # entry: one weighted sum of those rows (~40% of W_enc at D=16k, 1.5 ms per model) instead
             # of gathering N rows of W_enc into dL/dxc (B, D) (7 ms per model).
-            if need[9] or need[10]:
+            if (need[9] or need[10]) and _on_triton(grad_N):  # same sum, only the rows with a gradient
+                if need[9]:
+                    g[9] = -_kernels().rowsum_nonzero(g[7][:n_a], W_enc_a_MD)
+                if need[10]:
+                    g[10] = -_kernels().rowsum_nonzero(g[7][ea:], W_enc_b_MD)
+            elif need[9] or need[10]:
                 lat_U = torch.unique(cols_N) if order_N is None else cols_N[order_N].unique_consecutive()
                 if need[9]:
                     lat_a = lat_U[lat_U < n_a]
@@ -450,43 +487,50 @@ def gather_columns(xw_BF, cols_E, xc_a_BD, xc_b_BD, W_enc_a_MD, W_enc_b_MD, b_en
 
 
 class _SparseDecode(torch.autograd.Function):
-    """x̂ = sparse(B, M) @ W_dec (M, D) + b_dec for one model, entries row-major in local indices."""
+    """x̂ = sparse(B, M) @ W_dec (M, D) + b_dec for one model, entries row-major; latent j of the
+    model is entry column col_lo + j (Triton skips the other entries; CPU has none, col_lo = 0)."""
 
     @staticmethod
-    def forward(ctx, rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens, order_N):
+    def forward(ctx, rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens, order_N, col_lo=0):
         with _fp32(vals_N):
             vals_N, W_MD = vals_N.to(W_dec_MD.dtype), W_dec_MD
             ctx.save_for_backward(rows_N, cols_N, vals_N, W_MD, order_N)
-            ctx.n_tokens, ctx.has_bias = n_tokens, b_dec_D is not None
-            out_BD = _bag_by_token(rows_N, cols_N, vals_N, W_MD, n_tokens)
-            return out_BD + b_dec_D if b_dec_D is not None else out_BD
+            ctx.n_tokens, ctx.has_bias, ctx.col_lo = n_tokens, b_dec_D is not None, col_lo
+            return _bag_by_token(rows_N, cols_N, vals_N, W_MD, n_tokens, col_lo, b_dec_D)
 
     @staticmethod
     def backward(ctx, grad_BD):
         rows_N, cols_N, vals_N, W_MD, order_N = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need, lo = ctx.needs_input_grad, ctx.col_lo
         g_vals = g_W = g_b = None
         with _fp32(grad_BD):
             grad_BD = grad_BD.to(W_MD.dtype).contiguous()
             if need[2]:
-                g_vals = _row_dots(rows_N, cols_N, grad_BD, W_MD, ctx.n_tokens)
+                g_vals = _row_dots(rows_N, cols_N, grad_BD, W_MD, ctx.n_tokens, col_lo=lo)
             if need[3]:
-                g_W = _bag_by_latent(rows_N, cols_N, vals_N, grad_BD, 0, W_MD.shape[0], order_N)
+                g_W = _bag_by_latent(rows_N, cols_N, vals_N, grad_BD, lo, lo + W_MD.shape[0], order_N)
             if ctx.has_bias and need[4]:
                 g_b = grad_BD.sum(0)
-        return None, None, g_vals, g_W, g_b, None, None
+        return None, None, g_vals, g_W, g_b, None, None, None
 
 
-def sparse_decode(rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens: int, order_N=None) -> Tensor:
-    """One model's reconstruction (B, D) from its active entries (local latent indices, row-major;
-    order_N: their stable argsort by latent, if known)."""
-    return _SparseDecode.apply(rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens, order_N)
+def sparse_decode(
+    rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens: int, order_N=None, col_lo: int = 0
+) -> Tensor:
+    """One model's reconstruction (B, D) from its active entries (row-major; order_N: their stable
+    argsort by latent, if known). CPU: local latent indices. CUDA: col_lo + local index, and entries
+    outside the model's range are ignored."""
+    return _SparseDecode.apply(rows_N, cols_N, vals_N, W_dec_MD, b_dec_D, n_tokens, order_N, col_lo)
 
 
 def decode_pair(entries: Entries, vals_N, W_dec_a_MD, W_dec_b_MD, b_dec_a_D, b_dec_b_D, n_a_excl, n_tokens):
     """(x̂_A, x̂_B): each model decodes only the entries in its latent range, so an A-exclusive latent
     cannot reach x̂_B (its row in W_dec_B does not exist)."""
     rows_N, cols_N, order_N = entries.rows_N, entries.cols_N, entries.by_latent_N
+    if _on_triton(vals_N):  # the kernels skip out-of-range entries: no compaction, no host sync
+        x_hat_a = sparse_decode(rows_N, cols_N, vals_N, W_dec_a_MD, b_dec_a_D, n_tokens, order_N, 0)
+        x_hat_b = sparse_decode(rows_N, cols_N, vals_N, W_dec_b_MD, b_dec_b_D, n_tokens, order_N, n_a_excl)
+        return x_hat_a, x_hat_b
     if n_a_excl == 0 and W_dec_a_MD.shape[0] == W_dec_b_MD.shape[0]:  # standard: both decode everything
         x_hat_a = sparse_decode(rows_N, cols_N, vals_N, W_dec_a_MD, b_dec_a_D, n_tokens, order_N)
         x_hat_b = sparse_decode(rows_N, cols_N, vals_N, W_dec_b_MD, b_dec_b_D, n_tokens, order_N)

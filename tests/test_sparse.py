@@ -269,3 +269,22 @@ def test_select_topk_row_blocks_match_the_plain_per_token_topk():
     want = sparse._row_major(rows[keep], top.indices.reshape(-1)[keep], n_latents)
     assert torch.equal(got.rows_N, want[0]) and torch.equal(got.cols_N, want[1])
     assert sparse.select_topk(xw[:0], bias, norm, k).rows_N.numel() == 0
+
+
+def test_cpu_training_never_imports_triton():
+    """Triton is for the CUDA path only (a CPU install may lack it): a CPU step must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from crossdiff.crosscoder import Crosscoder, CrosscoderConfig\n"
+        "m = Crosscoder(CrosscoderConfig(8, 12, 64, 'batchtopk', 4, n_a_exclusive=6, n_b_exclusive=6))\n"
+        "out = m.training_forward(torch.randn(16, 8), torch.randn(16, 12), dead_F=torch.ones(64, dtype=torch.bool))\n"
+        "out.loss.backward()\n"
+        "assert m.W_dec_b.grad.abs().sum() > 0\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] == 'triton' or n == 'crossdiff.sparse_triton']\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
