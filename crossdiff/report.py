@@ -7,7 +7,8 @@ Layout written to RUN/report/ (built in a temporary folder next to it, then rena
 
 Inputs (all written by `crossdiff train` / `crossdiff analyze`; every key is optional except the
 analysis folder and its latents.csv): RUN/cfg.json, RUN/eval.json, RUN/analysis/{latents.csv,
-summary.json, features/<latent>.json}, and, when present, RUN/steering/<latent>.json and
+summary.json, features/<latent>.json}, read through crossdiff.results (which joins
+RUN/steering/verdicts.csv by latent id), and, when present, RUN/steering/<latent>.json and
 RUN/calibration.json (or the diff folder's, RUN/../calibration.json, from `crossdiff calibrate`; a
 table of the controls, docs/calibration.md), the steering files rendered generically since their schema may
 grow. docs/report.md has details.

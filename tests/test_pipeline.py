@@ -3,11 +3,15 @@ skipping of finished stages on a rerun, and growing the seed count without redoi
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 
 import pytest
 
 from crossdiff import budget, cli, pipeline
+from crossdiff.analyze import RULES_VERSION
 from crossdiff.budget import Budget
 from crossdiff.errors import CrossdiffError
 from crossdiff.pipeline import DiffConfig, diff
@@ -65,6 +69,75 @@ def test_a_rerun_skips_every_finished_stage(done, monkeypatch):
         monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
     again = diff(cfg)
     assert again["stage_seconds"] == summary["stage_seconds"]
+
+
+def _no_stage_may_run(monkeypatch):
+    for name in ("_harvest", "_train", "_analyze", "_stability", "_steer", "_report"):
+        monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+
+
+def test_a_rerun_with_a_relative_out_of_a_diff_made_with_its_absolute_path_skips_every_stage(
+    done, monkeypatch
+):
+    cfg, summary = done
+    _no_stage_may_run(monkeypatch)
+    monkeypatch.chdir(cfg.folder.parent.parent)
+    again = diff(DiffConfig(out=f"{cfg.folder.parent.name}/{cfg.folder.name}", budget="tiny"))
+    assert again["stage_seconds"] == summary["stage_seconds"]
+
+
+def test_a_moved_diff_folder_skips_every_stage(done, monkeypatch, tmp_path):
+    cfg, summary = done
+    moved = tmp_path / "moved"
+    shutil.copytree(cfg.folder, moved)  # copy2: file times kept, as by a move
+    _no_stage_may_run(monkeypatch)
+    again = diff(DiffConfig(out=str(moved), budget="tiny"))
+    assert again["stage_seconds"] == summary["stage_seconds"]
+
+
+def test_stages_recorded_by_the_previous_version_are_accepted(done, monkeypatch, tmp_path):
+    """stages.json as crossdiff 0.1 (commit 29d79fc) wrote it: the train and analyse stages' fingerprints
+    covered every config field but the device, folders included. Still finished, and upgraded."""
+    cfg, summary = done
+    old = tmp_path / "old"
+    shutil.copytree(cfg.folder, old)
+    b, log = cfg.resolved_budget(), _json(old / "stages.json")
+
+    def old_fingerprint(c, **extra):
+        fields = {k: v for k, v in dataclasses.asdict(c).items() if k != "device"}
+        text = json.dumps({**fields, **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    for s, path in ((0, old / "run"), (1, old / "seeds" / "seed1")):
+        tcfg = budget.train_config(b, old / "store", path, arch="dfc", seed=s)
+        log[f"train DFC (seed {s})"]["fingerprint"] = old_fingerprint(tcfg)
+    acfg = budget.analyze_config(b, old / "run", old / "store")
+    log["analyse"]["fingerprint"] = old_fingerprint(acfg, rules=RULES_VERSION)
+    (old / "stages.json").write_text(json.dumps(log))
+    _no_stage_may_run(monkeypatch)
+    assert diff(DiffConfig(out=str(old), budget="tiny"))["stage_seconds"] == summary["stage_seconds"]
+    assert (
+        _json(old / "stages.json")["analyse"]["fingerprint"]
+        == _json(cfg.folder / "stages.json")["analyse"]["fingerprint"]
+    )
+
+
+def test_steering_whose_file_is_gone_runs_again(done, monkeypatch):
+    """Steering's results live in RUN/steering/verdicts.csv: without it, the stage is not done."""
+    cfg, _ = done
+    verdicts = cfg.folder / "run" / "steering" / "verdicts.csv"
+    content = verdicts.read_text()
+    verdicts.unlink()
+    ran = []
+
+    def steer_again(*a):
+        ran.append(True)
+        verdicts.write_text(content)
+        return {"steered": 0}
+
+    monkeypatch.setattr(pipeline, "_steer", steer_again)
+    diff(cfg)
+    assert ran == [True] and verdicts.read_text() == content
 
 
 def test_a_third_seed_trains_only_that_seed(done, monkeypatch):
