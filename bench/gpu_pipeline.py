@@ -133,11 +133,14 @@ def _peak_memory_stages(stage_list, device: torch.device, peaks: dict):
 
 
 def run_pipeline(device: torch.device, smoke: bool, work: Path | None = None) -> dict:
-    """Build the two models, run `crossdiff diff` on `device`, print and return the stage times."""
+    """Build the two models, run `crossdiff diff` on `device`, print and return the stage times.
+    Without `work`, everything goes to a temporary folder that is removed at the end."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="crossdiff-gpu-pipeline-") as tmp:
+            return run_pipeline(device, smoke, Path(tmp))
     from crossdiff import pipeline
     from crossdiff.pipeline import DiffConfig
 
-    work = Path(tempfile.mkdtemp(prefix="crossdiff-gpu-pipeline-")) if work is None else work
     t0 = time.perf_counter()
     corpus = corpus_text(work)
     model_a, model_b = build_models(work, corpus, SIZES["smoke" if smoke else "full"])
@@ -173,7 +176,7 @@ def run_pipeline(device: torch.device, smoke: bool, work: Path | None = None) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models (any device)")
-    ap.add_argument("--out", help="working folder (default: a new temporary folder)")
+    ap.add_argument("--out", help="working folder, kept (default: a temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
