@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +40,17 @@ from .fsutil import write_json_atomic, write_text_atomic
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 5  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 6  # bump when the metrics change: finished runs are re-scored, not retrained
+# Named sizes (`--setting`); a size given explicitly overrides its setting's value.
+SETTINGS = {
+    "default": dict(d_a=64, d_b=80, n_shared=256, n_a_only=32, n_b_only=32, latents=1024, k=4),
+    # Wider and sparser in relative terms: 4x the width, 4x the planted features, 16 latents per
+    # planted feature... fewer per feature (2.8x), k = 16.
+    "wide": dict(d_a=256, d_b=256, n_shared=1024, n_a_only=128, n_b_only=128, latents=4096, k=16),
+}
+SIZED = tuple(SETTINGS["default"])
+# Functional-share thresholds scored on every run (the threshold is chosen on the first seeds).
+SHARE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -49,16 +59,21 @@ class ToyBenchConfig:
 
     out: str
     """Output folder (stores, runs, results.json, results.md, plots). Rerun to resume."""
+    setting: Literal["default", "wide"] = "default"
+    """Named sizes: default (d 64/80, 256 shared + 32 + 32 planted, D 1024, k 4) or wide (d 256, 1024 shared
+    + 128 + 128 planted, D 4096, k 16); --d-a, --latents, ... override single sizes."""
     seeds: int = 3
     """Seeds 0..N-1; each seed plants its own ground truth and seeds its training runs."""
+    standard: tuple[str, ...] = ("batchtopk", "l1")
+    """Standard crosscoders to run (batchtopk, l1; none: --standard with no value)."""
     dfc_fracs: tuple[float, ...] = (0.05, 0.1)
     """DFC exclusive fractions to run (each is the fraction of latents exclusive to A, and to B)."""
     dfc_sparsities: tuple[str, ...] = ("batchtopk",)
     """DFC sparsities to run at each fraction (batchtopk, the paper's; l1 adds DFC-L1 runs)."""
-    latents: int = 1024
-    """Dictionary size D of every crosscoder."""
-    k: int = 4
-    """BatchTopK k: the planted features' expected L0 (3.6 at the defaults) rounded up."""
+    latents: int | None = None
+    """Dictionary size D of every crosscoder (default: the setting's)."""
+    k: int | None = None
+    """BatchTopK k (default: the setting's; 4 = the default setting's expected L0 3.6 rounded up)."""
     l1_coeff: float = 2.0
     """L1 crosscoder: sparsity penalty λ (gives L0 ≈ k on seed 0; docs/benchmark.md)."""
     tokens: int = 1_000_000
@@ -75,16 +90,19 @@ class ToyBenchConfig:
     """Decoder cosine a latent needs, in each model where the feature exists, to match it."""
     eval_tokens: int = 65536
     """Held-out synthetic tokens used to decide which latents are alive."""
-    d_a: int = 64
-    """Width of model A."""
-    d_b: int = 80
-    """Width of model B."""
-    n_shared: int = 256
-    """Planted shared features."""
-    n_a_only: int = 32
-    """Planted A-only features."""
-    n_b_only: int = 32
-    """Planted B-only features."""
+    d_a: int | None = None
+    """Width of model A (default: the setting's)."""
+    d_b: int | None = None
+    """Width of model B (default: the setting's)."""
+    n_shared: int | None = None
+    """Planted shared features (default: the setting's)."""
+    n_a_only: int | None = None
+    """Planted A-only features (default: the setting's)."""
+    n_b_only: int | None = None
+    """Planted B-only features (default: the setting's)."""
+    share_threshold: float = 0.1
+    """Functional share: a latent with share_B <= t is classified A-only, >= 1 - t B-only (DFC: its
+    shared-partition latents; crossdiff.functional)."""
     threads: int = 1
     """Torch CPU threads (1 is fastest for these small matrices, and robust on a busy machine)."""
     device: str = "cpu"
@@ -96,12 +114,24 @@ class ToyBenchConfig:
     train split and scored on their held-out split (5%); 0 skips verification (verified metrics null)."""
 
     def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise CrossdiffError(
+                f"--setting: unknown setting {self.setting!r}; use one of {sorted(SETTINGS)}"
+            )
+        for name, value in SETTINGS[self.setting].items():  # construction: fill the sizes left unset
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not 0 < self.share_threshold < 0.5:
+            raise CrossdiffError(f"--share-threshold must be in (0, 0.5), got {self.share_threshold}")
         if self.seeds < 1 or self.threads < 1 or self.eval_tokens < 1:
             raise CrossdiffError("--seeds, --threads and --eval-tokens must be at least 1")
         if self.verify_tokens < 0:
             raise CrossdiffError(f"--verify-tokens must be >= 0, got {self.verify_tokens}")
         if not 0 < self.match_threshold <= 1:
             raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
+        for arch in self.standard:
+            if arch not in ("batchtopk", "l1"):
+                raise CrossdiffError(f"--standard: unknown crosscoder {arch!r}; use batchtopk or l1")
         for sparsity in self.dfc_sparsities:
             if sparsity not in ("batchtopk", "topk", "l1"):
                 raise CrossdiffError(
@@ -125,7 +155,7 @@ class ToyBenchConfig:
         return int(math.ceil(self.tokens / (1 - HELDOUT_FRAC) * 1.02))
 
     def methods(self) -> list[Method]:
-        out = [Method("batchtopk", "batchtopk"), Method("l1", "l1")]
+        out = [Method(arch, arch) for arch in self.standard]
         for sparsity in self.dfc_sparsities:
             prefix = "dfc" if sparsity == "batchtopk" else f"dfc-{sparsity}"
             out += [Method(f"{prefix}-{f:g}", "dfc", sparsity, f) for f in self.dfc_fracs]
@@ -244,23 +274,10 @@ def score_run(
 ) -> tuple[dict, np.ndarray]:
     """Matching metrics of a finished run, and the relative decoder norm of its alive latents."""
     from .crosscoder import Crosscoder
-    from .matching import (
-        OTHER,
-        alive_latents,
-        classify,
-        decoder_directions,
-        exclusive_metrics,
-        match,
-        relative_norm,
-        score_crosscoder,
-    )  # fmt: skip
+    from .matching import OTHER, classify, decoder_directions, exclusive_metrics, match, relative_norm
 
     model = Crosscoder.from_pretrained(run)
-    scale_a, scale_b = data.scales
-    eval_batches = (
-        (x_a * scale_a, x_b * scale_b) for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval")
-    )
-    alive_F = alive_latents(model, eval_batches, cfg.eval_tokens)
+    alive_F, share_F = eval_pass(cfg, data, model)
     dec_a_FD, dec_b_FD = decoder_directions(model)
     m = match(dec_a_FD.numpy(), dec_b_FD.numpy(), data.gen.gt, cfg.match_threshold, candidates_F=alive_F)
     class_F = classify(model)
@@ -271,11 +288,51 @@ def score_run(
         metrics["counts_verified"] = exclusive_metrics(m, class_v_F, data.gen.gt, alive_F)["counts"]
     metrics["exclusive_recall_union"] = metrics["exclusive_precision_union"] = None
     if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
-        union = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold, method="union")
+        union = exclusive_metrics(m, classify(model, "union"), data.gen.gt, alive_F)
         metrics["exclusive_recall_union"] = union["exclusive_recall"]
         metrics["exclusive_precision_union"] = union["exclusive_precision"]
+    metrics.update(functional_metrics(cfg, model, m, data.gen.gt, alive_F, share_F))
     norm_a_F, norm_b_F = (n.detach().numpy() for n in model.decoder_norms())
     return metrics, relative_norm(norm_a_F, norm_b_F)[alive_F]
+
+
+@torch.no_grad()
+def eval_pass(cfg: ToyBenchConfig, data: SeedData, model) -> tuple[np.ndarray, np.ndarray]:
+    """(alive_F, share_F) on the held-out synthetic tokens: which latents fire at least once (the
+    inference encoder), and each latent's functional share (crossdiff.functional)."""
+    from .functional import FunctionalShare
+
+    scale_a, scale_b = data.scales
+    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
+    acc = FunctionalShare(model)
+    for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval"):
+        x_a, x_b = x_a * scale_a, x_b * scale_b
+        f_BF = model.encode(x_a, x_b)
+        fired_F |= (f_BF > 0).any(0)
+        acc.update(x_a, x_b, f_BF)
+    return fired_F.numpy(), acc.share_b()
+
+
+def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> dict:
+    """Exclusive recall and precision with the functional share (DFC: partition ∪ share; standard: share
+    alone) at cfg.share_threshold, and over SHARE_SWEEP (also ∪ relative norm) to choose the threshold."""
+    from .matching import classify, exclusive_metrics
+
+    def score(method: str, t: float) -> dict:
+        res = exclusive_metrics(m, classify(model, method, share_F, t), gt, alive_F)
+        return {k: res[f"exclusive_{k}"] for k in ("recall", "precision", "recall_a", "recall_b")}
+
+    at_t = score("functional", cfg.share_threshold)
+    alive_share = share_F[alive_F]
+    return {
+        "exclusive_recall_functional": at_t["recall"],
+        "exclusive_precision_functional": at_t["precision"],
+        "share_sweep": {
+            method: {f"{t:g}": score(method, t) for t in SHARE_SWEEP}
+            for method in ("functional", "union_functional")
+        },
+        "functional_share_alive": [None if math.isnan(v) else round(float(v), 4) for v in alive_share],
+    }
 
 
 def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
@@ -287,7 +344,7 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     settings = {k: v for k, v in asdict(tcfg).items() if k not in ("store", "out", "device")}
     settings.update(
         match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION,
-        verify_tokens=cfg.verify_tokens,
+        verify_tokens=cfg.verify_tokens, share_threshold=cfg.share_threshold,
     )  # fmt: skip
     rec_path = run / RECORD
     if rec_path.is_file():
@@ -321,7 +378,8 @@ SUMMARY_METRICS = (
     "exclusive_recall", "exclusive_precision", "exclusive_matched_any_class", "exclusive_recall_a", "exclusive_recall_b",
     "exclusive_precision_a", "exclusive_precision_b", "shared_recall", "shared_recall_imbalanced",
     "fve_a", "fve_b", "l0", "dead_fraction_heldout", "exclusive_recall_union", "exclusive_precision_union",
-    "exclusive_recall_verified", "exclusive_precision_verified",
+    "exclusive_recall_verified", "exclusive_precision_verified", "exclusive_recall_functional",
+    "exclusive_precision_functional",
 )  # fmt: skip
 FP_CAUSES = ("fp_shared", "fp_shared_imbalanced", "fp_duplicate", "fp_unplanted")
 
@@ -344,6 +402,7 @@ def summarise(records: list[dict]) -> list[dict]:
             "arch": runs[0]["arch"],
             "exclusive_frac": runs[0]["exclusive_frac"],
             "seeds": len(runs),
+            "share_threshold": runs[0]["settings"].get("share_threshold"),
         }
         for key in SUMMARY_METRICS:
             row[key] = dict(zip(("mean", "std", "n"), _mean_std(r.get(key) for r in runs)))
@@ -408,6 +467,15 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| {r['name']} | {c['claimed']} → {v['claimed']} | {v['rejected_rare']} | "
                 f"{v['rejected_predictable']} | {arrow} |"
             )
+    lines += ["", f"Functional share (crossdiff.functional) at t = {rows[0].get('share_threshold', '–')}: a latent with "
+              "share_B ≤ t is A-only, ≥ 1 − t B-only (DFC: exclusive partitions ∪ shared-partition latents by "
+              "share; standard: share alone, a diagnostic):", "",
+              "| method | excl. recall (share) | excl. precision (share) |", "|---|---|---|"]  # fmt: skip
+    for r in rows:
+        rec, prec = (
+            _cell(r[k], r["seeds"]) for k in ("exclusive_recall_functional", "exclusive_precision_functional")
+        )
+        lines.append(f"| {r['name']} | {rec} | {prec} |")
     dfc = [r for r in rows if r["arch"] == "dfc"]
     if dfc:
         lines += ["", "DFC classified by partition ∪ relative norm (a shared-partition latent with r ≤ 0.1 or "
@@ -418,6 +486,43 @@ def markdown_table(rows: list[dict]) -> str:
                 _cell(r[k], r["seeds"]) for k in ("exclusive_recall_union", "exclusive_precision_union")
             )
             lines.append(f"| {r['name']} | {rec} | {prec} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f1(res: dict) -> float:
+    r, p = res["recall"] or 0.0, res["precision"] or 0.0
+    return 2 * r * p / (r + p) if r + p else 0.0
+
+
+def threshold_table(records: list[dict]) -> str:
+    """The share threshold chosen on seed 0 (best F1 of pooled exclusive recall and precision) per
+    method and rule, and every rule's recall / precision on the other seeds (mean ± std)."""
+    rest = sorted({r["seed"] for r in records} - {0})
+    if not rest or not any(r["seed"] == 0 for r in records):
+        return ""
+    lines = ["", f"Share threshold chosen on seed 0 (best F1), reported on seeds {', '.join(map(str, rest))}:", "",
+             "| method | rule | t (seed 0) | excl. recall | excl. precision |", "|---|---|---|---|---|"]  # fmt: skip
+    for name in dict.fromkeys(r["name"] for r in records):
+        runs = [r for r in records if r["name"] == name]
+        seed0, others = [r for r in runs if r["seed"] == 0], [r for r in runs if r["seed"] in rest]
+        if not seed0 or not others or "share_sweep" not in seed0[0]:
+            continue
+        dfc = runs[0]["arch"] == "dfc"
+        base = [("partition" if dfc else "relative norm", "exclusive_recall", "exclusive_precision", "–")]
+        if dfc:
+            base.append(("partition ∪ r", "exclusive_recall_union", "exclusive_precision_union", "–"))
+        for rule, rk, pk, t in base:
+            rec, prec = (_cell(dict(zip(("mean", "std", "n"), _mean_std(o[k] for o in others))), len(others))
+                         for k in (rk, pk))  # fmt: skip
+            lines.append(f"| {name} | {rule} | {t} | {rec} | {prec} |")
+        rules = [("functional", "partition ∪ share" if dfc else "share")]
+        rules += [("union_functional", "partition ∪ r ∪ share")] if dfc else []
+        for method, rule in rules:
+            sweep0 = seed0[0]["share_sweep"][method]
+            t = max(sweep0, key=lambda k: (_f1(sweep0[k]), -float(k)))
+            rec, prec = (_cell(dict(zip(("mean", "std", "n"), _mean_std(o["share_sweep"][method][t][k] for o in others))),
+                               len(others)) for k in ("recall", "precision"))  # fmt: skip
+            lines.append(f"| {name} | {rule} | {t} | {rec} | {prec} |")
     return "\n".join(lines) + "\n"
 
 
@@ -458,10 +563,12 @@ def write_report(out: Path, results: dict) -> None:
     results = {**results, "summary": rows}
     write_json_atomic(out / "results.json", results)
     s = results["settings"]
-    head = (f"# Synthetic exclusive-feature benchmark\n\n{s['seeds']} seeds, D = {s['latents']}, "
+    head = (f"# Synthetic exclusive-feature benchmark\n\nSetting {s['setting']}: d_A = {s['d_a']}, d_B = {s['d_b']}, "
+            f"{s['n_shared']} shared + {s['n_a_only']} A-only + {s['n_b_only']} B-only planted features; "
+            f"{s['seeds']} seeds, D = {s['latents']}, "
             f"k = {s['k']}, {s['tokens']:,} training tokens per run, match threshold τ = {s['match_threshold']}."
             " Mean ± std over seeds.\n\n")  # fmt: skip
-    write_text_atomic(out / "results.md", head + markdown_table(rows))
+    write_text_atomic(out / "results.md", head + markdown_table(rows) + threshold_table(results["runs"]))
     color = {r["name"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
     verified = [r for r in rows if r["exclusive_precision_verified"]["mean"] is not None
                 and r["exclusive_recall_verified"]["mean"] is not None]  # fmt: skip
@@ -479,6 +586,12 @@ def write_report(out: Path, results: dict) -> None:
               r["exclusive_precision_union"]["std"] or 0.0, r["exclusive_recall_union"]["std"] or 0.0,
               color="#999999")
         for r in rows if r["arch"] == "dfc"
+    ] + [
+        Point(f"{r['name']} share", r["exclusive_precision_functional"]["mean"],
+              r["exclusive_recall_functional"]["mean"], r["exclusive_precision_functional"]["std"] or 0.0,
+              r["exclusive_recall_functional"]["std"] or 0.0, color="#555555")
+        for r in rows if r["arch"] == "dfc" and r["exclusive_recall_functional"]["mean"] is not None
+        and r["exclusive_precision_functional"]["mean"] is not None
     ]  # fmt: skip
     frame = dict(width=600, height=460, x_range=(0.0, 1.05), y_range=(0.0, 1.05))
     svg = scatter_svg(
