@@ -46,7 +46,7 @@ from .probes import LatentScaling, ProbeEval, RidgeProbe, verdict
 from .splice import heldout_texts, splice_eval, store_offsets
 
 COLUMNS = (
-    "latent,partition,verdict,reason,score,rel_norm,dec_norm_a,dec_norm_b,density,mean_act,"
+    "latent,partition,verdict,reason,score,rel_norm,functional_share,dec_norm_a,dec_norm_b,density,mean_act,"
     "max_act,p99_act,probe_r2,probe_auroc,latent_scaling"
 ).split(",")
 VERDICTS = ("exclusive_a", "exclusive_b", "shared", "dead", "rejected")
@@ -55,7 +55,8 @@ THRESHOLDS = (
 )
 # Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
 # change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
-RULES_VERSION = 2
+# 3: so does the functional share (crossdiff.functional).
+RULES_VERSION = 3
 # Settings that change neither the passes' results nor the files (where and how to compute).
 _NOT_SETTINGS = {"run", "store", "out", "device"}
 _PASS_FIELDS = (
@@ -157,14 +158,19 @@ class Plan:
     probe_from_a: np.ndarray
     shared_refs: np.ndarray
     same_space: bool
+    functional_share: np.ndarray | None = None  # (F,) share_B on the held-out rows (crossdiff.functional)
 
 
-def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def exclusive_sides(
+    cc, threshold: float, share_F: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(side, relative norm, ||d_A||, ||d_B||) per latent; side is "a" / "b" for an exclusive candidate,
     else "". Candidates: a latent with relative norm <= t (A) or >= 1 - t (B) (DESIGN §5), and in a
     DFC also every member of an exclusive partition. The norm rule applies to a DFC's shared
     latents too: a concept only A has can be learned by a shared latent whose B row stays near its
-    initialisation (docs/calibration.md)."""
+    initialisation (docs/calibration.md). Given the functional share `share_F` (crossdiff.functional),
+    a DFC's shared latent with share_B <= t (>= 1 - t) is an A (B) candidate as well: the toy
+    benchmark finds many planted exclusive features there (docs/benchmark.md)."""
     part, n_f = cc.partition, cc.cfg.n_latents
     norm_a, norm_b = (t.detach().double().cpu().numpy() for t in cc.decoder_norms())
     total = norm_a + norm_b
@@ -172,15 +178,20 @@ def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.nd
     side = np.full(n_f, "", dtype="<U1")
     side[rel <= threshold] = "a"
     side[rel >= 1 - threshold] = "b"
+    if part.is_dfc and share_F is not None:
+        from .functional import classify_by_share
+
+        by_share = classify_by_share(share_F, threshold)
+        side = np.where(side == "", by_share, side)
     if part.is_dfc:  # membership makes a candidate
         side[part.a_exclusive.start : part.a_exclusive.stop] = "a"
         side[part.b_exclusive.start : part.b_exclusive.stop] = "b"
     return side, rel, norm_a, norm_b
 
 
-def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
+def make_plan(cc, store, cfg: AnalyzeConfig, share_F: np.ndarray | None = None) -> Plan:
     part, n_f = cc.partition, cc.cfg.n_latents
-    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
+    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold, share_F)
     partition = np.full(n_f, "shared", dtype=object)
     partition[part.a_exclusive.start : part.a_exclusive.stop] = "a_exclusive"
     partition[part.b_exclusive.start : part.b_exclusive.stop] = "b_exclusive"
@@ -192,7 +203,8 @@ def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
     # A shared reference is probed from the model it leans away from (the harder direction).
     from_b = np.union1d(np.flatnonzero(side == "a"), refs[rel[refs] < 0.5])
     from_a = np.union1d(np.flatnonzero(side == "b"), refs[rel[refs] >= 0.5])
-    return Plan(partition, norm_a, norm_b, rel, side, from_b, from_a, refs, _same_space(cfg, store))
+    same = _same_space(cfg, store)
+    return Plan(partition, norm_a, norm_b, rel, side, from_b, from_a, refs, same, share_F)
 
 
 def _same_space(cfg: AnalyzeConfig, store) -> bool:
@@ -204,6 +216,19 @@ def _same_space(cfg: AnalyzeConfig, store) -> bool:
 
 
 # ----------------------------------------------------------------------------- streaming passes
+
+
+@torch.inference_mode()
+def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
+    """Functional share (crossdiff.functional) of every latent on the held-out rows. It decides
+    candidates, whose probes the first pass fits, so it is measured before that pass."""
+    from .functional import FunctionalShare
+
+    acc = FunctionalShare(cc, device)
+    for rows, _ in _batches(store, cfg, heldout_only=True):
+        x_a, x_b = (x.to(device) for x in store.get(rows))
+        acc.update(x_a, x_b, cc.encode(x_a, x_b))
+    return acc.share_b()
 
 
 def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
@@ -368,7 +393,7 @@ def _pass_result(first: FirstPass, plan: Plan, evals: dict, cc, store) -> dict:
 
 def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndarray]:
     """Every column of latents.csv, as arrays of length F."""
-    n, n_fire = max(res["n_tokens"], 1), res["n_fire_F"]
+    n, n_fire, n_f = max(res["n_tokens"], 1), res["n_fire_F"], len(plan.side)
     fired = n_fire > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_act = np.where(fired, res["sum_F"] / n_fire, np.nan)
@@ -396,6 +421,9 @@ def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndar
         "reason": np.array([r for _, r in out], dtype=object),
         "score": np.where(fired, score, 0.0),
         "rel_norm": plan.rel_norm,
+        "functional_share": plan.functional_share
+        if plan.functional_share is not None
+        else np.full(n_f, np.nan),
         "dec_norm_a": plan.dec_norm_a,
         "dec_norm_b": plan.dec_norm_b,
         "density": n_fire / n,
@@ -600,7 +628,15 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     if device.type == "cpu":
         tune_cpu_allocator()
     cc = cc.to(device).eval().requires_grad_(False)
-    plan = make_plan(cc, store, cfg)
+    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
+    share = _cached(
+        out / "share.pt",
+        _fingerprint(cfg, run, store, ("max_tokens", "batch_size")),
+        lambda: {"share_F": heldout_share(cc, store, cfg, device)},
+        _save_pt,
+        _load_pt,
+    )["share_F"]
+    plan = make_plan(cc, store, cfg, share)
     res = _cached(
         out / "pass.pt",
         _fingerprint(cfg, run, store, _PASS_FIELDS),
