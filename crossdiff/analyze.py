@@ -228,7 +228,7 @@ def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
     for rows, _ in _batches(store, cfg, heldout_only=True):
         x_a, x_b = (x.to(device) for x in store.get(rows))
         acc.update(x_a, x_b, cc.encode(x_a, x_b))
-    return acc.share_b()
+    return acc.share_b(cfg.min_heldout_fires)  # rarer ones are "too rare to verify" anyway
 
 
 def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
@@ -631,7 +631,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     _same_space(cfg, store)  # a bad --same-space fails before the first file is written
     share = _cached(
         out / "share.pt",
-        _fingerprint(cfg, run, store, ("max_tokens", "batch_size")),
+        _fingerprint(cfg, run, store, ("max_tokens", "batch_size", "min_heldout_fires")),
         lambda: {"share_F": heldout_share(cc, store, cfg, device)},
         _save_pt,
         _load_pt,

@@ -11,7 +11,10 @@ error,
 with e = x − x̂ in normalised units and ΔSSE⁺ = max(ΔSSE, 0): a write that removing *lowers* the
 error (a stale row: e_B carries −f d_B, so ΔSSE_B ≈ −Σ f² ||d_B||²) helps that model not at all.
 share_B ≤ t is an A-only latent, ≥ 1 − t a B-only one (docs/benchmark.md; t = 0.1 by default);
-NaN where neither model's error rises (a latent that never fires, or one that helps neither).
+NaN where neither model's error rises (a latent that never fires, or one that helps neither), and
+where the latent fired fewer than `min_fires` times: a share measured on a handful of firings is
+noise (on the toy benchmark, most latents with a one-sided share but no planted feature fire < 10
+times in 65,536 tokens, docs/benchmark.md).
 
 Only the firing (token, latent) entries contribute, so `FunctionalShare.update` works on them
 directly (N entries × D) instead of a dense (B, F) product.
@@ -36,6 +39,7 @@ class FunctionalShare:
         n_f = cc.cfg.n_latents
         self.dsse_a_F = torch.zeros(n_f, dtype=torch.float64, device=device)
         self.dsse_b_F = torch.zeros(n_f, dtype=torch.float64, device=device)
+        self.n_fire_F = torch.zeros(n_f, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def update(self, x_a: Tensor, x_b: Tensor, f_BF: Tensor, x_hat_a=None, x_hat_b=None) -> None:
@@ -44,6 +48,7 @@ class FunctionalShare:
             x_hat_a, x_hat_b = self.cc.decode(f_BF)
         rows_N, cols_N = f_BF.nonzero(as_tuple=True)
         vals_N = f_BF[rows_N, cols_N].float()
+        self.n_fire_F += torch.bincount(cols_N, minlength=len(self.n_fire_F))
         part = self.cc.partition
         # Row j of W_dec_a is latent j; row j of W_dec_b is latent j + n_a_exclusive (crosscoder.py).
         for x, x_hat, W_dec_MD, first, latents, acc_F in (
@@ -57,9 +62,11 @@ class FunctionalShare:
             delta_N = 2 * v_N * (e_ND * d_ND).sum(1) + v_N.square() * d_ND.square().sum(1)
             acc_F.index_add_(0, c_N, delta_N.double())
 
-    def share_b(self) -> np.ndarray:
-        """share_B per latent (F,), NaN where neither model's error rises without it."""
-        return share_from_deltas(self.dsse_a_F.cpu().numpy(), self.dsse_b_F.cpu().numpy())
+    def share_b(self, min_fires: int = 1) -> np.ndarray:
+        """share_B per latent (F,), NaN where neither model's error rises without it or where it fired
+        fewer than `min_fires` times."""
+        share_F = share_from_deltas(self.dsse_a_F.cpu().numpy(), self.dsse_b_F.cpu().numpy())
+        return np.where(self.n_fire_F.cpu().numpy() >= min_fires, share_F, np.nan)
 
 
 def share_from_deltas(dsse_a_F, dsse_b_F) -> np.ndarray:
@@ -71,7 +78,7 @@ def share_from_deltas(dsse_a_F, dsse_b_F) -> np.ndarray:
 
 
 @torch.no_grad()
-def functional_share(cc, batches: Iterable[tuple[Tensor, Tensor]]) -> np.ndarray:
+def functional_share(cc, batches: Iterable[tuple[Tensor, Tensor]], min_fires: int = 1) -> np.ndarray:
     """share_B of every latent over normalised (x_A, x_B) batches, with the inference encoder."""
     acc = None
     for x_a, x_b in batches:
@@ -81,7 +88,7 @@ def functional_share(cc, batches: Iterable[tuple[Tensor, Tensor]]) -> np.ndarray
         acc.update(x_a, x_b, f_BF)
     if acc is None:
         return np.full(cc.cfg.n_latents, np.nan)
-    return acc.share_b()
+    return acc.share_b(min_fires)
 
 
 def classify_by_share(share_F, threshold: float) -> np.ndarray:

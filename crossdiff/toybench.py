@@ -40,7 +40,7 @@ from .fsutil import write_json_atomic, write_text_atomic
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 6  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 7  # bump when the metrics change: finished runs are re-scored, not retrained
 # Named sizes (`--setting`); a size given explicitly overrides its setting's value.
 SETTINGS = {
     "default": dict(d_a=64, d_b=80, n_shared=256, n_a_only=32, n_b_only=32, latents=1024, k=4),
@@ -51,6 +51,8 @@ SETTINGS = {
 SIZED = tuple(SETTINGS["default"])
 # Functional-share thresholds scored on every run (the threshold is chosen on the first seeds).
 SHARE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
+# A share measured on fewer firings (held-out tokens) classifies nothing: analyze's min_heldout_fires.
+SHARE_MIN_FIRES = 10
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,8 @@ def score_run(
 @torch.no_grad()
 def eval_pass(cfg: ToyBenchConfig, data: SeedData, model) -> tuple[np.ndarray, np.ndarray]:
     """(alive_F, share_F) on the held-out synthetic tokens: which latents fire at least once (the
-    inference encoder), and each latent's functional share (crossdiff.functional)."""
+    inference encoder), and each latent's functional share (crossdiff.functional; NaN below
+    SHARE_MIN_FIRES firings)."""
     from .functional import FunctionalShare
 
     scale_a, scale_b = data.scales
@@ -310,7 +313,7 @@ def eval_pass(cfg: ToyBenchConfig, data: SeedData, model) -> tuple[np.ndarray, n
         f_BF = model.encode(x_a, x_b)
         fired_F |= (f_BF > 0).any(0)
         acc.update(x_a, x_b, f_BF)
-    return fired_F.numpy(), acc.share_b()
+    return fired_F.numpy(), acc.share_b(SHARE_MIN_FIRES)
 
 
 def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> dict:

@@ -38,11 +38,12 @@ def test_deltas_equal_removing_the_latent_and_recomputing_the_error(n_a_excl, n_
     for p in (cc.b_dec_a, cc.b_dec_b, cc.b_enc):
         p.normal_()
     acc = FunctionalShare(cc)
-    want_a, want_b = np.zeros(16), np.zeros(16)
+    want_a, want_b, fires = np.zeros(16), np.zeros(16), np.zeros(16)
     for _ in range(3):  # streaming: the sums over batches equal the brute force summed over batches
         x_a, x_b = torch.randn(50, 7), torch.randn(50, 9)
         f_BF = cc.encode(x_a, x_b)
         acc.update(x_a, x_b, f_BF)
+        fires += (f_BF > 0).sum(0).numpy()
         da, db = _brute_force_deltas(cc, x_a, x_b, f_BF)
         want_a, want_b = want_a + da, want_b + db
     assert (want_a != 0).sum() > 5 and (want_a < 0).any()  # the reference is not trivial
@@ -52,6 +53,11 @@ def test_deltas_equal_removing_the_latent_and_recomputing_the_error(n_a_excl, n_
     assert (acc.dsse_b_F[:n_a_excl] == 0).all() and (acc.dsse_a_F[16 - n_b_excl :] == 0).all()
     share = acc.share_b()
     np.testing.assert_allclose(share, share_from_deltas(want_a, want_b), rtol=1e-4, atol=1e-4)
+    counts = acc.n_fire_F.numpy()
+    np.testing.assert_array_equal(counts, fires)
+    few = counts < np.median(counts)
+    assert few.any() and np.isnan(acc.share_b(int(np.median(counts)))[few]).all()
+    np.testing.assert_array_equal(acc.share_b(int(np.median(counts)))[~few], share[~few])
     batches = [(torch.randn(20, 7), torch.randn(20, 9)) for _ in range(2)]
     ref = FunctionalShare(cc)
     for x_a, x_b in batches:
