@@ -43,11 +43,11 @@ class FunctionalShare:
 
     @torch.no_grad()
     def update(self, x_a: Tensor, x_b: Tensor, f_BF: Tensor, x_hat_a=None, x_hat_b=None) -> None:
-        """Add one batch (normalised units); x̂ is decoded from f when not given."""
-        if x_hat_a is None or x_hat_b is None:
-            x_hat_a, x_hat_b = self.cc.decode(f_BF)
+        """Add one batch (normalised units); x̂ is decoded from f's firing entries when not given."""
         rows_N, cols_N = f_BF.nonzero(as_tuple=True)
         vals_N = f_BF[rows_N, cols_N].float()
+        if x_hat_a is None or x_hat_b is None:
+            x_hat_a, x_hat_b = self._decode_entries(f_BF.shape[0], rows_N, cols_N, vals_N)
         self.n_fire_F += torch.bincount(cols_N, minlength=len(self.n_fire_F))
         part = self.cc.partition
         # Row j of W_dec_a is latent j; row j of W_dec_b is latent j + n_a_exclusive (crosscoder.py).
@@ -61,6 +61,20 @@ class FunctionalShare:
             e_ND = (x - x_hat).float()[r_N]
             delta_N = 2 * v_N * (e_ND * d_ND).sum(1) + v_N.square() * d_ND.square().sum(1)
             acc_F.index_add_(0, c_N, delta_N.double())
+
+    def _decode_entries(self, n_rows: int, rows_N, cols_N, vals_N) -> tuple[Tensor, Tensor]:
+        """`cc.decode(f)` from the firing entries only (N × D work instead of a dense B × F × D product)."""
+        part, out = self.cc.partition, []
+        for W_dec_MD, b_dec_D, first, latents in (
+            (self.cc.W_dec_a, self.cc.b_dec_a, 0, part.a_latents),
+            (self.cc.W_dec_b, self.cc.b_dec_b, part.n_a_exclusive, part.b_latents),
+        ):
+            own_N = (cols_N >= latents.start) & (cols_N < latents.stop)
+            W_dec_MD = W_dec_MD.detach().float()
+            x_hat_BD = b_dec_D.detach().float().expand(n_rows, -1).clone()
+            x_hat_BD.index_add_(0, rows_N[own_N], vals_N[own_N, None] * W_dec_MD[cols_N[own_N] - first])
+            out.append(x_hat_BD)
+        return out[0], out[1]
 
     def share_b(self, min_fires: int = 1) -> np.ndarray:
         """share_B per latent (F,), NaN where neither model's error rises without it or where it fired

@@ -112,3 +112,18 @@ def test_planted_one_sided_latents_have_a_one_sided_share_even_with_a_stale_othe
     class_F = classify(cc, "functional", share)  # a standard crosscoder: by its share alone
     assert (class_F[a_only.numpy()] == A_ONLY).all() and (class_F[b_only.numpy()] == B_ONLY).all()
     assert (classify(cc, "auto")[a_only.numpy()] == SHARED).all()  # the relative norm misses them
+
+
+@torch.no_grad()
+def test_decoding_from_the_firing_entries_equals_the_crosscoders_decode():
+    torch.manual_seed(1)
+    cfg = CrosscoderConfig(d_a=5, d_b=6, n_latents=12, k=3, sparsity="topk", n_a_exclusive=2, n_b_exclusive=3)
+    cc = Crosscoder(cfg, dec_init_norm=1.0)
+    cc.b_dec_a.normal_()
+    cc.b_dec_b.normal_()
+    x_a, x_b = torch.randn(40, 5), torch.randn(40, 6)
+    f_BF = cc.encode(x_a, x_b)
+    rows_N, cols_N = f_BF.nonzero(as_tuple=True)
+    got = FunctionalShare(cc)._decode_entries(40, rows_N, cols_N, f_BF[rows_N, cols_N])
+    for g, want in zip(got, cc.decode(f_BF)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
