@@ -42,7 +42,7 @@ from .fsutil import write_json_atomic
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 7  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 8  # bump when the metrics change: finished runs are re-scored, not retrained
 # Named sizes (`--setting`); a size given explicitly overrides its setting's value.
 SETTINGS = {
     "default": dict(d_a=64, d_b=80, n_shared=256, n_a_only=32, n_b_only=32, latents=1024, k=4),
@@ -294,6 +294,7 @@ def score_run(
     if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
         union = exclusive_metrics(m, classify(model, "union"), data.gen.gt, alive_F)
         metrics["exclusive_recall_union"] = union["exclusive_recall"]
+        metrics["counts_union"] = union["counts"]
         metrics["exclusive_precision_union"] = union["exclusive_precision"]
     metrics.update(functional_metrics(cfg, model, m, data.gen.gt, alive_F, share_F))
     norm_a_F, norm_b_F = (n.detach().numpy() for n in model.decoder_norms())
@@ -323,15 +324,17 @@ def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> d
     alone) at cfg.share_threshold, and over SHARE_SWEEP (also ∪ relative norm) to choose the threshold."""
     from .matching import classify, exclusive_metrics
 
-    def score(method: str, t: float) -> dict:
+    def score(method: str, t: float, counts: bool = False) -> dict:
         res = exclusive_metrics(m, classify(model, method, share_F, t), gt, alive_F)
-        return {k: res[f"exclusive_{k}"] for k in ("recall", "precision", "recall_a", "recall_b")}
+        out = {k: res[f"exclusive_{k}"] for k in ("recall", "precision", "recall_a", "recall_b")}
+        return {**out, "counts": res["counts"]} if counts else out
 
-    at_t = score("functional", cfg.share_threshold)
+    at_t = score("functional", cfg.share_threshold, counts=True)
     alive_share = share_F[alive_F]
     return {
         "exclusive_recall_functional": at_t["recall"],
         "exclusive_precision_functional": at_t["precision"],
+        "counts_functional": at_t["counts"],
         "share_sweep": {
             method: {f"{t:g}": score(method, t) for t in SHARE_SWEEP}
             for method in ("functional", "union_functional")

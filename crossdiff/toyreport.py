@@ -44,12 +44,11 @@ def summarise(records: list[dict]) -> list[dict]:
         }
         for key in SUMMARY_METRICS:
             row[key] = dict(zip(("mean", "std", "n"), _mean_std(r.get(key) for r in runs)))
-        counts = {c: 0 for c in ("claimed", "true_pos", "n_twins", "found_twins", *FP_CAUSES)}
-        for r in runs:
-            for side in ("a", "b"):
-                for c in counts:
-                    counts[c] += r["counts"][side][c]
-        row["counts_total"] = counts
+        for key in ("counts", "counts_union", "counts_functional"):  # summed over seeds and both models
+            have = all(r.get(key) for r in runs)
+            names = ("claimed", "true_pos", "n_twins", "found_twins", *FP_CAUSES)
+            total = {c: sum(r[key][side][c] for r in runs for side in "ab") for c in names} if have else None
+            row[f"{key}_total"] = total
         ver = [(r.get("verification"), r.get("counts_verified")) for r in runs]
         row["verification_total"] = None
         if all(v and c for v, c in ver):  # summed over seeds (and both models for the counts)
@@ -84,10 +83,11 @@ def markdown_table(rows: list[dict]) -> str:
               " of their model), summed over seeds and both models:", "",
               "| method | classified exclusive | true positives | shared concept | of which imbalanced | "
               "duplicate | unplanted | twins found / planted |", "|---" * 8 + "|"]  # fmt: skip
-    for r in rows:
-        c = r["counts_total"]
+    rules = (("", "counts_total"), (" (∪ r)", "counts_union_total"), (" (share)", "counts_functional_total"))
+    for r, (label, key) in ((r, rule) for r in rows for rule in rules if r.get(rule[1])):
+        c = r[key]
         lines.append(
-            f"| {r['name']} | {c['claimed']} | {c['true_pos']} | {c['fp_shared']} | {c['fp_shared_imbalanced']} | "
+            f"| {r['name']}{label} | {c['claimed']} | {c['true_pos']} | {c['fp_shared']} | {c['fp_shared_imbalanced']} | "
             f"{c['fp_duplicate']} | {c['fp_unplanted']} | {c['found_twins']} / {c['n_twins']} |"
         )
     ver = [r for r in rows if r["verification_total"]]
