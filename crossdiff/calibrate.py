@@ -281,8 +281,9 @@ def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -
     a_threshold = summary["thresholds"]["exclusive_threshold"]
     cos_F = decoder_cosines(run, direction)
     verdict = np.array([r["verdict"] for r in table])
+    share_F = np.array([_num(r.get("functional_share")) for r in table])  # NaN where none was measured
     a_side = (
-        exclusive_sides(Crosscoder.from_pretrained(run), a_threshold)[0] == "a"
+        exclusive_sides(Crosscoder.from_pretrained(run), a_threshold, share_F)[0] == "a"
     )  # analysis's A candidates
 
     def best(mask: np.ndarray) -> dict | None:
