@@ -50,7 +50,8 @@ from .splice import heldout_texts, splice_eval, store_offsets
 THRESHOLDS = "exclusive_threshold strong ridge".split()
 # Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
 # change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
-# 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
+# 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py);
+# a DFC's shared latent with a one-sided functional share is a candidate (crossdiff.functional).
 RULES_VERSION = 3
 
 
@@ -68,9 +69,9 @@ class AnalyzeConfig:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     top_k: int = in_part(20, "pass")
     """Top-activating examples kept per latent."""
-    max_tokens: int | None = in_part(None, "pass")
+    max_tokens: int | None = in_part(None, "pass", "share")
     """Analyse only the first N rows of the store (default: all)."""
-    batch_size: int = in_part(1024, "pass")
+    batch_size: int = in_part(1024, "pass", "share")
     """Rows per encoder batch; memory grows with batch size × latents."""
     exclusive_threshold: float = in_part(EXCLUSIVE_THRESHOLD, "pass")
     """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (docs/design.md §5; in a DFC
@@ -79,6 +80,8 @@ class AnalyzeConfig:
     """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
     ridge: float = in_part(1e-3, "pass")
     """Ridge penalty of the probes, relative to the input's mean variance."""
+    min_heldout_fires: int = in_part(10, "share", "pass")
+    """The functional share (crossdiff.functional) is measured only for latents firing at least this often on held-out rows."""
     strong: float = in_part(0.3, "pass")
     """The probes' target: a candidate's strong firings, f >= strong × its p99 activation (docs/verification.md)."""
     same_space: bool | None = in_part(None, "pass")
@@ -111,6 +114,7 @@ class AnalyzeConfig:
             (self.shared_probes >= 0 and self.shared_features >= 0, "counts must be >= 0"),
             (self.ridge > 0, f"--ridge must be positive, got {self.ridge}"),
             (0 < self.strong <= 1, f"--strong must be in (0, 1], got {self.strong}"),
+            (self.min_heldout_fires >= 1, "--min-heldout-fires must be at least 1"),
             (self.splice_tokens >= 0, "--splice-tokens must be >= 0"),
             (self.hist_bins >= 2 and 0 < self.hist_min < self.hist_max, "need 0 < --hist-min < --hist-max"),
             (self.context_chars >= 0 and self.context_tokens >= 0, "context sizes must be >= 0"),
@@ -136,10 +140,11 @@ class Plan:
     probe_from_a: np.ndarray
     shared_refs: np.ndarray
     same_space: bool
+    functional_share: np.ndarray | None = None  # (F,) share_B on the held-out rows (crossdiff.functional)
 
 
-def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
-    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
+def make_plan(cc, store, cfg: AnalyzeConfig, share_F: np.ndarray | None = None) -> Plan:
+    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold, share_F)
     partition = partitions(cc)
     others = (side == "") & np.isfinite(rel)
     pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # the shared band of docs/design.md §5
@@ -149,7 +154,8 @@ def make_plan(cc, store, cfg: AnalyzeConfig) -> Plan:
     # A shared reference is probed from the model it leans away from (the harder direction).
     from_b = np.union1d(np.flatnonzero(side == "a"), refs[rel[refs] < 0.5])
     from_a = np.union1d(np.flatnonzero(side == "b"), refs[rel[refs] >= 0.5])
-    return Plan(partition, norm_a, norm_b, rel, side, from_b, from_a, refs, _same_space(cfg, store))
+    same = _same_space(cfg, store)
+    return Plan(partition, norm_a, norm_b, rel, side, from_b, from_a, refs, same, share_F)
 
 
 def _same_space(cfg: AnalyzeConfig, store) -> bool:
@@ -161,6 +167,19 @@ def _same_space(cfg: AnalyzeConfig, store) -> bool:
 
 
 # ----------------------------------------------------------------------------- streaming passes
+
+
+@torch.inference_mode()
+def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
+    """Functional share (crossdiff.functional) of every latent on the held-out rows. It decides
+    candidates, whose probes the first pass fits, so it is measured before that pass."""
+    from .functional import FunctionalShare
+
+    acc = FunctionalShare(cc, device)
+    for rows, _ in _batches(store, cfg, heldout_only=True):
+        x_a, x_b = (x.to(device) for x in store.get(rows))
+        acc.update(x_a, x_b, cc.encode(x_a, x_b))
+    return acc.share_b(cfg.min_heldout_fires)  # rarer ones are "too rare to verify" anyway
 
 
 def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
@@ -327,7 +346,7 @@ def _pass_result(first: FirstPass, plan: Plan, evals: dict, cc, store) -> dict:
 
 def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndarray]:
     """Every column of latents.csv, as arrays of length F."""
-    n, n_fire = max(res["n_tokens"], 1), res["n_fire_F"]
+    n, n_fire, n_f = max(res["n_tokens"], 1), res["n_fire_F"], len(plan.side)
     fired = n_fire > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_act = np.where(fired, res["sum_F"] / n_fire, np.nan)
@@ -356,6 +375,9 @@ def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndar
         "reason": np.array(notes, dtype=object),
         "score": np.where(fired, score, 0.0),
         "rel_norm": plan.rel_norm,
+        "functional_share": plan.functional_share
+        if plan.functional_share is not None
+        else np.full(n_f, np.nan),
         "dec_norm_a": plan.dec_norm_a,
         "dec_norm_b": plan.dec_norm_b,
         "density": n_fire / n,
@@ -560,7 +582,15 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    plan = make_plan(cc, store, cfg)
+    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
+    share = _cached(
+        out / "share.pt",
+        _fingerprints(cfg, run, store, "share"),
+        lambda: {"share_F": heldout_share(cc, store, cfg, device)},
+        _save_pt,
+        _load_pt,
+    )["share_F"]
+    plan = make_plan(cc, store, cfg, share)
     res = _cached(
         out / "pass.pt",
         _fingerprints(cfg, run, store, "pass"),

@@ -17,7 +17,9 @@ classified shared counts as *missed* by exclusive recall.
 
 Classification (docs/design.md §5): DFC by partition membership; standard crosscoder by the relative decoder
 norm r = ||d_B|| / (||d_A|| + ||d_B||), r ≤ 0.1 → A-only, r ≥ 0.9 → B-only. `classify(model,
-"union")` also calls a DFC's shared-partition latents exclusive by their r (a diagnostic).
+"union")` also calls a DFC's shared-partition latents exclusive by their r (a diagnostic);
+`classify(model, "functional", share_F)` by their functional share (crossdiff.functional: share_B ≤ t
+→ A-only, ≥ 1 − t → B-only; a standard crosscoder by its share alone).
 
 Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
 pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
@@ -33,12 +35,14 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from .functional import classify_by_share
 from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
 
 OTHER = SHARED  # class of a latent that is not exclusive (shared or in between)
 DEFAULT_THRESHOLD = 0.9
 REL_NORM_A, REL_NORM_B = 0.1, 0.9  # docs/design.md §5 thresholds on r
-ClassifyMethod = Literal["auto", "partition", "relative_norm", "union"]
+SHARE_THRESHOLD = 0.1  # functional share: ≤ t → A-only, ≥ 1 − t → B-only
+ClassifyMethod = Literal["auto", "partition", "relative_norm", "union", "functional", "union_functional"]
 
 
 class Matching(NamedTuple):
@@ -129,18 +133,30 @@ def classify_by_relative_norm(
     return np.where(r_F <= lo, A_ONLY, np.where(r_F >= hi, B_ONLY, OTHER)).astype(np.int64)
 
 
-def classify(model, method: ClassifyMethod = "auto") -> np.ndarray:
+def classify(
+    model, method: ClassifyMethod = "auto", share_F=None, share_threshold: float = SHARE_THRESHOLD
+) -> np.ndarray:
     """Class of every latent of a crosscoder.
 
     auto: partition membership for a DFC, relative decoder norm for a standard crosscoder (the
     paper's rules). union (DFC): exclusive by partition, or a shared-partition latent whose
     relative norm is exclusive — the toy benchmark finds many exclusive features there.
+    functional: exclusive by partition (DFC), or by the functional share `share_F`
+    (crossdiff.functional) at `share_threshold`; union_functional: by partition, r or share.
     """
     norm_a_F, norm_b_F = (n.detach().cpu().numpy() for n in model.decoder_norms())
     by_norm_F = classify_by_relative_norm(norm_a_F, norm_b_F)
     if method == "relative_norm" or (method == "auto" and not model.partition.is_dfc):
         return by_norm_F
     by_part_F = classify_by_partition(model.partition)
+    if method in ("functional", "union_functional"):
+        if share_F is None:
+            raise ValueError(f"classify(method={method!r}) needs the functional share share_F")
+        side_F = classify_by_share(share_F, share_threshold)
+        by_share_F = np.where(side_F == "a", A_ONLY, np.where(side_F == "b", B_ONLY, OTHER))
+        if method == "union_functional":
+            by_share_F = np.where(by_share_F != OTHER, by_share_F, by_norm_F)
+        return np.where(by_part_F != OTHER, by_part_F, by_share_F)
     if method == "union":
         return np.where(by_part_F != OTHER, by_part_F, by_norm_F)
     return by_part_F

@@ -37,7 +37,7 @@ VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
 EXCLUSIVE_THRESHOLD = 0.1
 """Default relative-norm threshold of the candidate rule (AnalyzeConfig.exclusive_threshold)."""
 COLUMNS = (
-    "latent,partition,side,verdict,reason,score,rel_norm,dec_norm_a,dec_norm_b,density,mean_act,"
+    "latent,partition,side,verdict,reason,score,rel_norm,functional_share,dec_norm_a,dec_norm_b,density,mean_act,"
     "max_act,p99_act,probe_r2,probe_auroc,latent_scaling"
 ).split(",")
 TEXT_COLUMNS = frozenset({"partition", "side", "verdict", "reason"})
@@ -70,14 +70,24 @@ def partitions(cc) -> np.ndarray:
     return out
 
 
-def exclusive_sides(cc, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def exclusive_sides(
+    cc, threshold: float, share_F: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(side, relative norm, ||d_A||, ||d_B||) per latent of a crosscoder, by `candidate_sides`.
     The norm rule applies to a DFC's shared latents too: a concept only A has can be learned by a
-    shared latent whose B row stays near its initialisation (docs/calibration.md)."""
+    shared latent whose B row stays near its initialisation (docs/calibration.md). Given the
+    functional share `share_F` (crossdiff.functional), a DFC's shared latent with share_B <= t
+    (>= 1 - t) is an A (B) candidate as well: the toy benchmark finds many planted exclusive features
+    there (docs/benchmark.md)."""
     norm_a, norm_b = (t.detach().double().cpu().numpy() for t in cc.decoder_norms())
     total = norm_a + norm_b
     rel = np.where(total > 0, norm_b / np.where(total > 0, total, 1.0), np.nan)
-    return candidate_sides(partitions(cc), rel, threshold), rel, norm_a, norm_b
+    side = candidate_sides(partitions(cc), rel, threshold)
+    if cc.partition.is_dfc and share_F is not None:
+        from .functional import classify_by_share
+
+        side = np.where(side == "", classify_by_share(share_F, threshold), side)
+    return side, rel, norm_a, norm_b
 
 
 def is_candidate(row: dict) -> bool:

@@ -2,7 +2,9 @@
 
 For each seed: one synthetic store (crossdiff.synthetic, the seed also picks the planted features),
 then the standard BatchTopK crosscoder, the L1 crosscoder and the DFC at each exclusive fraction,
-trained by `crossdiff.train.train` and scored by `crossdiff.matching`. Output folder:
+trained by `crossdiff.train.train` and scored by `crossdiff.matching` (classification by partition,
+relative norm and the functional share of crossdiff.functional). `--setting` names the sizes
+(SETTINGS: default, wide). Output folder:
 
     stores/seed-S/            the synthetic store (+ synthetic.json: generator config and summary)
     runs/NAME-seed-S/         the training run (eval.json) + bench.json (this benchmark's record)
@@ -29,20 +31,32 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from . import config
 from .errors import CrossdiffError
-from .fsutil import write_json_atomic, write_text_atomic
+from .fsutil import write_json_atomic
 from .results import read_latents
 from .sparsity import DEFAULT_SPARSITY, DFC, NAMES, arch_name
 from .store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 5  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 8  # bump when the metrics change: finished runs are re-scored, not retrained
+# Named sizes (`--setting`); a size given explicitly overrides its setting's value.
+SETTINGS = {
+    "default": dict(d_a=64, d_b=80, n_shared=256, n_a_only=32, n_b_only=32, latents=1024, k=4),
+    # 4x the width and 4x the planted features (same superposition, 4.5 features per dimension, and
+    # the same 3.2 latents per planted feature); expected L0 10.6, so k = 16. One width for both models.
+    "wide": dict(d_a=256, d_b=256, n_shared=1024, n_a_only=128, n_b_only=128, latents=4096, k=16),
+}
+SIZED = tuple(SETTINGS["default"])
+# Functional-share thresholds scored on every run (the threshold is chosen on the first seeds).
+SHARE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
+# A share measured on fewer firings (held-out tokens) classifies nothing: analyze's min_heldout_fires.
+SHARE_MIN_FIRES = 10
 
 
 @dataclass(frozen=True)
@@ -51,16 +65,21 @@ class ToyBenchConfig:
 
     out: str
     """Output folder (stores, runs, results.json, results.md, plots). Rerun to resume."""
+    setting: Literal["default", "wide"] = "default"
+    """Named sizes: default (d 64/80, 256 shared + 32 + 32 planted, D 1024, k 4) or wide (d 256, 1024 shared
+    + 128 + 128 planted, D 4096, k 16); --d-a, --latents, ... override single sizes."""
     seeds: int = 3
     """Seeds 0..N-1; each seed plants its own ground truth and seeds its training runs."""
+    standard: tuple[str, ...] = ("batchtopk", "l1")
+    """Standard crosscoders to run (batchtopk, l1; none: --standard with no value)."""
     dfc_fracs: tuple[float, ...] = (0.05, 0.1)
     """DFC exclusive fractions to run (each is the fraction of latents exclusive to A, and to B)."""
     dfc_sparsities: tuple[str, ...] = ("batchtopk",)
     """DFC sparsities to run at each fraction (batchtopk, the paper's; l1 adds DFC-L1 runs)."""
-    latents: int = 1024
-    """Dictionary size D of every crosscoder."""
-    k: int = 4
-    """BatchTopK k: the planted features' expected L0 (3.6 at the defaults) rounded up."""
+    latents: int | None = None
+    """Dictionary size D of every crosscoder (default: the setting's)."""
+    k: int | None = None
+    """BatchTopK k (default: the setting's; 4 = the default setting's expected L0 3.6 rounded up)."""
     l1_coeff: float = 2.0
     """L1 crosscoder: sparsity penalty λ (gives L0 ≈ k on seed 0; docs/benchmark.md)."""
     tokens: int = 1_000_000
@@ -77,16 +96,19 @@ class ToyBenchConfig:
     """Decoder cosine a latent needs, in each model where the feature exists, to match it."""
     eval_tokens: int = 65536
     """Held-out synthetic tokens used to decide which latents are alive."""
-    d_a: int = 64
-    """Width of model A."""
-    d_b: int = 80
-    """Width of model B."""
-    n_shared: int = 256
-    """Planted shared features."""
-    n_a_only: int = 32
-    """Planted A-only features."""
-    n_b_only: int = 32
-    """Planted B-only features."""
+    d_a: int | None = None
+    """Width of model A (default: the setting's)."""
+    d_b: int | None = None
+    """Width of model B (default: the setting's)."""
+    n_shared: int | None = None
+    """Planted shared features (default: the setting's)."""
+    n_a_only: int | None = None
+    """Planted A-only features (default: the setting's)."""
+    n_b_only: int | None = None
+    """Planted B-only features (default: the setting's)."""
+    share_threshold: float = 0.1
+    """Functional share: a latent with share_B <= t is classified A-only, >= 1 - t B-only (DFC: its
+    shared-partition latents; crossdiff.functional)."""
     threads: int = 1
     """Torch CPU threads (1 is fastest for these small matrices, and robust on a busy machine)."""
     device: str = "cpu"
@@ -98,12 +120,24 @@ class ToyBenchConfig:
     train split and scored on their held-out split (5%); 0 skips verification (verified metrics null)."""
 
     def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise CrossdiffError(
+                f"--setting: unknown setting {self.setting!r}; use one of {sorted(SETTINGS)}"
+            )
+        for name, value in SETTINGS[self.setting].items():  # construction: fill the sizes left unset
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not 0 < self.share_threshold < 0.5:
+            raise CrossdiffError(f"--share-threshold must be in (0, 0.5), got {self.share_threshold}")
         if self.seeds < 1 or self.threads < 1 or self.eval_tokens < 1:
             raise CrossdiffError("--seeds, --threads and --eval-tokens must be at least 1")
         if self.verify_tokens < 0:
             raise CrossdiffError(f"--verify-tokens must be >= 0, got {self.verify_tokens}")
         if not 0 < self.match_threshold <= 1:
             raise CrossdiffError(f"--match-threshold must be in (0, 1], got {self.match_threshold}")
+        for arch in self.standard:
+            if arch not in ("batchtopk", "l1"):
+                raise CrossdiffError(f"--standard: unknown crosscoder {arch!r}; use batchtopk or l1")
         for sparsity in self.dfc_sparsities:
             if sparsity not in NAMES:
                 raise CrossdiffError(
@@ -127,7 +161,7 @@ class ToyBenchConfig:
         return int(math.ceil(self.tokens / (1 - HELDOUT_FRAC) * 1.02))
 
     def methods(self) -> list[Method]:
-        out = [Method("batchtopk", "batchtopk"), Method("l1", "l1")]
+        out = [Method(arch, arch) for arch in self.standard]
         for sparsity in self.dfc_sparsities:
             prefix = DFC if sparsity == DEFAULT_SPARSITY else f"{DFC}-{sparsity}"
             out += [Method(f"{prefix}-{f:g}", sparsity, f) for f in self.dfc_fracs]
@@ -250,23 +284,10 @@ def score_run(
 ) -> tuple[dict, np.ndarray]:
     """Matching metrics of a finished run, and the relative decoder norm of its alive latents."""
     from .crosscoder import Crosscoder
-    from .matching import (
-        OTHER,
-        alive_latents,
-        classify,
-        decoder_directions,
-        exclusive_metrics,
-        match,
-        relative_norm,
-        score_crosscoder,
-    )  # fmt: skip
+    from .matching import OTHER, classify, decoder_directions, exclusive_metrics, match, relative_norm
 
     model = Crosscoder.from_pretrained(run)
-    scale_a, scale_b = data.scales
-    eval_batches = (
-        (x_a * scale_a, x_b * scale_b) for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval")
-    )
-    alive_F = alive_latents(model, eval_batches, cfg.eval_tokens)
+    alive_F, share_F = eval_pass(cfg, data, model)
     dec_a_FD, dec_b_FD = decoder_directions(model)
     m = match(dec_a_FD.numpy(), dec_b_FD.numpy(), data.gen.gt, cfg.match_threshold, candidates_F=alive_F)
     class_F = classify(model)
@@ -277,11 +298,55 @@ def score_run(
         metrics["counts_verified"] = exclusive_metrics(m, class_v_F, data.gen.gt, alive_F)["counts"]
     metrics["exclusive_recall_union"] = metrics["exclusive_precision_union"] = None
     if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
-        union = score_crosscoder(model, data.gen.gt, alive_F, cfg.match_threshold, method="union")
+        union = exclusive_metrics(m, classify(model, "union"), data.gen.gt, alive_F)
         metrics["exclusive_recall_union"] = union["exclusive_recall"]
+        metrics["counts_union"] = union["counts"]
         metrics["exclusive_precision_union"] = union["exclusive_precision"]
+    metrics.update(functional_metrics(cfg, model, m, data.gen.gt, alive_F, share_F))
     norm_a_F, norm_b_F = (n.detach().numpy() for n in model.decoder_norms())
     return metrics, relative_norm(norm_a_F, norm_b_F)[alive_F]
+
+
+@torch.no_grad()
+def eval_pass(cfg: ToyBenchConfig, data: SeedData, model) -> tuple[np.ndarray, np.ndarray]:
+    """(alive_F, share_F) on the held-out synthetic tokens: which latents fire at least once (the
+    inference encoder), and each latent's functional share (crossdiff.functional; NaN below
+    SHARE_MIN_FIRES firings)."""
+    from .functional import FunctionalShare
+
+    scale_a, scale_b = data.scales
+    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
+    acc = FunctionalShare(model)
+    for x_a, x_b in data.gen.batches(cfg.eval_tokens, 4096, "eval"):
+        x_a, x_b = x_a * scale_a, x_b * scale_b
+        f_BF = model.encode(x_a, x_b)
+        fired_F |= (f_BF > 0).any(0)
+        acc.update(x_a, x_b, f_BF)
+    return fired_F.numpy(), acc.share_b(SHARE_MIN_FIRES)
+
+
+def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> dict:
+    """Exclusive recall and precision with the functional share (DFC: partition ∪ share; standard: share
+    alone) at cfg.share_threshold, and over SHARE_SWEEP (also ∪ relative norm) to choose the threshold."""
+    from .matching import classify, exclusive_metrics
+
+    def score(method: str, t: float, counts: bool = False) -> dict:
+        res = exclusive_metrics(m, classify(model, method, share_F, t), gt, alive_F)
+        out = {k: res[f"exclusive_{k}"] for k in ("recall", "precision", "recall_a", "recall_b")}
+        return {**out, "counts": res["counts"]} if counts else out
+
+    at_t = score("functional", cfg.share_threshold, counts=True)
+    alive_share = share_F[alive_F]
+    return {
+        "exclusive_recall_functional": at_t["recall"],
+        "exclusive_precision_functional": at_t["precision"],
+        "counts_functional": at_t["counts"],
+        "share_sweep": {
+            method: {f"{t:g}": score(method, t) for t in SHARE_SWEEP}
+            for method in ("functional", "union_functional")
+        },
+        "functional_share_alive": [None if math.isnan(v) else round(float(v), 4) for v in alive_share],
+    }
 
 
 def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
@@ -292,7 +357,7 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     tcfg = train_config(cfg, data.root, run, method, data.seed)
     scoring = dict(
         match_threshold=cfg.match_threshold, eval_tokens=cfg.eval_tokens, score_version=SCORE_VERSION,
-        verify_tokens=cfg.verify_tokens,
+        verify_tokens=cfg.verify_tokens, share_threshold=cfg.share_threshold,
     )  # fmt: skip
     settings = {**config.settings(tcfg), **scoring}
     rec_path = run / RECORD
@@ -321,193 +386,6 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     }  # fmt: skip
     write_json_atomic(rec_path, record)
     return record
-
-
-# ----------------------------------------------------------------------------- results
-
-SUMMARY_METRICS = (
-    "exclusive_recall", "exclusive_precision", "exclusive_matched_any_class", "exclusive_recall_a", "exclusive_recall_b",
-    "exclusive_precision_a", "exclusive_precision_b", "shared_recall", "shared_recall_imbalanced",
-    "fve_a", "fve_b", "l0", "dead_fraction_heldout", "exclusive_recall_union", "exclusive_precision_union",
-    "exclusive_recall_verified", "exclusive_precision_verified",
-)  # fmt: skip
-FP_CAUSES = ("fp_shared", "fp_shared_imbalanced", "fp_duplicate", "fp_unplanted")
-
-
-def _mean_std(values) -> tuple[float | None, float | None, int]:
-    """Mean and sample std (ddof=1) of the defined values, and how many there were."""
-    v = [float(x) for x in values if x is not None]
-    if not v:
-        return None, None, 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
-
-
-def summarise(records: list[dict]) -> list[dict]:
-    """One row per method: mean, std and n over seeds of each metric, plus summed FP counts."""
-    rows = []
-    for name in dict.fromkeys(r["name"] for r in records):
-        runs = [r for r in records if r["name"] == name]
-        row = {
-            "name": name,
-            "arch": runs[0]["arch"],
-            "exclusive_frac": runs[0]["exclusive_frac"],
-            "seeds": len(runs),
-        }
-        for key in SUMMARY_METRICS:
-            row[key] = dict(zip(("mean", "std", "n"), _mean_std(r.get(key) for r in runs)))
-        counts = {c: 0 for c in ("claimed", "true_pos", "n_twins", "found_twins", *FP_CAUSES)}
-        for r in runs:
-            for side in ("a", "b"):
-                for c in counts:
-                    counts[c] += r["counts"][side][c]
-        row["counts_total"] = counts
-        ver = [(r.get("verification"), r.get("counts_verified")) for r in runs]
-        row["verification_total"] = None
-        if all(v and c for v, c in ver):  # summed over seeds (and both models for the counts)
-            row["verification_total"] = {
-                **{k: sum(v[k] for v, _ in ver) for k in ("rejected_rare", "rejected_predictable", "rejected_other")},
-                **{k: sum(c[side][k] for _, c in ver for side in "ab") for k in ("claimed", "true_pos", *FP_CAUSES)},
-            }  # fmt: skip
-        rows.append(row)
-    return rows
-
-
-def _cell(stat: dict, n_seeds: int) -> str:
-    if stat["mean"] is None:
-        return "–"
-    text = f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-    return text if stat["n"] == n_seeds else f"{text} (n={stat['n']})"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The main table (mean ± std over seeds) and the false-positive breakdown (summed over seeds)."""
-    cols = [("exclusive_recall", "excl. recall"), ("exclusive_precision", "excl. precision"),
-            ("exclusive_recall_verified", "excl. recall (verified)"),
-            ("exclusive_precision_verified", "excl. precision (verified)"),
-            ("exclusive_matched_any_class", "excl. learned (any class)"),
-            ("exclusive_recall_a", "recall A"), ("exclusive_recall_b", "recall B"),
-            ("shared_recall", "shared recall"), ("shared_recall_imbalanced", "shared recall (imbalanced)"),
-            ("fve_a", "FVE A"), ("fve_b", "FVE B"), ("l0", "L0"), ("dead_fraction_heldout", "dead")]  # fmt: skip
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | " + " | ".join(_cell(r[k], r["seeds"]) for k, _ in cols) + " |")
-    lines += ["", "False positives (latents classified exclusive, alive, matching no planted exclusive feature"
-              " of their model), summed over seeds and both models:", "",
-              "| method | classified exclusive | true positives | shared concept | of which imbalanced | "
-              "duplicate | unplanted | twins found / planted |", "|---" * 8 + "|"]  # fmt: skip
-    for r in rows:
-        c = r["counts_total"]
-        lines.append(
-            f"| {r['name']} | {c['claimed']} | {c['true_pos']} | {c['fp_shared']} | {c['fp_shared_imbalanced']} | "
-            f"{c['fp_duplicate']} | {c['fp_unplanted']} | {c['found_twins']} / {c['n_twins']} |"
-        )
-    ver = [r for r in rows if r["verification_total"]]
-    if ver:
-        lines += ["", "Verification (crossdiff.analyze's verdicts on the seed's store: a candidate is rejected when it "
-                  "fires < 10 times held out, or a linear probe from the other model predicts it with held-out "
-                  "R² ≥ 0.5 or AUROC ≥ 0.9), alive candidates summed over seeds and both models:", "",
-                  "| method | classified exclusive → verified | rejected: too rare | rejected: predictable | "
-                  "true positives → verified | FP shared concept → verified | FP imbalanced → verified | "
-                  "FP duplicate → verified | FP unplanted → verified |", "|---" * 9 + "|"]  # fmt: skip
-        for r in ver:
-            c, v = r["counts_total"], r["verification_total"]
-            arrow = " | ".join(f"{c[k]} → {v[k]}" for k in ("true_pos", *FP_CAUSES))
-            lines.append(
-                f"| {r['name']} | {c['claimed']} → {v['claimed']} | {v['rejected_rare']} | "
-                f"{v['rejected_predictable']} | {arrow} |"
-            )
-    dfc = [r for r in rows if r["exclusive_frac"]]
-    if dfc:
-        lines += ["", "DFC classified by partition ∪ relative norm (a shared-partition latent with r ≤ 0.1 or "
-                  "r ≥ 0.9 also counts as exclusive; a diagnostic, not the paper's rule):", "",
-                  "| method | excl. recall (∪ r) | excl. precision (∪ r) |", "|---|---|---|"]  # fmt: skip
-        for r in dfc:
-            rec, prec = (
-                _cell(r[k], r["seeds"]) for k in ("exclusive_recall_union", "exclusive_precision_union")
-            )
-            lines.append(f"| {r['name']} | {rec} | {prec} |")
-    return "\n".join(lines) + "\n"
-
-
-def _arrows_svg(svg: str, pairs: list[tuple[tuple[float, float], tuple[float, float], str]], **frame) -> str:
-    """Add an arrow per ((x0, y0), (x1, y1), color) in data coordinates to a scatter_svg picture."""
-    from .plots import _Frame
-
-    fr = _Frame(frame["width"], frame["height"], frame["x_range"], frame["y_range"])
-    body = []
-    for i, ((x0, y0), (x1, y1), color) in enumerate(pairs):
-        body.append(
-            f'<marker id="arrow{i}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
-            f'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="{color}"/></marker>'
-        )
-        body.append(
-            f'<line x1="{fr.px(x0):.1f}" y1="{fr.py(y0):.1f}" x2="{fr.px(x1):.1f}" y2="{fr.py(y1):.1f}" '
-            f'stroke="{color}" stroke-width="1.5" stroke-dasharray="4 2" marker-end="url(#arrow{i})"/>'
-        )
-    if not body:
-        return svg
-    head, tail = svg.rsplit("</svg>", 1)
-    return (
-        head
-        + "<defs>"
-        + "".join(b for b in body if b.startswith("<marker"))
-        + "</defs>\n"
-        + "\n".join(b for b in body if b.startswith("<line"))
-        + "\n</svg>"
-        + tail
-    )
-
-
-def write_report(out: Path, results: dict) -> None:
-    """results.json, results.md, recall_precision.svg and relative_norms.svg in `out`."""
-    from .plots import PALETTE, Point, histogram_svg, scatter_svg
-
-    rows = summarise(results["runs"])
-    results = {**results, "summary": rows}
-    write_json_atomic(out / "results.json", results)
-    s = results["settings"]
-    head = (f"# Synthetic exclusive-feature benchmark\n\n{s['seeds']} seeds, D = {s['latents']}, "
-            f"k = {s['k']}, {s['tokens']:,} training tokens per run, match threshold τ = {s['match_threshold']}."
-            " Mean ± std over seeds.\n\n")  # fmt: skip
-    write_text_atomic(out / "results.md", head + markdown_table(rows))
-    color = {r["name"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
-    verified = [r for r in rows if r["exclusive_precision_verified"]["mean"] is not None
-                and r["exclusive_recall_verified"]["mean"] is not None]  # fmt: skip
-    points = [
-        Point(r["name"], r["exclusive_precision"]["mean"], r["exclusive_recall"]["mean"],
-              r["exclusive_precision"]["std"] or 0.0, r["exclusive_recall"]["std"] or 0.0, color=color[r["name"]])
-        for r in rows
-    ] + [
-        Point(f"{r['name']} verified", r["exclusive_precision_verified"]["mean"],
-              r["exclusive_recall_verified"]["mean"], r["exclusive_precision_verified"]["std"] or 0.0,
-              r["exclusive_recall_verified"]["std"] or 0.0, color=color[r["name"]])
-        for r in verified
-    ] + [
-        Point(f"{r['name']} ∪ r", r["exclusive_precision_union"]["mean"], r["exclusive_recall_union"]["mean"],
-              r["exclusive_precision_union"]["std"] or 0.0, r["exclusive_recall_union"]["std"] or 0.0,
-              color="#999999")
-        for r in rows if r["exclusive_frac"]
-    ]  # fmt: skip
-    frame = dict(width=600, height=460, x_range=(0.0, 1.05), y_range=(0.0, 1.05))
-    svg = scatter_svg(
-        points, title="Exclusive recall vs precision, before → after verification (mean ± std over seeds)",
-        x_label="exclusive precision", y_label="exclusive recall", **frame)  # fmt: skip
-    arrows = [
-        ((r["exclusive_precision"]["mean"], r["exclusive_recall"]["mean"]),
-         (r["exclusive_precision_verified"]["mean"], r["exclusive_recall_verified"]["mean"]), color[r["name"]])
-        for r in verified if r["exclusive_precision"]["mean"] is not None
-    ]  # fmt: skip
-    write_text_atomic(out / "recall_precision.svg", _arrows_svg(svg, arrows, **frame))
-    rel = [
-        v
-        for r in results["runs"]
-        if r["sparsity"] == DEFAULT_SPARSITY and not r["exclusive_frac"]
-        for v in r["relative_norms_alive"] or []
-    ]
-    write_text_atomic(out / "relative_norms.svg", histogram_svg(
-        rel, bins=40, value_range=(0.0, 1.0), log_y=True, y_label="alive latents",
-        title="Standard BatchTopK crosscoder: relative decoder norm (all seeds)",
-        x_label="r = |d_B| / (|d_A| + |d_B|)  (≤ 0.1: A-only, ≥ 0.9: B-only)"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -552,6 +430,8 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
         torch.set_num_threads(saved_threads)
     gt_summary = SyntheticPairs(cfg.synthetic_config(0)).describe()
     results = {"runs": records, "settings": asdict(cfg), "generator_seed0": gt_summary}
+    from .toyreport import write_report
+
     write_report(out, results)
     elapsed = time.perf_counter() - t_start
     _log(
@@ -560,4 +440,4 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
     return results
 
 
-__all__ = ["ToyBenchConfig", "run_toy_bench", "SeedData", "run_one", "score_run", "summarise"]
+__all__ = ["ToyBenchConfig", "run_toy_bench", "SeedData", "run_one", "score_run"]

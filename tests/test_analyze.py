@@ -57,7 +57,7 @@ def _planted(same_space: bool = False):
         return x_a, x_a.clone()
     x_b = 0.05 * torch.randn(N, D_B, generator=g)
     x_b[:, 0] += 2 * z1
-    x_b[:, 4:8] += dense @ torch.randn(4, 4, generator=g)
+    x_b[:, 4:8] += dense  # on the dims _handmade's shared latents write: both writes help
     return x_a, x_b
 
 
@@ -149,6 +149,10 @@ def test_both_planted_latents_are_candidates_and_only_the_secretly_shared_one_is
     assert math.isnan(float(rows[0]["latent_scaling"]))  # different models: no Latent Scaling
     # The score is the RMS write into A; detection by B does not discount it.
     assert float(rows[0]["score"]) > 0 and float(rows[1]["score"]) > 0
+    share = [float(r["functional_share"]) for r in rows]  # B's share of the reconstruction, held out
+    assert (
+        share[0] <= 0.1 and all(0.1 < v < 0.9 for v in share[2:6]) and all(math.isnan(v) for v in share[6:])
+    )
 
 
 def test_end_to_end_cli_schema_features_and_restart(tmp_path):
@@ -343,3 +347,23 @@ def test_dfc_shared_latent_with_a_one_sided_decoder_is_a_candidate():
     assert rel[2] == pytest.approx(0.05 / 1.05) and rel[3] == pytest.approx(1 / 1.05)
     assert list(side) == ["a", "a", "a", "b", "", "", "b", "b"]
     assert list(exclusive_sides(cc, 0.01)[0]) == ["a", "a", "", "", "", "", "b", "b"]
+
+
+def test_dfc_shared_latent_with_a_one_sided_functional_share_is_a_candidate(tmp_path):
+    """Given the functional share, a DFC's shared latent with share_B <= t (>= 1 - t) is an A (B)
+    candidate; a standard crosscoder keeps the relative-norm rule. The analysis writes the share
+    (measured on held-out rows) as the functional_share column."""
+    from crossdiff.analyze import exclusive_sides
+
+    share = np.array([np.nan, np.nan, 0.5, 0.5, 0.05, 0.95, np.nan, np.nan])
+    assert list(exclusive_sides(_handmade("dfc"), 0.1, share)[0]) == ["a", "a", "", "", "a", "b", "b", "b"]
+    assert list(exclusive_sides(_handmade("crosscoder"), 0.1, share)[0]) == [
+        "a",
+        "a",
+        "",
+        "",
+        "",
+        "",
+        "b",
+        "b",
+    ]

@@ -37,6 +37,11 @@ def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monke
             assert key in r, key
         assert (out / "runs" / f"{r['name']}-seed-0" / "eval.json").is_file()
     assert runs[2]["exclusive_frac"] == 0.05 and runs[0]["exclusive_frac"] is None
+    for r in runs:  # the functional-share classification is scored on every run
+        assert {"exclusive_recall_functional", "exclusive_precision_functional", "share_sweep"} <= set(r)
+        sweep = r["share_sweep"]["functional"]
+        claimed = [x["recall"] for x in sweep.values()]
+        assert claimed == sorted(claimed)  # a looser threshold never loses an exclusive feature
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in ("batchtopk", "l1", "dfc-0.05", "dfc-0.1"))
     for svg in ("recall_precision.svg", "relative_norms.svg"):
@@ -136,3 +141,34 @@ def test_histogram_svg_counts_values_into_bins():
 def test_nice_ticks():
     assert nice_ticks(0.0, 1.05) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(0.0, 30.0, 3) == [0.0, 10.0, 20.0, 30.0]
+
+
+def test_wide_setting_builds_its_sizes(tmp_path, one_thread):
+    from crossdiff.crosscoder import Crosscoder
+    from crossdiff.errors import CrossdiffError
+    from crossdiff.toybench import ToyBenchConfig
+
+    sizes = ("d_a", "d_b", "n_shared", "n_a_only", "n_b_only", "latents", "k")
+    wide = ToyBenchConfig(out=str(tmp_path), setting="wide")
+    assert tuple(getattr(wide, s) for s in sizes) == (256, 256, 1024, 128, 128, 4096, 16)
+    default = ToyBenchConfig(out=str(tmp_path))
+    assert tuple(getattr(default, s) for s in sizes) == (64, 80, 256, 32, 32, 1024, 4)
+    assert ToyBenchConfig(out=str(tmp_path), setting="wide", latents=512).latents == 512  # explicit wins
+    with pytest.raises(CrossdiffError, match="--setting"):
+        ToyBenchConfig(out=str(tmp_path), setting="huge")
+    out = tmp_path / "wide"
+    args = ["--setting", "wide", "--seeds", "1", "--tokens", "2048", "--eval-tokens", "2048", "--standard",
+            "batchtopk", "--dfc-fracs", "0.05", "--verify-tokens", "0"]  # fmt: skip
+    assert cli.main(["bench", "toy", "--out", str(out), *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["batchtopk", "dfc-0.05"]
+    gt = results["generator_seed0"]["ground_truth"]
+    assert (gt["shared"], gt["a_only"], gt["b_only"]) == (1024, 128, 128)
+    for name, n_excl in (("batchtopk", 0), ("dfc-0.05", 205)):
+        cfg = Crosscoder.from_pretrained(out / "runs" / f"{name}-seed-0").cfg
+        assert (cfg.d_a, cfg.d_b, cfg.n_latents, cfg.k) == (256, 256, 4096, 16)
+        assert cfg.n_a_exclusive == cfg.n_b_exclusive == n_excl
+    for r in results["runs"]:
+        assert set(r["share_sweep"]) == {"functional", "union_functional"}
+        assert len(r["functional_share_alive"]) == round((1 - r["dead_fraction_heldout"]) * 4096)
+    assert "Setting wide: d_A = 256" in (out / "results.md").read_text()
