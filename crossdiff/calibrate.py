@@ -81,6 +81,8 @@ class CalibrateConfig:
     """Text source of a new harvest: brown, a .txt file or folder, jsonl:PATH:FIELD, or hf:NAME[:CONFIG][:SPLIT]."""
     budget: Literal["small", "medium", "large"] = "small"
     """Compute budget of every stage (crossdiff/budget.py); small: 100k tokens, 4096 latents."""
+    archs: tuple[str, ...] = ARCHS
+    """Crosscoders to calibrate: dfc (the method crossdiff diff uses) and/or batchtopk (the standard crosscoder)."""
     seed: int = 0
     """Seed of the planted direction, the rotation and the training runs."""
     dec_init_norm: float | None = None
@@ -89,6 +91,16 @@ class CalibrateConfig:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     overwrite: bool = where(False)
     """Replace a calibration in DIR made with other settings (words, seed, budget or base store)."""
+
+    def __post_init__(self):
+        if (
+            not self.archs
+            or any(a not in ARCHS for a in self.archs)
+            or len(set(self.archs)) != len(self.archs)
+        ):
+            raise CrossdiffError(
+                f"--archs takes one or both of {' '.join(ARCHS)}, got {' '.join(self.archs)}"
+            )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -201,7 +213,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
         )
     for control in CONTROLS:
         path = folder / "stores" / control
-        for arch in ARCHS:
+        for arch in cfg.archs:
             run = folder / f"{control}-{arch}"
             tcfg = train_config(
                 b, path, run, arch=arch, seed=cfg.seed, device=cfg.device, dec_init_norm=cfg.dec_init_norm
@@ -381,7 +393,7 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
         for c in ("planted", "random")
     }
     by_arch = {}
-    for arch in ARCHS:
+    for arch in cfg.archs:
         runs = {c: folder / f"{c}-{arch}" for c in CONTROLS}
         by_arch[arch] = {
             "positive": positive_result(runs["planted"], *plants["planted"]),
@@ -390,9 +402,9 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
             "verdicts": {c: _verdicts(r) for c, r in runs.items()},
         }
     result = {
-        "positive": by_arch["dfc"]["positive"],
-        "positive_random": by_arch["dfc"]["positive_random"],
-        "negative": by_arch["dfc"]["negative"],
+        "positive": by_arch[cfg.archs[0]]["positive"],
+        "positive_random": by_arch[cfg.archs[0]]["positive_random"],
+        "negative": by_arch[cfg.archs[0]]["negative"],
         "by_arch": by_arch,
         "words": list(words),
         "n_planted_rows": planted["rows"],

@@ -145,7 +145,7 @@ def test_both_planted_latents_are_candidates_and_only_the_secretly_shared_one_is
     assert summary["candidates"] == {"a": 2, "b": 0}
     assert summary["counts"] == {"candidate_a": 2, "candidate_b": 0, "shared": 4, "dead": 2}
     # shared references are probed too, and are predictable from the other side
-    assert summary["shared_reference"]["n"] == 4 and summary["shared_reference"]["median_r2"] > 0.5
+    assert summary["shared_reference"]["n"] == 4 and summary["shared_reference"]["median_auroc"] > 0.9
     assert math.isnan(float(rows[0]["latent_scaling"]))  # different models: no Latent Scaling
     # The score is the RMS write into A; detection by B does not discount it.
     assert float(rows[0]["score"]) > 0 and float(rows[1]["score"]) > 0

@@ -175,4 +175,4 @@ def test_auroc_and_r2_target_the_strong_firings():
     assert int(n_s[0]) == int(signal.sum()) and auc_s[0] > 0.99 and auc_all[0] < 0.8
     y_s, pred_s = y[signal].double(), x[signal, 0].double()
     ref = 1 - ((y_s - pred_s) ** 2).sum() / ((y_s - y_s.mean()) ** 2).sum()
-    assert r2_s[0] == pytest.approx(float(ref), rel=1e-6)
+    assert r2_s[0] == pytest.approx(float(ref), rel=1e-4)  # float32 batch sums

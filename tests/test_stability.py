@@ -28,7 +28,8 @@ def _permuted(cc: Crosscoder, perm_a: np.ndarray) -> Crosscoder:
 
 def _cands(latents, side="a", verified=True):
     return [
-        {"latent": str(j), "side": side, "verified": verified, "verdict": f"candidate_{side}", "score": str(1.0 / (1 + j))}
+        {"latent": str(j), "side": side, "verdict": f"candidate_{side}", "score": str(1.0 / (1 + j)),
+         "behaviour_verdict": "difference" if verified else "inert"}
         for j in latents
     ]  # fmt: skip
 
