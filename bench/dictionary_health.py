@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold-beta", type=float, default=0.999)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.7, help="decoder cosine for a reappearance")
+    p.add_argument(
+        "--train-only", type=int, default=None, metavar="SEED",
+        help="train this one seed and exit (to run seeds in parallel processes; then rerun without it)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -76,24 +80,31 @@ def fired_anywhere(cc: Crosscoder, store: Store, batch_size: int = 1024) -> np.n
     return fired_F.numpy()
 
 
+def train_seed(args, seed: int) -> dict:
+    """Train (or reuse) one seed; its time is kept in RUN/timing.json (written when it trains)."""
+    cfg = train_config(args, seed)
+    timing = Path(cfg.out) / "timing.json"
+    fresh = not (Path(cfg.out) / "eval.json").is_file()
+    t0, c0 = time.perf_counter(), time.process_time()
+    ev = train(cfg)
+    if fresh:  # CPU seconds (all threads) stand in for the quiet-machine time on a shared machine
+        seconds = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0}
+        timing.write_text(json.dumps(seconds))
+    return {**ev, **(json.loads(timing.read_text()) if timing.is_file() else {})}
+
+
 def measure(args) -> dict:
     store = Store.open(args.store)
     seeds, ccs, alive = [], {}, {}
     for s in range(args.seeds):
-        cfg = train_config(args, s)
-        fresh = not (Path(cfg.out) / "eval.json").is_file()
-        t0, c0 = time.perf_counter(), time.process_time()
-        ev = train(cfg)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        cc = Crosscoder.from_pretrained(cfg.out, device="cpu")
+        ev = train_seed(args, s)
+        cc = Crosscoder.from_pretrained(train_config(args, s).out, device="cpu")
         ccs[s], alive[s] = cc, fired_anywhere(cc, store)
         seeds.append(
             {
                 "seed": s,
-                # None when the seed was already trained; CPU seconds (all threads) are a proxy for
-                # the quiet-machine time when the machine is shared.
-                "train_seconds": round(wall, 1) if fresh else None,
-                "train_cpu_seconds": round(cpu, 1) if fresh else None,
+                "train_seconds": ev.get("train_seconds"),
+                "train_cpu_seconds": ev.get("train_cpu_seconds"),
                 "fve_a": ev["fve_a"],
                 "fve_b": ev["fve_b"],
                 "l0": ev["l0"],
@@ -123,11 +134,14 @@ def measure(args) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.train_only is not None:
+        train_seed(args, args.train_only)
+        return
     result = measure(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "health.json").write_text(json.dumps(result, indent=2))
     m, r = result["mean"], result["shared_reappearance"] or {}
-    times = [(s["train_seconds"], s["train_cpu_seconds"]) for s in result["seeds"]]
+    times = [(round(s["train_seconds"] or 0), round(s["train_cpu_seconds"] or 0)) for s in result["seeds"]]
     print(
         f"D={args.latents} k={args.k} tokens={args.tokens:,} ({result['tokens_per_latent']:.0f}/latent, "
         f"{result['epochs']:.1f} epochs) lr={args.lr:g} decay={args.decay_frac} dead_tokens={args.dead_tokens:,}\n"
