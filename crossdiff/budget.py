@@ -7,12 +7,19 @@ stage times); `medium` and `large` are for a GPU (or patience).
 Choices for `small`, measured on the default pair (Brown, SmolLM2-135M vs Gemma-3-270M):
 - 100k aligned pairs with 10% of chunks held out: verification needs >= 10 held-out firings, so a
   5% held-out share leaves most candidates "too rare to verify" at this size.
-- D = 4096 latents, k = 32, 400k training tokens (4 epochs; at this size the store is the limit, not
-  the steps). AuxK needs `dead_tokens` well below the training length, or it never switches on and
-  the DFC's exclusive slots all die (measured on the 200k Brown store, D=4096, 200k tokens: 100% of
-  both exclusive partitions dead with the 10M-token default; 400k tokens with dead_tokens=100k and
-  lr 1e-3: A-exclusive 4% dead (B-exclusive 100%), held-out FVE 0.764/0.758, vs 0.709/0.700 at the default lr 4e-4 with
-  dead_tokens=50k).
+- D = 1024 latents, k = 32, 600k training tokens (~590 per latent, ~7 passes over the store), lr
+  1e-3 with linear decay over the last 20%, AuxK dead after 100k tokens. The previous D = 4096 with
+  400k tokens (~100 per latent) left 49% of the latents dead; D = 1024 leaves ~13% dead at a lower
+  cost per token (`bench/dictionary_health.py`, docs/diff.md "Choosing the small budget"). Neither
+  makes a stable dictionary: an alive shared latent comes back in another seed in only 7-16% of
+  seeds, so small-budget findings are leads to re-check at `medium`.
+- AuxK needs `dead_tokens` well below the training length, or it never switches on and the DFC's
+  exclusive slots all die (measured on a 200k Brown store, D=4096, 200k tokens: 100% of both
+  exclusive partitions dead with the 10M-token default).
+
+`medium` and `large` give ~1,000 or more training tokens per latent (several passes over their
+stores: stability rose with training length in the small grid); their AuxK windows stay at most a
+quarter of the run.
 """
 
 from __future__ import annotations
@@ -44,12 +51,19 @@ class Budget:
     """Stop starting new steering jobs after this long."""
     splice_tokens: int = 4096
     """Held-out tokens for the analysis's splice-in evaluation (runs both models)."""
+    decay_frac: float = 0.2
+    """Linear learning-rate decay to 0 over this final share of the training steps."""
     verify_top: int | None = 8
     """Candidates per model whose behaviour is verified by exact ablations (best first-order estimate first)."""
     verify_seconds: float | None = None
     """Stop starting exact ablations after this long (the rest are `not verified`)."""
     verify_heldout_tokens: int = 2048
     """Held-out aligned tokens of the first-order ranking and the whole-diff share."""
+
+    @property
+    def tokens_per_latent(self) -> float:
+        """Training tokens per latent of the dictionary (how far from convergence it can be)."""
+        return self.train_tokens / self.latents
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,9 +72,41 @@ class Budget:
 BUDGETS = {
     b.name: b
     for b in (
-        Budget("small", 100_000, 0.10, 4096, 32, 400_000, 1024, 100_000, 1e-3, 3, 3, 150.0),
-        Budget("medium", 1_000_000, 0.05, 16384, 32, 4_000_000, 4096, 1_000_000, None, 3, 5, 900.0),
-        Budget("large", 10_000_000, 0.05, 32768, 32, 50_000_000, 4096, 10_000_000, None, 5, 10, None),
+        # small: verification takes the time steering had (both against random directions; the
+        # verdict now comes from ablation, steering is evidence), docs/diff.md
+        Budget(
+            "small", 100_000, 0.10, 1024, 32, 600_000, 1024, 100_000, 1e-3, 3, 2, 60.0, verify_seconds=150.0
+        ),
+        Budget(
+            "medium",
+            1_000_000,
+            0.05,
+            16384,
+            32,
+            16_000_000,
+            4096,
+            1_000_000,
+            None,
+            3,
+            5,
+            900.0,
+            verify_top=32,
+        ),
+        Budget(
+            "large",
+            10_000_000,
+            0.05,
+            32768,
+            32,
+            50_000_000,
+            4096,
+            10_000_000,
+            None,
+            5,
+            10,
+            None,
+            verify_top=None,
+        ),
     )
 }
 
@@ -106,6 +152,7 @@ def train_config(
         batch_size=b.batch_size,
         dead_tokens=b.dead_tokens,
         lr=b.lr,
+        decay_frac=b.decay_frac,
         seed=seed,
         device=device,
         checkpoint_every=max(1, b.train_tokens // b.batch_size // 4),

@@ -120,13 +120,26 @@ def seed_stability(
         "seeds": sorted(others),
         "n_runs": len(others) + 1,
         "features": features,
-        "baseline_shared": _shared_baseline(reference, others, threshold, shared_sample, alive, seed),
+        "baseline_shared": shared_reappearance(
+            reference, others, threshold=threshold, n=shared_sample, alive=alive, seed=seed
+        ),
         "summary": _summary(features, len(others)),
     }
 
 
-def _shared_baseline(reference, others, threshold, n, alive, seed) -> dict:
-    """Share of (a random sample of alive) shared latents whose A decoder reappears at `threshold`."""
+def shared_reappearance(
+    reference,
+    others: dict[int, object],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    n: int = 512,
+    alive: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict:
+    """How often an ordinary latent comes back: the mean share of other seeds in which a shared latent
+    of `reference` (a random sample of `n`, alive ones only when `alive` is given) has a decoder
+    cosine >= `threshold` in the same model, per model; the partition of the match is not checked.
+    """
     shared = np.array(list(reference.partition.shared), dtype=np.int64)
     if alive is not None:
         shared = shared[alive[shared]]

@@ -8,7 +8,7 @@ import torch
 
 from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.errors import CrossdiffError
-from crossdiff.stability import best_matches, format_table, seed_stability
+from crossdiff.stability import best_matches, format_table, seed_stability, shared_reappearance
 
 
 def _dfc(seed: int, n=64, ex=8) -> Crosscoder:
@@ -77,6 +77,25 @@ def test_b_side_uses_the_b_decoder():
     np.testing.assert_allclose(cos, 1.0, atol=1e-6)
     with pytest.raises(CrossdiffError, match="no decoder row"):
         best_matches(ref, ref, np.array([0]), "b")  # A-exclusive latent 0 has no row in B
+
+
+def test_shared_reappearance_counts_alive_shared_latents_that_come_back():
+    """The baseline: the share of other seeds where a shared latent's decoder has cosine >= 0.7."""
+    ref = _dfc(0)
+    copy = _permuted(ref, np.arange(8))
+    with torch.no_grad():  # in the copy, half the shared latents (8..55) point elsewhere in A only
+        copy.W_dec_a[8:32] = _dfc(9).W_dec_a[8:32]
+    both = shared_reappearance(ref, {1: copy, 2: ref}, n=1000)
+    assert both["n"] == 48
+    assert both["mean_reappear_a"] == pytest.approx((24 * 2 + 24 * 1) / (48 * 2))
+    assert both["mean_reappear_b"] == 1.0  # B decoders untouched
+    alive = np.zeros(64, dtype=bool)
+    alive[[0, 9, 40, 41, 63]] = True  # only shared latents count: 9 (changed), 40 and 41 (kept)
+    only = shared_reappearance(ref, {1: copy}, alive=alive)
+    assert only["n"] == 3 and only["mean_reappear_a"] == pytest.approx(2 / 3)
+    # unrelated dictionary: in 24 dimensions, the best of 56 random cosines rarely reaches 0.7
+    assert shared_reappearance(ref, {1: _dfc(7)})["mean_reappear_a"] < 0.1
+    assert shared_reappearance(ref, {1: copy}, alive=np.zeros(64, dtype=bool)) == {"n": 0}
 
 
 def test_needs_another_seed():
