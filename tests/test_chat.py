@@ -1,0 +1,156 @@
+"""Conversations on the real default pair (SmolLM2's own chat template, Gemma's plain rendering):
+template tokens never align, content characters align as in plain text, long conversations are
+chunked to fit, and a conversation harvest records masked tokens by reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from crossdiff.align import align, tokenize
+from crossdiff.chat import (
+    PLAIN_TEMPLATE,
+    chat_template,
+    chunk_messages,
+    content_text,
+    encode,
+    render,
+    split_conversation,
+)
+from crossdiff.corpus import open_corpus
+from crossdiff.errors import CrossdiffError
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "  user  "},  # content equal to a role name, with spaces to strip
+    {
+        "role": "assistant",
+        "content": "Assistant: sure. In 1989, 42.5% of the café's\n\n- items\n```py\nx = 1\n```",
+    },
+    {"role": "user", "content": "日本 and naïve “quotes” — thanks!"},
+]
+
+
+def _raw(tok, text, spans):
+    """The rendering, its tokens with rendering offsets, and each message's content range in it,
+    located independently of chat.py: contents are found in order, each after the previous one."""
+    roles, contents = [m.role for m in spans], [text[m.start : m.end] for m in spans]
+    rendering = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in zip(roles, contents)],
+        chat_template=chat_template(tok)[0],
+        tokenize=False,
+    )
+    ranges, pos = [], 0
+    for c in contents:
+        # Both renderings put a newline right before content; a role name is never preceded by one.
+        pos = rendering.index("\n" + c, pos) + 1
+        ranges.append((pos, pos + len(c)))
+        pos += len(c)
+    enc = tokenize(tok, rendering, add_special_tokens=chat_template(tok)[0] == PLAIN_TEMPLATE)
+    return rendering, enc, ranges
+
+
+def test_default_pair_renderings(tokenizers_ab):
+    """SmolLM2 has a chat template; the Gemma-3-270M base GGUF has none and gets the plain rendering."""
+    tok_a, tok_b = tokenizers_ab
+    assert chat_template(tok_a)[1] and not chat_template(tok_b)[1]
+    r = render(tok_b, ["user", "assistant"], ["Hi", "Hello!"], add_generation_prompt=False)
+    assert r.text == "User:\nHi\n\nAssistant:\nHello!" and r.starts == (6, 21)
+
+
+def test_template_tokens_are_never_aligned(tokenizers_ab):
+    text, spans = content_text(CONVERSATION)
+    encs = [encode(tok, text, spans) for tok in tokenizers_ab]
+    al = align(encs[0].offsets, encs[1].offsets, encs[0].special_mask, encs[1].special_mask)
+    assert len(al) > 30
+    for tok, enc, idx in zip(tokenizers_ab, encs, (al.idx_a, al.idx_b)):
+        rendering, raw, ranges = _raw(tok, text, spans)
+        assert np.array_equal(raw.input_ids, enc.input_ids)
+        inside = np.zeros(len(raw.input_ids), bool)
+        for lo, hi in ranges:
+            inside |= (
+                (raw.offsets[:, 0] >= lo)
+                & (raw.offsets[:, 1] <= hi)
+                & (raw.offsets[:, 1] > raw.offsets[:, 0])
+            )
+        inside &= ~raw.special_mask
+        assert inside[idx].all(), "an aligned token lies outside message content"
+        assert not (enc.template_mask | enc.boundary_mask)[idx].any()
+        # Every token outside content is masked, by exactly one reason.
+        n_masked = int(enc.special_mask.sum())
+        n_special = int((raw.special_mask | (raw.offsets[:, 1] == raw.offsets[:, 0])).sum())
+        assert n_masked == (~inside).sum() == n_special + enc.template_mask.sum() + enc.boundary_mask.sum()
+        assert enc.template_mask.sum() > 0 and enc.boundary_mask.sum() == 0
+
+
+def test_content_characters_align_in_both_renderings(tokenizers_ab):
+    """Each content token maps onto the same characters of the content text, and the aligned ends are
+    those of the messages' contents aligned as plain text, one message at a time."""
+    text, spans = content_text(CONVERSATION)
+    encs = [encode(tok, text, spans) for tok in tokenizers_ab]
+    for tok, enc in zip(tokenizers_ab, encs):
+        rendering, raw, _ = _raw(tok, text, spans)
+        content = ~enc.special_mask
+        for (s, e), (rs, re_) in zip(enc.offsets[content], raw.offsets[content]):
+            assert text[s:e] == rendering[rs:re_]
+    al = align(encs[0].offsets, encs[1].offsets, encs[0].special_mask, encs[1].special_mask)
+    expected = []
+    for m in spans:
+        piece = text[m.start : m.end]
+        ta, tb = (tokenize(tok, piece) for tok in tokenizers_ab)
+        expected += (
+            align(ta.offsets, tb.offsets, ta.special_mask, tb.special_mask).end_char + m.start
+        ).tolist()
+    assert al.end_char.tolist() == expected
+
+
+def test_long_conversation_is_chunked_to_fit_both_contexts(tokenizers_ab):
+    rng = np.random.default_rng(0)
+    words = "the model said that a court in Atlanta voted for 1961 reforms, and café owners agreed.".split()
+    msgs = [
+        {
+            "role": ("user", "assistant")[i % 2],
+            "content": " ".join(rng.choice(words, size=rng.integers(5, 60))),
+        }
+        for i in range(14)
+    ]
+    text, spans = content_text(msgs)
+    ctx = 96
+    chunks = split_conversation(text, spans, *tokenizers_ab, ctx, ctx)
+    assert len(chunks) >= 3
+    covered = np.zeros(len(text), bool)
+    for s, e in chunks:
+        covered[s:e] = True
+        sub = chunk_messages(spans, s, e)
+        assert sub and all(text[s:e][m.start : m.end] for m in sub)
+        for tok in tokenizers_ab:
+            assert len(encode(tok, text[s:e], sub).input_ids) <= ctx
+    assert all(text[i].isspace() for i in np.flatnonzero(~covered))  # only whitespace is left out
+    # A message cut across chunks keeps its role and turn in each.
+    turns = [m.turn for s, e in chunks for m in chunk_messages(spans, s, e)]
+    assert sorted(set(turns)) == list(range(14))
+
+
+def test_chat_corpus_specs_and_errors(tmp_path):
+    good = tmp_path / "c.jsonl"
+    good.write_text(json.dumps({"messages": CONVERSATION}) + "\n\n" + json.dumps({"prompt": "Hi?"}) + "\n")
+    docs = list(open_corpus(f"chat:{good},{good}"))
+    assert len(docs) == 4 and docs[1].messages[0].role == "user" and docs[1].text == "Hi?"
+    assert docs[0].text.split("\n\n")[1] == "user"
+    assert len(list(open_corpus("chat-default"))) >= 200
+    bad = tmp_path / "bad.jsonl"
+    for line, message in [
+        ('{"messages": []}', "no non-empty messages list"),
+        ('{"messages": [{"role": "user"}]}', None),
+        ('{"messages": [{"content": "x"}]}', "message 0 is not"),
+        ("not json", "not valid JSON"),
+    ]:
+        bad.write_text(line + "\n")
+        if message is None:  # a missing content is an empty message: the conversation is empty
+            with pytest.raises(CrossdiffError, match="no non-empty documents"):
+                open_corpus(f"chat:{bad}")
+            continue
+        with pytest.raises(CrossdiffError, match=message):
+            open_corpus(f"chat:{bad}")
