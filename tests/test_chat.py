@@ -154,3 +154,48 @@ def test_chat_corpus_specs_and_errors(tmp_path):
             continue
         with pytest.raises(CrossdiffError, match=message):
             open_corpus(f"chat:{bad}")
+
+
+def test_conversation_harvest_masks_templates_and_splits_long_conversations(tmp_path, one_thread):
+    """A real harvest of three conversations, one longer than the context: rows only at content
+    characters, in the model's own rendering; masked template tokens counted by reason."""
+    from crossdiff.chat import Message, encode_chunk
+    from crossdiff.harvest import HarvestConfig, harvest
+
+    words = "the court said voters in Atlanta and the café owners agreed on 1961 reforms.".split()
+    rng = np.random.default_rng(1)
+    long = [
+        {"role": ("user", "assistant")[i % 2], "content": " ".join(rng.choice(words, size=40))}
+        for i in range(6)
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        "".join(json.dumps({"messages": m}) + "\n" for m in (CONVERSATION, long, CONVERSATION[1:3]))
+    )
+    try:
+        store = harvest(
+            HarvestConfig(
+                out=str(tmp_path / "s"), corpus=f"chat:{path}", context_len=96, batch_size=4, device="cpu"
+            )
+        )
+    except CrossdiffError as e:
+        pytest.skip(f"default models not installed ({e})")
+    masked = store.meta["masked"]
+    assert masked["template_a"] > 0 and masked["template_b"] > 0
+    assert masked["boundary_a"] == masked["boundary_b"] == 0
+    assert masked["special_a"] > 0 and masked["special_b"] > 0  # <|im_start|> ... ; Gemma's BOS
+    texts = store.texts(0)
+    assert max(t["index_in_doc"] for t in texts.values() if t["doc"] == 1) >= 2  # the long one, split
+    rows = store.rows(np.arange(store.n_tokens))
+    tokenizers = {k: store.root / "tokenizers" / k for k in "ab"}
+    from transformers import AutoTokenizer
+
+    toks = {k: AutoTokenizer.from_pretrained(p) for k, p in tokenizers.items()}
+    for chunk_id, t in texts.items():
+        sel = rows["chunk"] == chunk_id
+        spans = [Message(*m) for m in t["messages"]]
+        for s, e in zip(rows["char_start"][sel], rows["char_end"][sel]):
+            assert any(m.start <= s and e <= m.end for m in spans)  # never a separator or template
+        for k in "ab":
+            ids = encode_chunk(toks[k], t["text"], t["messages"]).input_ids
+            assert np.array_equal(ids[rows[f"pos_{k}"][sel]], rows[f"tok_{k}"][sel])
