@@ -199,3 +199,21 @@ def test_conversation_harvest_masks_templates_and_splits_long_conversations(tmp_
         for k in "ab":
             ids = encode_chunk(toks[k], t["text"], t["messages"]).input_ids
             assert np.array_equal(ids[rows[f"pos_{k}"][sel]], rows[f"tok_{k}"][sel])
+
+
+def test_hf_dataset_with_a_messages_field_is_read_as_conversations(tmp_path):
+    pytest.importorskip("datasets")
+    data = tmp_path / "ds" / "data"
+    data.mkdir(parents=True)
+    rows = [
+        {"messages": CONVERSATION[1:3]},
+        {"messages": [{"role": "user", "content": " "}]},
+        {"messages": CONVERSATION},
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = list(open_corpus(f"hf:{tmp_path / 'ds'}:::messages"))
+    assert [d.id for d in docs] == [0, 1]  # the empty conversation is skipped, as an empty document
+    assert (
+        docs[0].text == content_text(CONVERSATION[1:3])[0]
+        and docs[1].messages == content_text(CONVERSATION)[1]
+    )
