@@ -217,3 +217,24 @@ def test_hf_dataset_with_a_messages_field_is_read_as_conversations(tmp_path):
         docs[0].text == content_text(CONVERSATION[1:3])[0]
         and docs[1].messages == content_text(CONVERSATION)[1]
     )
+
+
+def test_example_in_a_conversation_shows_its_role_and_turn(tokenizers_ab):
+    """evidence renders a conversation row as a turn: its role and turn, text from its message only,
+    and each model's tokens in its own rendering (template tokens included)."""
+    from crossdiff.evidence import _render_row
+
+    text, spans = content_text(CONVERSATION)
+    chunk = {"chunk": 0, "doc": 0, "source": "c.jsonl:1", "text": text, "messages": [list(m) for m in spans]}
+    m = spans[2]  # the assistant's message
+    s = m.start + len("Assistant: sure")
+    encs = [encode(tok, text, spans) for tok in tokenizers_ab]
+    pos = [int(np.flatnonzero(e.offsets[:, 1] == s + 1)[0]) for e in encs]  # the token ending at "."
+    row = {"chunk": 0, "doc": 0, "pos_a": pos[0], "pos_b": pos[1], "char_start": s, "char_end": s + 1}
+    out = _render_row(row, {0: chunk}, dict(zip("ab", tokenizers_ab)), {}, context_chars=200, window=12)
+    assert (out["role"], out["turn"]) == ("assistant", 2)
+    assert out["text_before"] == "Assistant: sure" and out["text_token"] == "."
+    assert out["text_after"] == text[s + 1 : m.end]
+    window_a = "".join(t["text"] for t in out["tokens_a"])
+    assert "<|im_start|>assistant\nAssistant: sure." in window_a
+    assert "".join(t["text"] for t in out["tokens_b"] if t["highlight"]) == "."
