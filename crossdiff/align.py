@@ -27,12 +27,8 @@ class Tokens(NamedTuple):
     offsets: np.ndarray
     """(N, 2) int64 character [start, end) of each token in the text; (0, 0) for added tokens."""
     special_mask: np.ndarray
-    """(N,) bool: tokens never aligned: special tokens (BOS, <|im_start|>) and, in a conversation, every
-    token outside message content (chat.py)."""
-    template_mask: np.ndarray | None = None
-    """(N,) bool, conversations only: chat-template text (role names, separators, a system prompt)."""
-    boundary_mask: np.ndarray | None = None
-    """(N,) bool, conversations only: tokens spanning template text and message content."""
+    """(N,) bool: special tokens (BOS, template tokens), which are never aligned (chat.ChatTokens
+    adds why, for a conversation)."""
 
 
 _IS_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

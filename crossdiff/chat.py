@@ -57,6 +57,21 @@ its answer there)."""
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: never in a template
 
 
+class ChatTokens(NamedTuple):
+    """align.Tokens of a conversation chunk, with why each masked token is masked."""
+
+    input_ids: np.ndarray
+    """(N,) int64 token ids of the model's rendering."""
+    offsets: np.ndarray
+    """(N, 2) int64 character [start, end) in the content text; (0, 0) outside message content."""
+    special_mask: np.ndarray
+    """(N,) bool: never aligned: special tokens and every token outside message content."""
+    template_mask: np.ndarray
+    """(N,) bool: chat-template text (role names, separators, a default system prompt)."""
+    boundary_mask: np.ndarray
+    """(N,) bool: tokens spanning template text and message content."""
+
+
 class Message(NamedTuple):
     role: str
     turn: int
@@ -147,7 +162,7 @@ def conversation_messages(text: str, spans: tuple[Message, ...]) -> tuple[list[s
     return roles, contents
 
 
-def encode(tok, text: str, spans: tuple[Message, ...]) -> Tokens:
+def encode(tok, text: str, spans: tuple[Message, ...]) -> ChatTokens:
     """A conversation chunk as the model reads it, its offsets in content coordinates (module docstring)."""
     roles, contents = conversation_messages(text, spans)
     r = render(tok, roles, contents)
@@ -159,7 +174,7 @@ def encode(tok, text: str, spans: tuple[Message, ...]) -> Tokens:
     return map_tokens(enc, ren_start_K, ren_end_K, content_start_K)
 
 
-def map_tokens(enc: Tokens, ren_start_K, ren_end_K, content_start_K) -> Tokens:
+def map_tokens(enc: Tokens, ren_start_K, ren_end_K, content_start_K) -> ChatTokens:
     """Rendering offsets -> content offsets; tokens outside every message's content are masked (K >= 1)."""
     s_N, e_N = enc.offsets[:, 0], enc.offsets[:, 1]
     text_N = (e_N > s_N) & ~enc.special_mask
@@ -172,7 +187,7 @@ def map_tokens(enc: Tokens, ren_start_K, ren_end_K, content_start_K) -> Tokens:
     template_N = text_N & ~inside_N & ~boundary_N
     shift_N = content_start_K[k_N] - ren_start_K[k_N]
     new_N2 = np.where(inside_N[:, None], enc.offsets + shift_N[:, None], 0)
-    return Tokens(enc.input_ids, new_N2, enc.special_mask | ~inside_N, template_N, boundary_N)
+    return ChatTokens(enc.input_ids, new_N2, enc.special_mask | ~inside_N, template_N, boundary_N)
 
 
 class ChatSide(TextSide):
@@ -205,7 +220,7 @@ def split_conversation(text: str, spans, tok_a, tok_b, max_len_a: int, max_len_b
     )
 
 
-def encode_chunk(tok, text: str, messages) -> Tokens:
+def encode_chunk(tok, text: str, messages) -> Tokens | ChatTokens:
     """A chunk as the harvest fed it to the model: plain text, or a conversation chunk."""
     if messages is None:
         return tokenize(tok, text)

@@ -401,8 +401,8 @@ def _process_batch(items: list[Item], lms, layers, cfg: HarvestConfig):
 def _mask_reasons(enc, key: str) -> Counter:
     """Never-aligned tokens of one side by reason: special tokens, chat-template text, and tokens
     spanning template and content (conversations only, chat.py)."""
-    template = enc.template_mask if enc.template_mask is not None else np.zeros(len(enc.input_ids), bool)
-    boundary = enc.boundary_mask if enc.boundary_mask is not None else np.zeros(len(enc.input_ids), bool)
+    none = np.zeros(len(enc.input_ids), bool)
+    template, boundary = getattr(enc, "template_mask", none), getattr(enc, "boundary_mask", none)
     return Counter(
         {
             f"special_{key}": int(np.sum(enc.special_mask & ~template & ~boundary)),
