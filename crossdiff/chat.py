@@ -50,9 +50,9 @@ PLAIN_TEMPLATE = (
 """The rendering of a model without a chat template. A newline (not a space) after the role name, so
 that the first content token never merges with template text in either default tokenizer."""
 
-PLAIN_STOP = "\nUser:"
-"""Where a model on the plain rendering has started writing the next user turn (crossdiff generate cuts
-its answer there)."""
+PLAIN_STOPS = ("\nUser:", "\nAssistant:", "\nSystem:")
+"""Where a model on the plain rendering has started writing another turn itself (crossdiff generate cuts
+its answer at the first)."""
 
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: never in a template
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import PLAIN_STOP, render
+from .chat import PLAIN_STOPS, render
 from .corpus import default_prompts_path, parse_messages
 from .errors import CrossdiffError
 from .models import DEFAULT_MODEL_A
@@ -69,6 +69,7 @@ class GenerateConfig:
             "temperature": self.temperature,
             "top_p": self.top_p if self.temperature > 0 else 1.0,
             "seed": self.seed if self.temperature > 0 else None,
+            "plain_stops": list(PLAIN_STOPS),  # where answers on the plain rendering are cut
         }
 
 
@@ -170,6 +171,13 @@ def generate(cfg: GenerateConfig) -> Path:
     return out
 
 
+def cut_at_turn(text: str) -> tuple[str, bool]:
+    """(answer, whether it was cut): a model on the plain rendering writing another turn itself is cut
+    at the first chat.PLAIN_STOPS marker."""
+    cut = min((text.find(s) for s in PLAIN_STOPS if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 @torch.no_grad()
 def answer_batch(
     lm, conversations: list[list[dict]], cfg: GenerateConfig, seed: int
@@ -201,7 +209,8 @@ def answer_batch(
     for row in new_BT.tolist():
         ended = tok.eos_token_id in row or (pad in row and pad != tok.eos_token_id)
         text = tok.decode(row, skip_special_tokens=True)
-        if not own and PLAIN_STOP in text:  # a base model writing the next user turn itself
-            text, ended = text[: text.index(PLAIN_STOP)], True
+        if not own:
+            text, cut = cut_at_turn(text)
+            ended = ended or cut
         results.append((text.strip(), "stop" if ended else "length"))
     return results

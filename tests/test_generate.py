@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from crossdiff.errors import CrossdiffError
-from crossdiff.generate import GenerateConfig, answer_batch, load_answered, read_prompts
+from crossdiff.generate import GenerateConfig, answer_batch, cut_at_turn, load_answered, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 30
@@ -100,3 +100,9 @@ def test_bad_prompt_files(tmp_path):
     with pytest.raises(CrossdiffError, match="does not exist"):
         read_prompts(str(tmp_path / "missing.jsonl"))
     assert 200 <= len(read_prompts("default")) <= 300
+
+
+def test_plain_rendering_answers_are_cut_at_the_next_turn():
+    assert cut_at_turn("Paris.\n\nUser:\nAnd Spain?") == ("Paris.\n", True)
+    assert cut_at_turn("Paris.\nAssistant:\nParis.\nUser: x") == ("Paris.", True)
+    assert cut_at_turn("A user: said Assistant: hi") == ("A user: said Assistant: hi", False)
