@@ -238,3 +238,21 @@ def test_example_in_a_conversation_shows_its_role_and_turn(tokenizers_ab):
     window_a = "".join(t["text"] for t in out["tokens_a"])
     assert "<|im_start|>assistant\nAssistant: sure." in window_a
     assert "".join(t["text"] for t in out["tokens_b"] if t["highlight"]) == "."
+
+
+def test_report_shows_a_conversation_example_as_a_turn():
+    from crossdiff.report import example_html
+
+    ex = {
+        "value": 1.5,
+        "role": "assistant",
+        "turn": 2,
+        "text_before": "Sure",
+        "text_token": ".",
+        "text_after": "",
+    }
+    html = example_html(ex, None)
+    assert (
+        "<b>assistant</b> turn 2" in html and '<span class="who">Assistant:</span> Sure<mark>.</mark>' in html
+    )
+    assert "turn" not in example_html({"value": 1.5, "text_before": "Sure", "text_token": "."}, None)
