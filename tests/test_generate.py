@@ -106,3 +106,18 @@ def test_plain_rendering_answers_are_cut_at_the_next_turn():
     assert cut_at_turn("Paris.\n\nUser:\nAnd Spain?") == ("Paris.\n", True)
     assert cut_at_turn("Paris.\nAssistant:\nParis.\nUser: x") == ("Paris.", True)
     assert cut_at_turn("A user: said Assistant: hi") == ("A user: said Assistant: hi", False)
+
+
+def test_diff_on_prompts_generates_both_models_answers_before_the_harvest(tmp_path):
+    from crossdiff.pipeline import DiffConfig, stages
+
+    cfg = DiffConfig(corpus="chat-default", out=str(tmp_path))
+    st = stages(cfg, cfg.resolved_budget())
+    assert [s.name for s in st[:3]] == ["generate (a)", "generate (b)", "harvest"]
+    assert st[0].settings["prompts"] == "default" and st[1].settings["model"] == cfg.model_b
+    answers = tmp_path / "answers"
+    assert st[2].settings["corpus"] == f"chat:{answers / 'a.jsonl'},{answers / 'b.jsonl'}"
+    one = DiffConfig(prompts="p.jsonl", answers="b", out=str(tmp_path))
+    st = stages(one, one.resolved_budget())
+    assert [s.name for s in st[:2]] == ["generate (b)", "harvest"]
+    assert st[1].settings["corpus"] == f"chat:{answers / 'b.jsonl'}"
