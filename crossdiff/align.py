@@ -27,7 +27,8 @@ class Tokens(NamedTuple):
     offsets: np.ndarray
     """(N, 2) int64 character [start, end) of each token in the text; (0, 0) for added tokens."""
     special_mask: np.ndarray
-    """(N,) bool: special tokens (BOS, template tokens), which are never aligned."""
+    """(N,) bool: special tokens (BOS, template tokens), which are never aligned (chat.ChatTokens
+    adds why, for a conversation)."""
 
 
 _IS_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -49,11 +50,17 @@ def _is_special_table(tok) -> np.ndarray:
     return table
 
 
-def tokenize(tok, text: str) -> Tokens:
-    """Tokenize `text` as the model expects it (its own special tokens: Gemma's BOS, none for SmolLM2)."""
+def tokenize(tok, text: str, add_special_tokens: bool = True) -> Tokens:
+    """Tokenize `text` as the model expects it (its own special tokens: Gemma's BOS, none for SmolLM2;
+    none added for a chat template's rendering, which writes its own)."""
     if not getattr(tok, "is_fast", False):
         raise CrossdiffError(f"{type(tok).__name__} is not a fast tokenizer; aligning needs offset mappings")
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+    enc = tok(
+        text,
+        add_special_tokens=add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
     ids_N = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets_N2 = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     special_N = np.asarray(enc["special_tokens_mask"], dtype=bool) | _is_special_table(tok)[ids_N]
@@ -122,11 +129,13 @@ _MIN_FILL = 0.5  # a nicer cut point (paragraph, sentence, space) may shorten a 
 _MAX_SHRINKS = 8
 
 
-class _Side:
-    """One tokenizer's view of a whole document: where its tokens end, and its token budget."""
+class TextSide:
+    """One tokenizer's view of a whole document: where its tokens end, and its token budget.
+    (chat.ChatSide is the same for a conversation.)"""
 
     def __init__(self, tok, text: str, max_len: int):
-        self.tok, self.max_len = tok, max_len
+        self.tok, self.max_len, self.text = tok, max_len, text
+        self.whole_fits = True  # limit() reaching the end means the whole text fits: no check needed
         offsets_N2 = tokenize(tok, text).offsets
         # Literal special tokens in the text take room in the context, so they count here.
         self.ends_N = np.sort(offsets_N2[offsets_N2[:, 1] > offsets_N2[:, 0], 1])
@@ -148,9 +157,9 @@ class _Side:
         k = int(np.searchsorted(self.ends_N, start, side="right")) + budget
         return int(self.ends_N[k] - 1) if k < len(self.ends_N) else text_len
 
-    def overflow(self, chunk: str) -> int:
-        """How many tokens the chunk is over the context length (<= 0: it fits)."""
-        return len(self.tok(chunk, add_special_tokens=True)["input_ids"]) - self.max_len
+    def overflow(self, start: int, end: int) -> int:
+        """How many tokens text[start:end] is over the context length (<= 0: it fits)."""
+        return len(self.tok(self.text[start:end], add_special_tokens=True)["input_ids"]) - self.max_len
 
 
 def split_document(text: str, tok_a, tok_b, max_len_a: int, max_len_b: int) -> list[tuple[int, int]]:
@@ -162,7 +171,11 @@ def split_document(text: str, tok_a, tok_b, max_len_a: int, max_len_b: int) -> l
     at least half full. Each chunk is re-tokenized once to check it (tokens at a cut can merge
     differently on their own) and shrunk in the rare case it overflows.
     """
-    sides = (_Side(tok_a, text, max_len_a), _Side(tok_b, text, max_len_b))
+    return split_sides(text, (TextSide(tok_a, text, max_len_a), TextSide(tok_b, text, max_len_b)))
+
+
+def split_sides(text: str, sides) -> list[tuple[int, int]]:
+    """split_document given both sides (TextSide, or chat.ChatSide for a conversation)."""
     cuts_C = np.union1d(np.intersect1d(sides[0].ends_N, sides[1].ends_N), [len(text)])
     scores_C = _cut_scores(text, cuts_C)
     spans: list[tuple[int, int]] = []
@@ -179,9 +192,9 @@ def _fitting_cut(text: str, start: int, sides, cuts_C, scores_C) -> int:
     budgets = [s.budget for s in sides]
     for _ in range(_MAX_SHRINKS):
         end = _choose_cut(text, start, sides, budgets, cuts_C, scores_C)
-        if start == 0 and end == len(text):
+        if start == 0 and end == len(text) and all(s.whole_fits for s in sides):
             return end  # the chunk is the whole text, whose tokenization fit the budget
-        over = [s.overflow(text[start:end]) for s in sides]
+        over = [s.overflow(start, end) for s in sides]
         if max(over) <= 0:
             return end
         budgets = [b - max(o, 0) - 2 if o > 0 else b for b, o in zip(budgets, over)]

@@ -47,6 +47,12 @@ COMMANDS = [
         "crossdiff.harvest:harvest",
     ),
     Command(
+        "generate",
+        "A model's own answers to a prompt set, written as conversations (JSONL) for --corpus chat:FILE.",
+        "crossdiff.generate:GenerateConfig",
+        "crossdiff.generate:generate",
+    ),
+    Command(
         "train",
         "Train a crosscoder (standard or DFC) on a paired-activation store.",
         "crossdiff.train:TrainConfig",

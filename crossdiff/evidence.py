@@ -140,24 +140,30 @@ def _render_row(
     if chunk is None:  # synthetic stores have no text
         return out
     text, s, e = chunk["text"], row["char_start"], row["char_end"]
-    out["text_before"] = text[max(0, s - context_chars) : s]
+    lo = max(0, s - context_chars)
+    messages = chunk.get("messages")  # a conversation chunk: the example stays inside its message
+    if messages:
+        m = next((m for m in messages if m[2] <= s < max(m[3], m[2] + 1)), messages[-1])
+        out["role"], out["turn"] = m[0], m[1]
+        lo = max(lo, m[2])
+        out["text_after"] = text[e : min(e + context_chars, m[3])]
+    else:
+        out["text_after"] = text[e : e + context_chars]
+    out["text_before"] = text[lo:s]
     out["text_token"] = text[s:e]
-    out["text_after"] = text[e : e + context_chars]
     for key in ("a", "b"):
         tok = tokenizers.get(key)
         if tok is not None:
-            out[f"tokens_{key}"] = _token_window(
-                tok, key, text, row["chunk"], row[f"pos_{key}"], window, cache
-            )
+            out[f"tokens_{key}"] = _token_window(tok, key, chunk, row[f"pos_{key}"], window, cache)
     return out
 
 
-def _token_window(tok, key: str, text: str, chunk: int, pos: int, window: int, cache: dict) -> list[dict]:
-    from .align import tokenize
+def _token_window(tok, key: str, chunk: dict, pos: int, window: int, cache: dict) -> list[dict]:
+    from .chat import encode_chunk
 
-    if (key, chunk) not in cache:
-        cache[(key, chunk)] = tokenize(tok, text).input_ids
-    ids_N = cache[(key, chunk)]
+    if (key, chunk["chunk"]) not in cache:  # tokenised as at harvest time (a conversation: rendered)
+        cache[(key, chunk["chunk"])] = encode_chunk(tok, chunk["text"], chunk.get("messages")).input_ids
+    ids_N = cache[(key, chunk["chunk"])]
     lo, hi = max(0, pos - window), min(len(ids_N), pos + window + 1)
     return [{"text": tok.decode([int(ids_N[i])]), "highlight": i == pos} for i in range(lo, hi)]
 

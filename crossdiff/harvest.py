@@ -434,11 +434,10 @@ def _process_batch(items: list[Item], lms, layers, cfg: HarvestConfig):
         )
     }
     for i, c in enumerate(batch):
-        (ids_a, off_a, sp_a), (ids_b, off_b, sp_b) = enc_a[i], enc_b[i]
+        (ids_a, off_a, sp_a, *_), (ids_b, off_b, sp_b, *_) = enc_a[i], enc_b[i]
         al = align(off_a, off_b, sp_a, sp_b)
+        counts.update(_mask_reasons(enc_a[i], "a") + _mask_reasons(enc_b[i], "b"))
         counts.update(
-            special_a=int(np.sum(sp_a)),
-            special_b=int(np.sum(sp_b)),
             text_a=al.n_text_a,
             text_b=al.n_text_b,
             aligned=len(al.idx_a),
@@ -470,18 +469,38 @@ def _process_batch(items: list[Item], lms, layers, cfg: HarvestConfig):
         cols["tok_b"].append(torch.as_tensor(np.asarray(ids_b)[ib.numpy()], dtype=torch.int32))
         cols["char_start"].append(torch.as_tensor(starts, dtype=torch.int32))
         cols["char_end"].append(torch.as_tensor(np.asarray(al.end_char)[keep.numpy()], dtype=torch.int32))
-    texts = [
-        {
-            "chunk": c.id,
-            "doc": c.doc,
-            "index_in_doc": c.index_in_doc,
-            "source": c.source,
-            "char_offset": c.char_offset,
-            "text": c.text,
-        }
-        for c in batch
-    ]
+    texts = [_chunk_record(c) for c in batch]
     return {k: torch.cat(v) for k, v in cols.items()}, texts, counts
+
+
+def _mask_reasons(enc, key: str) -> Counter:
+    """Never-aligned tokens of one side by reason: special tokens, chat-template text, and tokens
+    spanning template and content (conversations only, chat.py)."""
+    none = np.zeros(len(enc.input_ids), bool)
+    template, boundary = getattr(enc, "template_mask", none), getattr(enc, "boundary_mask", none)
+    return Counter(
+        {
+            f"special_{key}": int(np.sum(enc.special_mask & ~template & ~boundary)),
+            f"template_{key}": int(np.sum(template)),
+            f"boundary_{key}": int(np.sum(boundary)),
+        }
+    )
+
+
+def _chunk_record(c) -> dict:
+    """A chunk's line in the shard's texts.jsonl; a conversation chunk adds its messages' roles, turns
+    and spans, which the report uses to show an example as a turn of the conversation."""
+    out = {
+        "chunk": c.id,
+        "doc": c.doc,
+        "index_in_doc": c.index_in_doc,
+        "source": c.source,
+        "char_offset": c.char_offset,
+        "text": c.text,
+    }
+    if c.messages is not None:
+        out["messages"] = [list(m) for m in c.messages]
+    return out
 
 
 class _ShardBuffer:
@@ -553,6 +572,10 @@ def _meta(root: Path, cfg: HarvestConfig, lms, layers, world: int) -> dict:
         for k in (
             "special_a",
             "special_b",
+            "template_a",
+            "template_b",
+            "boundary_a",
+            "boundary_b",
             "unaligned_a",
             "unaligned_b",
             "first_position",

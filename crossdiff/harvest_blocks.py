@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple, Protocol
 
-from .align import Tokens, split_document, tokenize
+from .align import Tokens, split_document
+from .chat import chunk_messages, encode_chunk, split_conversation
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class Chunk:
     source: str
     char_offset: int
     text: str
+    messages: tuple | None = None
+    """A conversation chunk's chat.Message spans in `text` (None: plain text)."""
 
 
 class Item(NamedTuple):
@@ -156,7 +159,10 @@ class Schedule:
 
     def _split(self, doc) -> list[tuple[int, int]]:
         tok_a, tok_b = self.tokenizers
-        return split_document(doc.text, tok_a, tok_b, self.cfg.context_len, self.cfg.context_len)
+        n = self.cfg.context_len
+        if doc.messages is not None:
+            return split_conversation(doc.text, doc.messages, tok_a, tok_b, n, n)
+        return split_document(doc.text, tok_a, tok_b, n, n)
 
     def _block_batches(self, round_base: int, chunks: list[Chunk]) -> Iterator[tuple[dict, list[Item]]]:
         size = self.cfg.sort_window * self.cfg.batch_size
@@ -183,7 +189,8 @@ def _numbered(block, spans, first: int) -> list[Chunk]:
     out = []
     for doc, doc_spans in zip(block, spans):
         for i, (s, e) in enumerate(doc_spans):
-            out.append(Chunk(doc.id, i, first + len(out), doc.source, s, doc.text[s:e]))
+            msgs = None if doc.messages is None else chunk_messages(doc.messages, s, e)
+            out.append(Chunk(doc.id, i, first + len(out), doc.source, s, doc.text[s:e], msgs))
     return out
 
 
@@ -193,7 +200,10 @@ def window_batches(chunks: list[Chunk], tokenizers, batch_size: int, by_length: 
     The sort is stable (ties keep corpus order), so a window always gives the same batches.
     """
     tok_a, tok_b = tokenizers
-    items = [Item(c, tokenize(tok_a, c.text), tokenize(tok_b, c.text)) for c in chunks]
+    items = [
+        Item(c, encode_chunk(tok_a, c.text, c.messages), encode_chunk(tok_b, c.text, c.messages))
+        for c in chunks
+    ]
     if by_length:
         items.sort(key=lambda it: len(it.enc_a.input_ids) + len(it.enc_b.input_ids))
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]

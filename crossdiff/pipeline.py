@@ -42,7 +42,13 @@ class DiffConfig:
     model_b: str = DEFAULT_MODEL_B
     """Model B (the one audited against A), in the same forms."""
     corpus: str = "brown"
-    """Text source: brown, a .txt file or folder, jsonl:PATH:FIELD, or hf:NAME[:CONFIG][:SPLIT]."""
+    """Text source: brown, a .txt file or folder, jsonl:PATH:FIELD, hf:NAME[:CONFIG][:SPLIT], chat:PATH.jsonl; chat-default: the shipped prompt set with both models' answers (as --prompts default)."""
+    prompts: str | None = None
+    """Prompt file (JSONL, or "default"): first generate the models' answers (crossdiff generate), then harvest the prompts with them; replaces --corpus."""
+    answers: Literal["both", "a", "b"] = "both"
+    """With --prompts: harvest the conversations answered by both models, or by model A or B only."""
+    answer_tokens: int = 64
+    """With --prompts: the longest answer in tokens (greedy decoding)."""
     out: str | None = None
     """Output folder (default: runs/<model A>-vs-<model B>-<budget>). Rerun the same command to resume."""
     budget: Literal["small", "medium", "large"] = "small"
@@ -88,10 +94,13 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
     d = cfg.folder
     store, run = d / "store", d / "run"
     seed_runs = {0: run, **{s: d / "seeds" / f"seed{s}" for s in range(1, b.seeds)}}
+    out, corpus = _answer_stages(cfg)
     hcfg = harvest_config(
-        b, store, model_a=cfg.model_a, model_b=cfg.model_b, corpus=cfg.corpus, device=cfg.device
+        b, store, model_a=cfg.model_a, model_b=cfg.model_b, corpus=corpus, device=cfg.device
     )
-    out = [Stage("harvest", lambda: _harvest(hcfg), settings(hcfg), lambda: (store / "meta.json").is_file())]
+    out.append(
+        Stage("harvest", lambda: _harvest(hcfg), settings(hcfg), lambda: (store / "meta.json").is_file())
+    )
     for s, path in seed_runs.items():
         tcfg = train_config(b, store, path, arch="dfc", seed=s, device=cfg.device)
         out.append(
@@ -137,6 +146,28 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         )
     out.append(Stage("report", lambda: _report(run), after_change=True))
     return out
+
+
+def _answer_stages(cfg: DiffConfig) -> tuple[list[Stage], str]:
+    """With --prompts (or --corpus chat-default): a generate stage per answering model, and the chat
+    corpus of their answers that the harvest reads instead of --corpus."""
+    from .generate import GenerateConfig, generate
+
+    prompts = cfg.prompts or ("default" if cfg.corpus == "chat-default" else None)
+    if prompts is None:
+        return [], cfg.corpus
+    stages_, files = [], []
+    for key in ("a", "b") if cfg.answers == "both" else (cfg.answers,):
+        path = cfg.folder / "answers" / f"{key}.jsonl"
+        model = cfg.model_a if key == "a" else cfg.model_b
+        gcfg = GenerateConfig(
+            out=str(path), prompts=prompts, model=model, max_new_tokens=cfg.answer_tokens, device=cfg.device
+        )
+        stages_.append(
+            Stage(f"generate ({key})", lambda g=gcfg: str(generate(g)), settings(gcfg), path.is_file)
+        )
+        files.append(str(path))
+    return stages_, "chat:" + ",".join(files)
 
 
 def _legacy(cfg) -> dict:

@@ -576,7 +576,11 @@ def _clip(s, left: bool) -> str:
 def example_html(ex: dict, data: RunData) -> str:
     meta = [f"<b>activation {esc(fmt(ex.get('value')))}</b>"]
     meta += [f"{esc(k)} {esc(fmt(ex[k]))}" for k in ("source", "doc", "row") if ex.get(k) is not None]
-    text = (
+    role = ""
+    if ex.get("role"):  # a conversation: the example is a turn, shown with its speaker (evidence.py)
+        meta.insert(1, f"<b>{esc(ex['role'])}</b> turn {esc(fmt(ex.get('turn')))}")
+        role = f'<span class="who">{esc(str(ex["role"]).capitalize())}:</span> '
+    text = role + (
         f"{esc(_clip(ex.get('text_before'), True))}<mark>{esc(ex.get('text_token') or '')}</mark>"
         f"{esc(_clip(ex.get('text_after'), False))}"
     )
