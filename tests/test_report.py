@@ -278,7 +278,7 @@ def test_candidates_are_the_analysis_candidates_including_rejected_norm_rule_one
     rejected it, and the report lists it among the candidates all the same, with its side."""
     run = make_run(tmp_path, features=False)
     rows = [_row(i) for i in range(40)]
-    reason = "too rare to verify: 3 held-out firings (< 10)"
+    reason = "too rare to verify: 3 held-out firings"
     rows[20].update(rel_norm=0.05, dec_norm_a=0.95, dec_norm_b=0.05, verdict="rejected", reason=reason)
     with open(run / "analysis" / "latents.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -396,6 +396,12 @@ COL = "Array.from(document.querySelectorAll('#candidates tbody tr')).map(r => r.
 )
 def test_report_in_headless_chromium(tmp_path):
     run = make_run(tmp_path)
+    # Latent 3 fired but has no score (a missing value): a candidate, listed, sorted last.
+    rows = [{**_row(i), **({"verdict": "rejected", "density": 1e-3} if i == 3 else {})} for i in range(40)]
+    with open(run / "analysis" / "latents.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "steer_verdict"])
+        w.writeheader()
+        w.writerows(rows)
     (run / "calibration.json").unlink()
     (tmp_path / "calibration.json").write_text(json.dumps(_calibration()))
     index = report(ReportConfig(run=str(run)))
