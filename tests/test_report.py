@@ -427,6 +427,12 @@ COL = "Array.from(document.querySelectorAll('#candidates tbody tr')).map(r => r.
 )
 def test_report_in_headless_chromium(tmp_path):
     run = make_run(tmp_path)
+    # Latent 3 fired but has no score (a missing value): a candidate, listed, sorted last.
+    rows = [{**_row(i), **({"verdict": "rejected", "density": 1e-3} if i == 3 else {})} for i in range(40)]
+    with open(run / "analysis" / "latents.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "steer_verdict"])
+        w.writeheader()
+        w.writerows(rows)
     (run / "calibration.json").unlink()
     (tmp_path / "calibration.json").write_text(json.dumps(_calibration()))
     index = report(ReportConfig(run=str(run)))
