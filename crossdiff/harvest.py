@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import sys
 import time
@@ -282,6 +283,11 @@ def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
             try:
                 lm.tokenizer.save_pretrained(tmp)
                 tmp.rename(root / "tokenizers" / key)
+            except Exception as e:  # the Rust tokenizers raise a bare Exception "... (os error 28)"
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None or isinstance(e, OSError):
+                    raise
+                raise OSError(int(code.group(1)), str(e), str(root / "tokenizers" / key)) from e
             finally:  # a full disk must not leave a half-written tokenizer folder behind
                 shutil.rmtree(tmp, ignore_errors=True)
 
