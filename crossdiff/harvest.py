@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import sys
 import time
@@ -207,7 +208,7 @@ def damaged_shards(root: Path) -> list[int]:
 def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int]) -> None:
     """Re-harvest damaged shards in place (each from where the shard before it left the stream, so
     the bytes are the ones first written), then meta.json again."""
-    meta = json.loads((root / "meta.json").read_text())
+    start, meta = time.perf_counter(), json.loads((root / "meta.json").read_text())
     for index in bad:
         print(f"re-harvesting shard {meta['shards'][index]['name']} of {root}", file=sys.stderr)
         _write_shards(root, cfg, corpus, lms, layers, Solo(), cfg.max_tokens, False, only=index)
@@ -217,7 +218,7 @@ def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int])
                 f"shard {index} of {root} came out different when harvested again (the models or "
                 "libraries changed since); pass --overwrite to harvest the whole store again"
             )
-    _report(_meta(root, cfg, lms, layers, world=1), root, time.perf_counter(), lms)
+    _report(_meta(root, cfg, lms, layers, world=1), root, start, lms)
 
 
 def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
@@ -258,6 +259,11 @@ def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
             try:
                 lm.tokenizer.save_pretrained(tmp)
                 tmp.rename(root / "tokenizers" / key)
+            except Exception as e:  # the Rust tokenizers raise a bare Exception "... (os error 28)"
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None or isinstance(e, OSError):
+                    raise
+                raise OSError(int(code.group(1)), str(e), str(root / "tokenizers" / key)) from e
             finally:  # a full disk must not leave a half-written tokenizer folder behind
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -333,15 +339,18 @@ def aligned_fraction_warning(frac_a: float, frac_b: float, tok_a, tok_b) -> str 
     enc_a, enc_b = tokenize(tok_a, ENGLISH_REFERENCE), tokenize(tok_b, ENGLISH_REFERENCE)
     al = align(enc_a.offsets, enc_b.offsets, enc_a.special_mask, enc_b.special_mask)
     ref_a, ref_b = al.aligned_fraction_a, al.aligned_fraction_b
-    if frac_a >= ALIGNED_WARNING_RATIO * ref_a and frac_b >= ALIGNED_WARNING_RATIO * ref_b:
+    low = [
+        f"{frac:.0%} of model {m}'s text tokens were aligned, against {ref:.0%} for the same tokenizers on English prose"
+        for m, frac, ref in (("A", frac_a, ref_a), ("B", frac_b, ref_b))
+        if frac < ALIGNED_WARNING_RATIO * ref
+    ]
+    if not low:
         return None
     return (
-        f"only {frac_a:.0%} of model A's and {frac_b:.0%} of model B's text tokens were aligned, against "
-        f"{ref_a:.0%} and {ref_b:.0%} for the same tokenizers on English prose. The tokenizers split this "
-        "text (typically Chinese, Japanese, emoji or other scripts outside their main vocabulary) into "
-        "byte pieces whose ends rarely coincide, so most positions are dropped and the store samples only "
-        "the token ends both models share; expect few pairs per token of text and check that they cover "
-        "what you want to compare"
+        f"only {' and '.join(low)}. The tokenizers split this text (typically Chinese, Japanese, emoji or "
+        "other scripts outside their main vocabulary) into byte pieces whose ends rarely coincide, so most "
+        "positions are dropped and the store samples only the token ends both models share; expect few "
+        "pairs per token of text and check that they cover what you want to compare"
     )
 
 

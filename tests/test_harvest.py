@@ -300,9 +300,12 @@ def test_badly_aligned_text_warns_and_says_why(tmp_path, capsys, tokenizers_ab):
     corpus.write_text("\n\n".join(CHINESE[i:] + CHINESE[:i] for i in range(0, 120, 10)) + "\n")
     store = harvest(HarvestConfig(out=str(tmp_path / "zh"), corpus=str(corpus), device="cpu", max_tokens=300))
     frac_a, frac_b = (store.meta["models"][k]["aligned_fraction"] for k in "ab")
-    assert frac_a < 0.5 and frac_b < 0.5
+    # SmolLM2 reads Chinese in byte pieces, Gemma in whole characters: A's fraction falls.
+    low = [(m, frac) for m, frac in (("A", frac_a), ("B", frac_b)) if frac < 0.5]
+    assert low
     err = capsys.readouterr().err
-    assert f"warning: only {frac_a:.0%} of model A's and {frac_b:.0%} of model B's text tokens" in err
-    assert "byte pieces whose ends rarely coincide" in err
+    assert "warning: only " in err and "byte pieces whose ends rarely coincide" in err
+    for m, frac in low:
+        assert f"{frac:.0%} of model {m}'s text tokens were aligned, against" in err
     # The English store of this module's fixture stays silent.
     assert aligned_fraction_warning(0.98, 0.98, *tokenizers_ab) is None
