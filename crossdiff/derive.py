@@ -36,7 +36,7 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
-from .store import Store, completed_shards, remove_partial_shards, shard_name, sum_of_squares
+from .store import Store, completed_shards, file_record, remove_partial_shards, shard_name, sum_of_squares
 
 CONTROLS = ("planted", "random", "self", "rotated")
 PLANTS = ("planted", "random")
@@ -263,20 +263,22 @@ def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: b
         name = entry["name"]
         tensors = transform_shard(control, load_file(src / f"{name}.safetensors"), base.texts(i), extra)
         stats = _shard_stats(control, json.loads((src / f"{name}.json").read_text()), tensors)
-        write_bytes_atomic(
-            out / "shards" / f"{shard_name(i)}.safetensors",
-            save({k: v.contiguous() for k, v in tensors.items()}),
-        )
-        write_bytes_atomic(
-            out / "shards" / f"{shard_name(i)}.texts.jsonl", (src / f"{name}.texts.jsonl").read_bytes()
-        )
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        text = (src / f"{name}.texts.jsonl").read_bytes()
+        # This store's own files, recorded as the harvest records them (store.write_shard).
+        stats["files"] = {"safetensors": file_record(data), "texts.jsonl": file_record(text)}
+        write_bytes_atomic(out / "shards" / f"{shard_name(i)}.safetensors", data)
+        write_bytes_atomic(out / "shards" / f"{shard_name(i)}.texts.jsonl", text)
         write_json_atomic(out / "shards" / f"{shard_name(i)}.json", {**stats, "index": i})
     _copy_tokenizers(base.root, out, b_from="b" if control.name in PLANTS else "a")
     shards = completed_shards(out)
     meta = {
         **base.meta,
         "models": _models_meta(control, base, shards),
-        "shards": [{**e, "name": shard_name(i)} for i, e in enumerate(base.meta["shards"])],
+        "shards": [
+            {**e, "name": shard_name(i), **({"files": s["files"]} if "files" in s else {})}
+            for i, (e, s) in enumerate(zip(base.meta["shards"], shards))
+        ],
         "derived": {"control": control.name, "base": str(base.root), **extra["meta"]},
     }
     write_json_atomic(out / "meta.json", meta)

@@ -130,7 +130,8 @@ def generate(cfg: GenerateConfig) -> Path:
     """Answer every prompt not yet answered in cfg.out; returns the path."""
     from tqdm.auto import tqdm
 
-    from .models import load_model, resolve_device
+    from .models import load_model
+    from .runtime import resolve_device
 
     out, sampling = Path(cfg.out), cfg.sampling()
     prompts = read_prompts(cfg.prompts)[: cfg.limit]

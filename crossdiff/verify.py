@@ -476,7 +476,7 @@ def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, m
 
 def verify(cfg: VerifyConfig) -> dict:
     """Verify (or finish verifying) the run's candidates; returns summary.json's content."""
-    from .models import resolve_device
+    from .runtime import apply_cpu_policy, resolve_device
     from .variants import sides_for_store
 
     run, cc, store, table = _open(cfg)
@@ -493,6 +493,7 @@ def verify(cfg: VerifyConfig) -> dict:
         shutil.rmtree(out)  # results of other settings or another checkpoint
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
+    apply_cpu_policy()  # once per process (crossdiff/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
     cands = candidates(cc, table)
     factor = _outlier_factor(store)

@@ -174,7 +174,15 @@ def test_planted_meta_and_scales(base, derived):
     meta = planted.meta
     assert meta["models"]["a"]["id"] == "smollm2-135m+planted" and meta["models"]["b"] == base.model_b
     assert meta["derived"]["control"] == "planted" and meta["n_tokens"] == base.n_tokens
-    assert meta["shards"] == base.meta["shards"] and meta.get("heldout_frac") == base.meta.get("heldout_frac")
+    rows = lambda shards: [{k: v for k, v in e.items() if k != "files"} for e in shards]  # noqa: E731
+    assert rows(meta["shards"]) == rows(base.meta["shards"]) and meta.get("heldout_frac") == base.meta.get(
+        "heldout_frac"
+    )
+    for e in meta["shards"]:  # its own files' sizes and digests, as the harvest records them
+        assert (
+            e["files"]["safetensors"]["bytes"]
+            == (planted.root / "shards" / f"{e['name']}.safetensors").stat().st_size
+        )
     assert abs(planted_norm(base) ** 2 / base.model_a["mean_sq_norm"] - 1) < 1e-9
     x_a, x_b = planted.get(np.arange(planted.n_tokens))
     assert abs(x_a.pow(2).sum(1).mean().item() / planted.d_a - 1) < 0.01  # E||x||² = d after rescaling
