@@ -43,7 +43,7 @@ def _row(i: int) -> dict:
             i, {"a_exclusive": "candidate_a", "b_exclusive": "candidate_b"}.get(part, "shared")
         ),
         "reason": XSS if i == 2 else "context detectable by A (AUROC 0.97)" if i == 37 else "",
-        "score": NAN if i in (2, 3) else round(5.0 - 0.1 * i, 3),
+        "score": NAN if i == 3 else round(5.0 - 0.1 * i, 3),
         "rel_norm": rel,
         "dec_norm_a": 1.0 - rel,
         "dec_norm_b": rel,
@@ -428,7 +428,7 @@ COL = "Array.from(document.querySelectorAll('#candidates tbody tr')).map(r => r.
 def test_report_in_headless_chromium(tmp_path):
     run = make_run(tmp_path)
     # Latent 3 fired but has no score (a missing value): a candidate, listed, sorted last.
-    rows = [{**_row(i), **({"verdict": "rejected", "density": 1e-3} if i == 3 else {})} for i in range(40)]
+    rows = [{**_row(i), **({"verdict": "candidate_a", "density": 1e-3} if i == 3 else {})} for i in range(40)]
     with open(run / "analysis" / "latents.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[*COLUMNS, "steer_verdict"])
         w.writeheader()
@@ -442,9 +442,9 @@ def test_report_in_headless_chromium(tmp_path):
         heads = browser.js("Array.from(document.querySelectorAll('#candidates th')).map(h => h.textContent)")
         latent, score = heads.index("latent"), heads.index("score")
         rows = browser.js(COL.format(latent))
-        alive = sorted({*EXCLUSIVE_A, *EXCLUSIVE_B} - {3})  # latent 3 never fired: no candidate
+        alive = sorted({*EXCLUSIVE_A, *EXCLUSIVE_B})
         assert sorted(map(int, rows)) == alive
-        assert rows[-1] == "2"  # NaN score sorts last
+        assert rows[-1] == "3"  # NaN score sorts last
         browser.js(f"document.querySelectorAll('#candidates th')[{latent}].click()")  # numbers: descending
         assert list(map(int, browser.js(COL.format(latent)))) == sorted(alive, reverse=True)
         browser.js(f"document.querySelectorAll('#candidates th')[{latent}].click()")

@@ -20,7 +20,6 @@ pytest.importorskip("triton")
 
 from test_sparse import CASES, _model, _run  # noqa: E402
 
-from crossdiff import crosscoder as cc  # noqa: E402
 from crossdiff import sparse, sparse_triton  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -177,7 +176,11 @@ def test_dfc_decode_pair_skips_out_of_range_entries(triton_path, monkeypatch):
 
 
 def test_l1_path_on_the_kernels(triton_path, monkeypatch):
-    monkeypatch.setattr(cc, "L1_SPARSE_MAX_DENSITY", 1.0)
+    from dataclasses import replace
+
+    from crossdiff.sparsity import SPARSITIES
+
+    monkeypatch.setitem(SPARSITIES, "l1", replace(SPARSITIES["l1"], max_sparse_density=1.0))
     sparsity, d_a, d_b, n_latents, ea, eb, batch, k = CASES[6]
     model = _model(sparsity, d_a, d_b, n_latents, ea, eb, k).to(DEV)
     x_a = torch.randn(batch, d_a, dtype=torch.float64).to(DEV)

@@ -422,7 +422,7 @@ def test_missing_optional_logger_is_a_warning(tmp_path, capsys, monkeypatch, log
 
 
 def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
-    short = TrainConfig(store="S", out="R", arch="dfc", latents=4096, k=32, tokens=60_000)
+    short = TrainConfig(store="S", out="R", exclusive_frac=0.05, latents=4096, k=32, tokens=60_000)
     assert (short.total_steps, short.dead_window, short.warmup) == (15, 15_000, 0)
     assert short.beta == pytest.approx(1 - 10 / 15)
     long = TrainConfig(store="S", out="R", tokens=50_000_000)
