@@ -508,7 +508,10 @@ def verify(cfg: VerifyConfig) -> dict:
         for c in cands
     ]
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
-    summary = _summary(rows, results, held, cfg, time.perf_counter() - start)
+    from .evidence import jsonable
+
+    # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
+    summary = jsonable(_summary(rows, results, held, cfg, time.perf_counter() - start))
     write_json_atomic(out / "summary.json", summary)
     print(summary_line(summary))
     return summary
@@ -652,5 +655,9 @@ def summary_line(s: dict) -> str:
             f"{c['not verified']} not verified"
         )
     whole = s["whole"]
-    share = ", ".join(f"{m.upper()} {whole[m]['share']:.3f}" for m in "ab" if m in whole)
+    share = ", ".join(
+        f"{m.upper()} {'n/a' if whole[m]['share'] is None else format(whole[m]['share'], '.3f')}"
+        for m in "ab"
+        if m in whole
+    )
     return "verify: " + "; ".join(parts) + f"; share of the gap explained by the candidates: {share}"
