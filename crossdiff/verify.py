@@ -253,7 +253,7 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     ids = [torch.as_tensor(t.input_ids) for t in toks]
     other = sides[1 - own].forward(ids[1 - own], torch.as_tensor(tgt[1 - own]), plant_T=plants[1 - own])
     clean = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], grad=True)
-    l_own, l_other = float(clean.logp_RS[0].sum()), float(other.logp_RS[0].sum())
+    l_own, l_other = float(clean.logp_RS[0].detach().sum()), float(other.logp_RS[0].sum())
     h = (clean.h_TD, other.h_TD) if own == 0 else (other.h_TD, clean.h_TD)
     keep = keep_pairs(h, toks, al, factor)
     k0 = int(np.flatnonzero(al.end_char == c0)[0])
