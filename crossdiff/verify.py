@@ -204,12 +204,11 @@ def keep_pairs(h_TD: tuple, toks, al, outlier_factor: float) -> np.ndarray:
     """(P,) bool: harvest's masks (harvest._process_batch): no first pair, no norm outlier."""
     keep = np.ones(len(al), dtype=bool)
     keep[:1] = False
+    from .models import batch_median_norm  # the outlier reference harvest and splice use
+
     for h, tok, pos in zip(h_TD, toks, (al.idx_a, al.idx_b)):
-        text = ~tok.special_mask.copy()
-        text[0] = False
-        norms = h.norm(dim=-1).cpu()
-        med = float(norms[torch.as_tensor(text)].median()) if text.any() else math.inf
-        keep &= (norms[torch.as_tensor(pos)] <= outlier_factor * med).numpy()
+        med = batch_median_norm(h.cpu()[None], [tok])
+        keep &= (h.cpu()[torch.as_tensor(pos)].norm(dim=-1) <= outlier_factor * med).numpy()
     return keep
 
 
