@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from crossdiff.crosscoder import Crosscoder
+from crossdiff.sparsity import arch_settings
 from crossdiff.stability import shared_reappearance
 from crossdiff.store import Store
 from crossdiff.train import TrainConfig, train
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decay-frac", type=float, default=0.2)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--threshold-beta", type=float, default=0.999)
+    p.add_argument("--dec-init-norm", type=float, default=0.1, help="decoder row norm at initialisation")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.7, help="decoder cosine for a reappearance")
     p.add_argument(
@@ -55,7 +57,7 @@ def train_config(args, seed: int) -> TrainConfig:
     return TrainConfig(
         store=args.store,
         out=str(Path(args.out) / f"seed{seed}"),
-        arch="dfc",
+        **arch_settings("dfc"),
         latents=args.latents,
         k=args.k,
         tokens=args.tokens,
@@ -65,6 +67,7 @@ def train_config(args, seed: int) -> TrainConfig:
         decay_frac=args.decay_frac,
         warmup_steps=args.warmup_steps,
         threshold_beta=args.threshold_beta,
+        dec_init_norm=args.dec_init_norm,
         seed=seed,
         device="cpu",
         checkpoint_every=max(1, args.tokens // args.batch_size // 4),

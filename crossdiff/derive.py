@@ -16,8 +16,8 @@ store kept; adding v there equals a forward hook adding v to A's block output on
 
 Layout and guarantees are a store's (crossdiff/store.py): each shard is written atomically, its .json
 last; meta.json is written last; a rerun skips finished shards and finished stores. A column copied
-from the base keeps the base's sum of squares (so that model's scale is unchanged); a new column's sum
-is computed in float64 from the values stored, and its scale follows (E||x||² = d, docs/design.md §4).
+from the base keeps the base's sums (so that model's scale is unchanged); a new column's sums are
+computed in float64 from the values stored, and its scale follows (docs/design.md §4).
 
 Legend: N rows of one shard, D model A's width.
 """
@@ -36,7 +36,15 @@ import torch
 
 from .errors import CrossdiffError
 from .fsutil import write_bytes_atomic, write_json_atomic
-from .store import Store, completed_shards, file_record, remove_partial_shards, shard_name, sum_of_squares
+from .store import (
+    Store,
+    activation_stats,
+    completed_shards,
+    file_record,
+    normalisation,
+    remove_partial_shards,
+    shard_name,
+)
 
 CONTROLS = ("planted", "random", "self", "rotated")
 PLANTS = ("planted", "random")
@@ -148,8 +156,10 @@ def random_rotation(d: int, seed: int) -> torch.Tensor:
 
 
 def planted_norm(store: Store) -> float:
-    """The layer's typical norm in raw units: sqrt(E||x_A||²) = sqrt(d_A) / scale_A (the store's own
-    normalisation statistic; the mean, not the median, since it is what the scale is built from)."""
+    """The layer's typical norm in raw units: sqrt(E||x_A||²), the store's own statistic (the mean,
+    not the median; stores without it: sqrt(d_A) / scale_A, the same number under their rule)."""
+    if "mean_sq_norm" in store.model_a:
+        return float(np.sqrt(store.model_a["mean_sq_norm"]))
     return float(np.sqrt(store.d_a) / store.scale_a)
 
 
@@ -219,21 +229,27 @@ def _shard_stats(control: Control, base_stats: dict, tensors: dict) -> dict:
     stats = dict(base_stats)
     for key, source in _changed(control).items():
         if source == "a" and "sumsq_a" in base_stats:
-            stats[f"sumsq_{key}"] = base_stats["sumsq_a"]
+            stats.pop(f"sum_{key}", None)
+            stats.update(
+                {
+                    f"{name}_{key}": v
+                    for name in ("sumsq", "sum")
+                    if (v := base_stats.get(f"{name}_a")) is not None
+                }
+            )
         elif source is not None:
-            stats[f"sumsq_{key}"] = sum_of_squares(tensors[f"acts_{key}"])
+            stats.update(activation_stats(tensors[f"acts_{key}"], key))
     return stats
 
 
 def _models_meta(control: Control, base: Store, shards: list[dict]) -> dict:
     a, b = dict(base.model_a), dict(base.model_b)
-    n = sum(s["n_tokens"] for s in shards)
 
     def rescaled(entry: dict, key: str) -> dict:
-        sumsq = sum(s[f"sumsq_{key}"] for s in shards)
-        d = int(entry["d_model"])
-        scale = float(np.sqrt(d * n / sumsq)) if sumsq > 0 else 1.0
-        return {**entry, "scale": scale, "mean_sq_norm": sumsq / max(n, 1)}
+        # the base store's rule carries over: a control of an uncentred store stays uncentred
+        centred = base.model_a.get("normalisation") == "centred"
+        stats = normalisation(shards, key, int(entry["d_model"]), centred=centred)
+        return {**entry, **stats}
 
     if control.name in PLANTS:
         return {"a": rescaled({**a, "id": f"{a['id']}+{control.name}"}, "a"), "b": b}

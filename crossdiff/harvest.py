@@ -43,11 +43,12 @@ from .runtime import apply_cpu_policy, resolve_device
 from .store import (
     HELDOUT_FRAC,
     Store,
+    activation_stats,
     completed_shards,
     finalize,
+    normalisation,
     remove_partial_shards,
     store_problems,
-    sum_of_squares,
     write_shard,
 )
 
@@ -540,9 +541,9 @@ class _ShardBuffer:
             "next": nxt,  # where this rank's stream resumes (None: it had finished)
             "round": round_,
             "counts": dict(sorted(self.counts.items())),
-            # Sums of squared norms in float64 from the float32 activations, for the normalisation scale.
-            "sumsq_a": sum_of_squares(cols["acts_a"]),
-            "sumsq_b": sum_of_squares(cols["acts_b"]),
+            # Sums (of squares, per column) in float64 from the float32 activations, for the scale.
+            **activation_stats(cols["acts_a"], "a"),
+            **activation_stats(cols["acts_b"], "b"),
         }
         cols["acts_a"], cols["acts_b"] = (
             cols["acts_a"].to(STORAGE_DTYPES[cfg.dtype]),
@@ -560,19 +561,14 @@ def _meta(root: Path, cfg: HarvestConfig, lms, layers, world: int) -> dict:
     counts: Counter = Counter()
     for s in shards:
         counts.update(s["counts"])
-    n = sum(s["n_tokens"] for s in shards)
     models = {}
     for key, lm, layer in zip("ab", lms, layers):
-        sumsq = sum(s[f"sumsq_{key}"] for s in shards)
-        # One scalar per model so that E||x||^2 = d_model after scaling (docs/design.md §4).
-        scale = float(np.sqrt(lm.d_model * n / sumsq)) if sumsq > 0 else 1.0
         models[key] = {
             "id": lm.id,
             "layer": layer,
             "n_layers": lm.n_layers,
             "d_model": lm.d_model,
-            "scale": scale,
-            "mean_sq_norm": sumsq / max(n, 1),
+            **normalisation(shards, key, lm.d_model),  # one scalar per model (docs/design.md §4)
             "n_text_tokens": counts[f"text_{key}"],
             "aligned_fraction": counts["aligned"] / max(counts[f"text_{key}"], 1),
         }

@@ -12,7 +12,8 @@ Layout of a store directory (format 1):
                                above; written after them, marks the shard complete
 
 Activations are stored raw; `normalised = raw * scale` with one scalar per model chosen so that
-E||x||^2 = d_model (docs/design.md §4). Shards are read through numpy memory maps (the safetensors layout
+E||x - mean||^2 = d_model (centred; stores written before the per-shard column sums existed keep
+E||x||^2 = d_model, docs/design.md §4). Shards are read through numpy memory maps (the safetensors layout
 is a JSON header followed by raw little-endian arrays), so random access and shuffled batches never
 load a whole shard, let alone the store. Letters in names: N rows, D model width.
 """
@@ -62,6 +63,43 @@ def sum_of_squares(acts_ND: torch.Tensor) -> float:
         block = acts_ND[s : s + 4096].detach().cpu().double().numpy()
         total += float(np.square(block).sum())
     return total
+
+
+def column_sums(acts_ND: torch.Tensor) -> list[float]:
+    """Σ x per column over a shard's activations in float64, in the fixed order of `sum_of_squares`
+    (the same bits with any number of threads)."""
+    total = np.zeros(acts_ND.shape[1], dtype=np.float64)
+    for s in range(0, acts_ND.shape[0], 4096):
+        total += acts_ND[s : s + 4096].detach().cpu().double().numpy().sum(axis=0)
+    return total.tolist()
+
+
+def activation_stats(acts_ND: torch.Tensor, key: str) -> dict:
+    """A shard's statistics of one model's activations: what `normalisation` builds the scale from."""
+    return {f"sumsq_{key}": sum_of_squares(acts_ND), f"sum_{key}": column_sums(acts_ND)}
+
+
+def normalisation(shards: list[dict], key: str, d_model: int, *, centred: bool = True) -> dict:
+    """One model's normalisation from its shards' statistics (docs/design.md §4).
+
+    The scale makes the *centred* second moment E||x - mean||² equal d_model. The uncentred
+    E||x||² = d_model (Anthropic 2024; the DFC paper) lets a model whose residual stream carries a
+    large constant offset weigh far less in the crosscoder's loss: on the default pair Gemma-3's mean
+    is 95% of its E||x||², so its centred variance came out 7.6x smaller than SmolLM2's after
+    normalisation, and 96-98% of the DFC's B-exclusive latents died (docs/training.md,
+    "Normalisation"). Shards without column sums (stores written before them), or centred=False,
+    give the uncentred rule.
+    """
+    n = sum(s["n_tokens"] for s in shards)
+    sumsq = sum(s[f"sumsq_{key}"] for s in shards)
+    out = {"mean_sq_norm": sumsq / max(n, 1), "normalisation": "uncentred"}
+    second = sumsq
+    if centred and n and all(f"sum_{key}" in s for s in shards):
+        total = np.sum([np.asarray(s[f"sum_{key}"], dtype=np.float64) for s in shards], axis=0)
+        second = sumsq - float(total @ total) / n
+        out.update(normalisation="centred", centred_mean_sq_norm=second / n)
+    out["scale"] = float(np.sqrt(d_model * n / second)) if second > 0 else 1.0
+    return out
 
 
 def file_record(data: bytes) -> dict:
@@ -190,6 +228,7 @@ def write_synthetic_store(
             "n_layers": 1,
             "d_model": int(x.shape[1]),
             "scale": float(scale),
+            "normalisation": "given",  # the caller's scale
             "aligned_fraction": 1.0,
         }
     finalize(

@@ -588,7 +588,10 @@ def train(cfg: TrainConfig) -> dict:
                 f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
             )
             return json.loads((run / "eval.json").read_text())
-        return _train(cfg, run, Store.open(cfg.store), device, ctx)
+        store = Store.open(cfg.store)
+        if (ctx is None or ctx.is_main) and (warning := uncentred_store_warning(store)):
+            print(f"warning: {warning}", file=sys.stderr)
+        return _train(cfg, run, store, device, ctx)
     finally:
         distributed.shutdown(ctx)
 
@@ -618,6 +621,18 @@ def short_run_warnings(cfg: TrainConfig) -> list[str]:
             "rate never reaches its value; leave it out (default: 5% of the steps) or lower it"
         )
     return out
+
+
+def uncentred_store_warning(store) -> str | None:
+    """A store harvested before centred normalisation (docs/design.md §4) may weigh one model far less."""
+    old = [k for k, m in (("A", store.model_a), ("B", store.model_b)) if m.get("normalisation", "uncentred") == "uncentred"]
+    if not old:
+        return None
+    return (
+        f"{store.root} normalises model {' and '.join(old)} by E||x||^2 (an older crossdiff): a model with a large "
+        "constant offset then weighs less in the loss and its exclusive latents die; re-harvest it for "
+        "centred normalisation (docs/design.md §4)"
+    )
 
 
 def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:

@@ -185,7 +185,9 @@ def test_planted_meta_and_scales(base, derived):
         )
     assert abs(planted_norm(base) ** 2 / base.model_a["mean_sq_norm"] - 1) < 1e-9
     x_a, x_b = planted.get(np.arange(planted.n_tokens))
-    assert abs(x_a.pow(2).sum(1).mean().item() / planted.d_a - 1) < 0.01  # E||x||² = d after rescaling
+    assert planted.model_a["normalisation"] == "centred"  # the base's rule
+    centred = (x_a - x_a.mean(0)).pow(2).sum(1).mean().item()
+    assert abs(centred / planted.d_a - 1) < 0.01  # E||x - mean||² = d after rescaling
     assert planted.scale_a < base.scale_a  # the planted rows made A's activations larger
     assert planted.scale_b == base.scale_b
     assert (planted.root / "tokenizers" / "a" / "tokenizer_config.json").is_file()
@@ -220,7 +222,7 @@ def test_rotated_store(base, derived):
     assert st.model_b["id"] == "smollm2-135m+rotated" and st.d_b == base.d_a
     assert abs(st.scale_b / st.scale_a - 1) < 1e-3  # recomputed from the stored values
     x_a, x_b = st.get(np.arange(st.n_tokens))
-    assert abs(x_b.pow(2).sum(1).mean().item() / st.d_b - 1) < 1e-4
+    assert abs((x_b - x_b.mean(0)).pow(2).sum(1).mean().item() / st.d_b - 1) < 1e-4  # centred, §4
 
 
 def test_derive_resumes_byte_identical_and_refuses_other_settings(base, derived, tmp_path):

@@ -91,10 +91,17 @@ def test_meta_and_layout(reference):
         assert meta["models"][key]["aligned_fraction"] > 0.95
     assert meta["masked"]["special_b"] > 0 and meta["masked"]["special_a"] == 0  # Gemma's BOS only
     assert meta["masked"]["first_position"] > 0
-    # E||x||^2 = d after normalisation (from the float32 sums; bf16 storage costs well under 1%).
+    # E||x - mean||^2 = d after normalisation (from the float32 sums; bf16 storage costs well under
+    # 1%), and mean_sq_norm is the raw E||x||^2.
     x_a, x_b = reference.get(np.arange(reference.n_tokens))
-    assert abs(x_a.pow(2).sum(1).mean().item() / 576 - 1) < 0.01
-    assert abs(x_b.pow(2).sum(1).mean().item() / 640 - 1) < 0.01
+    for key, x, d, scale in (("a", x_a, 576, reference.scale_a), ("b", x_b, 640, reference.scale_b)):
+        assert meta["models"][key]["normalisation"] == "centred"
+        assert abs((x - x.mean(0)).pow(2).sum(1).mean().item() / d - 1) < 0.01
+        raw = x.pow(2).sum(1).mean().item() / scale**2
+        assert abs(raw / meta["models"][key]["mean_sq_norm"] - 1) < 0.01
+    # Gemma-3's residual stream carries a large constant offset: uncentred, its variance would weigh
+    # several times less than SmolLM2's in the crosscoder's loss (docs/design.md §4).
+    assert x_b.mean(0).pow(2).sum() > 5 * x_a.mean(0).pow(2).sum()
 
 
 def test_rows_are_each_models_own_activation_at_aligned_positions(reference, models_ab):

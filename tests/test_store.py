@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store, heldout_mask, sum_of_squares, write_synthetic_store
+from crossdiff.store import (
+    Store,
+    activation_stats,
+    heldout_mask,
+    normalisation,
+    sum_of_squares,
+    write_synthetic_store,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,20 @@ def test_sum_of_squares_is_exact_enough_and_independent_of_threads():
     assert got[0] == got[1]  # bit for bit
     assert got[0] == pytest.approx(ref, rel=1e-12)
     assert sum_of_squares(x[:0]) == 0.0
+
+
+def test_normalisation_centres_and_old_shards_keep_the_uncentred_rule():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9000, 64, generator=g) * 3.0 + torch.linspace(-40, 40, 64)  # a large constant offset
+    shards = [{"n_tokens": len(p), **activation_stats(p, "a")} for p in x.split(4000)]
+    got = normalisation(shards, "a", 64)
+    centred = x.double() - x.double().mean(0)
+    assert got["normalisation"] == "centred"
+    assert got["scale"] == pytest.approx((64 / centred.pow(2).sum(1).mean()).sqrt().item(), rel=1e-9)
+    assert got["mean_sq_norm"] == pytest.approx(x.double().pow(2).sum(1).mean().item(), rel=1e-9)
+    old = [{k: v for k, v in s.items() if k != "sum_a"} for s in shards]
+    for uncentred in (normalisation(old, "a", 64), normalisation(shards, "a", 64, centred=False)):
+        assert uncentred["normalisation"] == "uncentred"
+        assert uncentred["scale"] == pytest.approx(
+            (64 / x.double().pow(2).sum(1).mean()).sqrt().item(), rel=1e-9
+        )
