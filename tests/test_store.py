@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store, heldout_mask, sum_of_squares, write_synthetic_store
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import Store, heldout_mask, sum_of_squares, write_synthetic_store
 
 
 @pytest.fixture(scope="module")
