@@ -16,13 +16,13 @@ from collections import Counter
 
 import numpy as np
 
-from crossdiff.align import align, split_document, tokenize
-from crossdiff.corpus import open_corpus
+from crossdiff.inputs.align import align, split_document, tokenize
+from crossdiff.inputs.corpus import open_corpus
 
 
 def load_tokenizer(spec: str):
     try:
-        from crossdiff.models import load_tokenizer as load
+        from crossdiff.inputs.models import load_tokenizer as load
     except ImportError:
         from transformers import AutoTokenizer
 

@@ -32,7 +32,7 @@ def build_store(path: Path, n_tokens: int, seed: int = 0) -> None:
     """Tokens are sparse sums of planted features (16 of 4096 per token) plus noise, in raw units."""
     import torch
 
-    from crossdiff.store import write_synthetic_store
+    from crossdiff.inputs.store import write_synthetic_store
 
     g = torch.Generator().manual_seed(seed)
     n_f, k = 4096, 16

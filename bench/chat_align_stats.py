@@ -17,11 +17,11 @@ from collections import Counter
 
 import numpy as np
 
-from crossdiff.align import align
-from crossdiff.chat import chunk_messages, encode_chunk, split_conversation
-from crossdiff.corpus import open_corpus
-from crossdiff.harvest import _mask_reasons
-from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_tokenizer
+from crossdiff.harvest.harvest import _mask_reasons
+from crossdiff.inputs.align import align
+from crossdiff.inputs.chat import chunk_messages, encode_chunk, split_conversation
+from crossdiff.inputs.corpus import open_corpus
+from crossdiff.inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_tokenizer
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def main() -> None:
     import test_distributed as t  # the CI test's store and command line
     import torch
 
-    from crossdiff.store import write_synthetic_store
+    from crossdiff.inputs.store import write_synthetic_store
 
     root = Path(tempfile.mkdtemp(prefix="ddp-exit-"))
     g = torch.Generator().manual_seed(0)

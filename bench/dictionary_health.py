@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossdiff.crosscoder import Crosscoder
-from crossdiff.sparsity import arch_settings
-from crossdiff.stability import shared_reappearance
-from crossdiff.store import Store
-from crossdiff.train import TrainConfig, train
+from crossdiff.analysis.stability import shared_reappearance
+from crossdiff.coder.crosscoder import Crosscoder
+from crossdiff.coder.sparsity import arch_settings
+from crossdiff.coder.train import TrainConfig, train
+from crossdiff.inputs.store import Store
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ Runs from the source tree with the machine's own python3 (torch, transformers, t
 safetensors, tqdm): nothing is installed or downloaded. Each part prints as it finishes.
 
 1. Correctness on the device (fp32, TF32 off): the sparse training path (on CUDA: the Triton kernels
-   of crossdiff/sparse_triton.py) against the dense oracle, standard BatchTopK and DFC with AuxK
+   of crossdiff/coder/sparse_triton.py) against the dense oracle, standard BatchTopK and DFC with AuxK
    active: loss, reconstruction errors, every gradient. Prints ok or FAIL.
 2. Ceilings measured now: the bf16 matmul rate (8192³ products) and the copy bandwidth (a 2 GiB
    device-to-device copy, bytes read + written).
@@ -47,10 +47,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from crossdiff import sparse  # noqa: E402
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig, Partition  # noqa: E402
-from crossdiff.models import LanguageModel, find_blocks  # noqa: E402
-from crossdiff.train import TrainConfig, _new_state, train_step  # noqa: E402
+from crossdiff.coder import sparse  # noqa: E402
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig, Partition  # noqa: E402
+from crossdiff.coder.train import TrainConfig, _new_state, train_step  # noqa: E402
+from crossdiff.inputs.models import LanguageModel, find_blocks  # noqa: E402
 
 FULL = dict(
     check=dict(d_a=256, d_b=320, latents=4096, k=16, batch=512),
@@ -198,7 +198,7 @@ def sparse_problem(device, d, latents, k, batch) -> dict:
 def sparse_products(device, **size) -> tuple[list[tuple], list[str]]:
     """[(product, GB it must move, ms Triton, ms torch formulation, relative difference)], and the
     printable lines of `segment_sum_variants`."""
-    from crossdiff import sparse_triton as st
+    from crossdiff.coder import sparse_triton as st
 
     p = sparse_problem(device, **size)
     rows, cols, vals, W, G, order, batch, M = (
@@ -229,7 +229,7 @@ def sparse_products(device, **size) -> tuple[list[tuple], list[str]]:
 def segment_sum_variants(device, p: dict) -> list[str]:
     """ms per call of: cuSPARSE's CSR @ dense (MKL on CPU), the ∂W kernel with one latent active on
     every token (one long segment: its loop runs alone), and `segment_sum` at other block shapes."""
-    from crossdiff import sparse_triton as st
+    from crossdiff.coder import sparse_triton as st
 
     rows, cols, vals, W, G, order, batch, M = (
         p[x] for x in ("rows", "cols", "vals", "W", "G", "order", "batch", "latents")
@@ -396,7 +396,7 @@ def interpreter_kernels(smoke: bool) -> bool:
         return False
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import crossdiff.sparse_triton  # noqa: F401
+        import crossdiff.coder.sparse_triton  # noqa: F401
     except ImportError:
         return False
     sparse.TRITON_ON_CPU = True

@@ -6,7 +6,7 @@ the peak should not grow with the number of tokens.
 
     .venv/bin/python bench/harvest_memory.py [--tokens 20000 200000] [--keep DIR] [--policy threshold]
 
-`--policy threshold` runs the harvest with the allocator policy it had before crossdiff/runtime.py
+`--policy threshold` runs the harvest with the allocator policy it had before crossdiff/core/runtime.py
 made one policy per process (every block above 1 MiB mmap-ed and returned to the OS), to compare
 peak memory with today's (`keep`, the default).
 """
@@ -33,11 +33,12 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-# The old harvest policy, in place of crossdiff.runtime.apply_cpu_policy (patched before harvest.py
+# The old harvest policy, in place of crossdiff.core.runtime.apply_cpu_policy (patched before harvest.py
 # imports it): a fixed 1 MiB mmap threshold.
 THRESHOLD_POLICY = """
 import ctypes, ctypes.util, sys
-from crossdiff import cli, runtime
+from crossdiff import cli
+from crossdiff.core import runtime
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 runtime.apply_cpu_policy = lambda: bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
 sys.exit(cli.main(sys.argv[1:]))

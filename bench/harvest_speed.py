@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from crossdiff.corpus import open_corpus
-from crossdiff.harvest import HarvestConfig, _write_store
-from crossdiff.harvest_blocks import Resume, Schedule, Solo, padded_fraction
-from crossdiff.models import LanguageModel, load_model, load_tokenizer, resolve_layer
+from crossdiff.harvest.blocks import Resume, Schedule, Solo, padded_fraction
+from crossdiff.harvest.harvest import HarvestConfig, _write_store
+from crossdiff.inputs.corpus import open_corpus
+from crossdiff.inputs.models import LanguageModel, load_model, load_tokenizer, resolve_layer
 
 
 def naive_hidden(self: LanguageModel, input_ids, attention_mask, layer):

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from crossdiff.fsutil import write_bytes_atomic
-from crossdiff.store import Store, file_record
+from crossdiff.core.fsutil import write_bytes_atomic
+from crossdiff.inputs.store import Store, file_record
 
 
 def _time(fn) -> float:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from crossdiff import sparse  # noqa: E402
-from crossdiff.runtime import apply_cpu_policy  # noqa: E402
+from crossdiff.coder import sparse  # noqa: E402
+from crossdiff.core.runtime import apply_cpu_policy  # noqa: E402
 
 
 def entries(n_tokens: int, n_latents: int, n_entries: int, seed: int = 0):

@@ -32,17 +32,17 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from crossdiff import runtime  # noqa: E402
+from crossdiff.core import runtime  # noqa: E402
 
 runtime.before_torch()  # the process-wide OpenMP settings of `crossdiff`, before torch loads
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from crossdiff.crosscoder import Crosscoder  # noqa: E402
-from crossdiff.runtime import apply_cpu_policy  # noqa: E402
-from crossdiff.sparsity import arch_settings  # noqa: E402
-from crossdiff.train import TrainConfig, _new_state, train_step  # noqa: E402
+from crossdiff.coder.crosscoder import Crosscoder  # noqa: E402
+from crossdiff.coder.sparsity import arch_settings  # noqa: E402
+from crossdiff.coder.train import TrainConfig, _new_state, train_step  # noqa: E402
+from crossdiff.core.runtime import apply_cpu_policy  # noqa: E402
 
 
 def planted_pairs(
@@ -90,7 +90,7 @@ def planted_pairs(
 
 
 def write_store(path: str, n_tokens: int, d_a: int, d_b: int, seed: int) -> None:
-    from crossdiff.store import write_synthetic_store
+    from crossdiff.inputs.store import write_synthetic_store
 
     x_a, x_b = planted_pairs(n_tokens, d_a, d_b, seed=seed)
     scale_a = (d_a / x_a.pow(2).sum(1).mean()).sqrt().item()  # E||x·s||² = d (docs/design.md §4)

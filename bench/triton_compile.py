@@ -3,7 +3,7 @@
     python bench/triton_compile.py            # needs triton (the dev extras), no GPU
 
 The Triton interpreter (the tests) checks what the kernels compute, not that they compile: this
-script compiles each kernel of crossdiff/sparse_triton.py at the block shapes the launchers pick for
+script compiles each kernel of crossdiff/coder/sparse_triton.py at the block shapes the launchers pick for
 the benchmark sizes, for compute capability 9.0, with the ptxas that triton ships, and prints the
 registers per thread, spill stack, local and shared memory per kernel (cuobjdump's resource usage).
 Registers bound occupancy: 65,536 per multiprocessor / (registers x 32 x warps) blocks at most.
@@ -45,7 +45,7 @@ def main() -> int:
     import triton
     import triton.language as tl
 
-    from crossdiff import sparse_triton as st
+    from crossdiff.coder import sparse_triton as st
 
     ints = dict.fromkeys(("D", "stride_t", "stride_o", "idx_lo", "idx_hi"), "i32")
     seg = {"idx_ptr": "*i64", "w_ptr": "*fp32", "off_ptr": "*i64", "table_ptr": "*fp32", "bias_ptr": "*fp32"}

@@ -8,17 +8,17 @@ The Python API mirrors the CLI: each stage is a config dataclass plus a function
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Crosscoder": "crossdiff.crosscoder",
-    "CrosscoderConfig": "crossdiff.crosscoder",
-    "Store": "crossdiff.store",
-    "HarvestConfig": "crossdiff.harvest",
-    "harvest": "crossdiff.harvest",
-    "TrainConfig": "crossdiff.train",
-    "train": "crossdiff.train",
-    "load_model": "crossdiff.models",
-    "open_corpus": "crossdiff.corpus",
-    "align": "crossdiff.align",
-    "CrossdiffError": "crossdiff.errors",
+    "Crosscoder": "crossdiff.coder.crosscoder",
+    "CrosscoderConfig": "crossdiff.coder.crosscoder",
+    "Store": "crossdiff.inputs.store",
+    "HarvestConfig": "crossdiff.harvest.harvest",
+    "harvest": "crossdiff.harvest.harvest",
+    "TrainConfig": "crossdiff.coder.train",
+    "train": "crossdiff.coder.train",
+    "load_model": "crossdiff.inputs.models",
+    "open_corpus": "crossdiff.inputs.corpus",
+    "align": "crossdiff.inputs.align",
+    "CrossdiffError": "crossdiff.core.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

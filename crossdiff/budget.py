@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import CrossdiffError
+from .core.errors import CrossdiffError
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def get_budget(name: str) -> Budget:
 
 
 def harvest_config(b: Budget, out, *, model_a: str, model_b: str, corpus: str, device: str = "auto"):
-    from .harvest import HarvestConfig
+    from .harvest.harvest import HarvestConfig
 
     return HarvestConfig(
         out=str(out),
@@ -137,8 +137,8 @@ def harvest_config(b: Budget, out, *, model_a: str, model_b: str, corpus: str, d
 def train_config(
     b: Budget, store, out, *, arch: str = "dfc", seed: int = 0, device: str = "auto", dec_init_norm=None
 ):
-    from .sparsity import arch_settings
-    from .train import TrainConfig
+    from .coder.sparsity import arch_settings
+    from .coder.train import TrainConfig
 
     extra = {} if dec_init_norm is None else {"dec_init_norm": dec_init_norm}
     return TrainConfig(
@@ -160,7 +160,7 @@ def train_config(
 
 
 def analyze_config(b: Budget, run, store, *, load_models: bool | None = None, device: str = "auto"):
-    from .analyze import AnalyzeConfig
+    from .analysis.analyze import AnalyzeConfig
 
     return AnalyzeConfig(
         run=str(run), store=str(store), load_models=load_models, splice_tokens=b.splice_tokens, device=device
@@ -168,7 +168,7 @@ def analyze_config(b: Budget, run, store, *, load_models: bool | None = None, de
 
 
 def verify_config(b: Budget, run, store, *, device: str = "auto"):
-    from .verify import VerifyConfig
+    from .analysis.verify import VerifyConfig
 
     return VerifyConfig(
         run=str(run),

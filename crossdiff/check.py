@@ -14,8 +14,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CrossdiffError
-from .store import harvest_command, safetensors_problem, store_problems
+from .core.errors import CrossdiffError
+from .inputs.store import harvest_command, safetensors_problem, store_problems
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _checkpoint_problem(folder: Path) -> str | None:
     """Why a crosscoder checkpoint folder cannot be used (None when it loads with finite weights)."""
     import torch
 
-    from .crosscoder import Crosscoder
+    from .coder.crosscoder import Crosscoder
 
     weights = folder / "crosscoder.safetensors"
     problem = safetensors_problem(weights)

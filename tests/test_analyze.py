@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.analyze import COLUMNS, RULES_VERSION, AnalyzeConfig, analyze
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import write_synthetic_store
+from crossdiff.analysis.analyze import COLUMNS, RULES_VERSION, AnalyzeConfig, analyze
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import write_synthetic_store
 
 D_A, D_B, N = 16, 12, 8192
 SUMMARY_KEYS = {
@@ -196,7 +196,7 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == {0, 1}  # stale files removed
     assert _rows(run)[0]["verdict"] == "candidate_a"
     # new candidate / verdict rules (analyze.RULES_VERSION): a rerun redoes everything
-    import crossdiff.analyze as analyze_mod
+    import crossdiff.analysis.analyze as analyze_mod
 
     stamp = (out / "summary.json").stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
@@ -232,7 +232,7 @@ def test_analysis_written_by_the_previous_version_is_complete(tmp_path, capsys):
 
 
 def test_max_tokens_and_trained_crosscoder(tmp_path):
-    from crossdiff.train import TrainConfig, train
+    from crossdiff.coder.train import TrainConfig, train
 
     x_a, x_b = _planted()
     store = tmp_path / "store"
@@ -291,14 +291,14 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_real_pair_end_to_end(tmp_path, models_ab, monkeypatch):
     """harvest -> train -> analyze on the default pair: examples in both tokenisations, logit lens, splice."""
-    import crossdiff.harvest
-    import crossdiff.models
-    from crossdiff.harvest import HarvestConfig, harvest
-    from crossdiff.train import TrainConfig, train
+    import crossdiff.harvest.harvest
+    import crossdiff.inputs.models
+    from crossdiff.coder.train import TrainConfig, train
+    from crossdiff.harvest.harvest import HarvestConfig, harvest
 
     by_id = {lm.id: lm for lm in models_ab}
-    monkeypatch.setattr(crossdiff.harvest, "load_model", lambda spec, device="cpu": by_id[spec])
-    monkeypatch.setattr(crossdiff.models, "load_model", lambda spec, device="cpu": by_id[spec])
+    monkeypatch.setattr(crossdiff.harvest.harvest, "load_model", lambda spec, device="cpu": by_id[spec])
+    monkeypatch.setattr(crossdiff.inputs.models, "load_model", lambda spec, device="cpu": by_id[spec])
     corpus = tmp_path / "docs.txt"
     sentence = "The jury said the election in Atlanta was conducted well, despite {} objections."
     corpus.write_text("\n\n".join(sentence.format(i * 7) + " " + sentence.format(i) for i in range(60)))
@@ -336,7 +336,7 @@ def test_real_pair_end_to_end(tmp_path, models_ab, monkeypatch):
 def test_dfc_shared_latent_with_a_one_sided_decoder_is_a_candidate():
     """A shared latent whose B row stayed tiny (relative norm <= t) is an A candidate in a DFC as in
     a standard crosscoder; balanced shared latents are not; partition members always are."""
-    from crossdiff.analyze import exclusive_sides
+    from crossdiff.analysis.analyze import exclusive_sides
 
     cc = _handmade("dfc")
     part = cc.partition
@@ -353,7 +353,7 @@ def test_dfc_shared_latent_with_a_one_sided_functional_share_is_a_candidate(tmp_
     """Given the functional share, a DFC's shared latent with share_B <= t (>= 1 - t) is an A (B)
     candidate; a standard crosscoder keeps the relative-norm rule. The analysis writes the share
     (measured on held-out rows) as the functional_share column."""
-    from crossdiff.analyze import exclusive_sides
+    from crossdiff.analysis.analyze import exclusive_sides
 
     share = np.array([np.nan, np.nan, 0.5, 0.5, 0.05, 0.95, np.nan, np.nan])
     assert list(exclusive_sides(_handmade("dfc"), 0.1, share)[0]) == ["a", "a", "", "", "a", "b", "b", "b"]

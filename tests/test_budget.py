@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from crossdiff.budget import BUDGETS, get_budget, train_config
-from crossdiff.errors import CrossdiffError
+from crossdiff.core.errors import CrossdiffError
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))

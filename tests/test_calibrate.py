@@ -1,4 +1,4 @@
-"""`crossdiff calibrate` and its derived stores (crossdiff/derive.py), on a store harvested from a small
+"""`crossdiff calibrate` and its derived stores (crossdiff/inputs/derive.py), on a store harvested from a small
 text with the real default pair: the planted store equals model A's forward with a hook adding the
 direction at the layer, the self and rotated stores are what they claim, derivation resumes byte-identical,
 and the whole calibration runs end to end on a tiny budget.
@@ -17,10 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.align import tokenize
 from crossdiff.budget import Budget
-from crossdiff.calibrate import DEFAULT_WORDS, CalibrateConfig, calibrate, calibration_settings, read_words
-from crossdiff.derive import (
+from crossdiff.controls.calibrate import (
+    DEFAULT_WORDS,
+    CalibrateConfig,
+    calibrate,
+    calibration_settings,
+    read_words,
+)
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.harvest.harvest import HarvestConfig, harvest
+from crossdiff.inputs.align import tokenize
+from crossdiff.inputs.derive import (
     Control,
     derive_store,
     load_direction,
@@ -30,9 +38,7 @@ from crossdiff.derive import (
     rows_on_words,
     word_pattern,
 )
-from crossdiff.errors import CrossdiffError
-from crossdiff.harvest import HarvestConfig, harvest
-from crossdiff.store import Store
+from crossdiff.inputs.store import Store
 
 FILLER = (
     "the a of and to in was said that with for on at from by old new big small near his her their".split()
@@ -316,7 +322,7 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     with pytest.raises(CrossdiffError, match="other settings"):
         calibrate(CalibrateConfig(out=str(diff), words=str(words), dec_init_norm=0.01), budget=TINY)
     # a calibration written when the trainer's `arch` named the DFC is the same calibration
-    from crossdiff.calibrate import _check_settings
+    from crossdiff.controls.calibrate import _check_settings
 
     old_train = {k: v for k, v in settings["train"].items() if k != "sparsity"} | {
         "arch": "dfc",
@@ -358,7 +364,7 @@ def test_calibration_settings_written_by_the_previous_version_still_match():
     from types import SimpleNamespace
 
     from crossdiff.budget import analyze_config, train_config
-    from crossdiff.config import config_to_dict
+    from crossdiff.core.config import config_to_dict
 
     not_settings = {
         "store",

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from crossdiff.align import align, tokenize
-from crossdiff.chat import (
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.align import align, tokenize
+from crossdiff.inputs.chat import (
     PLAIN_TEMPLATE,
     chat_template,
     chunk_messages,
@@ -19,8 +20,7 @@ from crossdiff.chat import (
     render,
     split_conversation,
 )
-from crossdiff.corpus import open_corpus
-from crossdiff.errors import CrossdiffError
+from crossdiff.inputs.corpus import open_corpus
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -159,8 +159,8 @@ def test_chat_corpus_specs_and_errors(tmp_path):
 def test_conversation_harvest_masks_templates_and_splits_long_conversations(tmp_path, one_thread):
     """A real harvest of three conversations, one longer than the context: rows only at content
     characters, in the model's own rendering; masked template tokens counted by reason."""
-    from crossdiff.chat import Message, encode_chunk
-    from crossdiff.harvest import HarvestConfig, harvest
+    from crossdiff.harvest.harvest import HarvestConfig, harvest
+    from crossdiff.inputs.chat import Message, encode_chunk
 
     words = "the court said voters in Atlanta and the café owners agreed on 1961 reforms.".split()
     rng = np.random.default_rng(1)
@@ -222,7 +222,7 @@ def test_hf_dataset_with_a_messages_field_is_read_as_conversations(tmp_path):
 def test_example_in_a_conversation_shows_its_role_and_turn(tokenizers_ab):
     """evidence renders a conversation row as a turn: its role and turn, text from its message only,
     and each model's tokens in its own rendering (template tokens included)."""
-    from crossdiff.evidence import _render_row
+    from crossdiff.analysis.evidence import _render_row
 
     text, spans = content_text(CONVERSATION)
     chunk = {"chunk": 0, "doc": 0, "source": "c.jsonl:1", "text": text, "messages": [list(m) for m in spans]}
@@ -241,7 +241,7 @@ def test_example_in_a_conversation_shows_its_role_and_turn(tokenizers_ab):
 
 
 def test_report_shows_a_conversation_example_as_a_turn():
-    from crossdiff.report import example_html
+    from crossdiff.report.report import example_html
 
     ex = {
         "value": 1.5,

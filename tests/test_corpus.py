@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff import corpus as corpus_mod
-from crossdiff.corpus import Document, brown_dir, detag_brown, install_brown, open_corpus
-from crossdiff.errors import CrossdiffError
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs import corpus as corpus_mod
+from crossdiff.inputs.corpus import Document, brown_dir, detag_brown, install_brown, open_corpus
 
 BROWN_SAMPLE = (
     "\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd Atlanta's/np$ election/nn produced/vbd ``/`` no/at "

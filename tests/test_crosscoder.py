@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig, Partition
-from crossdiff.errors import CrossdiffError
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig, Partition
+from crossdiff.core.errors import CrossdiffError
 
 D_A, D_B = 24, 20
 

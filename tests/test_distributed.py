@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.store import write_synthetic_store
-from crossdiff.train import KILL_ENV
+from crossdiff.coder.train import KILL_ENV
+from crossdiff.inputs.store import write_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 D_A, D_B = 24, 20

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.evidence import Histogram, TopK, logit_lens, norm_gain, render_examples
+from crossdiff.analysis.evidence import Histogram, TopK, logit_lens, norm_gain, render_examples
 
 
 def _sparse_acts(n=1000, f=37, seed=0):
@@ -82,7 +82,7 @@ class _FakeStore:
 
 
 def test_examples_highlight_the_token_in_both_tokenisations(tokenizers_ab):
-    from crossdiff.align import align, tokenize
+    from crossdiff.inputs.align import align, tokenize
 
     text = "The jury said the election, in Atlanta's 1961 primary, was conducted well."
     tok_a, tok_b = tokenizers_ab
@@ -119,7 +119,7 @@ def test_examples_without_text_are_empty_not_errors():
 def _tiny_lm(kind, tokenizer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    from crossdiff.models import LanguageModel, find_blocks
+    from crossdiff.inputs.models import LanguageModel, find_blocks
 
     torch.manual_seed(0)
     common = dict(

@@ -1,4 +1,4 @@
-"""The functional share (crossdiff.functional) against a brute-force reference (remove the latent,
+"""The functional share (crossdiff.coder.functional) against a brute-force reference (remove the latent,
 recompute the error), on planted one-sided features whose other-model row never learned anything,
 and the classification rules built on it."""
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.functional import FunctionalShare, classify_by_share, functional_share, share_from_deltas
-from crossdiff.matching import classify
-from crossdiff.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.coder.functional import FunctionalShare, classify_by_share, functional_share, share_from_deltas
+from crossdiff.controls.matching import classify
+from crossdiff.controls.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
 
 
 def _brute_force_deltas(cc, x_a, x_b, f_BF) -> tuple[np.ndarray, np.ndarray]:

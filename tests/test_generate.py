@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.generate import GenerateConfig, answer_batch, cut_at_turn, load_answered, read_prompts
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.generate import GenerateConfig, answer_batch, cut_at_turn, load_answered, read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 30

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.align import tokenize
-from crossdiff.errors import CrossdiffError
-from crossdiff.harvest import HarvestConfig, harvest
-from crossdiff.store import Store
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.harvest.harvest import HarvestConfig, harvest
+from crossdiff.inputs.align import tokenize
+from crossdiff.inputs.store import Store
 
 WORDS = (
     "the jury said election county city of in was and to a for that is on with as by at from court "
@@ -168,7 +168,7 @@ def test_full_disk_fails_cleanly_and_resumes(reference, corpus_file, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_harvest_runs_bf16_models_and_matches_cpu(reference, corpus_file, tmp_path):
-    from crossdiff.models import DEFAULT_MODEL_A, load_model
+    from crossdiff.inputs.models import DEFAULT_MODEL_A, load_model
 
     assert load_model(DEFAULT_MODEL_A, device="cuda").model.dtype == torch.bfloat16
     cfg = dict(out=str(tmp_path / "gpu"), corpus=str(corpus_file), device="cuda", **SETTINGS)
@@ -274,7 +274,7 @@ def test_rerun_reharvests_damaged_shards_byte_identically(reference, corpus_file
 
 
 def test_full_disk_while_saving_tokenizers_leaves_no_temporary(tmp_path, models_ab):
-    from crossdiff.harvest import _prepare
+    from crossdiff.harvest.harvest import _prepare
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
@@ -301,7 +301,7 @@ CHINESE = (
 
 
 def test_badly_aligned_text_warns_and_says_why(tmp_path, capsys, tokenizers_ab):
-    from crossdiff.harvest import aligned_fraction_warning
+    from crossdiff.harvest.harvest import aligned_fraction_warning
 
     corpus = tmp_path / "zh.txt"
     corpus.write_text("\n\n".join(CHINESE[i:] + CHINESE[:i] for i in range(0, 120, 10)) + "\n")

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff import harvest_ranks
-from crossdiff.corpus import open_corpus
-from crossdiff.errors import CrossdiffError
-from crossdiff.harvest import HarvestConfig
-from crossdiff.harvest_blocks import Chunk, Resume, Schedule, padded_fraction, window_batches
-from crossdiff.store import Store, heldout_mask, write_shard
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.harvest import ranks as harvest_ranks
+from crossdiff.harvest.blocks import Chunk, Resume, Schedule, padded_fraction, window_batches
+from crossdiff.harvest.harvest import HarvestConfig
+from crossdiff.inputs.corpus import open_corpus
+from crossdiff.inputs.store import Store, heldout_mask, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the jury said election county city of in was and to a for that is on with as by at 1961 café — “quoted”".split()

@@ -14,9 +14,9 @@ import torch
 
 from crossdiff import cli
 from crossdiff.check import CheckConfig, check
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store, sha256_file, write_synthetic_store
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import Store, sha256_file, write_synthetic_store
 
 
 def _store(path, n=3000, **kw):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig, Partition
-from crossdiff.matching import (
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig, Partition
+from crossdiff.controls.matching import (
     OTHER,
     classify,
     classify_by_partition,
@@ -21,7 +21,7 @@ from crossdiff.matching import (
     match,
     score_crosscoder,
 )
-from crossdiff.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
+from crossdiff.controls.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
 
 # Ground truth: 4 shared, 2 A-only, 2 B-only features, laid out [shared | A-only | B-only].
 TINY = SyntheticConfig(
@@ -156,7 +156,7 @@ def test_dfc_recovers_planted_a_only_features_in_an_easy_setting(tmp_path, one_t
     benchmark's default DFC) nothing pulls exclusive features into the exclusive partition and
     shared-partition latents take most of them, even in this easy setting (docs/benchmark.md).
     """
-    from crossdiff.train import TrainConfig, train
+    from crossdiff.coder.train import TrainConfig, train
 
     easy = SyntheticConfig(
         d_a=24, d_b=28, n_shared=24, n_a_only=6, n_b_only=6, freq_max=0.3, freq_min=0.05, imbalanced_frac=0.0,

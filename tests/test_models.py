@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.models import find_blocks, hidden_width, load_model, resolve_layer, resolve_model_dir
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.models import find_blocks, hidden_width, load_model, resolve_layer, resolve_model_dir
 
 TEXT = "The jury said the election was conducted well, in 1961, despite the 12 objections."
 
@@ -110,7 +110,7 @@ def test_bad_model_specs(tmp_path, monkeypatch):
 
 
 def test_gguf_file_path_converts_once_with_identical_logits(models_ab, tmp_path, monkeypatch):
-    from crossdiff.models import EMBEDDED
+    from crossdiff.inputs.models import EMBEDDED
 
     monkeypatch.setenv("CROSSDIFF_HOME", str(tmp_path))
     gguf = EMBEDDED["smollm2-135m"].gguf(tmp_path)

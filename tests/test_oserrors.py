@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store, write_synthetic_store
-from crossdiff.train import TrainConfig, _initialise, save_checkpoint
+from crossdiff.coder.train import TrainConfig, _initialise, save_checkpoint
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import Store, write_synthetic_store
 
 
 @pytest.fixture

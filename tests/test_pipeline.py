@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from crossdiff import budget, cli, pipeline
-from crossdiff.analyze import RULES_VERSION
+from crossdiff.analysis.analyze import RULES_VERSION
 from crossdiff.budget import Budget
-from crossdiff.errors import CrossdiffError
+from crossdiff.core.errors import CrossdiffError
 from crossdiff.pipeline import DiffConfig, diff
 
 TINY = Budget(

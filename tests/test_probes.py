@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.probes import (
+from crossdiff.analysis.probes import (
     LatentScaling,
     ProbeEval,
     RidgeProbe,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.htmlkit import esc, render_any, visible_ws
-from crossdiff.report import ReportConfig, report
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.report.htmlkit import esc, render_any, visible_ws
+from crossdiff.report.report import ReportConfig, report
 
 NAN = float("nan")
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
@@ -80,7 +80,7 @@ def _feature(i: int, row: dict) -> dict:
         "verdict": row["verdict"],
         "stats": row,
         "examples": examples,
-        # As crossdiff.evidence.Histogram writes it: shared log-spaced edges 1e-3..1e3, most bins empty.
+        # As crossdiff.analysis.evidence.Histogram writes it: shared log-spaced edges 1e-3..1e3, most bins empty.
         "histogram": {
             "edges": [10 ** (-3 + k / 4) for k in range(25)],
             "counts": [0] * 12 + [50, 20, 5, 1] + [0] * 8,
@@ -141,7 +141,7 @@ BEHAVIOUR = {0: ("a", "difference", 0.21, 6.5, 0.42), 1: ("a", "inert", 0.001, 0
 
 def write_verification(run: Path) -> None:
     """RUN/verification/ as `crossdiff verify` leaves it (docs/verification.md), trimmed."""
-    from crossdiff.verify import COLUMNS as VCOLS
+    from crossdiff.analysis.verify import COLUMNS as VCOLS
 
     out = run / "verification"
     (out / "latents").mkdir(parents=True)
@@ -171,8 +171,8 @@ def _all_html(run: Path) -> dict[str, str]:
 
 
 def test_fixture_cfg_matches_crosscoder_config(tmp_path):
-    """The fixture's cfg.json is one that crossdiff.crosscoder would write and read back."""
-    from crossdiff.crosscoder import CrosscoderConfig
+    """The fixture's cfg.json is one that crossdiff.coder.crosscoder would write and read back."""
+    from crossdiff.coder.crosscoder import CrosscoderConfig
 
     cfg = json.loads((make_run(tmp_path) / "cfg.json").read_text())
     assert CrosscoderConfig.from_dict(cfg).to_dict().keys() >= cfg.keys()
@@ -228,7 +228,7 @@ def test_report_files_and_escaping(tmp_path):
 
 
 def test_histogram_view_trims_and_uses_log_axis():
-    from crossdiff.report import _hist_view
+    from crossdiff.report.report import _hist_view
 
     edges, counts, label = _hist_view([10.0 ** (k - 3) for k in range(7)], [0, 0, 3, 4, 0, 0])
     assert (edges, counts, label) == ([-2.0, -1.0, 0.0, 1.0, 2.0], [0, 3, 4, 0], "log10(activation)")

@@ -1,4 +1,4 @@
-"""Process-wide policy (crossdiff/runtime.py): set before torch loads, applied once, user values win."""
+"""Process-wide policy (crossdiff/core/runtime.py): set before torch loads, applied once, user values win."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff import runtime
-from crossdiff.errors import CrossdiffError
+from crossdiff.core import runtime
+from crossdiff.core.errors import CrossdiffError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_cli_sets_openmp_policy_before_torch_loads():
     # The CLI module must not import torch: main() sets the OpenMP environment first.
     code = (
         "import sys, os; from crossdiff import cli; assert 'torch' not in sys.modules; "
-        "from crossdiff import runtime; runtime.before_torch(); import torch; "
+        "from crossdiff.core import runtime; runtime.before_torch(); import torch; "
         "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
     )
     policy, threads, torch_threads = _python(code).split()
@@ -40,7 +40,7 @@ def test_cli_sets_openmp_policy_before_torch_loads():
 
 
 def test_user_openmp_settings_win():
-    code = "import os; from crossdiff import runtime; runtime.before_torch(); import torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    code = "import os; from crossdiff.core import runtime; runtime.before_torch(); import torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
     assert _python(code, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1").split() == ["ACTIVE", "1"]
 
 
@@ -51,7 +51,7 @@ def test_available_cpus_is_within_the_affinity_mask():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_allocator_policy_is_applied_once_and_kept():
     code = (
-        "from crossdiff import runtime; a = runtime.apply_cpu_policy(); "
+        "from crossdiff.core import runtime; a = runtime.apply_cpu_policy(); "
         "b = runtime.apply_cpu_policy(); print(a, b, sorted(runtime._APPLIED))"
     )
     assert _python(code) == "True True ['allocator']"

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from crossdiff import sparse
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.sparsity import SPARSITIES
+from crossdiff.coder import sparse
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.coder.sparsity import SPARSITIES
 
 CASES = [
     # sparsity, d_a, d_b, n_latents, n_a_excl, n_b_excl, batch, k
@@ -278,12 +278,12 @@ def test_cpu_training_never_imports_triton():
 
     code = (
         "import sys, torch\n"
-        "from crossdiff.crosscoder import Crosscoder, CrosscoderConfig\n"
+        "from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig\n"
         "m = Crosscoder(CrosscoderConfig(8, 12, 64, 'batchtopk', 4, n_a_exclusive=6, n_b_exclusive=6))\n"
         "out = m.training_forward(torch.randn(16, 8), torch.randn(16, 12), dead_F=torch.ones(64, dtype=torch.bool))\n"
         "out.loss.backward()\n"
         "assert m.W_dec_b.grad.abs().sum() > 0\n"
-        "bad = [n for n in sys.modules if n.split('.')[0] == 'triton' or n == 'crossdiff.sparse_triton']\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] == 'triton' or n == 'crossdiff.coder.sparse_triton']\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

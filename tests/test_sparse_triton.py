@@ -1,4 +1,4 @@
-"""The CUDA path's Triton kernels (crossdiff/sparse_triton.py) against dense float64 oracles.
+"""The CUDA path's Triton kernels (crossdiff/coder/sparse_triton.py) against dense float64 oracles.
 
 Without a GPU they run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here
 before the kernels are defined); with one, compiled on CUDA. Triton is a dev-only dependency:
@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from test_sparse import CASES, _model, _run  # noqa: E402
 
-from crossdiff import sparse, sparse_triton  # noqa: E402
+from crossdiff.coder import sparse, sparse_triton  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative, ‖out − ref‖/‖ref‖
@@ -178,7 +178,7 @@ def test_dfc_decode_pair_skips_out_of_range_entries(triton_path, monkeypatch):
 def test_l1_path_on_the_kernels(triton_path, monkeypatch):
     from dataclasses import replace
 
-    from crossdiff.sparsity import SPARSITIES
+    from crossdiff.coder.sparsity import SPARSITIES
 
     monkeypatch.setitem(SPARSITIES, "l1", replace(SPARSITIES["l1"], max_sparse_density=1.0))
     sparsity, d_a, d_b, n_latents, ea, eb, batch, k = CASES[6]

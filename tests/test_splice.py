@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.splice import aligned_activations, next_token_loss, splice_eval
+from crossdiff.analysis.splice import aligned_activations, next_token_loss, splice_eval
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 
 TEXTS = [
     "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary election "
@@ -27,7 +27,7 @@ def layers(models_ab):
 
 
 def test_positions_are_aligned_and_masked_like_harvest(models_ab, layers):
-    from crossdiff.align import align, tokenize
+    from crossdiff.inputs.align import align, tokenize
 
     ids, (x_a, x_b), (pos_a, pos_b) = aligned_activations(models_ab, layers, TEXTS[0], outlier_factor=10.0)
     ta, tb = (tokenize(lm.tokenizer, TEXTS[0]) for lm in models_ab)

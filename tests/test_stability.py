@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.errors import CrossdiffError
-from crossdiff.stability import best_matches, format_table, seed_stability, shared_reappearance
+from crossdiff.analysis.stability import best_matches, format_table, seed_stability, shared_reappearance
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.core.errors import CrossdiffError
 
 
 def _dfc(seed: int, n=64, ex=8) -> Crosscoder:
@@ -117,7 +117,7 @@ def test_standard_crosscoder_side_comes_from_the_relative_norm():
 
 
 def test_report_section_lists_each_candidate_with_its_seed_count():
-    from crossdiff.report import stability_html
+    from crossdiff.report.report import stability_html
 
     ref = _dfc(0)
     other = _permuted(ref, np.arange(8))

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.crosscoder import Crosscoder, CrosscoderConfig
-from crossdiff.errors import CrossdiffError
-from crossdiff.steer import (
+from crossdiff.analysis.steer import (
     SteerConfig,
     ablate_edit,
     add_edit,
@@ -21,6 +19,8 @@ from crossdiff.steer import (
     steer_latent,
     steering,
 )
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+from crossdiff.core.errors import CrossdiffError
 
 LAYER_A, LAYER_B = 15, 9
 PARIS = [("I love the city of", " Paris"), ("We flew to", " Paris"), ("Next summer we visit", " Paris")]
@@ -147,7 +147,9 @@ def test_cli_single_and_top(tmp_path, models_ab, monkeypatch, one_thread):
     ex = [{"value": 3.0, "text_before": p, "text_token": c, "text_after": ""} for p, c in PARIS]
     for i in (0, 1, 6):
         (feats / f"{i}.json").write_text(json.dumps({"latent": i, "examples": ex}))
-    monkeypatch.setattr("crossdiff.models.load_model", lambda spec, **kw: models_ab[spec != "smollm2-135m"])
+    monkeypatch.setattr(
+        "crossdiff.inputs.models.load_model", lambda spec, **kw: models_ab[spec != "smollm2-135m"]
+    )
     common = ["--run", str(run), "--strengths", "0", "4", "--n-random", "5", "--new-tokens", "2"]
     assert cli.main(["steer", *common, "--latent", "0"]) == 0
     doc = json.loads((run / "steering" / "0.json").read_text())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import (
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import (
     Store,
     activation_stats,
     heldout_mask,

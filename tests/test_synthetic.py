@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import Store
-from crossdiff.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
+from crossdiff.controls.synthetic import A_ONLY, B_ONLY, SHARED, SyntheticConfig, SyntheticPairs
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import Store
 
 SMALL = dict(d_a=16, d_b=20, n_shared=40, n_a_only=8, n_b_only=8, chunk_tokens=4096)
 

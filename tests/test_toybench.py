@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.plots import Point, histogram_svg, nice_ticks, scatter_svg
+from crossdiff.report.plots import Point, histogram_svg, nice_ticks, scatter_svg
 
 TINY = [
     "--seeds", "1", "--tokens", "12000", "--batch-size", "256", "--latents", "64", "--eval-tokens", "4096",
@@ -51,13 +51,13 @@ def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monke
     def no_training(cfg):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("crossdiff.train.train", no_training)
+    monkeypatch.setattr("crossdiff.coder.train.train", no_training)
     assert cli.main(["bench", "toy", "--out", str(out), *TINY]) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == runs
 
     # bench.json as crossdiff 0.1 wrote it (every TrainConfig field but store, out and device, logging
     # and checkpoint intervals included): still this run's record, neither retrained nor re-scored.
-    monkeypatch.setattr("crossdiff.toybench.score_run", lambda *a: pytest.fail("re-scored"))
+    monkeypatch.setattr("crossdiff.controls.toybench.score_run", lambda *a: pytest.fail("re-scored"))
     for r in runs:
         path = out / "runs" / f"{r['name']}-seed-0" / "bench.json"
         rec = json.loads(path.read_text())
@@ -97,9 +97,9 @@ def test_bench_toy_verifies_exclusive_latents_and_rescores_without_the_store(
     def fail(*args, **kwargs):
         raise AssertionError("re-scoring must not train, analyse or rebuild the store")
 
-    monkeypatch.setattr("crossdiff.train.train", fail)
-    monkeypatch.setattr("crossdiff.analyze.analyze", fail)
-    monkeypatch.setattr("crossdiff.synthetic.SyntheticPairs.write_store", fail)
+    monkeypatch.setattr("crossdiff.coder.train.train", fail)
+    monkeypatch.setattr("crossdiff.analysis.analyze.analyze", fail)
+    monkeypatch.setattr("crossdiff.controls.synthetic.SyntheticPairs.write_store", fail)
     assert cli.main(["bench", "toy", "--out", str(out), *TINY, "--match-threshold", "0.8"]) == 0
     again = json.loads((out / "results.json").read_text())["runs"]
     assert all(
@@ -144,9 +144,9 @@ def test_nice_ticks():
 
 
 def test_wide_setting_builds_its_sizes(tmp_path, one_thread):
-    from crossdiff.crosscoder import Crosscoder
-    from crossdiff.errors import CrossdiffError
-    from crossdiff.toybench import ToyBenchConfig
+    from crossdiff.coder.crosscoder import Crosscoder
+    from crossdiff.controls.toybench import ToyBenchConfig
+    from crossdiff.core.errors import CrossdiffError
 
     sizes = ("d_a", "d_b", "n_shared", "n_a_only", "n_b_only", "latents", "k")
     wide = ToyBenchConfig(out=str(tmp_path), setting="wide")

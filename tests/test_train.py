@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.crosscoder import Crosscoder
-from crossdiff.errors import CrossdiffError
-from crossdiff.store import write_synthetic_store
-from crossdiff.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, save_checkpoint, train
+from crossdiff.coder.crosscoder import Crosscoder
+from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, save_checkpoint, train
+from crossdiff.core.errors import CrossdiffError
+from crossdiff.inputs.store import write_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 D_A, D_B = 24, 20
@@ -103,8 +103,8 @@ def test_schedule():
 
 
 def test_clipping_folded_into_fused_adam_matches_clip_grad_norm():
-    from crossdiff.crosscoder import CrosscoderConfig
-    from crossdiff.train import clip_grad_norm
+    from crossdiff.coder.crosscoder import CrosscoderConfig
+    from crossdiff.coder.train import clip_grad_norm
 
     results = []
     for fused in (True, False):
@@ -201,8 +201,8 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
 def test_arch_shorthand_maps_to_sparsity_and_exclusive_fraction():
     import argparse
 
-    from crossdiff.config import add_config_arguments, config_from_args
-    from crossdiff.sparsity import arch_settings
+    from crossdiff.coder.sparsity import arch_settings
+    from crossdiff.core.config import add_config_arguments, config_from_args
 
     assert arch_settings("dfc") == {"sparsity": "batchtopk", "exclusive_frac": 0.05}
     assert arch_settings("dfc", "l1", 0.1) == {"sparsity": "l1", "exclusive_frac": 0.1}
@@ -248,8 +248,8 @@ def test_moved_run_folder_is_accepted_and_a_noop_rerun_writes_nothing(store_path
 
 
 def test_decoder_rows_start_at_dec_init_norm(store_path):
-    from crossdiff.store import Store
-    from crossdiff.train import _initialise
+    from crossdiff.coder.train import _initialise
+    from crossdiff.inputs.store import Store
 
     for norm in (0.1, 0.01):
         cfg = TrainConfig(
@@ -314,8 +314,8 @@ def _tiny_cfg(store_path, out, **kw) -> TrainConfig:
 
 
 def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(store_path, tmp_path):
-    from crossdiff.store import Store
-    from crossdiff.train import MetricsLog
+    from crossdiff.coder.train import MetricsLog
+    from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
     store = Store.open(store_path)
@@ -344,8 +344,8 @@ def test_nan_in_the_store_is_a_one_line_cli_error(tmp_path, capsys):
 
 
 def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
-    from crossdiff.store import Store
-    from crossdiff.train import _check_run_folder
+    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.inputs.store import Store
 
     other = tmp_path / "store"
     write_synthetic_store(other, *_planted(1024, D_A, D_B))
@@ -366,8 +366,8 @@ def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
 
 @pytest.mark.parametrize("victim", ["crosscoder.safetensors", "trainer_state.pt"])
 def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim):
-    from crossdiff.store import Store
-    from crossdiff.train import _check_run_folder
+    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
     _check_run_folder(cfg, tmp_path / "run")
@@ -381,8 +381,8 @@ def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim)
 
 def test_fit_takes_a_plain_iterator_of_tensors(tmp_path):
     """The loop needs no store: any iterable of (x_A, x_B) batches in normalised units."""
-    from crossdiff.crosscoder import CrosscoderConfig
-    from crossdiff.train import MetricsLog
+    from crossdiff.coder.crosscoder import CrosscoderConfig
+    from crossdiff.coder.train import MetricsLog
 
     cfg = TrainConfig(
         store="-", out=str(tmp_path), latents=32, k=2, tokens=16 * 6, batch_size=16, checkpoint_every=100
@@ -412,7 +412,7 @@ def test_cli_rejects_bad_options_in_one_line(store_path, tmp_path, capsys, argv_
 
 @pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
 def test_missing_optional_logger_is_a_warning(tmp_path, capsys, monkeypatch, logger, module):
-    from crossdiff.train import MetricsLog
+    from crossdiff.coder.train import MetricsLog
 
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     log = MetricsLog(tmp_path, TrainConfig(store="-", out=str(tmp_path), logger=logger), 0)
@@ -439,8 +439,8 @@ def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
 
 
 def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
-    from crossdiff.config import config_to_dict
-    from crossdiff.train import _check_run_folder
+    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.core.config import config_to_dict
 
     cfg = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=50_000_000)
     old = {**config_to_dict(cfg), "dead_tokens": 10_000_000, "threshold_beta": 0.999}

@@ -1,4 +1,4 @@
-"""Behavioural verification (crossdiff/verify.py) and the runnable sides of a diff (crossdiff/variants.py),
+"""Behavioural verification (crossdiff/analysis/verify.py) and the runnable sides of a diff (crossdiff/inputs/variants.py),
 on the real default pair: hooks that change nothing change nothing, the rotated copy behaves exactly
 like the model, the planted side is the derived store's model, both models score exactly the same
 characters, and the verdict rule (a self-diff can never show a difference).
@@ -12,15 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.derive import RANDOM_PLANT_RATE, random_direction, random_rotation, random_rows, word_pattern
-from crossdiff.variants import Plant, Side, Window
-from crossdiff.verify import VerifyConfig, summarise, targets, tokenize_pair
+from crossdiff.analysis.verify import VerifyConfig, summarise, targets, tokenize_pair
+from crossdiff.inputs.derive import (
+    RANDOM_PLANT_RATE,
+    random_direction,
+    random_rotation,
+    random_rows,
+    word_pattern,
+)
+from crossdiff.inputs.variants import Plant, Side, Window
 
 TEXT = "The old house by the river had a red door. My mother said the dog slept in the kitchen all day."
 
 
 def _ids(lm, text=TEXT):
-    from crossdiff.align import tokenize
+    from crossdiff.inputs.align import tokenize
 
     tok = tokenize(lm.tokenizer, text)
     return tok, torch.as_tensor(tok.input_ids)

@@ -1,0 +1,630 @@
+"""Analysis of a trained crosscoder: per-latent statistics, exclusive candidates, context probes and evidence.
+
+`analyze(AnalyzeConfig(run=RUN, store=STORE))` / `crossdiff analyze --run RUN --store STORE`
+writes RUN/analysis/ (schema: docs/analysis.md):
+
+    latents.csv            one row per latent: partition, verdict (dead / shared / candidate_a /
+                           candidate_b), note, score, decoder norms, activation statistics, probe
+                           R²/AUROC on strong firings (context information), Latent Scaling
+    features/<latent>.json top examples in both tokenisations, histogram, logit lens
+    summary.json           counts, FVE, L0, splice-in losses, thresholds; written last = complete
+    pass.pt, splice.json   the expensive stages' results, reused by a rerun with the same settings
+
+Stages: (1) one streaming pass over the store (every analysed row): firing statistics, histograms,
+running top-k, held-out FVE, train-split probe statistics, Latent Scaling sums; (2) a pass over the
+held-out rows only to score the probes fitted after (1) on each candidate's strong firings
+(f ≥ strong · p99, p99 known after (1)); (3) verdicts and scores;
+(4) splice-in losses (splice.py) and the logit lens, when the models can be loaded; (5) files.
+
+Legend: B tokens in a batch, F latents, C probed latents of one side, D one model's width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.config import config_to_dict, fingerprint, in_part, settings, where
+from ..core.errors import CrossdiffError
+from ..core.fsutil import write_json_atomic, write_with_atomic
+from .evidence import (
+    Histogram,
+    TopK,
+    decoder_rows,
+    jsonable,
+    logit_lenses,
+    render_examples,
+    store_tokenizers,
+)
+from .probes import LatentScaling, ProbeEval, RidgeProbe, detection_note, verdict
+from .results import COLUMNS, EXCLUSIVE_THRESHOLD, VERDICTS, exclusive_sides, partitions, write_latents
+from .splice import heldout_texts, splice_eval, store_offsets
+
+THRESHOLDS = "exclusive_threshold strong ridge".split()
+# Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
+# change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
+# 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
+# 4: the functional share is a column, not a candidate rule (make_plan).
+RULES_VERSION = 4
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """What to analyse and how strictly to verify exclusive candidates (docs/analysis.md)."""
+
+    run: str = where()
+    """Training run folder (or checkpoint directory) holding crosscoder.safetensors and cfg.json."""
+    store: str | None = where(None)
+    """Paired-activation store to analyse (default: the store the run was trained on)."""
+    out: str | None = where(None)
+    """Output folder (default: RUN/analysis). A rerun with the same settings skips finished work."""
+    device: str = where("auto")
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    top_k: int = in_part(20, "pass")
+    """Top-activating examples kept per latent."""
+    max_tokens: int | None = in_part(None, "pass", "share")
+    """Analyse only the first N rows of the store (default: all)."""
+    batch_size: int = in_part(1024, "pass", "share")
+    """Rows per encoder batch; memory grows with batch size × latents."""
+    exclusive_threshold: float = in_part(EXCLUSIVE_THRESHOLD, "pass")
+    """Relative decoder norm r <= t makes an A-only candidate, r >= 1 - t a B-only one (docs/design.md §5; in a DFC
+    besides the exclusive partitions)."""
+    shared_probes: int = in_part(256, "pass")
+    """Shared latents (relative norm 0.4-0.6) probed too, as a reference: they should be predictable from either side."""
+    ridge: float = in_part(1e-3, "pass")
+    """Ridge penalty of the probes, relative to the input's mean variance."""
+    min_heldout_fires: int = in_part(10, "share", "pass")
+    """The functional share (crossdiff.coder.functional) is measured only for latents firing at least this often on held-out rows."""
+    strong: float = in_part(0.3, "pass")
+    """The probes' target: a candidate's strong firings, f >= strong × its p99 activation (docs/verification.md)."""
+    same_space: bool | None = in_part(None, "pass")
+    """A and B share one activation space (self-diff, base/finetune): compute Latent Scaling. Default: same model id and width."""
+    load_models: bool | None = in_part(None, "splice")
+    """Load both models for the logit lens and the splice-in evaluation. Default: yes unless the store is synthetic."""
+    splice_tokens: int = in_part(4096, "splice")
+    """Held-out aligned tokens for the splice-in evaluation (0 skips it)."""
+    shared_features: int = 50
+    """Also write evidence files for this many shared latents, best score first."""
+    hist_bins: int = in_part(64, "pass")
+    """Log-spaced activation histogram bins per latent."""
+    hist_min: float = in_part(1e-3, "pass")
+    """Lower edge of the histogram (normalised units); smaller activations count in the first bin."""
+    hist_max: float = in_part(1e3, "pass")
+    """Upper edge of the histogram; larger activations count in the last bin."""
+    context_chars: int = 160
+    """Characters of text shown on each side of an example's token."""
+    context_tokens: int = 8
+    """Tokens shown on each side of an example's token, in each model's tokenisation."""
+    seed: int = in_part(0, "pass")
+    """Seed of the random sample of shared reference latents."""
+
+    def __post_init__(self):
+        checks = [
+            (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_tokens is None or self.max_tokens >= 1, "--max-tokens must be positive"),
+            (0 < self.exclusive_threshold < 0.5, "--exclusive-threshold must be in (0, 0.5)"),
+            (self.shared_probes >= 0 and self.shared_features >= 0, "counts must be >= 0"),
+            (self.ridge > 0, f"--ridge must be positive, got {self.ridge}"),
+            (0 < self.strong <= 1, f"--strong must be in (0, 1], got {self.strong}"),
+            (self.min_heldout_fires >= 1, "--min-heldout-fires must be at least 1"),
+            (self.splice_tokens >= 0, "--splice-tokens must be >= 0"),
+            (self.hist_bins >= 2 and 0 < self.hist_min < self.hist_max, "need 0 < --hist-min < --hist-max"),
+            (self.context_chars >= 0 and self.context_tokens >= 0, "context sizes must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CrossdiffError(message)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What is known from the weights alone: partitions, norms, candidates, what to probe."""
+
+    partition: np.ndarray  # (F,) "a_exclusive" | "b_exclusive" | "shared"
+    dec_norm_a: np.ndarray  # (F,) ||d_A,i|| in normalised units, 0 where the row does not exist
+    dec_norm_b: np.ndarray
+    rel_norm: np.ndarray  # (F,) ||d_B|| / (||d_A|| + ||d_B||)
+    side: np.ndarray  # (F,) "a" / "b" for exclusive candidates, "" otherwise
+    probe_from_b: np.ndarray  # latents whose probe reads x_B: A-side candidates, A-leaning shared refs
+    probe_from_a: np.ndarray
+    shared_refs: np.ndarray
+    same_space: bool
+    functional_share: np.ndarray | None = (
+        None  # (F,) share_B on the held-out rows (crossdiff.coder.functional)
+    )
+
+
+def make_plan(cc, store, cfg: AnalyzeConfig, share_F: np.ndarray | None = None) -> Plan:
+    # The functional share is reported (a column), not a candidate rule here: on the default pair a
+    # DFC's shared latents have a median share_B of 0.08 (B's writes are ~10x smaller in ΔSSE
+    # throughout), so share <= 0.1 would make 602 of 859 of them candidates (docs/analysis.md).
+    # The toy benchmark, without that asymmetry, classifies by it (crossdiff bench toy).
+    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
+    partition = partitions(cc)
+    others = (side == "") & np.isfinite(rel)
+    pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # the shared band of docs/design.md §5
+    pool = pool if len(pool) else np.flatnonzero(others)
+    rng = np.random.default_rng(cfg.seed)
+    refs = np.sort(rng.choice(pool, min(cfg.shared_probes, len(pool)), replace=False))
+    # A shared reference is probed from the model it leans away from (the harder direction).
+    from_b = np.union1d(np.flatnonzero(side == "a"), refs[rel[refs] < 0.5])
+    from_a = np.union1d(np.flatnonzero(side == "b"), refs[rel[refs] >= 0.5])
+    same = _same_space(cfg, store)
+    return Plan(partition, norm_a, norm_b, rel, side, from_b, from_a, refs, same, share_F)
+
+
+def _same_space(cfg: AnalyzeConfig, store) -> bool:
+    if cfg.same_space is None:
+        return store.model_a.get("id") == store.model_b.get("id") and store.d_a == store.d_b
+    if cfg.same_space and store.d_a != store.d_b:
+        raise CrossdiffError(f"--same-space needs equal widths, but A has {store.d_a} and B has {store.d_b}")
+    return cfg.same_space
+
+
+# ----------------------------------------------------------------------------- streaming passes
+
+
+@torch.inference_mode()
+def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
+    """Functional share (crossdiff.coder.functional) of every latent on the held-out rows. It decides
+    candidates, whose probes the first pass fits, so it is measured before that pass."""
+    from ..coder.functional import FunctionalShare
+
+    acc = FunctionalShare(cc, device)
+    for rows, _ in _batches(store, cfg, heldout_only=True):
+        x_a, x_b = (x.to(device) for x in store.get(rows))
+        acc.update(x_a, x_b, cc.encode(x_a, x_b))
+    return acc.share_b(cfg.min_heldout_fires)  # rarer ones are "too rare to verify" anyway
+
+
+def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
+    """(global rows, held-out flags) per batch, shard by shard in store order, first max_tokens rows."""
+    offsets = store_offsets(store)
+    limit = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
+    for shard in range(len(store.meta["shards"])):
+        n_s = int(min(offsets[shard + 1], limit) - offsets[shard])
+        if n_s <= 0:
+            break
+        held_N = np.zeros(n_s, dtype=bool)
+        h = store.split_rows(shard, "heldout")
+        held_N[h[h < n_s]] = True
+        local_N = np.flatnonzero(held_N) if heldout_only else np.arange(n_s)
+        for i in range(0, len(local_N), cfg.batch_size):
+            sel = local_N[i : i + cfg.batch_size]
+            yield offsets[shard] + sel, held_N[sel]
+        # Drop the shard's memory maps: pages read through them count in this process's RSS, and
+        # the store keeps up to 64 shards mapped; one at a time bounds it by one shard's bytes.
+        store.release(shard)
+
+
+class FirstPass:
+    """Everything gathered in the one pass over every analysed row."""
+
+    def __init__(self, cc, plan: Plan, cfg: AnalyzeConfig, device):
+        n_f = cc.cfg.n_latents
+        self.cc, self.plan, self.device = cc, plan, device
+        self.n = self.n_held = self.active = 0
+        self.n_fire_F = torch.zeros(n_f, dtype=torch.int64, device=device)
+        self.held_fire_F = torch.zeros(n_f, dtype=torch.int64, device=device)
+        self.sum_F = torch.zeros(n_f, dtype=torch.float64, device=device)
+        self.sumsq_F = torch.zeros(n_f, dtype=torch.float64, device=device)
+        self.max_F = torch.zeros(n_f, device=device)
+        self.topk = TopK(n_f, cfg.top_k, device)
+        self.hist = Histogram(n_f, cfg.hist_bins, cfg.hist_min, cfg.hist_max, device)
+        self.probe_b = RidgeProbe(cc.cfg.d_b, len(plan.probe_from_b))
+        self.probe_a = RidgeProbe(cc.cfg.d_a, len(plan.probe_from_a))
+        self.ids_b = torch.as_tensor(plan.probe_from_b, device=device)
+        self.ids_a = torch.as_tensor(plan.probe_from_a, device=device)
+        self.fve = {m: {"sse": 0.0, "sumsq": 0.0, "sum": 0.0} for m in "ab"}
+        self.scaling = _latent_scaling(cc, plan, device) if plan.same_space else None
+
+    def update(self, rows_B, held_B, x_a, x_b, f_BF) -> None:
+        # Statistics from the firing (row, latent) entries only: f is sparse (L0 of k in F).
+        rows_N, cols_N = f_BF.nonzero(as_tuple=True)
+        vals_N = f_BF[rows_N, cols_N]
+        n_f = f_BF.shape[1]
+        self.n += f_BF.shape[0]
+        self.active += len(vals_N)
+        self.n_fire_F += torch.bincount(cols_N, minlength=n_f)
+        self.held_fire_F += torch.bincount(cols_N[held_B[rows_N]], minlength=n_f)
+        self.sum_F.index_add_(0, cols_N, vals_N.double())
+        self.sumsq_F.index_add_(0, cols_N, vals_N.double().pow(2))
+        batch_max_F = torch.zeros_like(self.max_F).scatter_reduce_(0, cols_N, vals_N.float(), "amax")
+        self.max_F = torch.maximum(self.max_F, batch_max_F)
+        self.topk.update(f_BF, rows_B, batch_max_F)
+        self.hist.update_entries(cols_N, vals_N)
+        train_B = ~held_B
+        self.probe_b.update(x_b[train_B], f_BF[:, self.ids_b][train_B])
+        self.probe_a.update(x_a[train_B], f_BF[:, self.ids_a][train_B])
+        if self.scaling is not None:  # needs every row's residual
+            hat_a, hat_b = self.cc.decode(f_BF)
+            ids = self.scaling_ids
+            self.scaling.update(f_BF[:, ids], x_a - hat_a, x_b - hat_b)
+            hat_a, hat_b = hat_a[held_B], hat_b[held_B]
+        elif bool(held_B.any()):
+            hat_a, hat_b = self.cc.decode(f_BF[held_B])
+        else:
+            return
+        self.n_held += int(held_B.sum())
+        for m, x, hat in (("a", x_a[held_B], hat_a), ("b", x_b[held_B], hat_b)):
+            acc = self.fve[m]
+            acc["sse"] += float((x - hat).double().pow(2).sum())
+            acc["sumsq"] += float(x.double().pow(2).sum())
+            acc["sum"] = acc["sum"] + x.double().sum(0)
+
+    @property
+    def scaling_ids(self) -> torch.Tensor:
+        return torch.cat([self.ids_b, self.ids_a])
+
+    def fve_l0(self) -> tuple[float, float, float]:
+        fve = []
+        for m in "ab":
+            acc, n = self.fve[m], max(self.n_held, 1)
+            var = acc["sumsq"] - float(torch.as_tensor(acc["sum"]).pow(2).sum()) / n
+            fve.append(1 - acc["sse"] / var if self.n_held and var > 0 else math.nan)
+        return fve[0], fve[1], self.active / max(self.n, 1)
+
+
+def _latent_scaling(cc, plan: Plan, device) -> LatentScaling:
+    """Accumulator for the probed latents (A-side ids then B-side ids, as FirstPass.scaling_ids)."""
+    ids = np.concatenate([plan.probe_from_b, plan.probe_from_a])
+    own_is_a = torch.as_tensor(plan.rel_norm[ids] < 0.5)
+    dec_a, dec_b = decoder_rows(cc, ids, "a"), decoder_rows(cc, ids, "b")
+    own = torch.where(own_is_a[:, None], dec_a, dec_b)
+    u = own / own.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return LatentScaling(u.to(device), dec_a.to(device), dec_b.to(device), own_is_a)
+
+
+@torch.inference_mode()
+def run_passes(cc, store, plan: Plan, cfg: AnalyzeConfig, device) -> dict:
+    """Pass 1 over every analysed row, then pass 2 over held-out rows to score the probes."""
+    from tqdm.auto import tqdm
+
+    first = FirstPass(cc, plan, cfg, device)
+    total = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
+    with tqdm(total=total, unit="tok", desc="analyse", dynamic_ncols=True, mininterval=1.0) as bar:
+        for rows, held in _batches(store, cfg, heldout_only=False):
+            x_a, x_b = (x.to(device) for x in store.get(rows))
+            f_BF = cc.encode(x_a, x_b)
+            first.update(torch.as_tensor(rows), torch.as_tensor(held, device=device), x_a, x_b, f_BF)
+            bar.update(len(rows))
+    evals = {}
+    p99_F = torch.as_tensor(first.hist.quantile(0.99), dtype=torch.float32)
+    for key, probe, ids in (("b", first.probe_b, plan.probe_from_b), ("a", first.probe_a, plan.probe_from_a)):
+        if probe.n_targets and probe.n:
+            W, b = probe.solve(cfg.ridge)
+            strong = cfg.strong * torch.nan_to_num(p99_F[torch.as_tensor(ids, dtype=torch.long)])
+            evals[key] = ProbeEval(W, b, *probe.prediction_spread(W), strong_C=strong).to(device)
+    for rows, _ in _batches(store, cfg, heldout_only=True):
+        x_a, x_b = (x.to(device) for x in store.get(rows))
+        f_BF = cc.encode(x_a, x_b)
+        for key, x_other, ids in (("b", x_b, first.ids_b), ("a", x_a, first.ids_a)):
+            if key in evals:
+                evals[key].update(x_other, f_BF[:, ids])
+    return _pass_result(first, plan, evals, cc, store)
+
+
+def _pass_result(first: FirstPass, plan: Plan, evals: dict, cc, store) -> dict:
+    n_f = len(plan.side)
+    r2, auc = np.full(n_f, np.nan), np.full(n_f, np.nan)
+    for key, ids in (("b", plan.probe_from_b), ("a", plan.probe_from_a)):
+        if key in evals:
+            r2[ids], auc[ids], _ = evals[key].result()
+    scaling = np.full(n_f, np.nan)
+    if first.scaling is not None:
+        ids = np.concatenate([plan.probe_from_b, plan.probe_from_a])
+        scaling[ids] = first.scaling.result(store.scale_a, store.scale_b)
+    fve_a, fve_b, l0 = first.fve_l0()
+    cpu = {
+        k: getattr(first, k).cpu().numpy() for k in ("n_fire_F", "held_fire_F", "sum_F", "sumsq_F", "max_F")
+    }
+    return {
+        **cpu,
+        "n_tokens": first.n,
+        "n_heldout": first.n_held,
+        "top_values_KF": first.topk.values_KF.cpu().numpy(),
+        "top_rows_KF": first.topk.rows_KF.cpu().numpy(),
+        "hist_counts_FH": first.hist.counts_FH.cpu().numpy(),
+        "hist_edges": first.hist.edges_H1.numpy(),
+        "p99_F": first.hist.quantile(0.99),
+        "r2_F": r2,
+        "auroc_F": auc,
+        "latent_scaling_F": scaling,
+        "fve_a": fve_a,
+        "fve_b": fve_b,
+        "l0": l0,
+    }
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndarray]:
+    """Every column of latents.csv, as arrays of length F."""
+    n, n_fire, n_f = max(res["n_tokens"], 1), res["n_fire_F"], len(plan.side)
+    fired = n_fire > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_act = np.where(fired, res["sum_F"] / n_fire, np.nan)
+        rms_F = np.sqrt(res["sumsq_F"] / n)
+        max_act = np.where(fired, res["max_F"], np.nan)
+        p99 = np.minimum(res["p99_F"], max_act)
+    r2, auc, ls = res["r2_F"], res["auroc_F"], res["latent_scaling_F"]
+    verdicts = [verdict(s, int(k)) for s, k in zip(plan.side, n_fire)]
+    notes = [
+        detection_note(s, float(a), float(b)) if k else "" for s, a, b, k in zip(plan.side, auc, r2, n_fire)
+    ]
+    # Score = RMS norm of the latent's write into its own model (||d_own|| · sqrt(E f²): strength and
+    # density in one number). Detection by the other model no longer discounts it: what a candidate
+    # does is judged by verify.py.
+    own = np.where(
+        plan.side == "a",
+        plan.dec_norm_a,
+        np.where(plan.side == "b", plan.dec_norm_b, np.hypot(plan.dec_norm_a, plan.dec_norm_b)),
+    )
+    score = own * rms_F
+    return {
+        "latent": np.arange(len(plan.side)),
+        "partition": plan.partition,
+        "side": plan.side,
+        "verdict": np.array(verdicts, dtype=object),
+        "reason": np.array(notes, dtype=object),
+        "score": np.where(fired, score, 0.0),
+        "rel_norm": plan.rel_norm,
+        "functional_share": plan.functional_share
+        if plan.functional_share is not None
+        else np.full(n_f, np.nan),
+        "dec_norm_a": plan.dec_norm_a,
+        "dec_norm_b": plan.dec_norm_b,
+        "density": n_fire / n,
+        "mean_act": mean_act,
+        "max_act": max_act,
+        "p99_act": p99,
+        "probe_r2": np.where(fired, r2, np.nan),
+        "probe_auroc": np.where(fired, auc, np.nan),
+        "latent_scaling": np.where(fired, ls, np.nan),
+    }
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def feature_latents(table: dict, plan: Plan, n_shared: int) -> np.ndarray:
+    """Non-dead exclusive candidates (verified or not) and the best `n_shared` shared latents."""
+    alive = table["verdict"] != "dead"
+    candidates = np.flatnonzero(alive & (plan.side != ""))
+    shared = np.flatnonzero(table["verdict"] == "shared")
+    best = shared[np.argsort(-table["score"][shared], kind="stable")[:n_shared]]
+    return np.union1d(candidates, best)
+
+
+def lens_model(plan: Plan, latent: int) -> str:
+    """The model whose unembedding reads a latent: its own side, or its larger decoder."""
+    if plan.side[latent]:
+        return plan.side[latent]
+    return "a" if plan.dec_norm_a[latent] >= plan.dec_norm_b[latent] else "b"
+
+
+def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: AnalyzeConfig) -> None:
+    """features/<latent>.json for each latent in `latents` (each file atomically)."""
+    picks = {}
+    for j in latents:
+        vals, rows = res["top_values_KF"][:, j], res["top_rows_KF"][:, j]
+        picks[int(j)] = [(float(v), int(r)) for v, r in zip(vals, rows) if v > 0 and r >= 0]
+    examples = render_examples(
+        store, picks, store_tokenizers(store), context_chars=cfg.context_chars, window=cfg.context_tokens
+    )
+    by_model = {k: [int(j) for j in latents if lens_model(plan, int(j)) == k] for k in "ab"}
+    lens = logit_lenses(cc, lms, by_model)
+    edges = res["hist_edges"].tolist()
+    for j in latents:
+        j = int(j)
+        doc = {
+            "latent": j,
+            "partition": table["partition"][j],
+            "verdict": table["verdict"][j],
+            "stats": {c: table[c][j] for c in COLUMNS},
+            "examples": examples[j],
+            "histogram": {"edges": edges, "counts": res["hist_counts_FH"][j].tolist()},
+            "logit_lens": lens.get(j),
+        }
+        write_json_atomic(out / "features" / f"{j}.json", jsonable(doc))
+
+
+def summary_json(table, plan, res, splice: dict, cc, store, cfg: AnalyzeConfig) -> dict:
+    verdicts = table["verdict"]
+    alive = verdicts != "dead"
+    refs = plan.shared_refs[alive[plan.shared_refs]]
+    model = lambda m: {k: m.get(k) for k in ("id", "layer", "n_layers", "d_model", "scale")}
+    return {
+        "n_latents": len(verdicts),
+        "counts": {v: int((verdicts == v).sum()) for v in VERDICTS},
+        "candidates": {k: int(((plan.side == k) & alive).sum()) for k in "ab"},
+        "fve_a": res["fve_a"],
+        "fve_b": res["fve_b"],
+        "l0": res["l0"],
+        "dead_fraction": float((~alive).mean()),
+        "n_tokens_analysed": int(res["n_tokens"]),
+        "thresholds": {k: getattr(cfg, k) for k in THRESHOLDS},
+        "splice": splice,
+        "run": {**config_to_dict(cfg), "crosscoder": cc.cfg.to_dict()},
+        "store": dict(
+            path=str(store.root), n_tokens=store.n_tokens, a=model(store.model_a), b=model(store.model_b)
+        ),
+        "shared_reference": {
+            "n": len(refs),
+            "median_r2": _median(table["probe_r2"][refs]),
+            "median_auroc": _median(table["probe_auroc"][refs]),
+        },
+        "same_space": plan.same_space,
+    }
+
+
+def _median(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if len(x) else math.nan
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def _fingerprints(cfg: AnalyzeConfig, run: Path, store, part: str | None = None) -> tuple[str, str]:
+    """(fingerprint, the same as crossdiff <= 0.1 wrote it) of the settings (those of `part`, or all),
+    the checkpoint and the store. The old form (a sha1) is still accepted: no reanalysis on upgrade."""
+    weights = run / "crosscoder.safetensors"
+    stat = weights.stat()
+    inputs = [
+        settings(cfg, part),
+        (run / "cfg.json").read_text(),
+        stat.st_size,
+        stat.st_mtime_ns,
+        store.meta,
+        RULES_VERSION,
+    ]
+    legacy = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return fingerprint(inputs), legacy
+
+
+def _cached(path: Path, fingerprints: tuple[str, ...], compute, save, load):
+    """Reuse a stage's result saved at `path` with one of these fingerprints; else compute and save it."""
+    if path.is_file():
+        saved = load(path)
+        if saved.get("fingerprint") in fingerprints:
+            return saved["result"]
+    result = compute()
+    save(path, {"fingerprint": fingerprints[0], "result": result})
+    return result
+
+
+def _save_pt(path: Path, obj) -> None:
+    """Arrays as tensors, so that torch.load(weights_only=True) reads them back without pickle."""
+    res = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in obj["result"].items()}
+    write_with_atomic(path, lambda p: torch.save({**obj, "result": res}, p))
+
+
+def _load_pt(path: Path):
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # an unreadable stage file is recomputed, never trusted
+        return {}
+    saved["result"] = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved["result"].items()}
+    return saved
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _models_or_reason(store, cfg: AnalyzeConfig, device) -> tuple[tuple | None, str]:
+    """Both LanguageModels, or None and why they are not loaded."""
+    if cfg.load_models is False:
+        return None, "models not loaded (--no-load-models)"
+    synthetic = store.meta.get("corpus") == "synthetic" or not (store.root / "tokenizers").is_dir()
+    if cfg.load_models is None and synthetic:
+        return None, "synthetic store: no models to load"
+    from ..inputs.models import load_model
+
+    return (
+        load_model(store.model_a["id"], device=str(device)),
+        load_model(store.model_b["id"], device=str(device)),
+    ), ""
+
+
+def _splice(cc, store, lms, reason: str, cfg: AnalyzeConfig) -> dict:
+    if lms is None:
+        return {"skipped": reason}
+    if cfg.splice_tokens == 0:
+        return {"skipped": "--splice-tokens 0"}
+    saved = store.root / "settings.json"
+    factor = json.loads(saved.read_text()).get("outlier_factor", 10.0) if saved.is_file() else 10.0
+    layers = (store.model_a["layer"], store.model_b["layer"])
+    texts = heldout_texts(store, cfg.splice_tokens)
+    return splice_eval(cc, lms, layers, texts, max_tokens=cfg.splice_tokens, outlier_factor=factor)
+
+
+def _open_inputs(cfg: AnalyzeConfig):
+    from ..coder.crosscoder import Crosscoder
+    from ..inputs.store import Store
+
+    run = Path(cfg.run)
+    cc = Crosscoder.from_pretrained(run)
+    store_path = cfg.store
+    if store_path is None:
+        train_cfg = run / "train_config.json"
+        if not train_cfg.is_file():
+            raise CrossdiffError(f"{run} has no train_config.json to find its store; pass --store")
+        store_path = json.loads(train_cfg.read_text())["store"]
+    store = Store.open(store_path)
+    cc.cfg.check_store(store)
+    return run, cc, store
+
+
+def analyze(cfg: AnalyzeConfig) -> dict:
+    """Analyse (or finish analysing, or report) the run; returns summary.json's content."""
+    from ..core.runtime import apply_cpu_policy, resolve_device
+
+    run, cc, store = _open_inputs(cfg)
+    out = Path(cfg.out) if cfg.out else run / "analysis"
+    fingerprints = _fingerprints(cfg, run, store)
+    done = _load_json(out / "settings.json").get("fingerprint") in fingerprints
+    if done and (out / "summary.json").is_file():
+        print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
+        return json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "features", ignore_errors=True)  # derived files of other settings
+    device = resolve_device(cfg.device)
+    apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
+    cc = cc.to(device).eval().requires_grad_(False)
+    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
+    share = _cached(
+        out / "share.pt",
+        _fingerprints(cfg, run, store, "share"),
+        lambda: {"share_F": heldout_share(cc, store, cfg, device)},
+        _save_pt,
+        _load_pt,
+    )["share_F"]
+    plan = make_plan(cc, store, cfg, share)
+    res = _cached(
+        out / "pass.pt",
+        _fingerprints(cfg, run, store, "pass"),
+        lambda: run_passes(cc, store, plan, cfg, device),
+        _save_pt,
+        _load_pt,
+    )
+    table = latent_table(plan, res, cfg)
+    lms, reason = _models_or_reason(store, cfg, device)
+    splice = _cached(
+        out / "splice.json",
+        _fingerprints(cfg, run, store, "splice"),
+        lambda: jsonable(_splice(cc, store, lms, reason, cfg)),
+        write_json_atomic,
+        _load_json,
+    )
+    write_features(
+        out, feature_latents(table, plan, cfg.shared_features), table, plan, res, store, cc, lms, cfg
+    )
+    write_latents(out, table)
+    summary = jsonable(summary_json(table, plan, res, splice, cc, store, cfg))
+    record = {"fingerprint": fingerprints[0], "settings": jsonable(asdict(cfg))}
+    write_json_atomic(out / "settings.json", record)
+    write_json_atomic(out / "summary.json", summary)
+    counts = summary["counts"]
+    print(
+        f"analysed {summary['n_tokens_analysed']:,} tokens: {summary['candidates']['a']} exclusive candidates "
+        f"of A and {summary['candidates']['b']} of B ({counts['dead']} dead latents); crossdiff verify "
+        f"judges what they do. Results: {out}"
+    )
+    return summary

@@ -1,0 +1,662 @@
+"""`crossdiff verify`: behavioural verification of exclusive candidates (docs/verification.md).
+
+A difference between two models is what a feature *does*, not whether the other model can detect its
+context (docs/design.md §5). For a candidate of A (B is the mirror image), on held-out contexts where
+it fires strongly (f ≥ strong · p99), both models score the same following characters — from the
+firing token's end c0 to the `ahead`-th aligned boundary after it, c1 — each with its own tokenizer:
+
+    ℓ_A, ℓ_B   log p of the characters (c0, c1] under A and under B (nats; both sums cover exactly
+               those characters, since c0 and c1 end a token in both tokenisations)
+    ℓ_A⁻       the same under A with the latent's contribution removed at the layer: h − f_t · d_A at
+               every aligned position t of the context (raw units; verify/variants.py's hook)
+    ℓ_A^r      the same with f_t · r removed instead, r a random direction of the decoder row's norm
+
+With the gap g = ℓ_A − ℓ_B, a context's shift towards B is (|g| − |g⁻|) / (scored tokens of A): it is
+positive when the ablation brings A closer to B and can never be positive where A and B agree (a
+self-diff). Per latent:
+
+    shift       mean over contexts, nats per token
+    z           (shift − mean random shift) / standard deviation of the random shifts
+    gap_closed  Σ(|g| − |g⁻|) / Σ|g| over the contexts
+
+Verdicts: `difference` (shift ≥ min_shift, z ≥ z), `shared behaviour` (shift ≤ −min_shift, z ≤ −z: the
+latent makes A do what B does), `inert` (neither), `too rare` (fewer than min_contexts usable strong
+held-out firings), `not verified` (the time budget ran out first; ranked by the first-order estimate).
+
+Before the exact ablations, one pass over held-out text ranks every candidate by a first-order
+estimate (gradient × activation: one backward per text gives every latent's estimate) and measures the
+whole-diff figure: the share of the per-segment A–B gap that A's exclusive candidates account for (A's
+layer spliced with its reconstruction, with and without them).
+
+Writes RUN/verification/: behaviour.csv (one row per candidate), latents/<i>.json (the contexts of
+each exactly verified latent), summary.json (counts, whole-diff share, first-order agreement); written
+last, so its presence means complete. A rerun with the same settings resumes latent by latent.
+
+Legend: T positions, D width, P kept aligned pairs, F latents, C candidates, R copies, S scored tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.config import fingerprint, settings, where
+from ..core.errors import CrossdiffError
+from ..core.fsutil import write_json_atomic
+from .results import BEHAVIOUR, read_latents, read_stage, write_stage
+
+VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
+COLUMNS = ("latent", *BEHAVIOUR.columns)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Which run to verify and how (docs/verification.md)."""
+
+    run: str = where()
+    """Training run folder, analysed (RUN/analysis/latents.csv); writes RUN/verification/."""
+    store: str | None = where(None)
+    """Paired-activation store (default: the one the analysis used)."""
+    device: str = where("auto")
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    strong: float = 0.3
+    """A strong firing: f >= strong × the latent's p99 activation (docs/verification.md)."""
+    n_contexts: int = 8
+    """Held-out strong firings scored per latent (the strongest, at most one per chunk)."""
+    min_contexts: int = 4
+    """Fewer usable strong held-out firings than this: `too rare`."""
+    n_random: int = 8
+    """Random directions of the decoder row's norm ablated on the same contexts: the null."""
+    z: float = 3.0
+    """|z| against the random ablations needed for `difference` / `shared behaviour`."""
+    min_shift: float = 0.01
+    """|shift| (nats per token) needed besides z: smaller effects are `inert`."""
+    ahead: int = 4
+    """Aligned boundaries after the firing token whose characters are scored."""
+    prefix_chars: int = 256
+    """Characters of the chunk kept before the firing token."""
+    heldout_tokens: int = 2048
+    """Held-out aligned tokens for the first-order ranking and the whole-diff share (0: skip)."""
+    top: int | None = None
+    """Exact ablations for at most N candidates per model, best first-order estimate first (default: all)."""
+    budget_seconds: float | None = None
+    """Stop starting exact ablations after this many seconds (the rest are `not verified`)."""
+    seed: int = 0
+    """Seed of the random null directions."""
+
+    def __post_init__(self):
+        checks = [
+            (0 < self.strong <= 1, f"--strong must be in (0, 1], got {self.strong}"),
+            (self.n_contexts >= 1, "--n-contexts must be at least 1"),
+            (1 <= self.min_contexts <= self.n_contexts, "need 1 <= --min-contexts <= --n-contexts"),
+            (self.n_random >= 3, f"--n-random must be at least 3 for a null, got {self.n_random}"),
+            (self.z > 0 and self.min_shift >= 0, "--z must be positive and --min-shift >= 0"),
+            (self.ahead >= 1 and self.prefix_chars >= 0, "--ahead must be >= 1, --prefix-chars >= 0"),
+            (self.heldout_tokens >= 0, "--heldout-tokens must be >= 0"),
+            (self.top is None or self.top >= 0, "--top must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CrossdiffError(message)
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    latent: int
+    side: str  # "a" / "b": the model the latent belongs to
+    p99: float
+    u_D: Tensor  # decoder row in raw units, the crosscoder's coordinates of its model
+
+
+def candidates(cc, table) -> list[Candidate]:
+    """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw units."""
+    from .evidence import decoder_rows
+
+    out = []
+    for row in table.candidates():
+        p99 = _num(row.get("p99_act"))
+        if not math.isfinite(p99) or p99 <= 0:
+            continue
+        m, j = row["side"], int(row["latent"])
+        scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
+        out.append(Candidate(j, m, p99, (decoder_rows(cc, [j], m)[0] / scale).float()))
+    return sorted(out, key=lambda c: c.latent)
+
+
+def _num(s) -> float:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) -> dict[int, dict]:
+    """latent -> {"n": strong held-out firings, "rows": [(f, row)] strongest first, one per chunk}."""
+    from .analyze import _batches
+    from .evidence import TopK
+
+    if not cands:
+        return {}
+    ids = torch.as_tensor([c.latent for c in cands], device=device)
+    floor = torch.as_tensor([cfg.strong * c.p99 for c in cands], device=device)
+    counts = torch.zeros(len(cands), dtype=torch.int64, device=device)
+    top = TopK(len(cands), 4 * cfg.n_contexts, device)
+    walk = _Rows(1024)
+    with torch.inference_mode():
+        for rows, _ in _batches(store, walk, heldout_only=True):
+            x_a, x_b = (x.to(device) for x in store.get(rows))
+            f_BC = cc.encode(x_a, x_b)[:, ids]
+            strong_BC = f_BC >= floor
+            counts += strong_BC.sum(0)
+            top.update(torch.where(strong_BC, f_BC, 0.0), torch.as_tensor(rows, device=device))
+    out = {}
+    for k, c in enumerate(cands):
+        picks, chunks = [], set()
+        pairs = top.examples(k)
+        meta = store.rows([r for _, r in pairs]) if pairs else {"chunk": []}
+        for (v, r), chunk in zip(pairs, meta["chunk"]):
+            if int(chunk) not in chunks and len(picks) < cfg.n_contexts:
+                chunks.add(int(chunk))
+                picks.append((v, r))
+        out[c.latent] = {"n": int(counts[k]), "rows": picks}
+    return out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The slice of AnalyzeConfig that analyze._batches reads."""
+
+    batch_size: int
+    max_tokens: int | None = None
+
+
+# ----------------------------------------------------------------------------- one context
+
+
+def tokenize_pair(sides, text: str):
+    from ..inputs.align import align, tokenize
+
+    toks = tuple(tokenize(s.tokenizer, text) for s in sides)
+    al = align(toks[0].offsets, toks[1].offsets, toks[0].special_mask, toks[1].special_mask)
+    return toks, al
+
+
+def targets(tok, lo: int, hi: int) -> np.ndarray:
+    """Positions of the text tokens whose end lies in (lo, hi] (they cover exactly those characters
+    when lo and hi end a token)."""
+    ends = tok.offsets[:, 1]
+    ok = (ends > lo) & (ends <= hi) & (tok.offsets[:, 1] > tok.offsets[:, 0]) & ~tok.special_mask
+    return np.flatnonzero(ok & (np.arange(len(ends)) >= 1))
+
+
+def keep_pairs(h_TD: tuple, toks, al, outlier_factor: float) -> np.ndarray:
+    """(P,) bool: harvest's masks (harvest._process_batch): no first pair, no norm outlier."""
+    keep = np.ones(len(al), dtype=bool)
+    keep[:1] = False
+    from ..inputs.models import batch_median_norm  # the outlier reference harvest and splice use
+
+    for h, tok, pos in zip(h_TD, toks, (al.idx_a, al.idx_b)):
+        med = batch_median_norm(h.cpu()[None], [tok])
+        keep &= (h.cpu()[torch.as_tensor(pos)].norm(dim=-1) <= outlier_factor * med).numpy()
+    return keep
+
+
+def encode_pairs(cc, h_a: Tensor, h_b: Tensor, pos_a, pos_b) -> Tensor:
+    dev = cc.b_enc.device
+    x_a = h_a[torch.as_tensor(pos_a)].to(dev, torch.float32)
+    x_b = h_b[torch.as_tensor(pos_b)].to(dev, torch.float32)
+    with torch.inference_mode():
+        return cc.encode(*cc.normalise(x_a, x_b)).clone()
+
+
+def window_for(text: str, chunk: int, c0: int, cfg: VerifyConfig, lookahead: int = 80):
+    """The slice of a chunk around a firing token that ends at c0: from a word start about
+    prefix_chars before it to `lookahead` characters after it."""
+    from ..inputs.variants import Window
+
+    start = max(0, c0 - cfg.prefix_chars)
+    if start > 0:
+        space = next((i for i in range(start, c0) if text[i].isspace()), None)
+        start = space + 1 if space is not None else start
+    return Window(text[start : min(len(text), c0 + lookahead)], chunk, start), c0 - start
+
+
+def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, factor: float, ahead: int):
+    """One context's measurements, or None when the firing does not reproduce in the window."""
+    own = 0 if cand.side == "a" else 1
+    toks, al = tokenize_pair(sides, window.text)
+    # Scored span: up to the `ahead`-th aligned end after c0, never the last token of either side
+    # (a word cut by the window's end tokenises differently).
+    last = min(int(t.offsets[-1, 1]) for t in toks)
+    after = al.end_char[(al.end_char > c0) & (al.end_char < last)]
+    if not (al.end_char == c0).any() or len(after) == 0:
+        return None
+    c1 = int(after[min(len(after), ahead) - 1])
+    tgt = [targets(t, c0, c1) for t in toks]
+    if min(len(x) for x in tgt) == 0:
+        return None
+    plants = [
+        s.plant.mask(window, t.offsets, t.special_mask) if s.plant else None for s, t in zip(sides, toks)
+    ]
+    ids = [torch.as_tensor(t.input_ids) for t in toks]
+    other = sides[1 - own].forward(ids[1 - own], torch.as_tensor(tgt[1 - own]), plant_T=plants[1 - own])
+    clean = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], grad=True)
+    l_own, l_other = float(clean.logp_RS[0].detach().sum()), float(other.logp_RS[0].sum())
+    h = (clean.h_TD, other.h_TD) if own == 0 else (other.h_TD, clean.h_TD)
+    keep = keep_pairs(h, toks, al, factor)
+    k0 = int(np.flatnonzero(al.end_char == c0)[0])
+    if not keep[k0]:
+        return None
+    pos_a, pos_b = al.idx_a[keep], al.idx_b[keep]
+    f_P = encode_pairs(cc, h[0], h[1], pos_a, pos_b)[:, cand.latent].cpu()
+    f_at = float(f_P[int(keep[:k0].sum())])
+    if f_at <= 0:
+        return None
+    # First-order estimate of the shift: w · Δℓ with w = sign(ℓ_other − ℓ_own) and
+    # Δℓ ≈ Σ_t (−f_t u) · ∂ℓ/∂h_t, from the clean run's graph.
+    w = float(np.sign(l_other - l_own))
+    pos_own = torch.as_tensor(pos_a if own == 0 else pos_b)
+    grad_TD = torch.autograd.grad(clean.logp_RS[0].sum(), clean.h_leaf)[0][0]
+    first_order = w * float(-(f_P[:, None] * grad_TD.cpu()[pos_own]).sum(0) @ cand.u_D)
+    # Exact: copy 0 removes f·u, copies 1..R remove f·r.
+    dirs = torch.cat([cand.u_D[None], dirs_RD])
+    deltas = torch.zeros(len(dirs), len(ids[own]), dirs.shape[1])
+    deltas[:, pos_own] = -f_P[None, :, None] * dirs[:, None, :]
+    abl = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], deltas_RTD=deltas)
+    l_abl = abl.logp_RS.sum(1).cpu().numpy().astype(np.float64)
+    n = len(tgt[own])
+    g, g_abl = l_own - l_other, l_abl - l_other
+    return {
+        "chunk": window.chunk,
+        "start": window.start,
+        "c0": c0,
+        "c1": c1,
+        "text_before": window.text[max(0, c0 - 80) : c0],
+        "scored": window.text[c0:c1],
+        "f": f_at,
+        "n_tokens": n,
+        "l_own": l_own,
+        "l_other": l_other,
+        "l_ablated": float(l_abl[0]),
+        "shift": (abs(g) - abs(g_abl[0])) / n,
+        "random_shifts": ((abs(g) - np.abs(g_abl[1:])) / n).tolist(),
+        "first_order": first_order / n,
+        "gap": abs(g) / n,
+    }
+
+
+# ----------------------------------------------------------------------------- one latent
+
+
+def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
+    """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
+    r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
+    dirs_RD = r / r.norm(dim=1, keepdim=True) * cand.u_D.norm()
+    contexts = []
+    meta = store.rows([row for _, row in rows]) if rows else {}
+    texts: dict[int, dict] = {}
+    for k, (_, row) in enumerate(rows):
+        shard = store.shard_of(int(row))
+        if shard not in texts:
+            texts[shard] = store.texts(shard)
+        chunk, c0 = int(meta["chunk"][k]), int(meta["char_end"][k])
+        window, c0w = window_for(texts[shard][chunk]["text"], chunk, c0, cfg)
+        ctx = score_context(sides, cc, cand, window, c0w, dirs_RD, factor, cfg.ahead)
+        if ctx is not None:
+            contexts.append({"row": int(row), **ctx})
+    return {**summarise(contexts, cfg), "contexts": contexts}
+
+
+def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
+    """A latent's shift, z, gap closed and verdict from its scored contexts."""
+    n = len(contexts)
+    if n < cfg.min_contexts:
+        return {"verdict": "too rare", "n_contexts": n}
+    shift = float(np.mean([c["shift"] for c in contexts]))
+    null_R = np.mean([c["random_shifts"] for c in contexts], axis=0)
+    mu, sd = float(null_R.mean()), float(null_R.std(ddof=1))
+    z = (shift - mu) / sd if sd > 0 else (0.0 if shift == mu else math.copysign(math.inf, shift - mu))
+    gaps = np.array([c["gap"] * c["n_tokens"] for c in contexts])
+    closed = np.array([c["shift"] * c["n_tokens"] for c in contexts])
+    verdict = "inert"
+    if shift >= cfg.min_shift and z >= cfg.z:
+        verdict = "difference"
+    elif shift <= -cfg.min_shift and z <= -cfg.z:
+        verdict = "shared behaviour"
+    return {
+        "verdict": verdict,
+        "n_contexts": n,
+        "shift": shift,
+        "z": z,
+        "gap_closed": float(closed.sum() / gaps.sum()) if gaps.sum() > 0 else 0.0,
+        "null_mean": mu,
+        "null_std": sd,
+        "gap": float(np.mean([c["gap"] for c in contexts])),
+        "first_order_contexts": float(np.mean([c["first_order"] for c in contexts])),
+    }
+
+
+# ----------------------------------------------------------------------------- held-out text
+
+
+def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, factor: float) -> dict:
+    """First-order shift towards the other model of every candidate, and the whole-diff share, on
+    held-out chunks. Per text and side m: segments between consecutive aligned ends, w_k = sign(ℓ_other,k
+    − ℓ_m,k), one backward of Σ_k w_k ℓ_m,k; a latent's estimate is Σ_t (−f_t u) · grad_t."""
+    from ..inputs.variants import Window
+
+    est = {c.latent: 0.0 for c in cands}
+    n_tok = {"a": 0, "b": 0}
+    gaps = {m: np.zeros(3) for m in "ab"}  # Σ|g| clean, spliced full, spliced without the side's candidates
+    for chunk, text in heldout_chunks(store, cfg.heldout_tokens):
+        window = Window(text, chunk, 0)
+        toks, al = tokenize_pair(sides, text)
+        if len(al) < 3:
+            continue
+        ends = al.end_char
+        tgt = [targets(t, int(ends[0]), int(ends[-1])) for t in toks]
+        if min(len(x) for x in tgt) == 0:
+            continue
+        ids = [torch.as_tensor(t.input_ids) for t in toks]
+        plants = [
+            s.plant.mask(window, t.offsets, t.special_mask) if s.plant else None for s, t in zip(sides, toks)
+        ]
+        outs = [
+            s.forward(i_, torch.as_tensor(t_), plant_T=p, grad=True)
+            for s, i_, t_, p in zip(sides, ids, tgt, plants)
+        ]
+        seg = [np.searchsorted(ends, t.offsets[x, 1], side="left") for t, x in zip(toks, tgt)]
+        ell = [_segment_sums(o.logp_RS[0].detach(), s_, len(ends)) for o, s_ in zip(outs, seg)]
+        keep = keep_pairs((outs[0].h_TD, outs[1].h_TD), toks, al, factor)
+        pos = (al.idx_a[keep], al.idx_b[keep])
+        f_PF = encode_pairs(cc, outs[0].h_TD, outs[1].h_TD, *pos).cpu()
+        for m, own in (("a", 0), ("b", 1)):
+            w_K = torch.as_tensor(np.sign(ell[1 - own] - ell[own]), dtype=torch.float32)
+            J = (outs[own].logp_RS[0] * w_K[torch.as_tensor(seg[own])]).sum()
+            grad_PD = torch.autograd.grad(J, outs[own].h_leaf, retain_graph=own == 0)[0][0].cpu()[pos[own]]
+            mine = [c for c in cands if c.side == m]
+            if mine:
+                U_DC = torch.stack([c.u_D for c in mine], 1)
+                f_PC = f_PF[:, [c.latent for c in mine]]
+                for c, v in zip(mine, (-(f_PC * (grad_PD @ U_DC))).sum(0).tolist()):
+                    est[c.latent] += v
+            n_tok[m] += len(tgt[own])
+            gaps[m] += _splice_gaps(
+                sides[own],
+                cc,
+                m,
+                ids[own],
+                tgt[own],
+                seg[own],
+                pos[own],
+                f_PF,
+                outs[own].h_TD,
+                ell,
+                own,
+                plants[own],
+                [c.latent for c in mine],
+            )
+    share = {m: float((g[1] - g[2]) / g[1]) if g[1] > 0 else math.nan for m, g in gaps.items()}
+    return {
+        "first_order": {c.latent: est[c.latent] / max(n_tok[c.side], 1) for c in cands},
+        "whole": {
+            m: {
+                "gap_clean": g[0],
+                "gap_spliced": g[1],
+                "gap_without_candidates": g[2],
+                "share": share[m],
+                "n_tokens": n_tok[m],
+            }
+            for m, g in gaps.items()
+        },
+    }
+
+
+def heldout_chunks(store, max_rows: int):
+    """(chunk id, text) of held-out chunks in store order, until their aligned rows reach max_rows."""
+    from .splice import store_offsets
+
+    offsets, n = store_offsets(store), 0
+    for shard in range(len(store.meta["shards"])):
+        local_N = store.split_rows(shard, "heldout")
+        if n >= max_rows:
+            return
+        if len(local_N) == 0:
+            continue
+        chunk_ids, counts = np.unique(store.rows(offsets[shard] + local_N)["chunk"], return_counts=True)
+        texts = store.texts(shard)
+        for c, k in zip(chunk_ids.tolist(), counts.tolist()):
+            if c in texts and n < max_rows:
+                yield c, texts[c]["text"]
+                n += k
+
+
+def _segment_sums(logp_S: Tensor, seg_S: np.ndarray, n_seg: int) -> np.ndarray:
+    return np.bincount(seg_S, weights=logp_S.double().cpu().numpy(), minlength=n_seg)
+
+
+def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, mine) -> np.ndarray:
+    """(Σ|g| clean, spliced with the reconstruction, spliced without the side's candidates)."""
+    W = cc.W_dec_a if m == "a" else cc.W_dec_b
+    first = 0 if m == "a" else cc.partition.n_a_exclusive
+    scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
+    rows = slice(first, first + W.shape[0])
+    f_own = f_PF[:, rows].to(W.device)
+    b = cc.b_dec_a if m == "a" else cc.b_dec_b
+    with torch.inference_mode():
+        full = (f_own @ W + b).cpu() / scale
+        drop = torch.zeros(f_own.shape[1], dtype=torch.bool)
+        idx = torch.as_tensor([j - first for j in mine if first <= j < first + W.shape[0]], dtype=torch.long)
+        drop[idx] = True
+        without = full - (f_own[:, drop.to(f_own.device)] @ W[drop.to(W.device)]).cpu() / scale
+    deltas = torch.zeros(2, len(ids), h_TD.shape[1])
+    deltas[0, pos] = full.float() - h_TD.cpu()[pos]
+    deltas[1, pos] = without.float() - h_TD.cpu()[pos]
+    out = side.forward(ids, torch.as_tensor(tgt), plant_T=plant, deltas_RTD=deltas)
+    other = ell[1 - own]
+    spliced = [_segment_sums(out.logp_RS[r], seg, len(other)) for r in range(2)]
+    return np.array([np.abs(ell[own] - other).sum(), *(np.abs(s - other).sum() for s in spliced)])
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def verify(cfg: VerifyConfig) -> dict:
+    """Verify (or finish verifying) the run's candidates; returns summary.json's content."""
+    from ..core.runtime import apply_cpu_policy, resolve_device
+    from ..inputs.variants import sides_for_store
+
+    run, cc, store, table = _open(cfg)
+    out = run / "verification"
+    fingerprint = _fingerprint(cfg, run, store)
+    settings_path = out / "settings.json"
+    same = settings_path.is_file() and json.loads(settings_path.read_text()).get("fingerprint") == fingerprint
+    if same and (out / "summary.json").is_file():
+        print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
+        return json.loads((out / "summary.json").read_text())
+    if not same and out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # results of other settings or another checkpoint
+    write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
+    device = resolve_device(cfg.device)
+    apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
+    cc = cc.to(device).eval().requires_grad_(False)
+    cands = candidates(cc, table)
+    factor = _outlier_factor(store)
+    start = time.perf_counter()
+    sides = sides_for_store(store, device=str(device))
+    strong = strong_rows(cc, store, cands, cfg, device)
+    held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
+    first = {int(k): v for k, v in held["first_order"].items()}
+    results = _exact(sides, cc, store, cands, strong, first, cfg, factor, out, start)
+    rows = [
+        _row(c, strong.get(c.latent, {}), first.get(c.latent, math.nan), results.get(c.latent), cfg)
+        for c in cands
+    ]
+    write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
+    from .evidence import jsonable
+
+    # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
+    summary = jsonable(_summary(rows, results, held, cfg, time.perf_counter() - start))
+    write_json_atomic(out / "summary.json", summary)
+    print(summary_line(summary))
+    return summary
+
+
+def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start: float) -> dict:
+    """Exact ablations, best first-order estimate first, within `top` per side and the time budget."""
+    from tqdm.auto import tqdm
+
+    from .evidence import jsonable
+
+    order = sorted(
+        (c for c in cands if strong.get(c.latent, {}).get("n", 0) >= cfg.min_contexts),
+        key=lambda c: -np.nan_to_num(first.get(c.latent, math.nan), nan=-math.inf),
+    )
+    done, per_side = {}, {"a": 0, "b": 0}
+    for c in tqdm(order, desc="verify", unit="latent", dynamic_ncols=True):
+        if cfg.top is not None and per_side[c.side] >= cfg.top:
+            continue
+        path = out / "latents" / f"{c.latent}.json"
+        if path.is_file():
+            done[c.latent] = json.loads(path.read_text())
+        elif cfg.budget_seconds is not None and time.perf_counter() - start > cfg.budget_seconds:
+            continue
+        else:
+            res = verify_latent(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor)
+            done[c.latent] = jsonable({"latent": c.latent, "side": c.side, **res})
+            write_json_atomic(path, done[c.latent])
+        per_side[c.side] += 1
+    return done
+
+
+def _row(c: Candidate, strong: dict, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
+    row = {k: math.nan for k in COLUMNS}
+    row.update(latent=c.latent, side=c.side, n_strong=strong.get("n", 0), first_order=first)
+    if res is not None:
+        row.update({k: res[k] for k in COLUMNS if k in res})
+    else:
+        row["verdict"] = "too rare" if row["n_strong"] < cfg.min_contexts else "not verified"
+    return row
+
+
+def _open(cfg: VerifyConfig):
+    """(run, crosscoder, store, the analysis's latents table)."""
+    from ..coder.crosscoder import Crosscoder
+    from ..inputs.store import Store
+
+    run = Path(cfg.run)
+    analysis = run / "analysis"
+    if not (analysis / "summary.json").is_file():
+        raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
+    summary = json.loads((analysis / "summary.json").read_text())
+    cc = Crosscoder.from_pretrained(run)
+    store = Store.open(cfg.store or summary["store"]["path"])
+    cc.cfg.check_store(store)
+    if not (store.root / "tokenizers").is_dir() or store.meta.get("corpus") == "synthetic":
+        raise CrossdiffError(f"{store.root} is a synthetic store: there are no models to verify behaviour on")
+    return run, cc, store, read_latents(analysis)
+
+
+def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
+    """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
+    weights = (run / "crosscoder.safetensors").read_bytes()
+    latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
+    return fingerprint([settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
+
+
+def _cached(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    from .evidence import jsonable
+
+    result = jsonable(compute())
+    write_json_atomic(path, result)
+    return result
+
+
+def _outlier_factor(store) -> float:
+    settings = store.root / "settings.json"
+    return json.loads(settings.read_text()).get("outlier_factor", 10.0) if settings.is_file() else 10.0
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def read_behaviour(run: str | Path) -> dict[int, dict]:
+    """latent -> its behaviour.csv row (numbers as floats, NaN where empty); {} without a verification."""
+    out = {}
+    for latent, row in read_stage(run, BEHAVIOUR).items():
+        parsed = {k: (v if k in ("side", "verdict") else _num(v)) for k, v in row.items()}
+        out[latent] = {"latent": latent, **parsed}
+    return out
+
+
+def _summary(rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, seconds: float) -> dict:
+    counts = {m: {v: sum(r["side"] == m and r["verdict"] == v for r in rows) for v in VERDICTS} for m in "ab"}
+    pairs = [(c["first_order"], c["shift"]) for r in results.values() for c in r.get("contexts", [])]
+    latent_pairs = [
+        (r["first_order"], r["shift"])
+        for r in rows
+        if math.isfinite(r["first_order"]) and math.isfinite(r["shift"])
+    ]
+    ranked = sorted((r for r in rows if r["verdict"] == "difference"), key=lambda r: -r["gap_closed"])
+    return {
+        "candidates": {m: sum(r["side"] == m for r in rows) for m in "ab"},
+        "counts": counts,
+        "differences": [{k: r[k] for k in ("latent", "side", "shift", "z", "gap_closed")} for r in ranked],
+        "whole": held["whole"],
+        "first_order_agreement": {
+            "contexts": len(pairs),
+            "pearson_contexts": _corr(pairs),
+            "latents": len(latent_pairs),
+            "spearman_latents_heldout_vs_exact": _corr(latent_pairs, rank=True),
+        },
+        "settings": asdict(cfg),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _corr(pairs: list[tuple], rank: bool = False) -> float:
+    if len(pairs) < 3:
+        return math.nan
+    x, y = (np.asarray(v, dtype=np.float64) for v in zip(*pairs))
+    if rank:
+        x, y = (np.argsort(np.argsort(v)).astype(np.float64) for v in (x, y))
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def summary_line(s: dict) -> str:
+    parts = []
+    for m in "ab":
+        c = s["counts"][m]
+        parts.append(
+            f"{m.upper()}: {s['candidates'][m]} candidates, {c['difference']} difference, "
+            f"{c['shared behaviour']} shared behaviour, {c['inert']} inert, {c['too rare']} too rare, "
+            f"{c['not verified']} not verified"
+        )
+    whole = s["whole"]
+    share = ", ".join(
+        f"{m.upper()} {'n/a' if whole[m]['share'] is None else format(whole[m]['share'], '.3f')}"
+        for m in "ab"
+        if m in whole
+    )
+    return "verify: " + "; ".join(parts) + f"; share of the gap explained by the candidates: {share}"

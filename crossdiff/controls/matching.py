@@ -1,0 +1,281 @@
+"""Match learned latents to planted ground-truth features, classify latents, score exclusivity.
+
+Matching is one-to-one and by decoder cosine in each model's own space (a cosine *between* A's and
+B's spaces means nothing across architectures, docs/design.md §5):
+
+- a shared GT feature matches latent i when cos(d_A,i, u_A) ≥ τ **and** cos(d_B,i, u_B) ≥ τ
+  (score: the smaller of the two);
+- an A-only GT feature matches on A's decoder column alone (B-only on B's);
+- a latent with no decoder vector for a model (a DFC exclusive latent) has cosine 0 there.
+
+Assignment is **greedy by descending score** (not Hungarian; scipy is not a dependency): take the
+best eligible (latent, feature) pair, remove both, repeat. Greedy can only lose to an optimal
+assignment inside a conflict chain, which at τ ≥ 0.9 needs two GT features with cosine ≥
+2τ² − 1 = 0.62 in one model — only the generator's twins come that close, and they stay below
+twin_cos_max. Matching ignores classification: a GT A-only feature matched to a latent that is
+classified shared counts as *missed* by exclusive recall.
+
+Classification (docs/design.md §5): DFC by partition membership; standard crosscoder by the relative decoder
+norm r = ||d_B|| / (||d_A|| + ||d_B||), r ≤ 0.1 → A-only, r ≥ 0.9 → B-only. `classify(model,
+"union")` also calls a DFC's shared-partition latents exclusive by their r (a diagnostic);
+`classify(model, "functional", share_F)` by their functional share (crossdiff.coder.functional: share_B ≤ t
+→ A-only, ≥ 1 − t → B-only; a standard crosscoder by its share alone).
+
+Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
+pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
+exist yet (the analysis issue); until then those fields are None.
+
+Legend: F learned latents, G ground-truth features, D one model's width, P eligible pairs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from ..coder.functional import classify_by_share
+from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
+
+OTHER = SHARED  # class of a latent that is not exclusive (shared or in between)
+DEFAULT_THRESHOLD = 0.9
+REL_NORM_A, REL_NORM_B = 0.1, 0.9  # docs/design.md §5 thresholds on r
+SHARE_THRESHOLD = 0.1  # functional share: ≤ t → A-only, ≥ 1 − t → B-only
+ClassifyMethod = Literal["auto", "partition", "relative_norm", "union", "functional", "union_functional"]
+
+
+class Matching(NamedTuple):
+    latent_of_G: np.ndarray
+    """Latent matched to each GT feature, -1 if none."""
+    feature_of_F: np.ndarray
+    """GT feature matched to each latent, -1 if none."""
+    score_G: np.ndarray
+    """Matching score of each GT feature (0 where unmatched)."""
+    cos_a_FG: np.ndarray
+    """Cosine of every latent's A decoder column with every GT feature's A direction."""
+    cos_b_FG: np.ndarray
+    threshold: float
+    """The cosine threshold τ the matching used."""
+
+
+def decoder_directions(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dec_a_FD, dec_b_FD): every latent's decoder vector per model, zero rows where the latent has
+    none (DFC exclusive latents), in normalised units."""
+    part = model.partition
+    n = part.n_latents
+    with torch.no_grad():
+        dec_a_FD = torch.zeros(n, model.cfg.d_a)
+        dec_b_FD = torch.zeros(n, model.cfg.d_b)
+        dec_a_FD[part.a_latents.start : part.a_latents.stop] = model.W_dec_a.detach().float().cpu()
+        dec_b_FD[part.b_latents.start : part.b_latents.stop] = model.W_dec_b.detach().float().cpu()
+    return dec_a_FD, dec_b_FD
+
+
+def _cosines(x_FD: np.ndarray, y_GD: np.ndarray) -> np.ndarray:
+    """Cosine of every row pair; 0 where either row is zero."""
+    nx = np.linalg.norm(x_FD, axis=1, keepdims=True)
+    ny = np.linalg.norm(y_GD, axis=1, keepdims=True)
+    return (x_FD / np.where(nx > 0, nx, 1)) @ (y_GD / np.where(ny > 0, ny, 1)).T
+
+
+def match(
+    dec_a_FD,
+    dec_b_FD,
+    gt: GroundTruth,
+    threshold: float = DEFAULT_THRESHOLD,
+    candidates_F: np.ndarray | None = None,
+) -> Matching:
+    """One-to-one greedy matching of latents to GT features (module docstring); `candidates_F`
+    (bool) restricts the latents that may match, e.g. to those alive on held-out data."""
+    cos_a = _cosines(np.asarray(dec_a_FD, dtype=np.float64), gt.dirs_a_FD)
+    cos_b = _cosines(np.asarray(dec_b_FD, dtype=np.float64), gt.dirs_b_FD)
+    kind_G = gt.kind_F
+    score_FG = np.where(kind_G == SHARED, np.minimum(cos_a, cos_b), np.where(kind_G == A_ONLY, cos_a, cos_b))
+    eligible_FG = score_FG >= threshold
+    if candidates_F is not None:
+        eligible_FG &= np.asarray(candidates_F, dtype=bool)[:, None]
+    lat_P, feat_P = np.nonzero(eligible_FG)
+    # Descending score; ties broken by (latent, feature) so the result is deterministic.
+    order = np.lexsort((feat_P, lat_P, -score_FG[lat_P, feat_P]))
+    latent_of_G = np.full(len(kind_G), -1, dtype=np.int64)
+    feature_of_F = np.full(score_FG.shape[0], -1, dtype=np.int64)
+    score_G = np.zeros(len(kind_G))
+    for i, g in zip(lat_P[order].tolist(), feat_P[order].tolist()):
+        if feature_of_F[i] < 0 and latent_of_G[g] < 0:
+            feature_of_F[i], latent_of_G[g], score_G[g] = g, i, score_FG[i, g]
+    return Matching(latent_of_G, feature_of_F, score_G, cos_a, cos_b, threshold)
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classify_by_partition(partition) -> np.ndarray:
+    """DFC: A_ONLY / B_ONLY for latents in the exclusive partitions, OTHER for the shared ones."""
+    class_F = np.full(partition.n_latents, OTHER, dtype=np.int64)
+    class_F[partition.a_exclusive.start : partition.a_exclusive.stop] = A_ONLY
+    class_F[partition.b_exclusive.start : partition.b_exclusive.stop] = B_ONLY
+    return class_F
+
+
+def relative_norm(norm_a_F, norm_b_F) -> np.ndarray:
+    """r = ||d_B|| / (||d_A|| + ||d_B||) (0.5 where both are zero)."""
+    a, b = np.asarray(norm_a_F, dtype=np.float64), np.asarray(norm_b_F, dtype=np.float64)
+    total = a + b
+    return np.where(total > 0, b / np.where(total > 0, total, 1), 0.5)
+
+
+def classify_by_relative_norm(
+    norm_a_F, norm_b_F, lo: float = REL_NORM_A, hi: float = REL_NORM_B
+) -> np.ndarray:
+    """Standard crosscoder (docs/design.md §5): r ≤ lo → A_ONLY, r ≥ hi → B_ONLY, else OTHER."""
+    r_F = relative_norm(norm_a_F, norm_b_F)
+    return np.where(r_F <= lo, A_ONLY, np.where(r_F >= hi, B_ONLY, OTHER)).astype(np.int64)
+
+
+def classify(
+    model, method: ClassifyMethod = "auto", share_F=None, share_threshold: float = SHARE_THRESHOLD
+) -> np.ndarray:
+    """Class of every latent of a crosscoder.
+
+    auto: partition membership for a DFC, relative decoder norm for a standard crosscoder (the
+    paper's rules). union (DFC): exclusive by partition, or a shared-partition latent whose
+    relative norm is exclusive — the toy benchmark finds many exclusive features there.
+    functional: exclusive by partition (DFC), or by the functional share `share_F`
+    (crossdiff.coder.functional) at `share_threshold`; union_functional: by partition, r or share.
+    """
+    norm_a_F, norm_b_F = (n.detach().cpu().numpy() for n in model.decoder_norms())
+    by_norm_F = classify_by_relative_norm(norm_a_F, norm_b_F)
+    if method == "relative_norm" or (method == "auto" and not model.partition.is_dfc):
+        return by_norm_F
+    by_part_F = classify_by_partition(model.partition)
+    if method in ("functional", "union_functional"):
+        if share_F is None:
+            raise ValueError(f"classify(method={method!r}) needs the functional share share_F")
+        side_F = classify_by_share(share_F, share_threshold)
+        by_share_F = np.where(side_F == "a", A_ONLY, np.where(side_F == "b", B_ONLY, OTHER))
+        if method == "union_functional":
+            by_share_F = np.where(by_share_F != OTHER, by_share_F, by_norm_F)
+        return np.where(by_part_F != OTHER, by_part_F, by_share_F)
+    if method == "union":
+        return np.where(by_part_F != OTHER, by_part_F, by_norm_F)
+    return by_part_F
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _exclusive_counts(m: Matching, class_F, gt: GroundTruth, alive_F, kind: int) -> dict:
+    """Recall/precision counts for one model's exclusive class (`kind` is A_ONLY or B_ONLY)."""
+    gt_G = gt.kind_F == kind
+    matched_lat = m.latent_of_G[gt_G]
+    found = int(((matched_lat >= 0) & (class_F[np.maximum(matched_lat, 0)] == kind)).sum())
+    found_any = int((matched_lat >= 0).sum())  # learned at all, whatever the latent's class
+    claimed_F = (class_F == kind) & alive_F
+    matched_kind_F = np.where(m.feature_of_F >= 0, gt.kind_F[np.maximum(m.feature_of_F, 0)], -1)
+    true_pos = int((claimed_F & (matched_kind_F == kind)).sum())
+    # False positives by cause: a shared concept's direction in this model (the paper's failure
+    # mode; "imbalanced" = planted weaker in the other model, the shrinkage case), a duplicate of
+    # an exclusive feature already matched, or nothing planted.
+    cos_FG = m.cos_a_FG if kind == A_ONLY else m.cos_b_FG
+    fp_F = claimed_F & (matched_kind_F != kind)
+    near_shared_F = (cos_FG[:, gt.kind_F == SHARED] >= m.threshold).any(1)
+    near_imb_F = (cos_FG[:, (gt.kind_F == SHARED) & gt.imbalanced_F] >= m.threshold).any(1)
+    near_excl_F = (cos_FG[:, gt_G] >= m.threshold).any(1)
+    twins = gt_G & (gt.twin_of_F >= 0)
+    twin_lat = m.latent_of_G[twins]
+    return {
+        "n_gt": int(gt_G.sum()),
+        "found": found,
+        "found_any_class": found_any,
+        "claimed": int(claimed_F.sum()),
+        "true_pos": true_pos,
+        "found_twins": int(((twin_lat >= 0) & (class_F[np.maximum(twin_lat, 0)] == kind)).sum()),
+        "n_twins": int(twins.sum()),
+        "fp_shared": int((fp_F & near_shared_F).sum()),
+        "fp_shared_imbalanced": int((fp_F & near_imb_F).sum()),
+        "fp_duplicate": int((fp_F & ~near_shared_F & near_excl_F).sum()),
+        "fp_unplanted": int((fp_F & ~near_shared_F & ~near_excl_F).sum()),
+    }
+
+
+def exclusive_metrics(
+    m: Matching,
+    class_F: np.ndarray,
+    gt: GroundTruth,
+    alive_F: np.ndarray | None = None,
+    verified_F: np.ndarray | None = None,
+) -> dict:
+    """Exclusive recall and precision per model and pooled, shared recall, false-positive causes.
+
+    Exclusive recall (A): share of GT A-only features matched to a latent classified A_ONLY.
+    Exclusive precision (A): share of alive latents classified A_ONLY that are matched to a GT
+    A-only feature (dead latents are never reported as findings, so they do not count). Pooled
+    values add the A and B counts. Ratios with a zero denominator are None.
+    `exclusive_matched_any_class` is the recall ceiling: GT exclusive features matched to any
+    latent, whatever its class (the gap to exclusive_recall is features learned but misclassified).
+    """
+    n_latents = len(class_F)
+    alive_F = np.ones(n_latents, dtype=bool) if alive_F is None else np.asarray(alive_F, dtype=bool)
+    per = {"a": _exclusive_counts(m, class_F, gt, alive_F, A_ONLY)}
+    per["b"] = _exclusive_counts(m, class_F, gt, alive_F, B_ONLY)
+    shared_G = gt.kind_F == SHARED
+    imb_G = shared_G & gt.imbalanced_F
+    out: dict = {
+        "exclusive_recall": _ratio(
+            per["a"]["found"] + per["b"]["found"], per["a"]["n_gt"] + per["b"]["n_gt"]
+        ),
+        "exclusive_precision": _ratio(
+            per["a"]["true_pos"] + per["b"]["true_pos"], per["a"]["claimed"] + per["b"]["claimed"]
+        ),
+        "exclusive_matched_any_class": _ratio(
+            per["a"]["found_any_class"] + per["b"]["found_any_class"], per["a"]["n_gt"] + per["b"]["n_gt"]
+        ),
+        "shared_recall": _ratio(int((m.latent_of_G[shared_G] >= 0).sum()), int(shared_G.sum())),
+        "shared_recall_imbalanced": _ratio(int((m.latent_of_G[imb_G] >= 0).sum()), int(imb_G.sum())),
+        "dead_fraction_heldout": float(1 - alive_F.mean()) if n_latents else None,
+        "threshold": m.threshold,
+    }
+    for key in ("a", "b"):
+        c = per[key]
+        out[f"exclusive_recall_{key}"] = _ratio(c["found"], c["n_gt"])
+        out[f"exclusive_precision_{key}"] = _ratio(c["true_pos"], c["claimed"])
+    out["counts"] = per
+    out["exclusive_recall_verified"] = out["exclusive_precision_verified"] = None
+    if verified_F is not None:
+        class_v_F = np.where(np.asarray(verified_F, dtype=bool), class_F, OTHER)
+        ver = exclusive_metrics(m, class_v_F, gt, alive_F)
+        out["exclusive_recall_verified"] = ver["exclusive_recall"]
+        out["exclusive_precision_verified"] = ver["exclusive_precision"]
+    return out
+
+
+@torch.no_grad()
+def alive_latents(model, batches, max_tokens: int = 65536) -> np.ndarray:
+    """Latents that fire at least once (inference encoder) on up to `max_tokens` normalised tokens."""
+    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
+    seen = 0
+    for x_a, x_b in batches:
+        fired_F |= (model.encode(x_a, x_b) > 0).any(0).cpu()
+        seen += x_a.shape[0]
+        if seen >= max_tokens:
+            break
+    return fired_F.numpy()
+
+
+def score_crosscoder(
+    model,
+    gt: GroundTruth,
+    alive_F=None,
+    threshold: float = DEFAULT_THRESHOLD,
+    verified_F=None,
+    method: ClassifyMethod = "auto",
+) -> dict:
+    """Match, classify and score a trained crosscoder against the ground truth in one call."""
+    dec_a_FD, dec_b_FD = decoder_directions(model)
+    m = match(dec_a_FD.numpy(), dec_b_FD.numpy(), gt, threshold, candidates_F=alive_F)
+    return exclusive_metrics(m, classify(model, method), gt, alive_F, verified_F)
