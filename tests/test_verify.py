@@ -126,3 +126,52 @@ def test_self_diff_gap_zero_is_never_a_difference():
     cfg = VerifyConfig(run=".")
     ctxs = [_ctx(-abs(d), [-0.5] * cfg.n_random, gap=0.0) for d in np.linspace(0, 0.02, 8)]
     assert summarise(ctxs, cfg)["verdict"] != "difference"
+
+
+def _two_latent_coders(d_a: int, d_b: int, u_D: torch.Tensor):
+    """A crosscoder whose latent 1 writes u into A, and one where latents 1 and 2 are duplicates
+    (the same encoder row, decoder rows u/3 and 2u/3): the same concept carried by two latents."""
+    from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for split in (False, True):
+        cc = Crosscoder(CrosscoderConfig(d_a=d_a, d_b=d_b, n_latents=4, k=2), generator=g)
+        with torch.no_grad():
+            for p in (cc.W_enc_a, cc.W_enc_b, cc.W_dec_a, cc.W_dec_b, cc.b_dec_a, cc.b_dec_b, cc.b_enc):
+                p.zero_()
+            cc.b_enc[1:3] = 1.0  # latents 1 and 2 fire with f = 1 everywhere
+            cc.W_enc_a[1:3, 0] = 1e-3  # and depend a little on the activation
+            cc.W_dec_a[1] = u_D / 3 if split else u_D
+            cc.W_dec_a[2] = 2 * u_D / 3 if split else 0.0
+            cc.W_dec_a[0] = torch.randn(d_a, generator=g)  # unrelated
+            cc.threshold.fill_(0.0)
+        out.append(cc.eval().requires_grad_(False))
+    return out
+
+
+def test_a_group_of_duplicates_is_ablated_as_one_latent(models_ab):
+    from crossdiff.analysis.verify import Candidate, duplicates, score_context
+
+    sides = [Side(lm, 5) for lm in models_ab]
+    u_D = torch.randn(models_ab[0].d_model, generator=torch.Generator().manual_seed(1)) * 2.0
+    single, split = _two_latent_coders(models_ab[0].d_model, models_ab[1].d_model, u_D)
+    alive_F = torch.tensor([True, True, True, False])
+    assert duplicates(split, "a", 1, alive_F, 0.9) == (1, 2)  # latent 0 unrelated, 3 dead
+    assert duplicates(single, "a", 1, alive_F, 0.9) == (1,)
+    _, al = tokenize_pair(sides, TEXT)
+    c0 = int(al.end_char[6])
+    dirs_RD = torch.nn.functional.normalize(
+        torch.randn(3, len(u_D), generator=torch.Generator().manual_seed(2))
+    )
+    window = Window(TEXT, 0, 0)
+    one = score_context(sides, single, Candidate(1, "a", 1.0, u_D), window, c0, dirs_RD, 10.0, 4)
+    both = Candidate(1, "a", 1.0, u_D / 3, (1, 2), torch.stack([u_D / 3, 2 * u_D / 3]))
+    two = score_context(sides, split, both, window, c0, dirs_RD, 10.0, 4)
+    alone = score_context(sides, split, Candidate(1, "a", 1.0, u_D / 3), window, c0, dirs_RD, 10.0, 4)
+    assert one is not None and two is not None and alone is not None
+    # The group removes what the single latent removes; the candidate alone removes a third of it.
+    assert two["l_ablated"] == pytest.approx(one["l_ablated"], abs=1e-3)
+    assert two["random_shifts"] == pytest.approx(one["random_shifts"], abs=1e-4)
+    assert two["first_order"] == pytest.approx(one["first_order"], rel=1e-4)
+    assert abs(alone["l_ablated"] - one["l_ablated"]) > 10 * abs(two["l_ablated"] - one["l_ablated"])

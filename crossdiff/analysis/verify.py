@@ -91,6 +91,9 @@ class VerifyConfig:
     """Stop starting exact ablations after this many seconds (the rest are `not verified`)."""
     seed: int = 0
     """Seed of the random null directions."""
+    duplicate_cosine: float = 0.9
+    """Alive latents whose decoder row in the candidate's model has at least this cosine with the
+    candidate's are ablated with it: a concept that several duplicate latents carry (1: the candidate alone)."""
 
     def __post_init__(self):
         checks = [
@@ -102,6 +105,7 @@ class VerifyConfig:
             (self.ahead >= 1 and self.prefix_chars >= 0, "--ahead must be >= 1, --prefix-chars >= 0"),
             (self.heldout_tokens >= 0, "--heldout-tokens must be >= 0"),
             (self.top is None or self.top >= 0, "--top must be >= 0"),
+            (0 < self.duplicate_cosine <= 1, "--duplicate-cosine must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,12 +121,27 @@ class Candidate:
     side: str  # "a" / "b": the model the latent belongs to
     p99: float
     u_D: Tensor  # decoder row in raw units, the crosscoder's coordinates of its model
+    group: tuple[int, ...] = ()
+    """The latents ablated together: the candidate first, then its duplicates (VerifyConfig.duplicate_cosine)."""
+    U_GD: Tensor | None = None  # the group's decoder rows in raw units (None: the candidate alone)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.group or (self.latent,)
+
+    @property
+    def rows_GD(self) -> Tensor:
+        return self.U_GD if self.U_GD is not None else self.u_D[None]
 
 
-def candidates(cc, table) -> list[Candidate]:
-    """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw units."""
+def candidates(cc, table, duplicate_cosine: float = 1.0) -> list[Candidate]:
+    """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw
+    units, each with its group: the alive latents (any partition) whose decoder row in the candidate's
+    model has cosine >= `duplicate_cosine` with its own."""
     from .evidence import decoder_rows
 
+    alive = torch.zeros(cc.cfg.n_latents, dtype=torch.bool)
+    alive[[int(r["latent"]) for r in table.rows if r.get("verdict") != "dead"]] = True
     out = []
     for row in table.candidates():
         p99 = _num(row.get("p99_act"))
@@ -130,8 +149,24 @@ def candidates(cc, table) -> list[Candidate]:
             continue
         m, j = row["side"], int(row["latent"])
         scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
-        out.append(Candidate(j, m, p99, (decoder_rows(cc, [j], m)[0] / scale).float()))
+        u = decoder_rows(cc, [j], m)[0]
+        group = duplicates(cc, m, j, alive, duplicate_cosine)
+        U = (decoder_rows(cc, list(group), m) / scale).float() if len(group) > 1 else None
+        out.append(Candidate(j, m, p99, (u / scale).float(), group if U is not None else (), U))
     return sorted(out, key=lambda c: c.latent)
+
+
+def duplicates(cc, m: str, j: int, alive_F: Tensor, min_cosine: float) -> tuple[int, ...]:
+    """Latent j and the alive latents whose decoder row in model m has cosine >= min_cosine with j's,
+    most similar first (read from the weights in place: no copy of the decoder)."""
+    W = (cc.W_dec_a if m == "a" else cc.W_dec_b).detach()
+    first = 0 if m == "a" else cc.partition.n_a_exclusive
+    u = W[j - first]
+    cos_M = (W @ u) / (W.norm(dim=1) * u.norm()).clamp_min(1e-12)
+    ids_M = torch.arange(first, first + W.shape[0], device=W.device)
+    hit = (cos_M >= min_cosine) & alive_F.to(W.device)[ids_M] & (ids_M != j)
+    order = torch.argsort(-cos_M[hit], stable=True)
+    return (j, *ids_M[hit][order].tolist())
 
 
 def _num(s) -> float:
@@ -259,20 +294,21 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     if not keep[k0]:
         return None
     pos_a, pos_b = al.idx_a[keep], al.idx_b[keep]
-    f_P = encode_pairs(cc, h[0], h[1], pos_a, pos_b)[:, cand.latent].cpu()
-    f_at = float(f_P[int(keep[:k0].sum())])
+    f_PG = encode_pairs(cc, h[0], h[1], pos_a, pos_b)[:, list(cand.members)].cpu()
+    f_at = float(f_PG[int(keep[:k0].sum()), 0])
     if f_at <= 0:
         return None
+    c_PD = f_PG @ cand.rows_GD  # what the candidate (with its duplicates) writes at each position
     # First-order estimate of the shift: w · Δℓ with w = sign(ℓ_other − ℓ_own) and
-    # Δℓ ≈ Σ_t (−f_t u) · ∂ℓ/∂h_t, from the clean run's graph.
+    # Δℓ ≈ Σ_t (−c_t) · ∂ℓ/∂h_t, from the clean run's graph.
     w = float(np.sign(l_other - l_own))
     pos_own = torch.as_tensor(pos_a if own == 0 else pos_b)
     grad_TD = torch.autograd.grad(clean.logp_RS[0].sum(), clean.h_leaf)[0][0]
-    first_order = w * float(-(f_P[:, None] * grad_TD.cpu()[pos_own]).sum(0) @ cand.u_D)
-    # Exact: copy 0 removes f·u, copies 1..R remove f·r.
-    dirs = torch.cat([cand.u_D[None], dirs_RD])
-    deltas = torch.zeros(len(dirs), len(ids[own]), dirs.shape[1])
-    deltas[:, pos_own] = -f_P[None, :, None] * dirs[:, None, :]
+    first_order = w * float(-(c_PD * grad_TD.cpu()[pos_own]).sum())
+    # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction).
+    deltas = torch.zeros(1 + len(dirs_RD), len(ids[own]), c_PD.shape[1])
+    deltas[0, pos_own] = -c_PD
+    deltas[1:, pos_own] = -c_PD.norm(dim=1)[None, :, None] * dirs_RD[:, None, :]
     abl = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], deltas_RTD=deltas)
     l_abl = abl.logp_RS.sum(1).cpu().numpy().astype(np.float64)
     n = len(tgt[own])
@@ -303,7 +339,7 @@ def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConf
     """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
     r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
-    dirs_RD = r / r.norm(dim=1, keepdim=True) * cand.u_D.norm()
+    dirs_RD = r / r.norm(dim=1, keepdim=True)  # unit: each ablation removes ||c_t|| along it
     contexts = []
     meta = store.rows([row for _, row in rows]) if rows else {}
     texts: dict[int, dict] = {}
@@ -494,7 +530,7 @@ def verify(cfg: VerifyConfig) -> dict:
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = candidates(cc, table)
+    cands = candidates(cc, table, cfg.duplicate_cosine)
     factor = _outlier_factor(store)
     start = time.perf_counter()
     sides = sides_for_store(store, device=str(device))
@@ -537,7 +573,7 @@ def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start
             continue
         else:
             res = verify_latent(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor)
-            done[c.latent] = jsonable({"latent": c.latent, "side": c.side, **res})
+            done[c.latent] = jsonable({"latent": c.latent, "side": c.side, "group": list(c.members), **res})
             write_json_atomic(path, done[c.latent])
         per_side[c.side] += 1
     return done
@@ -545,7 +581,9 @@ def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start
 
 def _row(c: Candidate, strong: dict, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
     row = {k: math.nan for k in COLUMNS}
-    row.update(latent=c.latent, side=c.side, n_strong=strong.get("n", 0), first_order=first)
+    row.update(
+        latent=c.latent, side=c.side, n_strong=strong.get("n", 0), first_order=first, n_group=len(c.members)
+    )
     if res is not None:
         row.update({k: res[k] for k in COLUMNS if k in res})
     else:
