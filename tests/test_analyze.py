@@ -367,3 +367,21 @@ def test_dfc_shared_latent_with_a_one_sided_functional_share_is_a_candidate(tmp_
         "b",
         "b",
     ]
+
+
+def test_the_functional_share_decides_candidates_on_centred_stores_only():
+    """Under the older uncentred normalisation one model's ΔSSE is systematically smaller, so the share
+    is a column only there; on a centred store (or a synthetic store's given scales) it is a rule."""
+    from types import SimpleNamespace
+
+    from crossdiff.analysis.analyze import AnalyzeConfig, make_plan
+
+    share = np.array([np.nan, np.nan, 0.5, 0.5, 0.05, 0.95, np.nan, np.nan])
+    by_rule = {}
+    for rule in ("centred", "given", "uncentred", None):
+        extra = {"normalisation": rule} if rule else {}
+        store = SimpleNamespace(model_a={"id": "a", **extra}, model_b={"id": "b", **extra}, d_a=D_A, d_b=D_B)
+        plan = make_plan(_handmade("dfc"), store, AnalyzeConfig(run=".", store="."), share)
+        by_rule[rule] = list(plan.side)
+    assert by_rule["centred"] == by_rule["given"] == ["a", "a", "", "", "a", "b", "b", "b"]
+    assert by_rule["uncentred"] == by_rule[None] == ["a", "a", "", "", "", "", "b", "b"]

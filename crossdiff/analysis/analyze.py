@@ -52,7 +52,10 @@ THRESHOLDS = "exclusive_threshold strong ridge".split()
 # change of the rules redoes finished analyses. 2: the relative-norm rule covers a DFC's shared latents.
 # 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
 # 4: the functional share is a column, not a candidate rule (make_plan).
-RULES_VERSION = 4
+# 5: on centred stores the functional share is a candidate rule for a DFC's shared latents.
+RULES_VERSION = 5
+CENTRED = ("centred", "given")
+"""Store normalisations under which the two models' ΔSSE are comparable ("given": a synthetic store's own scales)."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,15 @@ class Plan:
 
 
 def make_plan(cc, store, cfg: AnalyzeConfig, share_F: np.ndarray | None = None) -> Plan:
-    # The functional share is reported (a column), not a candidate rule here: on the default pair a
-    # DFC's shared latents have a median share_B of 0.08 (B's writes are ~10x smaller in ΔSSE
-    # throughout), so share <= 0.1 would make 602 of 859 of them candidates (docs/analysis.md).
-    # The toy benchmark, without that asymmetry, classifies by it (crossdiff bench toy).
-    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold)
+    # The functional share makes a DFC's shared latent a candidate (share_B <= t or >= 1 - t,
+    # docs/design.md §5) on a centred store only. Under the older uncentred normalisation one model's
+    # writes are systematically smaller in ΔSSE (Gemma-3's 7.6x on the default pair: median share_B
+    # 0.08 over the shared latents, so 585 of 837 would pass); centred, the median is 0.37 and 6 of
+    # 666 pass (docs/analysis.md).
+    by_share = (
+        share_F if all(m.get("normalisation") in CENTRED for m in (store.model_a, store.model_b)) else None
+    )
+    side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold, by_share)
     partition = partitions(cc)
     others = (side == "") & np.isfinite(rel)
     pool = np.flatnonzero(others & (rel >= 0.4) & (rel <= 0.6))  # the shared band of docs/design.md §5
