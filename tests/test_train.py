@@ -451,3 +451,18 @@ def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
     (tmp_path / "run" / "train_config.json").write_text(json.dumps({**old, "tokens": 60_000}))
     with pytest.raises(CrossdiffError, match="dead_tokens: 10000000 -> None, threshold_beta: 0.999 -> None"):
         _check_run_folder(short, tmp_path / "run")
+
+
+def test_a_store_with_the_uncentred_normalisation_draws_a_warning():
+    from types import SimpleNamespace
+
+    from crossdiff.coder.train import uncentred_store_warning
+
+    def store(rule_a, rule_b):
+        entry = lambda rule: {"id": "m", **({"normalisation": rule} if rule else {})}  # noqa: E731
+        return SimpleNamespace(root="/s", model_a=entry(rule_a), model_b=entry(rule_b))
+
+    assert uncentred_store_warning(store("centred", "centred")) is None
+    assert uncentred_store_warning(store("given", "given")) is None  # a synthetic store's own scales
+    assert "model B by E||x||^2" in uncentred_store_warning(store("centred", None))
+    assert "model A and B" in uncentred_store_warning(store("uncentred", "uncentred"))
