@@ -180,3 +180,12 @@ def test_bad_latent_and_prompts_fail_in_one_line_before_any_model_loads(tmp_path
         SteerConfig(run=str(run), latent=1, prompts=str(tmp_path / "missing.txt"))
     with pytest.raises(CrossdiffError, match=r"--latent 8 is out of range: .* has latents 0\.\.7$"):
         steer(SteerConfig(run=str(run), latent=8), models=_NoModels())
+
+
+def test_a_latent_starts_only_if_it_should_end_within_the_budget():
+    from crossdiff.analysis.steer import fits_budget
+
+    assert fits_budget(0.0, 0.0, None) and fits_budget(1e9, 1e9, None)  # no budget
+    assert fits_budget(0.0, 0.0, 60.0)  # the first latent
+    assert fits_budget(20.0, 40.0, 60.0) and not fits_budget(21.0, 40.0, 60.0)  # 21 + 40 > 60
+    assert not fits_budget(1e-6, 0.0, 0.0)  # a zero budget starts nothing

@@ -88,7 +88,8 @@ class SteerConfig:
     new_tokens: int = 24
     """Tokens generated (greedily) per prompt and strength."""
     budget_seconds: float | None = None
-    """--top: stop starting new latents after this many seconds (the rest are marked skipped)."""
+    """--top: start a latent only if it should end within this many seconds (judged by the slowest one
+    so far); the rest are marked skipped."""
     seed: int = 0
     """Seed of the random null directions."""
     device: str = "cpu"
@@ -610,13 +611,21 @@ def steer(cfg: SteerConfig, models=None) -> dict:
             else "behavioural differences (run crossdiff verify first)"
         )
         raise CrossdiffError(f"{run} has no {what} to steer")
-    start, results = time.monotonic(), {}
+    start, results, slowest = time.monotonic(), {}, 0.0
     for latent, m in tqdm(jobs, desc="steer", unit="latent", dynamic_ncols=True):
-        over = cfg.budget_seconds is not None and time.monotonic() - start > cfg.budget_seconds
-        results[latent] = None if over else steer_one(cc, run, latent, m, lms, rows, cfg)
+        t0 = time.monotonic()
+        go = fits_budget(t0 - start, slowest, cfg.budget_seconds)
+        results[latent] = steer_one(cc, run, latent, m, lms, rows, cfg) if go else None
+        slowest = max(slowest, time.monotonic() - t0)
     record_verdicts(run, results)
     _print_table(results, jobs)
     return results
+
+
+def fits_budget(elapsed: float, slowest: float, budget: float | None) -> bool:
+    """Start the next latent only if it should end within the budget, judged by the slowest latent so
+    far (which includes loading a model): the budget is a limit, not a point after which to stop."""
+    return budget is None or elapsed + slowest <= budget
 
 
 def _print_result(res: dict) -> None:
