@@ -11,7 +11,7 @@ picking the same few latents for all tokens and the rest die (we measured 99% de
 and dictionary_learning's BatchTopK do.
 
 Units: `encode`, `decode` and `forward` take and return **normalised** activations
-(normalised = raw × scale, scale chosen so that E||x_m||² = d_m, docs/design.md §4). Use `normalise` /
+(normalised = raw × scale, scale chosen so that E||x_m - mean_m||² = d_m, docs/design.md §4). Use `normalise` /
 `denormalise` to convert; the scales travel in the checkpoint's cfg.json.
 
 Layout (as in sparsify): one set of plain parameters per model, one row per latent for both the
