@@ -278,7 +278,16 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
     on = float(np.mean(planted_N[rows])) if rows else 0.0
     info = {"latent": j, "cosine": float(cos_F[j]), "top_on_words": on, "n_top": len(rows)}
     info.update({k: r[k] for k in ("partition", "verdict", "reason")})
-    for k in ("probe_auroc", "probe_r2", "latent_scaling", "density", "rel_norm", "dec_norm_a", "dec_norm_b"):
+    for k in (
+        "probe_auroc",
+        "probe_r2",
+        "latent_scaling",
+        "density",
+        "rel_norm",
+        "functional_share",
+        "dec_norm_a",
+        "dec_norm_b",
+    ):
         info[k] = r[k] if math.isfinite(r[k]) else None
     return info
 
