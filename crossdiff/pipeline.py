@@ -238,13 +238,13 @@ def _verify(vcfg) -> dict:
 
 
 def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
-    from .analysis.results import read_latents
+    from .analysis.results import load_results
     from .analysis.stability import format_table, seed_stability, write_stability
     from .coder.crosscoder import Crosscoder
 
     ref = Crosscoder.from_pretrained(run, device="cpu")
     others = {s: Crosscoder.from_pretrained(p, device="cpu") for s, p in seed_runs.items() if s != 0}
-    latents = read_latents(run / "analysis")
+    latents = load_results(run)  # with the behavioural verdicts: a `difference` is "verified"
     table = seed_stability(ref, others, latents.candidates(), alive=latents.alive())
     write_stability(run, table)
     print(format_table(table), file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,28 @@ def test_report_section_lists_each_candidate_with_its_seed_count():
     html = stability_html(table)
     assert html.count('href="features/1.html"') == 1 and html.count('href="features/2.html"') == 1
     assert html.count(">2/3<") == 2  # seed 0 and the identical seed 1; not the unrelated seed 2
+
+
+def test_the_diff_stage_reads_the_behavioural_verdicts(tmp_path):
+    """crossdiff diff's stability stage marks a candidate verified when verify called it a difference
+    (it read latents.csv without the joined behaviour.csv before, so nothing was ever verified)."""
+    from crossdiff.analysis.results import BEHAVIOUR, write_stage
+    from crossdiff.pipeline import _stability
+
+    run = tmp_path / "run"
+    ref = _dfc(0)
+    ref.save_pretrained(run)
+    _dfc(1).save_pretrained(tmp_path / "seed1")
+    (run / "analysis").mkdir()
+    head = "latent,partition,side,verdict,reason,score"
+    rows = [f"{j},a_exclusive,a,candidate_a,,{1.0 / (1 + j)}" for j in range(2)]
+    rows += [f"{j},shared,,shared,,NaN" for j in range(2, ref.cfg.n_latents)]
+    (run / "analysis" / "latents.csv").write_text("\n".join([head, *rows]) + "\n")
+    write_stage(
+        run, BEHAVIOUR, {0: {"side": "a", "verdict": "difference"}, 1: {"side": "a", "verdict": "inert"}}
+    )
+    summary = _stability(run, {0: run, 1: tmp_path / "seed1"})
+    table = json.loads((run / "stability.json").read_text())
+    verified = {f["latent"]: f["verified"] for f in table["features"]}
+    assert verified == {0: True, 1: False}
+    assert summary["verified"]["n"] == 1
