@@ -132,8 +132,9 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         )
     )
     if b.seeds > 1:
-        stability = {"seeds": b.seeds, "rules": RULES_VERSION}  # reads the candidates and their verdicts
-        out.append(Stage("seed stability", lambda: _stability(run, seed_runs), stability))
+        # reads the candidates and their verdicts; "matching" 2: other seeds judged by the share rule too
+        stability = {"seeds": b.seeds, "rules": RULES_VERSION, "matching": 2}
+        out.append(Stage("seed stability", lambda: _stability(run, seed_runs, store), stability))
     if b.steer_top:
         scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
         out.append(
@@ -237,7 +238,7 @@ def _verify(vcfg) -> dict:
     return {k: s.get(k) for k in ("candidates", "counts", "differences", "whole", "first_order_agreement")}
 
 
-def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
+def _stability(run: Path, seed_runs: dict[int, Path], store: Path | None = None) -> dict:
     from .analysis.results import load_results
     from .analysis.stability import format_table, seed_stability, write_stability
     from .coder.crosscoder import Crosscoder
@@ -245,10 +246,27 @@ def _stability(run: Path, seed_runs: dict[int, Path]) -> dict:
     ref = Crosscoder.from_pretrained(run, device="cpu")
     others = {s: Crosscoder.from_pretrained(p, device="cpu") for s, p in seed_runs.items() if s != 0}
     latents = load_results(run)  # with the behavioural verdicts: a `difference` is "verified"
-    table = seed_stability(ref, others, latents.candidates(), alive=latents.alive())
+    shares = _seed_shares(others, run, store) if store is not None else None
+    table = seed_stability(ref, others, latents.candidates(), alive=latents.alive(), shares=shares)
     write_stability(run, table)
     print(format_table(table), file=sys.stderr)
     return table["summary"]
+
+
+def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
+    """Each other seed's functional share on the held-out rows, as the analysis measures it, when the
+    store is one on which the share is a candidate rule (centred); None otherwise."""
+    from .analysis.analyze import CENTRED, AnalyzeConfig, heldout_share
+    from .inputs.store import Store
+
+    store = Store.open(store_path)
+    if not all(m.get("normalisation") in CENTRED for m in (store.model_a, store.model_b)):
+        return None
+    import torch
+
+    cfg = AnalyzeConfig(run=str(run), store=str(store_path))
+    with torch.inference_mode():
+        return {s: heldout_share(cc, store, cfg, "cpu") for s, cc in others.items()}
 
 
 def _steer(run: Path, b: Budget, device: str) -> dict:

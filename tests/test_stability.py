@@ -152,3 +152,20 @@ def test_the_diff_stage_reads_the_behavioural_verdicts(tmp_path):
     verified = {f["latent"]: f["verified"] for f in table["features"]}
     assert verified == {0: True, 1: False}
     assert summary["verified"]["n"] == 1
+
+
+def test_a_match_counts_as_exclusive_by_its_functional_share_when_given():
+    """A candidate found by the functional share (a DFC shared latent) reappears in a seed whose best
+    match is a shared latent with a one-sided share, as the analysis would judge that seed."""
+    ref = _dfc(0)
+    other = Crosscoder(ref.cfg)
+    other.load_state_dict(ref.state_dict())
+    j = ref.partition.shared.start + 3  # a shared latent, balanced decoder norms
+    cands = [{"latent": str(j), "side": "a", "verdict": "candidate_a", "score": "1.0"}]
+    plain = seed_stability(ref, {1: other}, cands)
+    assert plain["features"][0]["matches"][0]["cosine"] > 0.999
+    assert plain["features"][0]["reappears_in"] == 0  # shared by partition and norm
+    share = np.full(ref.cfg.n_latents, 0.5)
+    share[j] = 0.02
+    judged = seed_stability(ref, {1: other}, cands, shares={1: share})
+    assert judged["features"][0]["reappears_in"] == 1

@@ -32,9 +32,10 @@ def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), np.arange(latents.start, latents.stop)
 
 
-def _side_of(cc, latents: np.ndarray, threshold: float) -> np.ndarray:
-    """ "a" / "b" / "" for each latent: the analysis's candidate rule (crossdiff.analysis.results)."""
-    return exclusive_sides(cc, threshold)[0][latents]
+def _side_of(cc, latents: np.ndarray, threshold: float, share_F: np.ndarray | None = None) -> np.ndarray:
+    """ "a" / "b" / "" for each latent: the analysis's candidate rule (crossdiff.analysis.results), with
+    the functional share of that crosscoder's latents when given (the rule on centred stores)."""
+    return exclusive_sides(cc, threshold, share_F)[0][latents]
 
 
 def read_candidates(run: Path) -> list[dict]:
@@ -74,9 +75,12 @@ def seed_stability(
     shared_sample: int = 512,
     alive: np.ndarray | None = None,
     seed: int = 0,
+    shares: dict[int, np.ndarray] | None = None,
 ) -> dict:
     """The stability table. `others` maps seed -> crosscoder; `candidates`: rows of the analysis's
-    candidates (crossdiff.analysis.results.LatentTable.candidates, or read_candidates)."""
+    candidates (crossdiff.analysis.results.LatentTable.candidates, or read_candidates); `shares` maps
+    seed -> that crosscoder's functional share per latent, so that a match counts as exclusive by the
+    same rule as the analysis's candidates (without it: partition and relative norm only)."""
     if not others:
         raise CrossdiffError("seed stability needs at least one other seed")
     features = []
@@ -86,7 +90,8 @@ def seed_stability(
         per_seed = {}
         for s, cc in others.items():
             match, cos = best_matches(reference, cc, latents, model)
-            per_seed[s] = (match, cos, _side_of(cc, match, exclusive_threshold))
+            share_F = (shares or {}).get(s)
+            per_seed[s] = (match, cos, _side_of(cc, match, exclusive_threshold, share_F))
         for i, c in enumerate(cands):
             matches = []
             for s, (match, cos, side) in per_seed.items():
