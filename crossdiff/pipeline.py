@@ -256,11 +256,11 @@ def _stability(run: Path, seed_runs: dict[int, Path], store: Path | None = None)
 def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
     """Each other seed's functional share on the held-out rows, as the analysis measures it, when the
     store is one on which the share is a candidate rule (centred); None otherwise."""
-    from .analysis.analyze import CENTRED, AnalyzeConfig, heldout_share
-    from .inputs.store import Store
+    from .analysis.analyze import AnalyzeConfig, heldout_share
+    from .inputs.store import Store, comparable_losses
 
     store = Store.open(store_path)
-    if not all(m.get("normalisation") in CENTRED for m in (store.model_a, store.model_b)):
+    if not comparable_losses(store):
         return None
     import torch
 

@@ -34,6 +34,7 @@ import torch
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_with_atomic
+from ..inputs.store import comparable_losses
 from .evidence import (
     Histogram,
     TopK,
@@ -54,8 +55,6 @@ THRESHOLDS = "exclusive_threshold strong ridge".split()
 # 4: the functional share is a column, not a candidate rule (make_plan).
 # 5: on centred stores the functional share is a candidate rule for a DFC's shared latents.
 RULES_VERSION = 5
-CENTRED = ("centred", "given")
-"""Store normalisations under which the two models' ΔSSE are comparable ("given": a synthetic store's own scales)."""
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,7 @@ def make_plan(cc, store, cfg: AnalyzeConfig, share_F: np.ndarray | None = None) 
     # writes are systematically smaller in ΔSSE (Gemma-3's 7.6x on the default pair: median share_B
     # 0.08 over the shared latents, so 585 of 837 would pass); centred, the median is 0.37 and 6 of
     # 666 pass (docs/analysis.md).
-    by_share = (
-        share_F if all(m.get("normalisation") in CENTRED for m in (store.model_a, store.model_b)) else None
-    )
+    by_share = share_F if comparable_losses(store) else None
     side, rel, norm_a, norm_b = exclusive_sides(cc, cfg.exclusive_threshold, by_share)
     partition = partitions(cc)
     others = (side == "") & np.isfinite(rel)

@@ -625,11 +625,10 @@ def short_run_warnings(cfg: TrainConfig) -> list[str]:
 
 def uncentred_store_warning(store) -> str | None:
     """A store harvested before centred normalisation (docs/design.md §4) may weigh one model far less."""
-    old = [
-        k
-        for k, m in (("A", store.model_a), ("B", store.model_b))
-        if m.get("normalisation", "uncentred") == "uncentred"
-    ]
+    from ..inputs.store import COMPARABLE_NORMALISATIONS
+
+    models = (("A", store.model_a), ("B", store.model_b))
+    old = [k for k, m in models if m.get("normalisation") not in COMPARABLE_NORMALISATIONS]
     if not old:
         return None
     return (

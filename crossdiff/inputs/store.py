@@ -79,6 +79,17 @@ def activation_stats(acts_ND: torch.Tensor, key: str) -> dict:
     return {f"sumsq_{key}": sum_of_squares(acts_ND), f"sum_{key}": column_sums(acts_ND)}
 
 
+COMPARABLE_NORMALISATIONS = ("centred", "given")
+"""Normalisations under which the two models' losses are on one footing ("given": a synthetic store's
+own scales); "uncentred" (or no record: an older store) is not."""
+
+
+def comparable_losses(store) -> bool:
+    """Whether both models of `store` (anything with model_a / model_b metadata) are normalised so
+    that their reconstruction errors can be compared (docs/design.md §4)."""
+    return all(m.get("normalisation") in COMPARABLE_NORMALISATIONS for m in (store.model_a, store.model_b))
+
+
 def normalisation(shards: list[dict], key: str, d_model: int, *, centred: bool = True) -> dict:
     """One model's normalisation from its shards' statistics (docs/design.md §4).
 
