@@ -256,6 +256,17 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise CrossdiffError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, parsed object) of a JSONL file; blank lines skipped, a bad line one error."""
+    for n, line in _read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CrossdiffError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+
+
 class TextFileCorpus(Corpus):
     """One .txt file; documents are blocks of lines separated by one or more blank lines."""
 
@@ -301,13 +312,7 @@ class JsonlCorpus(Corpus):
         self.name = f"jsonl:{path}" + (f":{field}" if field != "text" else "")
 
     def _records(self):
-        for n, line in _read_lines(self.path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CrossdiffError(f"{self.path} line {n} is not valid JSON ({e.msg})") from None
+        for n, obj in read_jsonl(self.path):
             yield (
                 f"{self.path.name}:{n}",
                 _field(obj, self.field, f"{self.path} line {n}", f"jsonl:{self.path}:FIELD"),
@@ -357,13 +362,7 @@ class ChatCorpus(Corpus):
 
     def _records(self):
         for path in self.paths:
-            for n, line in _read_lines(path):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CrossdiffError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+            for n, obj in read_jsonl(path):
                 yield f"{path.name}:{n}", parse_messages(obj, f"{path} line {n}")
 
     def _empty(self, raw) -> bool:

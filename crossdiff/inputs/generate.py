@@ -24,7 +24,7 @@ import torch
 from ..core.config import where
 from ..core.errors import CrossdiffError
 from .chat import PLAIN_STOPS, render
-from .corpus import default_prompts_path, parse_messages
+from .corpus import default_prompts_path, parse_messages, read_jsonl
 from .models import DEFAULT_MODEL_A
 
 
@@ -80,21 +80,14 @@ def read_prompts(spec: str) -> list[dict]:
     if not path.is_file():
         raise CrossdiffError(f"prompt file {path} does not exist; pass a JSONL file of prompts")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CrossdiffError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-            messages = parse_messages(obj, f"{path} line {n}")
-            if messages[-1]["role"] != "user":
-                raise CrossdiffError(f"{path} line {n}: the last message must be the user's, to be answered")
-            i = len(out)
-            out.append(
-                {"index": i, "id": obj.get("id", i), "category": obj.get("category"), "messages": messages}
-            )
+    for n, obj in read_jsonl(path):
+        messages = parse_messages(obj, f"{path} line {n}")
+        if messages[-1]["role"] != "user":
+            raise CrossdiffError(f"{path} line {n}: the last message must be the user's, to be answered")
+        i = len(out)
+        out.append(
+            {"index": i, "id": obj.get("id", i), "category": obj.get("category"), "messages": messages}
+        )
     if not out:
         raise CrossdiffError(f"prompt file {path} has no prompts")
     return out
