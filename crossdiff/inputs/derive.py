@@ -228,15 +228,11 @@ def _changed(control: Control) -> dict[str, str | None]:
 def _shard_stats(control: Control, base_stats: dict, tensors: dict) -> dict:
     stats = dict(base_stats)
     for key, source in _changed(control).items():
-        if source == "a" and "sumsq_a" in base_stats:
-            stats.pop(f"sum_{key}", None)
-            stats.update(
-                {
-                    f"{name}_{key}": v
-                    for name in ("sumsq", "sum")
-                    if (v := base_stats.get(f"{name}_a")) is not None
-                }
-            )
+        if source == "a" and "sumsq_a" in base_stats:  # a copy of A's column carries A's sums
+            for name in ("sumsq", "sum"):
+                stats.pop(f"{name}_{key}", None)
+                if f"{name}_a" in base_stats:
+                    stats[f"{name}_{key}"] = base_stats[f"{name}_a"]
         elif source is not None:
             stats.update(activation_stats(tensors[f"acts_{key}"], key))
     return stats
