@@ -175,3 +175,10 @@ def test_a_group_of_duplicates_is_ablated_as_one_latent(models_ab):
     assert two["random_shifts"] == pytest.approx(one["random_shifts"], abs=1e-4)
     assert two["first_order"] == pytest.approx(one["first_order"], rel=1e-4)
     assert abs(alone["l_ablated"] - one["l_ablated"]) > 10 * abs(two["l_ablated"] - one["l_ablated"])
+    # The record is self-consistent: the segments add up to the context's log-probs and give its shift.
+    seg = {k: np.array(v) for k, v in one["segments"].items()}
+    assert seg["own"].sum() == pytest.approx(one["l_own"]) and seg["other"].sum() == pytest.approx(one["l_other"])
+    assert seg["ablated"].sum() == pytest.approx(one["l_ablated"])
+    closed = np.abs(seg["own"] - seg["other"]).sum() - np.abs(seg["ablated"] - seg["other"]).sum()
+    assert one["shift"] == pytest.approx(closed / one["n_tokens"])
+    assert one["gap"] == pytest.approx(np.abs(seg["own"] - seg["other"]).sum() / one["n_tokens"])

@@ -5,19 +5,22 @@ context (docs/design.md §5). For a candidate of A (B is the mirror image), on h
 it fires strongly (f ≥ strong · p99), both models score the same following characters — from the
 firing token's end c0 to the `ahead`-th aligned boundary after it, c1 — each with its own tokenizer:
 
-    ℓ_A, ℓ_B   log p of the characters (c0, c1] under A and under B (nats; both sums cover exactly
-               those characters, since c0 and c1 end a token in both tokenisations)
-    ℓ_A⁻       the same under A with the latent's contribution removed at the layer: h − f_t · d_A at
-               every aligned position t of the context (raw units; verify/variants.py's hook)
-    ℓ_A^r      the same with f_t · r removed instead, r a random direction of the decoder row's norm
+    ℓ_A,k, ℓ_B,k   log p of segment k's characters under A and under B (nats), the segments being
+                   the characters between consecutive aligned ends in (c0, c1] (each ends a token in
+                   both tokenisations, so both sums cover exactly those characters)
+    ℓ_A,k⁻         the same under A with the latent's contribution removed at the layer: h − f_t · d_A
+                   at every aligned position t of the context (raw units; inputs/variants.py's hook)
+    ℓ_A,k^r        the same with ‖f_t · d_A‖ · r removed instead, r a random unit direction (19 per
+                   context, drawn afresh for each)
 
-With the gap g = ℓ_A − ℓ_B, a context's shift towards B is (|g| − |g⁻|) / (scored tokens of A): it is
-positive when the ablation brings A closer to B and can never be positive where A and B agree (a
-self-diff). Per latent:
+With the gaps g_k = ℓ_A,k − ℓ_B,k, a context's shift towards B is Σ_k (|g_k| − |g_k⁻|) / (scored tokens
+of A): it is positive when the ablation brings A closer to B and can never be positive where A and B
+agree (a self-diff). Per latent:
 
     shift       mean over contexts, nats per token
-    z           (shift − mean random shift) / standard deviation of the random shifts
-    gap_closed  Σ(|g| − |g⁻|) / Σ|g| over the contexts
+    z           (shift − mean of the null) / its standard deviation, the null being the R random
+                shifts, each averaged over the same contexts
+    gap_closed  Σ(|g_k| − |g_k⁻|) / Σ|g_k| over the contexts
 
 Verdicts: `difference` (shift ≥ min_shift, z ≥ z), `shared behaviour` (shift ≤ −min_shift, z ≤ −z: the
 latent makes A do what B does), `inert` (neither), `too rare` (fewer than min_contexts usable strong
@@ -32,7 +35,8 @@ Writes RUN/verification/: behaviour.csv (one row per candidate), latents/<i>.jso
 each exactly verified latent), summary.json (counts, whole-diff share, first-order agreement); written
 last, so its presence means complete. A rerun with the same settings resumes latent by latent.
 
-Legend: T positions, D width, P kept aligned pairs, F latents, C candidates, R copies, S scored tokens.
+Legend: T positions, D width, P kept aligned pairs, F latents, C candidates, R copies, S scored tokens,
+K segments.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
+METHOD = 2
+"""Version of the measure (2: per-segment gaps, fresh random directions per context); in the fingerprint."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -69,11 +75,11 @@ class VerifyConfig:
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     strong: float = 0.3
     """A strong firing: f >= strong × the latent's p99 activation (docs/verification.md)."""
-    n_contexts: int = 8
+    n_contexts: int = 16
     """Held-out strong firings scored per latent (the strongest, at most one per chunk)."""
     min_contexts: int = 4
     """Fewer usable strong held-out firings than this: `too rare`."""
-    n_random: int = 8
+    n_random: int = 19
     """Random directions of the decoder row's norm ablated on the same contexts: the null."""
     z: float = 3.0
     """|z| against the random ablations needed for `difference` / `shared behaviour`."""
@@ -287,7 +293,6 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     ids = [torch.as_tensor(t.input_ids) for t in toks]
     other = sides[1 - own].forward(ids[1 - own], torch.as_tensor(tgt[1 - own]), plant_T=plants[1 - own])
     clean = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], grad=True)
-    l_own, l_other = float(clean.logp_RS[0].detach().sum()), float(other.logp_RS[0].sum())
     h = (clean.h_TD, other.h_TD) if own == 0 else (other.h_TD, clean.h_TD)
     keep = keep_pairs(h, toks, al, factor)
     k0 = int(np.flatnonzero(al.end_char == c0)[0])
@@ -299,20 +304,26 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     if f_at <= 0:
         return None
     c_PD = f_PG @ cand.rows_GD  # what the candidate (with its duplicates) writes at each position
-    # First-order estimate of the shift: w · Δℓ with w = sign(ℓ_other − ℓ_own) and
+    # Segments: the characters between consecutive aligned ends in (c0, c1]; both models score each.
+    ends_K = al.end_char[(al.end_char > c0) & (al.end_char <= c1)]
+    seg = [np.searchsorted(ends_K, t.offsets[x, 1], side="left") for t, x in zip(toks, tgt)]
+    l_own = _segment_sums(clean.logp_RS[0].detach(), seg[own], len(ends_K))
+    l_other = _segment_sums(other.logp_RS[0], seg[1 - own], len(ends_K))
+    # First-order estimate of the shift: Σ_k w_k Δℓ_k with w_k = sign(ℓ_other,k − ℓ_own,k) and
     # Δℓ ≈ Σ_t (−c_t) · ∂ℓ/∂h_t, from the clean run's graph.
-    w = float(np.sign(l_other - l_own))
+    w_S = torch.as_tensor(np.sign(l_other - l_own)[seg[own]], dtype=clean.logp_RS.dtype)
     pos_own = torch.as_tensor(pos_a if own == 0 else pos_b)
-    grad_TD = torch.autograd.grad(clean.logp_RS[0].sum(), clean.h_leaf)[0][0]
-    first_order = w * float(-(c_PD * grad_TD.cpu()[pos_own]).sum())
+    grad_TD = torch.autograd.grad((clean.logp_RS[0] * w_S).sum(), clean.h_leaf)[0][0]
+    first_order = float(-(c_PD * grad_TD.cpu()[pos_own]).sum())
     # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction).
     deltas = torch.zeros(1 + len(dirs_RD), len(ids[own]), c_PD.shape[1])
     deltas[0, pos_own] = -c_PD
     deltas[1:, pos_own] = -c_PD.norm(dim=1)[None, :, None] * dirs_RD[:, None, :]
     abl = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], deltas_RTD=deltas)
-    l_abl = abl.logp_RS.sum(1).cpu().numpy().astype(np.float64)
+    l_abl_RK = np.stack([_segment_sums(abl.logp_RS[r], seg[own], len(ends_K)) for r in range(len(deltas))])
     n = len(tgt[own])
-    g, g_abl = l_own - l_other, l_abl - l_other
+    gap = np.abs(l_own - l_other).sum()  # Σ_k |g_k|
+    closed_R = gap - np.abs(l_abl_RK - l_other[None]).sum(1)  # Σ_k |g_k| − |g⁻_k| per copy
     return {
         "chunk": window.chunk,
         "start": window.start,
@@ -322,13 +333,14 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
         "scored": window.text[c0:c1],
         "f": f_at,
         "n_tokens": n,
-        "l_own": l_own,
-        "l_other": l_other,
-        "l_ablated": float(l_abl[0]),
-        "shift": (abs(g) - abs(g_abl[0])) / n,
-        "random_shifts": ((abs(g) - np.abs(g_abl[1:])) / n).tolist(),
+        "l_own": float(l_own.sum()),
+        "l_other": float(l_other.sum()),
+        "l_ablated": float(l_abl_RK[0].sum()),
+        "shift": float(closed_R[0]) / n,
+        "random_shifts": (closed_R[1:] / n).tolist(),
         "first_order": first_order / n,
-        "gap": abs(g) / n,
+        "gap": float(gap) / n,
+        "segments": {"own": l_own.tolist(), "other": l_other.tolist(), "ablated": l_abl_RK[0].tolist()},
     }
 
 
@@ -338,8 +350,6 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
 def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
     """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
-    r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
-    dirs_RD = r / r.norm(dim=1, keepdim=True)  # unit: each ablation removes ||c_t|| along it
     contexts = []
     meta = store.rows([row for _, row in rows]) if rows else {}
     texts: dict[int, dict] = {}
@@ -349,6 +359,9 @@ def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConf
             texts[shard] = store.texts(shard)
         chunk, c0 = int(meta["chunk"][k]), int(meta["char_end"][k])
         window, c0w = window_for(texts[shard][chunk]["text"], chunk, c0, cfg)
+        # Fresh directions per context, so that under the null the contexts' ranks are independent.
+        r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
+        dirs_RD = r / r.norm(dim=1, keepdim=True)  # unit: each ablation removes ||c_t|| along it
         ctx = score_context(sides, cc, cand, window, c0w, dirs_RD, factor, cfg.ahead)
         if ctx is not None:
             contexts.append({"row": int(row), **ctx})
@@ -613,7 +626,7 @@ def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
     """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
     weights = (run / "crosscoder.safetensors").read_bytes()
     latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
-    return fingerprint([settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
+    return fingerprint([METHOD, settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
 
 
 def _cached(path: Path, compute):
