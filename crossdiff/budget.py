@@ -7,12 +7,13 @@ stage times); `medium` and `large` are for a GPU (or patience).
 Choices for `small`, measured on the default pair (Brown, SmolLM2-135M vs Gemma-3-270M):
 - 100k aligned pairs with 10% of chunks held out: verification needs >= 10 held-out firings, so a
   5% held-out share leaves most candidates "too rare to verify" at this size.
-- D = 1024 latents, k = 32, 600k training tokens (~590 per latent, ~7 passes over the store), lr
+- D = 1024 latents, k = 32, 1.2M training tokens (~1,170 per latent, ~13 passes over the store), lr
   6e-3 with linear decay over the last 20%, AuxK dead after 100k tokens. On a centred store (docs/
-  design.md §4) this leaves ~9% of the latents dead, and an alive shared latent comes back in another
-  seed ~45% of the time; at lr 1e-3 (the previous default) 11% came back, at 3e-3 28%, at 1e-2 39%
-  with 16% dead (`bench/dictionary_health.py`, docs/diff.md "Choosing the small budget"). The
-  previous D = 4096 with 400k tokens (~100 per latent) left 49% of the latents dead.
+  design.md §4) this leaves ~7% of the latents dead, and an alive shared latent comes back in another
+  seed ~53% of the time; with 600k tokens 46%, 900k 50% (at lr 1e-3, the earlier default, 11%; 3e-3
+  28%; 1e-2 39% with 16% dead; k = 16 57% with 20% dead) (`bench/dictionary_health.py`, docs/diff.md
+  "Choosing the small budget"). The previous D = 4096 with 400k tokens (~100 per latent) left 49% of
+  the latents dead.
 - AuxK needs `dead_tokens` well below the training length, or it never switches on and the DFC's
   exclusive slots all die (measured on a 200k Brown store, D=4096, 200k tokens: 100% of both
   exclusive partitions dead with the 10M-token default).
@@ -75,7 +76,7 @@ BUDGETS = {
         # small: verification takes the time steering had (both against random directions; the
         # verdict now comes from ablation, steering is evidence), docs/diff.md
         Budget(
-            "small", 100_000, 0.10, 1024, 32, 600_000, 1024, 100_000, 6e-3, 3, 2, 60.0, verify_seconds=150.0
+            "small", 100_000, 0.10, 1024, 32, 1_200_000, 1024, 100_000, 6e-3, 3, 2, 60.0, verify_seconds=150.0
         ),
         Budget(
             "medium",
