@@ -189,3 +189,17 @@ def test_a_latent_starts_only_if_it_should_end_within_the_budget():
     assert fits_budget(0.0, 0.0, 60.0)  # the first latent
     assert fits_budget(20.0, 40.0, 60.0) and not fits_budget(21.0, 40.0, 60.0)  # 21 + 40 > 60
     assert not fits_budget(1e-6, 0.0, 0.0)  # a zero budget starts nothing
+
+
+def test_differences_are_steered_before_the_candidates_that_fill_free_slots():
+    from crossdiff.analysis.steer import top_candidates
+
+    def row(latent, side, verdict, gap=0.0, score=1.0):
+        return {"latent": latent, "partition": "shared", "side": side, "verdict": f"candidate_{side}",
+                "score": score, "behaviour_verdict": verdict, "behaviour_gap_closed": gap}  # fmt: skip
+
+    rows = [row(1, "a", "inert", score=9.0), row(2, "a", "too rare", score=8.0), row(3, "b", "difference", 0.1),
+            row(4, "b", "difference", 0.3), row(5, "b", "inert"), row(6, "a", "difference", 0.2)]  # fmt: skip
+    assert top_candidates(rows, 2) == [(6, "a"), (4, "b"), (3, "b")]
+    # Fillers (best score first) take the slots a model's differences leave, after every difference.
+    assert top_candidates(rows, 2, include_rejected=True) == [(6, "a"), (4, "b"), (3, "b"), (1, "a")]

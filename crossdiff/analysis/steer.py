@@ -558,17 +558,23 @@ def steer_one(cc, run: Path, latent: int, model: str | None, lms, rows, cfg: Ste
 def top_candidates(rows: list[dict], n: int, include_rejected: bool = False) -> list[tuple[int, str]]:
     """(latent, model) of the top `n` behavioural `difference`s of each model (crossdiff verify's
     column behaviour_verdict; most of the gap closed first), interleaved; with `include_rejected`, slots
-    left free are filled with the model's other exclusive candidates (best score first)."""
+    left free are filled with the model's other exclusive candidates (best score first). Every
+    difference comes before every filler, so that a time budget spends itself on the differences."""
     table = LatentTable([], rows)
-    ranked = {}
+    diffs, fills = {}, {}
     for m in "ab":
         cands = table.candidates(m)
         picked = [r for r in cands if r.get("behaviour_verdict") == "difference"]
         picked.sort(key=lambda r: -_float(r.get("behaviour_gap_closed")))
-        if include_rejected:
-            picked += [r for r in cands if r.get("behaviour_verdict") != "difference"]
-        ranked[m] = [(int(r["latent"]), m) for r in picked[:n]]
-    return [x for pair in zip(ranked["a"] + [None] * n, ranked["b"] + [None] * n) for x in pair if x]
+        diffs[m] = [(int(r["latent"]), m) for r in picked[:n]]
+        others = [r for r in cands if r.get("behaviour_verdict") != "difference"] if include_rejected else []
+        fills[m] = [(int(r["latent"]), m) for r in others[: n - len(diffs[m])]]
+    return _interleave(diffs["a"], diffs["b"]) + _interleave(fills["a"], fills["b"])
+
+
+def _interleave(xs: list, ys: list) -> list:
+    n = max(len(xs), len(ys))
+    return [v for pair in zip(xs + [None] * n, ys + [None] * n) for v in pair if v is not None]
 
 
 def _float(s) -> float:
