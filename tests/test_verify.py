@@ -183,3 +183,44 @@ def test_a_group_of_duplicates_is_ablated_as_one_latent(models_ab):
     closed = np.abs(seg["own"] - seg["other"]).sum() - np.abs(seg["ablated"] - seg["other"]).sum()
     assert one["shift"] == pytest.approx(closed / one["n_tokens"])
     assert one["gap"] == pytest.approx(np.abs(seg["own"] - seg["other"]).sum() / one["n_tokens"])
+
+
+def test_a_null_direction_along_the_latent_reproduces_its_own_ablation(models_ab):
+    # The null removes ||c_t|| r at each position; with r the latent's own unit direction that is
+    # exactly c_t = f_t u, so the "random" shift must equal the latent's shift.
+    from crossdiff.analysis.verify import Candidate, score_context
+
+    sides = [Side(lm, 5) for lm in models_ab]
+    u_D = torch.randn(models_ab[0].d_model, generator=torch.Generator().manual_seed(1)) * 2.0
+    single, _ = _two_latent_coders(models_ab[0].d_model, models_ab[1].d_model, u_D)
+    _, al = tokenize_pair(sides, TEXT)
+    other = torch.randn(len(u_D), generator=torch.Generator().manual_seed(3))
+    dirs_RD = torch.nn.functional.normalize(torch.stack([u_D, other]))
+    ctx = score_context(sides, single, Candidate(1, "a", 1.0, u_D), Window(TEXT, 0, 0), int(al.end_char[6]),
+                        dirs_RD, 10.0, 4)  # fmt: skip
+    assert ctx is not None and abs(ctx["shift"]) > 0
+    assert ctx["random_shifts"][0] == pytest.approx(ctx["shift"], abs=1e-5)
+    assert ctx["random_shifts"][1] != pytest.approx(ctx["shift"], abs=1e-3)
+
+
+def test_dictionary_directions_are_the_other_alive_rows_of_the_candidates_model():
+    from crossdiff.analysis.verify import Candidate, dictionary_directions, dictionary_null
+    from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
+
+    cc = Crosscoder(CrosscoderConfig(d_a=8, d_b=6, n_latents=64, k=4, n_a_exclusive=8, n_b_exclusive=8, scale_b=2.0),
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ea, eb = cc.partition.n_a_exclusive, cc.partition.n_b_exclusive
+    alive = torch.ones(64, dtype=torch.bool)
+    alive[[5, ea + 3, 63]] = False  # dead: an A-exclusive, a shared and a B-exclusive latent
+    cand = Candidate(ea + 1, "b", 1.0, torch.zeros(6), (ea + 1, ea + 2), torch.zeros(2, 6))
+    U = dictionary_directions(cc, cand, alive)
+    # B rows exist for the shared and B-exclusive latents; minus 2 dead ones and the group of 2.
+    assert U.shape == (64 - ea - 2 - 2, 6)
+    assert torch.allclose(U.norm(dim=1), torch.ones(len(U)))
+    W = torch.nn.functional.normalize(cc.W_dec_b.detach().float() / cc.cfg.scale_b)
+    kept = [j - ea for j in range(ea, 64) if alive[j] and j not in (ea + 1, ea + 2)]
+    assert torch.allclose(U, W[kept], atol=1e-6)
+    assert eb > 0
+    ctxs = [{"dictionary_shifts": [-0.2, 0.0, 0.2]}, {"dictionary_shifts": [-0.2, 0.0, 0.2]}]
+    got = dictionary_null(ctxs, 0.4)
+    assert got["dictionary_null_mean"] == pytest.approx(0.0) and got["z_dictionary"] == pytest.approx(2.0)

@@ -57,8 +57,9 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
-METHOD = 2
-"""Version of the measure (2: per-segment gaps, fresh random directions per context); in the fingerprint."""
+METHOD = 3
+"""Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
+dictionary null of each difference); in the fingerprint."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -146,8 +147,7 @@ def candidates(cc, table, duplicate_cosine: float = 1.0) -> list[Candidate]:
     model has cosine >= `duplicate_cosine` with its own."""
     from .evidence import decoder_rows
 
-    alive = torch.zeros(cc.cfg.n_latents, dtype=torch.bool)
-    alive[[int(r["latent"]) for r in table.rows if r.get("verdict") != "dead"]] = True
+    alive = alive_mask(cc, table)
     out = []
     for row in table.candidates():
         p99 = _num(row.get("p99_act"))
@@ -160,6 +160,13 @@ def candidates(cc, table, duplicate_cosine: float = 1.0) -> list[Candidate]:
         U = (decoder_rows(cc, list(group), m) / scale).float() if len(group) > 1 else None
         out.append(Candidate(j, m, p99, (u / scale).float(), group if U is not None else (), U))
     return sorted(out, key=lambda c: c.latent)
+
+
+def alive_mask(cc, table) -> Tensor:
+    """(F,) bool: the latents the analysis did not find dead."""
+    alive = torch.zeros(cc.cfg.n_latents, dtype=torch.bool)
+    alive[[int(r["latent"]) for r in table.rows if r.get("verdict") != "dead"]] = True
+    return alive
 
 
 def duplicates(cc, m: str, j: int, alive_F: Tensor, min_cosine: float) -> tuple[int, ...]:
@@ -350,6 +357,35 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
 def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
     """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
+
+    def gaussian(_k):
+        r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
+        return r / r.norm(dim=1, keepdim=True)  # unit: each ablation removes ||c_t|| along it
+
+    # Fresh directions per context, so that under the null the contexts are independent draws.
+    contexts = _score_rows(sides, cc, store, cand, rows, cfg, factor, gaussian)
+    return {**summarise(contexts, cfg), "contexts": contexts}
+
+
+def with_dictionary_null(
+    sides, cc, store, cand: Candidate, rows: list, cfg, factor, dictionary_ND, res
+) -> dict:
+    """`res` (a difference's verify_latent result) with its contexts scored again against directions
+    the dictionary uses (`dictionary_ND`, see dictionary_directions): information beside the verdict,
+    which stays the random null's. Unchanged when there are fewer such directions than n_random."""
+    if len(dictionary_ND) < cfg.n_random:
+        return res
+    h = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent + 1)
+    pick = lambda _k: dictionary_ND[torch.randperm(len(dictionary_ND), generator=h)[: cfg.n_random]]
+    again = {c["row"]: c for c in _score_rows(sides, cc, store, cand, rows, cfg, factor, pick)}
+    contexts = [{**c, "dictionary_shifts": again[c["row"]]["random_shifts"]} for c in res["contexts"]]
+    return {**res, **dictionary_null(contexts, res["shift"]), "contexts": contexts}
+
+
+def _score_rows(
+    sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float, draw
+) -> list:
+    """score_context on each (f, row) of `rows`, with the null directions draw(k) of context k."""
     contexts = []
     meta = store.rows([row for _, row in rows]) if rows else {}
     texts: dict[int, dict] = {}
@@ -359,13 +395,36 @@ def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConf
             texts[shard] = store.texts(shard)
         chunk, c0 = int(meta["chunk"][k]), int(meta["char_end"][k])
         window, c0w = window_for(texts[shard][chunk]["text"], chunk, c0, cfg)
-        # Fresh directions per context, so that under the null the contexts' ranks are independent.
-        r = torch.randn(cfg.n_random, len(cand.u_D), generator=g)
-        dirs_RD = r / r.norm(dim=1, keepdim=True)  # unit: each ablation removes ||c_t|| along it
-        ctx = score_context(sides, cc, cand, window, c0w, dirs_RD, factor, cfg.ahead)
+        ctx = score_context(sides, cc, cand, window, c0w, draw(k), factor, cfg.ahead)
         if ctx is not None:
             contexts.append({"row": int(row), **ctx})
-    return {**summarise(contexts, cfg), "contexts": contexts}
+    return contexts
+
+
+def dictionary_directions(cc, cand: Candidate, alive_F: Tensor) -> Tensor:
+    """(M, D) unit vectors in raw units: the decoder rows, in the candidate's model, of the alive
+    latents outside its group. Ablating these at the candidate's norm is a null of directions the
+    model's dictionary uses, where a random direction is one nothing uses (docs/verification.md)."""
+    from .evidence import decoder_rows
+
+    first = 0 if cand.side == "a" else cc.partition.n_a_exclusive
+    n_rows = (cc.W_dec_a if cand.side == "a" else cc.W_dec_b).shape[0]
+    keep = alive_F.cpu().clone()
+    keep[list(cand.members)] = False
+    ids = [j for j in range(first, first + n_rows) if keep[j]]
+    if not ids:
+        return torch.zeros(0, len(cand.u_D))
+    scale = cc.cfg.scale_a if cand.side == "a" else cc.cfg.scale_b
+    U = (decoder_rows(cc, ids, cand.side) / scale).float()
+    return U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def dictionary_null(contexts: list[dict], shift: float) -> dict:
+    """z of `shift` against the dictionary directions' shifts (each averaged over the same contexts)."""
+    null_R = np.mean([c["dictionary_shifts"] for c in contexts], axis=0)
+    mu, sd = float(null_R.mean()), float(null_R.std(ddof=1))
+    z = (shift - mu) / sd if sd > 0 else (0.0 if shift == mu else math.copysign(math.inf, shift - mu))
+    return {"z_dictionary": z, "dictionary_null_mean": mu}
 
 
 def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
@@ -550,7 +609,7 @@ def verify(cfg: VerifyConfig) -> dict:
     strong = strong_rows(cc, store, cands, cfg, device)
     held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
     first = {int(k): v for k, v in held["first_order"].items()}
-    results = _exact(sides, cc, store, cands, strong, first, cfg, factor, out, start)
+    results = _exact(sides, cc, store, cands, strong, first, cfg, factor, out, start, alive_mask(cc, table))
     rows = [
         _row(c, strong.get(c.latent, {}), first.get(c.latent, math.nan), results.get(c.latent), cfg)
         for c in cands
@@ -565,8 +624,9 @@ def verify(cfg: VerifyConfig) -> dict:
     return summary
 
 
-def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start: float) -> dict:
-    """Exact ablations, best first-order estimate first, within `top` per side and the time budget."""
+def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start: float, alive_F) -> dict:
+    """Exact ablations, best first-order estimate first, within `top` per side and the time budget;
+    then the dictionary null of each difference."""
     from tqdm.auto import tqdm
 
     from .evidence import jsonable
@@ -589,6 +649,15 @@ def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start
             done[c.latent] = jsonable({"latent": c.latent, "side": c.side, "group": list(c.members), **res})
             write_json_atomic(path, done[c.latent])
         per_side[c.side] += 1
+    # Then, outside the budget (it is information, not the verdict), each difference's dictionary null.
+    for c in order:
+        res = done.get(c.latent)
+        if res is None or res.get("verdict") != "difference" or "z_dictionary" in res:
+            continue
+        ND = dictionary_directions(cc, c, alive_F)
+        res = with_dictionary_null(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor, ND, res)
+        done[c.latent] = jsonable(res)
+        write_json_atomic(out / "latents" / f"{c.latent}.json", done[c.latent])
     return done
 
 

@@ -44,6 +44,7 @@ COLUMN_HELP = {
     "behaviour_verdict": "Behavioural verdict (crossdiff verify): difference, shared behaviour, inert, too rare, not verified",
     "behaviour_shift": "Mean shift of its model towards the other when the latent is ablated (nats per token)",
     "behaviour_z": "z of the shift against ablating random directions of equal norm",
+    "behaviour_z_dictionary": "For a difference: z of the shift against ablating other latents' decoder directions at equal norm (information)",
     "behaviour_gap_closed": "Fraction of the A-B gap on its contexts that ablating it closes",
     "behaviour_first_order": "First-order (gradient x activation) estimate of the shift on held-out text",
     "score": "Ranking score (the exclusive decoder norm for a DFC)",
@@ -668,7 +669,7 @@ def behaviour_html(latent: int, data: RunData) -> str:
     of its model with the latent removed."""
     b = data.behaviour.get(latent, {})
     head = kv_table((k, b.get(k)) for k in ("verdict", "shift", "z", "gap_closed", "null_mean", "null_std",
-                                              "n_strong", "n_contexts", "first_order"))  # fmt: skip
+                                              "z_dictionary", "dictionary_null_mean", "n_strong", "n_contexts", "first_order"))  # fmt: skip
     doc = read_json(data.contexts[latent]) if latent in data.contexts else None
     rows = []
     for c in (doc or {}).get("contexts") or []:
