@@ -421,10 +421,17 @@ def dictionary_directions(cc, cand: Candidate, alive_F: Tensor) -> Tensor:
 
 def dictionary_null(contexts: list[dict], shift: float) -> dict:
     """z of `shift` against the dictionary directions' shifts (each averaged over the same contexts)."""
-    null_R = np.mean([c["dictionary_shifts"] for c in contexts], axis=0)
+    z, mu, _ = _z_against(shift, contexts, "dictionary_shifts")
+    return {"z_dictionary": z, "dictionary_null_mean": mu}
+
+
+def _z_against(shift: float, contexts: list[dict], key: str) -> tuple[float, float, float]:
+    """(z, mean, std) of `shift` against the null whose R draws are contexts' `key` lists averaged
+    over the contexts (one mean per null direction index)."""
+    null_R = np.mean([c[key] for c in contexts], axis=0)
     mu, sd = float(null_R.mean()), float(null_R.std(ddof=1))
     z = (shift - mu) / sd if sd > 0 else (0.0 if shift == mu else math.copysign(math.inf, shift - mu))
-    return {"z_dictionary": z, "dictionary_null_mean": mu}
+    return z, mu, sd
 
 
 def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
@@ -433,9 +440,7 @@ def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
     if n < cfg.min_contexts:
         return {"verdict": "too rare", "n_contexts": n}
     shift = float(np.mean([c["shift"] for c in contexts]))
-    null_R = np.mean([c["random_shifts"] for c in contexts], axis=0)
-    mu, sd = float(null_R.mean()), float(null_R.std(ddof=1))
-    z = (shift - mu) / sd if sd > 0 else (0.0 if shift == mu else math.copysign(math.inf, shift - mu))
+    z, mu, sd = _z_against(shift, contexts, "random_shifts")
     gaps = np.array([c["gap"] * c["n_tokens"] for c in contexts])
     closed = np.array([c["shift"] * c["n_tokens"] for c in contexts])
     verdict = "inert"
