@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core.errors import CrossdiffError
-from .inputs.store import harvest_command, safetensors_problem, store_problems
+from .core.manifest import MANIFEST
+from .inputs.store import harvest_command, harvest_files_missing, safetensors_problem, store_problems
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,15 @@ def check(cfg: CheckConfig) -> list[str]:
     root = Path(cfg.path)
     if not root.is_dir():
         raise CrossdiffError(f"{root} is not a folder; pass a store or a training run folder")
-    if (root / "settings.json").is_file() or (root / "meta.json").is_file():
+    stage_folder = (root / MANIFEST).is_file() and not (root / "cfg.json").is_file()
+    if not stage_folder and ((root / "settings.json").is_file() or (root / "meta.json").is_file()):
         lines, what = check_store(root)
     elif (root / "train_config.json").is_file() or (root / "cfg.json").is_file():
         lines, what = check_run(root)
+    elif (root / "stages.json").is_file():  # a diff or calibration folder: its store and every run
+        lines, what = check_diff(root)
+    elif (root / MANIFEST).is_file():  # one stage folder (RUN/analysis, RUN/verification ...)
+        lines, what = check_stage_folders(root, [root])
     else:
         raise CrossdiffError(
             f"{root} is neither an activation store nor a training run folder (no meta.json, "
@@ -58,12 +64,38 @@ def check_store(root: Path) -> tuple[list[str], str]:
     lines = [
         f"damaged: {path} ({problem}); repair: {repair}" for _, path, problem in store_problems(root, meta)
     ]
-    for key in "ab" if (root / "settings.json").is_file() else ():  # harvested, not synthetic
-        if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
-            lines.append(f"damaged: {root / 'tokenizers' / key} (missing); repair: {repair} --overwrite")
+    if not (root / "settings.json").is_file():
+        repair = (
+            f"crossdiff harvest --out {shlex.quote(str(root))} with the options that made it (meta.json: "
+            f"models {meta.get('models', {}).get('a', {}).get('id')} and {meta.get('models', {}).get('b', {}).get('id')}, corpus "
+            f"{meta.get('corpus')})"
+        )
+    for path in harvest_files_missing(root, meta):  # harvested, not synthetic: damaged
+        lines.append(f"damaged: {path} (missing); repair: {repair} --overwrite")
+    json_files = [root / "settings.json", *sorted((root / "tokenizers").glob("*/*.json"))]
+    for path in (p for p in json_files if p.is_file()):  # the tokenizers' files and settings are JSON
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            lines.append(f"damaged: {path} (unreadable: {type(e).__name__}); repair: {repair} --overwrite")
     recorded = all("files" in s for s in shards)
     detail = "sizes and sha256" if recorded else "sizes (a store written before checksums were recorded)"
     return lines, f"{len(shards)} shards, {meta['n_tokens']:,} pairs: {detail} match"
+
+
+def check_diff(root: Path) -> tuple[list[str], str]:
+    """A `crossdiff diff` (or calibration) folder: every store and run folder below it, and its records."""
+    lines, parts = [], []
+    for store in sorted(p.parent for p in root.rglob("meta.json") if (p.parent / "shards").is_dir()):
+        found, what = check_store(store)
+        lines += found
+        parts.append(f"{store.relative_to(root)}: {what}")
+    runs = sorted(p.parent for p in root.rglob("cfg.json") if "checkpoints" not in p.parts)
+    for run in runs:
+        found, _ = check_run(run)
+        lines += found
+    found, what = check_stage_folders(root, [root])
+    return lines + found, "; ".join(parts + [f"{len(runs)} run folder(s) checked", what])
 
 
 def train_command(run: Path) -> str:
@@ -105,7 +137,46 @@ def check_run(run: Path) -> tuple[list[str], str]:
                     f"damaged: {run / name} ({type(e).__name__}); repair: rm {run / name}; {retrain}"
                 )
     state = "finished" if (run / "eval.json").is_file() else "unfinished"
-    return lines, f"{state} run, weights and checkpoints readable and finite"
+    stage_lines, what = check_stage_folders(run, [run] + [run / name for name in STAGE_FOLDERS])
+    return lines + stage_lines, f"{state} run, weights and checkpoints readable and finite; {what}"
+
+
+STAGE_FOLDERS = ("analysis", "verification", "steering", "report")
+"""A run's folders written by later stages, each with its manifest (crossdiff.core.manifest)."""
+REPAIRS = {
+    "analysis": "crossdiff analyze --run {run}",
+    "verification": "crossdiff verify --run {run}",
+    "steering": "crossdiff steer --run {run} (after deleting the damaged file)",
+    "report": "crossdiff report --run {run}",
+}
+
+
+def check_stage_folders(run: Path, folders: list[Path]) -> tuple[list[str], str]:
+    """Every file the stages' manifests record, against its size and sha256 (reads every byte)."""
+    from .core.manifest import problems, read
+
+    lines, n_files, unrecorded = [], 0, []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        try:
+            manifest = read(folder)
+        except CrossdiffError:
+            manifest = None
+        if manifest is None and folder != run:
+            unrecorded.append(folder.name)
+            continue
+        n_files += len((manifest or {}).get("files", {}))
+        rerun = REPAIRS.get(folder.name, f"the crossdiff command that wrote {folder}").format(
+            run=shlex.quote(str(folder.parent))
+        )
+        if folder == run:
+            rerun = train_command(run)
+        lines += [f"damaged: {path} ({problem}); repair: {rerun}" for path, problem in problems(folder)]
+    what = f"{n_files} recorded files match their sha256"
+    if unrecorded:
+        what += f" ({', '.join(unrecorded)}: written before records existed, not checked)"
+    return lines, what
 
 
 def _checkpoint_problem(folder: Path) -> str | None:

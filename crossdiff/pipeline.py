@@ -29,6 +29,7 @@ from .budget import Budget, analyze_config, get_budget, harvest_config, train_co
 from .core.config import settings
 from .core.errors import CrossdiffError
 from .core.fsutil import write_json_atomic
+from .core.lock import writes
 from .core.stages import Stage, StageLog, run_stages
 from .inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 
@@ -90,6 +91,7 @@ def _slug(model: str) -> str:
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
     from .analysis.analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
+    from .harvest.harvest import recorded_settings
 
     d = cfg.folder
     store, run = d / "store", d / "run"
@@ -99,7 +101,13 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         b, store, model_a=cfg.model_a, model_b=cfg.model_b, corpus=corpus, device=cfg.device
     )
     out.append(
-        Stage("harvest", lambda: _harvest(hcfg), settings(hcfg), lambda: (store / "meta.json").is_file())
+        Stage(
+            "harvest",
+            lambda: _harvest(hcfg),
+            recorded_settings(hcfg),  # answers' paths relative to the folder: a moved folder resumes
+            lambda: (store / "meta.json").is_file(),
+            legacy=settings(hcfg),
+        )
     )
     for s, path in seed_runs.items():
         tcfg = train_config(b, store, path, arch="dfc", seed=s, device=cfg.device)
@@ -177,6 +185,7 @@ def _legacy(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k != "device"}
 
 
+@writes(lambda cfg: cfg.folder, record="files")
 def diff(cfg: DiffConfig) -> dict:
     """Run (or finish) the diff in cfg.folder; returns diff.json's content."""
     b = cfg.resolved_budget()

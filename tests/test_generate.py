@@ -115,9 +115,9 @@ def test_diff_on_prompts_generates_both_models_answers_before_the_harvest(tmp_pa
     st = stages(cfg, cfg.resolved_budget())
     assert [s.name for s in st[:3]] == ["generate (a)", "generate (b)", "harvest"]
     assert st[0].settings["prompts"] == "default" and st[1].settings["model"] == cfg.model_b
-    answers = tmp_path / "answers"
-    assert st[2].settings["corpus"] == f"chat:{answers / 'a.jsonl'},{answers / 'b.jsonl'}"
+    # recorded relative to the store (crossdiff.harvest.harvest.recorded_settings): a moved folder resumes
+    assert st[2].settings["corpus"] == "chat:{store}/../answers/a.jsonl,{store}/../answers/b.jsonl"
     one = DiffConfig(prompts="p.jsonl", answers="b", out=str(tmp_path))
     st = stages(one, one.resolved_budget())
     assert [s.name for s in st[:2]] == ["generate (b)", "harvest"]
-    assert st[1].settings["corpus"] == f"chat:{answers / 'b.jsonl'}"
+    assert st[1].settings["corpus"] == "chat:{store}/../answers/b.jsonl"

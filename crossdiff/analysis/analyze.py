@@ -34,6 +34,8 @@ import torch
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_with_atomic
+from ..core.lock import writes
+from ..core.manifest import intact
 from ..inputs.store import comparable_losses
 from .evidence import (
     Histogram,
@@ -536,7 +538,7 @@ def _models_or_reason(store, cfg: AnalyzeConfig, device) -> tuple[tuple | None, 
     """Both LanguageModels, or None and why they are not loaded."""
     if cfg.load_models is False:
         return None, "models not loaded (--no-load-models)"
-    synthetic = store.meta.get("corpus") == "synthetic" or not (store.root / "tokenizers").is_dir()
+    synthetic = store.meta.get("corpus") == "synthetic"  # a harvested store lacking tokenizers is damaged
     if cfg.load_models is None and synthetic:
         return None, "synthetic store: no models to load"
     from ..inputs.models import load_model
@@ -571,11 +573,12 @@ def _open_inputs(cfg: AnalyzeConfig):
         if not train_cfg.is_file():
             raise CrossdiffError(f"{run} has no train_config.json to find its store; pass --store")
         store_path = json.loads(train_cfg.read_text())["store"]
-    store = Store.open(store_path)
+    store = Store.open_recorded(cfg.store, store_path, run / "train_config.json")
     cc.cfg.check_store(store)
     return run, cc, store
 
 
+@writes(lambda cfg: cfg.out or Path(cfg.run) / "analysis", record="tree")
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Analyse (or finish analysing, or report) the run; returns summary.json's content."""
     from ..core.runtime import apply_cpu_policy, resolve_device
@@ -584,7 +587,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     out = Path(cfg.out) if cfg.out else run / "analysis"
     fingerprints = _fingerprints(cfg, run, store)
     done = _load_json(out / "settings.json").get("fingerprint") in fingerprints
-    if done and (out / "summary.json").is_file():
+    if done and (out / "summary.json").is_file() and intact(out, ("latents.csv", "summary.json")):
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
     (out / "summary.json").unlink(missing_ok=True)

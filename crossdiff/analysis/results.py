@@ -176,6 +176,7 @@ def read_latents(analysis: str | Path) -> LatentTable:
     """An analysis folder's latents.csv (files of any crossdiff version: a missing side column is filled
     in by the candidate rule, missing numeric columns read as NaN)."""
     analysis = Path(analysis)
+    _check_recorded(analysis, (LATENTS_CSV, "summary.json"), _analyze_command(analysis))
     columns, rows = _read_csv(analysis / LATENTS_CSV, "run crossdiff analyze on this run")
     if "side" not in columns:
         part = [r.get("partition", "shared") for r in rows]
@@ -188,6 +189,24 @@ def read_latents(analysis: str | Path) -> LatentTable:
         for c in COLUMNS:
             r.setdefault(c, "" if c in TEXT_COLUMNS else math.nan)
     return LatentTable(columns, rows)
+
+
+def _analyze_command(analysis: Path) -> str:
+    run = analysis.parent if analysis.name == "analysis" else None
+    return (
+        f"repair it with: crossdiff analyze --run {run}"
+        if run
+        else "rerun the crossdiff analyze that wrote it"
+    )
+
+
+def _check_recorded(folder: Path, names: tuple[str, ...], repair: str) -> None:
+    """Refuse a stage file that differs from its stage's record (crossdiff.core.manifest), in one line."""
+    from ..core.manifest import check_file
+
+    for name in names:
+        if (folder / name).is_file():
+            check_file(folder / name, repair)
 
 
 def write_latents(analysis: Path, table: dict[str, np.ndarray]) -> None:
@@ -239,11 +258,20 @@ STAGE_FILES = (BEHAVIOUR, STEERING)
 """Every stage file `load_results` joins, in column order; a new stage adds its StageFile here."""
 
 
+STAGE_REPAIRS = {
+    "behaviour": "repair it with: crossdiff verify --run {run}",
+    "steer": "delete {path} and rerun crossdiff steer --run {run}",
+}
+"""The command that repairs a stage file differing from its record (crossdiff.core.manifest)."""
+
+
 def read_stage(run: str | Path, stage: StageFile) -> dict[int, dict]:
     """{latent: {column: value}} of a stage file; {} when the stage has not run."""
     path = Path(run) / stage.path
     if not path.is_file():
         return {}
+    repair = STAGE_REPAIRS.get(stage.prefix, "delete {path} and rerun the command that wrote it")
+    _check_recorded(path.parent, (path.name,), repair.format(run=run, path=path))
     _, rows = _read_csv(path, f"delete it and rerun the {stage.prefix} stage")
     return {r["latent"]: {c: r.get(c) for c in stage.columns} for r in rows}
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
+from ..core.lock import writes
 from .results import STEERING, LatentTable, load_results, read_stage, write_stage
 
 # Neutral prompts for the KL side-effect measure and for generations (short: CPU time is the budget).
@@ -585,6 +586,7 @@ def _float(s) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
+@writes(lambda cfg: Path(cfg.run) / "steering", record="tree")
 def steer(cfg: SteerConfig, models=None) -> dict:
     """Run the command; returns the latent's result (--latent) or {latent: result or None} (--top)."""
     from tqdm.auto import tqdm

@@ -55,6 +55,8 @@ from torch import Tensor
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
+from ..core.lock import writes
+from ..core.manifest import intact
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
 METHOD = 3
@@ -586,6 +588,7 @@ def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, m
 # ----------------------------------------------------------------------------- orchestration
 
 
+@writes(lambda cfg: Path(cfg.run) / "verification", record="tree")
 def verify(cfg: VerifyConfig) -> dict:
     """Verify (or finish verifying) the run's candidates; returns summary.json's content."""
     from ..core.runtime import apply_cpu_policy, resolve_device
@@ -596,7 +599,7 @@ def verify(cfg: VerifyConfig) -> dict:
     fingerprint = _fingerprint(cfg, run, store)
     settings_path = out / "settings.json"
     same = settings_path.is_file() and json.loads(settings_path.read_text()).get("fingerprint") == fingerprint
-    if same and (out / "summary.json").is_file():
+    if same and (out / "summary.json").is_file() and intact(out, ("behaviour.csv", "summary.json")):
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
     if not same and out.exists():
@@ -689,7 +692,7 @@ def _open(cfg: VerifyConfig):
         raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
     summary = json.loads((analysis / "summary.json").read_text())
     cc = Crosscoder.from_pretrained(run)
-    store = Store.open(cfg.store or summary["store"]["path"])
+    store = Store.open_recorded(cfg.store, summary["store"]["path"], analysis / "summary.json")
     cc.cfg.check_store(store)
     if not (store.root / "tokenizers").is_dir() or store.meta.get("corpus") == "synthetic":
         raise CrossdiffError(f"{store.root} is a synthetic store: there are no models to verify behaviour on")

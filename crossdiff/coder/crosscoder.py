@@ -199,9 +199,16 @@ class CrosscoderConfig:
         for m in "AB":
             (mid, layer, d, s), (smid, slayer, sd, ss) = want[m], have[m]
             if (mid, layer, d) != (smid, slayer, sd) or not math.isclose(s, ss, rel_tol=1e-6):
+                why = (  # the same models and layer with another scale: another corpus or harvest
+                    "its activations were harvested from other text"
+                    if (mid, layer, d) == (smid, slayer, sd)
+                    else "it holds other activations"
+                )
                 raise CrossdiffError(
                     f"checkpoint does not match the store for model {m}: checkpoint has {mid} layer {layer} "
-                    f"width {d} scale {s:.6g}, store has {smid} layer {slayer} width {sd} scale {ss:.6g}"
+                    f"width {d} scale {s:.6g}, store has {smid} layer {slayer} width {sd} scale {ss:.6g} "
+                    f"({getattr(store, 'root', 'the store')}: {why}); pass --store with the store the "
+                    "checkpoint was trained on (its run's train_config.json names it), or train on this one"
                 )
 
 

@@ -32,6 +32,7 @@ import torch
 from ..core.config import Shorthand, added, changed_settings, config_to_dict, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+from ..core.lock import writes
 from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
@@ -146,6 +147,9 @@ class TrainConfig:
             bad(f"--exclusive-frac {self.exclusive_frac} gives no exclusive latent out of {self.latents}")
         if self.lr is not None and not self.lr > 0:
             bad(f"--lr must be positive, got {self.lr}")
+        for name in "lr dec_init_norm aux_alpha l1_coeff".split():  # inf passes "> 0" but trains nothing
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                bad(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             bad("--warmup-steps must be >= 0")
         if not 0 <= self.decay_frac < 1 or not 0 <= self.beta < 1:
@@ -275,7 +279,7 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
     if not torch.isfinite(out.loss):
         raise CrossdiffError(
             f"the loss became non-finite at step {st.step} on finite data (training diverged; try a lower "
-            "--lr); the last good checkpoint is kept"
+            "--lr)"
         )
     out.loss.backward()
     fired_F, n_tokens = out.fired_F, x_a.shape[0]
@@ -344,11 +348,14 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
             if not (torch.isfinite(x_a).all() and torch.isfinite(x_b).all()):
                 raise CrossdiffError(
                     f"the training batch at step {st.step} contains NaN or inf values (check the "
-                    "store); the last good checkpoint is kept"
+                    f"store); {kept_note(run)}"
                 )
             if st.dist is not None:  # this rank's rows of the global batch
                 x_a, x_b = st.dist.shard(x_a, x_b)
-            out = train_step(st, x_a, x_b, cfg)
+            try:
+                out = train_step(st, x_a, x_b, cfg)
+            except CrossdiffError as e:
+                raise CrossdiffError(f"{e}; {kept_note(run)}") from None
             meter.add(out, x_a, x_b)
             bar.update(1)
             if (st.step % cfg.log_every == 0 or st.step == cfg.total_steps) and st.is_main:
@@ -367,11 +374,20 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+def kept_note(run: Path) -> str:
+    """What a failed run keeps: its last checkpoint (a rerun resumes from it), or nothing."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return "no checkpoint had been written, so nothing of this run is kept"
+    return f"the last good checkpoint is kept ({ckpt.name}; rerun the same command to resume from it)"
+
+
 class _Meter:
     """Running sums between two metrics lines (live FVE is on the training batches)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
+        self.col_sums: dict[str, torch.Tensor] = {}
         self.t0, self.n_tokens = time.perf_counter(), 0
 
     def add(self, out, x_a, x_b) -> None:
@@ -380,11 +396,16 @@ class _Meter:
             "aux_loss": out.aux_loss,
             "sse_a": out.sse_a,
             "sse_b": out.sse_b,
-            "var_a": (x_a - x_a.mean(0)).pow(2).sum(),
-            "var_b": (x_b - x_b.mean(0)).pow(2).sum(),
+            "sumsq_a": x_a.double().pow(2).sum(),
+            "sumsq_b": x_b.double().pow(2).sum(),
         }
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        # Variance about the mean of every row since the last line (as evaluate() centres), not of each
+        # batch: a batch of one row has no spread, and its FVE came out near -1e16.
+        for m, x in (("a", x_a), ("b", x_b)):
+            col = x.detach().double().sum(0)
+            self.col_sums[m] = col if m not in self.col_sums else self.col_sums[m] + col
         self.sums["l0_tokens"] = self.sums.get("l0_tokens", 0.0) + out.l0 * x_a.shape[0]
         self.sums["steps"] = self.sums.get("steps", 0) + 1
         self.n_tokens += x_a.shape[0]
@@ -397,8 +418,8 @@ class _Meter:
             "lr": cfg.lr_at(st.step - 1),
             "loss": s["loss"] / s["steps"],
             "aux_loss": s["aux_loss"] / s["steps"],
-            "fve_a": 1 - s["sse_a"] / max(s["var_a"], 1e-12),
-            "fve_b": 1 - s["sse_b"] / max(s["var_b"], 1e-12),
+            "fve_a": 1 - s["sse_a"] / max(self._variance("a"), 1e-12),
+            "fve_b": 1 - s["sse_b"] / max(self._variance("b"), 1e-12),
             "l0": s["l0_tokens"] / n,
             "threshold": float(st.model.threshold),
             "dead_fraction": float((st.since_fired_F >= cfg.dead_window).float().mean()),
@@ -406,6 +427,10 @@ class _Meter:
         }
         self.__init__()
         return row
+
+    def _variance(self, m: str) -> float:
+        """Σ ||x - mean||² over the rows since the last line."""
+        return self.sums[f"sumsq_{m}"] - float(self.col_sums[m].pow(2).sum()) / max(1, self.n_tokens)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -566,6 +591,7 @@ def upgrade_train_settings(saved: dict) -> dict:
 # ----------------------------------------------------------------------------- entry point
 
 
+@writes(lambda cfg: cfg.out, record="files")
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume, or report an already finished run); returns the held-out evaluation."""
     from ..inputs.store import Store
@@ -573,6 +599,7 @@ def train(cfg: TrainConfig) -> dict:
 
     run, device = Path(cfg.out), resolve_device(distributed.local_device(cfg.device))
     ctx = distributed.from_env(device.type)  # torchrun: join the group (None when single-process)
+    created = not run.exists()
     try:
         if ctx is None or ctx.is_main:
             _check_run_folder(cfg, run)
@@ -592,6 +619,10 @@ def train(cfg: TrainConfig) -> dict:
         if (ctx is None or ctx.is_main) and (warning := uncentred_store_warning(store)):
             print(f"warning: {warning}", file=sys.stderr)
         return _train(cfg, run, store, device, ctx)
+    except CrossdiffError:
+        if created and (ctx is None or ctx.is_main) and latest_checkpoint(run) is None:
+            shutil.rmtree(run, ignore_errors=True)  # nothing a rerun could resume: leave nothing behind
+        raise
     finally:
         distributed.shutdown(ctx)
 

@@ -44,6 +44,7 @@ from ..budget import Budget, analyze_config, get_budget, harvest_config, train_c
 from ..core.config import settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
+from ..core.lock import writes
 from ..core.stages import Stage, StageLog, run_stages
 from ..inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 
@@ -359,6 +360,8 @@ def _verdicts(run: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------- entry point
 
 
+@writes(lambda cfg: Path(cfg.out) / "calibration.json")
+@writes(lambda cfg: Path(cfg.out) / "calibration")
 def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
     """Run (or finish) the controls in cfg.out; returns calibration.json's content.
 

@@ -41,6 +41,7 @@ from ..coder.sparsity import DEFAULT_SPARSITY, DFC, NAMES, arch_name
 from ..core import config
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
+from ..core.lock import writes
 from ..inputs.store import HELDOUT_FRAC
 
 RECORD = "bench.json"
@@ -399,6 +400,7 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+@writes(lambda cfg: cfg.out)
 def run_toy_bench(cfg: ToyBenchConfig) -> dict:
     """Run every (method, seed) not yet done, then write results.json, results.md and the plots."""
     from .synthetic import SyntheticPairs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 import sys
@@ -28,14 +29,15 @@ import torch
 from ..core.config import settings, settings_of, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import explain_os_error, os_error_message, write_json_atomic
+from ..core.lock import writes
 from ..core.runtime import apply_cpu_policy, resolve_device
 from ..inputs.models import (
     DEFAULT_MODEL_A,
     DEFAULT_MODEL_B,
     LanguageModel,
     batch_median_norm,
+    layer_for,
     load_model,
-    resolve_layer,
     resolve_model_dir,
 )
 from ..inputs.store import (
@@ -114,6 +116,7 @@ class HarvestConfig:
                 raise CrossdiffError(message)
 
 
+@writes(lambda cfg: cfg.out)
 def harvest(cfg: HarvestConfig) -> Store:
     """Write (or finish) the store at cfg.out and return it opened.
 
@@ -163,8 +166,12 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     resolve_model_dir(cfg.model_a), resolve_model_dir(cfg.model_b)  # names and files before any work
     corpus = open_corpus(cfg.corpus)
     apply_cpu_policy()  # one allocator policy per process (crossdiff/core/runtime.py)
+    layer_for(cfg.model_a, cfg.layer_a, "--layer-a"), layer_for(cfg.model_b, cfg.layer_b, "--layer-b")
     lm_a, lm_b = load_model(cfg.model_a, device=device), load_model(cfg.model_b, device=device)
-    layers = resolve_layer(cfg.layer_a, lm_a.n_layers), resolve_layer(cfg.layer_b, lm_b.n_layers)
+    layers = (
+        layer_for(cfg.model_a, cfg.layer_a, "--layer-a", lm_a.n_layers),
+        layer_for(cfg.model_b, cfg.layer_b, "--layer-b", lm_b.n_layers),
+    )
     try:
         try:
             if bad:
@@ -232,7 +239,8 @@ def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
             )
         shutil.rmtree(root)
     elif settings_path.is_file():
-        if settings_of(HarvestConfig, json.loads(settings_path.read_text())) != settings(cfg):
+        saved = settings_of(HarvestConfig, json.loads(settings_path.read_text()))
+        if saved not in (recorded_settings(cfg), settings(cfg)):  # settings(cfg): as recorded before 0.2
             if not cfg.overwrite:
                 raise CrossdiffError(
                     f"{root} holds a store made with other settings; pass --overwrite to replace it or choose another --out"
@@ -249,10 +257,30 @@ def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
     return False
 
 
+STORE_DIR = "{store}/"
+"""How settings.json writes the store's own folder at the head of a corpus path (store.harvest_command
+puts the folder back)."""
+
+
+def recorded_settings(cfg: HarvestConfig) -> dict:
+    """The settings as the store records them: a chat corpus file inside the store's parent folder (a
+    diff's answers/) relative to the store, so that the folder resumes after a move or under a symlink
+    (paths inside a run folder are recorded relative to it)."""
+    out = settings(cfg)
+    if not cfg.corpus.startswith("chat:"):
+        return out
+    store = Path(os.path.realpath(cfg.out))
+    paths = []
+    for p in cfg.corpus[len("chat:") :].split(","):
+        real = Path(os.path.realpath(p))
+        paths.append(STORE_DIR + os.path.relpath(real, store) if real.is_relative_to(store.parent) else p)
+    return {**out, "corpus": "chat:" + ",".join(paths)}
+
+
 def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
     """The store's folder, settings.json and both tokenizers (before any shard)."""
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "settings.json", settings(cfg))
+    write_json_atomic(root / "settings.json", recorded_settings(cfg))
     for key, lm in zip("ab", lms):
         if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
             tmp = root / "tokenizers" / f".{key}.tmp"

@@ -23,6 +23,7 @@ import torch
 
 from ..core.config import where
 from ..core.errors import CrossdiffError
+from ..core.lock import writes
 from .chat import PLAIN_STOPS, render
 from .corpus import default_prompts_path, parse_messages, read_jsonl
 from .models import DEFAULT_MODEL_A
@@ -119,6 +120,7 @@ def load_answered(out: Path, model: str, sampling: dict) -> set[int]:
     return {r["index"] for r in records}
 
 
+@writes(lambda cfg: cfg.out)
 def generate(cfg: GenerateConfig) -> Path:
     """Answer every prompt not yet answered in cfg.out; returns the path."""
     from tqdm.auto import tqdm

@@ -312,6 +312,26 @@ def resolve_layer(layer: str | int | float | None, n_layers: int) -> int:
     return index
 
 
+def layer_for(spec: str, layer: str | int | float | None, flag: str, n_layers: int | None = None) -> int:
+    """`resolve_layer` with the option and the model named in its error. Without `n_layers`, the block
+    count comes from the model's config.json, so a bad layer fails before any weights are loaded."""
+    if n_layers is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_dir(spec))
+        except (OSError, ValueError):
+            return -1  # unreadable here: load_model names the problem, and the layer is checked after
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(n_layers, int):
+            return -1
+    try:
+        return resolve_layer(layer, n_layers)
+    except CrossdiffError as e:
+        raise CrossdiffError(f"{flag} {layer}: {e} ({spec}); choose another {flag}") from None
+
+
 # --- the loaded model and its layer tap ------------------------------------------------------------
 
 

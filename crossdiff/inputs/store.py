@@ -272,8 +272,9 @@ def harvest_command(root: str | Path) -> str:
         return f"recreate {root} the way it was made (it has no readable settings.json)"
     parts = ["crossdiff", "harvest", "--out", shlex.quote(str(root))]
     for key, value in settings.items():
-        if value is not None:
-            parts += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+        if value is not None:  # a corpus path recorded relative to the store gets the store's folder
+            value = str(value).replace("{store}/", f"{root}/")
+            parts += [f"--{key.replace('_', '-')}", shlex.quote(value)]
     return " ".join(parts)
 
 
@@ -329,6 +330,15 @@ def shard_problems(root: Path, entry: dict, *, checksums: bool) -> list[tuple[Pa
         elif checksums and sha256_file(path) != record["sha256"]:
             out.append((path, "its sha256 differs from the one recorded when it was written"))
     return out
+
+
+def harvest_files_missing(root: Path, meta: dict) -> list[Path]:
+    """settings.json and both tokenizers, if missing from a harvested store (any store but one of
+    `write_synthetic_store`, whose corpus is "synthetic"): such a store is damaged, never synthetic."""
+    if meta.get("corpus") == "synthetic":
+        return []
+    wanted = [root / "settings.json"] + [root / "tokenizers" / k / "tokenizer_config.json" for k in "ab"]
+    return [p if p.name == "settings.json" else p.parent for p in wanted if not p.is_file()]
 
 
 def store_problems(root: Path, meta: dict) -> list[tuple[int, Path, str]]:
@@ -424,7 +434,23 @@ class Store:
         for entry in meta["shards"]:  # sizes only (one stat per file); `crossdiff check` reads the bytes
             for path, problem in shard_problems(root, entry, checksums=False):
                 raise damaged(path, problem, root)
+        for path in harvest_files_missing(root, meta):
+            raise damaged(path, "missing", root)
         return cls(root, meta)
+
+    @classmethod
+    def open_recorded(cls, given: str | None, recorded: str, record: Path) -> Store:
+        """The store given by --store, else the one whose path a run recorded in `record`; a recorded
+        path that holds no store (a moved run, or a path relative to another folder) asks for --store."""
+        if given is not None:
+            return cls.open(given)
+        root = Path(recorded)
+        if not (root / "meta.json").is_file() and not (root / "settings.json").is_file():
+            raise CrossdiffError(
+                f"{record} records the store {root}, which is not there (the run or the store was moved); "
+                "pass --store with the store's path"
+            )
+        return cls.open(root)
 
     # metadata
     model_a = property(lambda self: self.meta["models"]["a"])

@@ -31,6 +31,7 @@ from pathlib import Path
 from ..analysis.results import VERDICTS, is_candidate, load_results
 from ..analysis.verify import read_behaviour
 from ..core.errors import CrossdiffError
+from ..core.lock import writes
 from .htmlkit import badge, data_table, esc, fmt, fmt_bytes, is_num, kv_table, render_any, visible_ws
 from .plots import bar_svg, binned_histogram_svg, histogram_svg
 
@@ -742,6 +743,7 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@writes(lambda cfg: Path(cfg.run) / "report", record="tree")
 def report(cfg: ReportConfig) -> Path:
     """Write RUN/report/ and return the path of its index.html."""
     data = load_run(cfg.run)
