@@ -1,6 +1,7 @@
 """The cases of docs/integrity.md's before/after table, run against one crossdiff source tree.
 
     python bench/integrity_cases.py --tree /path/to/crossdiff/checkout --work /tmp/cases [--real]
+    python bench/integrity_cases.py --cost RUN/analysis RUN/report ...   # what hashing a folder costs
 
 Each case runs real `python -m crossdiff` processes with PYTHONPATH=TREE (the tree under test; run it
 once on the commit before and once after) and prints one markdown row: the case, the exit code(s), the
@@ -57,7 +58,8 @@ class Runner:
             )  # fmt: skip
             for _ in "ab"
         ]
-        return [(p.wait(), _last(p.communicate()[1])) for p in procs]
+        outs = [p.communicate() for p in procs]
+        return [(p.returncode, _last(err) or _last(out)) for p, (out, err) in zip(procs, outs)]
 
     def python(self, code: str, *args: str) -> None:
         subprocess.run([sys.executable, "-c", code, *args], env=self.env, check=True, cwd=self.work)
@@ -66,6 +68,12 @@ class Runner:
 def _last(text: str) -> str:
     lines = [x for x in text.replace("\r", "\n").splitlines() if x.strip() and "█" not in x and "%|" not in x]
     return lines[-1][:300] if lines else ""
+
+
+def _line(results: list[tuple[int, str]]) -> str:
+    """The line of a race worth showing: the refused one's, else the last process's."""
+    refused = [x for c, x in results if c != 0 and x]
+    return refused[0] if refused else next((x for _, x in reversed(results) if x), "")
 
 
 def _left(*paths: Path) -> str:
@@ -90,7 +98,7 @@ def synthetic_cases(r: Runner) -> None:
     r.python(MAKE_STORE, str(w / "other"), "1", "0.5")  # same models and widths, another scale
     res = r.together("train", "--store", "store", "--out", "race", *TRAIN)
     steps = [json.loads(x)["step"] for x in (w / "race" / "metrics.jsonl").read_text().splitlines()]
-    row("two `train` on one --out, started together", [c for c, _ in res], [x for _, x in res if x][-1],
+    row("two `train` on one --out, started together", [c for c, _ in res], _line(res),
         f"metrics.jsonl: {len(steps)} lines for {len(set(steps))} steps")  # fmt: skip
     r.run("train", "--store", "store", "--out", "run", *TRAIN)
     r.run("analyze", "--run", "run", "--batch-size", "256")
@@ -173,7 +181,7 @@ def real_cases(r: Runner) -> None:
         "cpu",
     ]
     res = r.together("harvest", "--out", "hs", "--corpus", "c.txt", *h)
-    row("two `harvest` on one --out, started together", [c for c, _ in res], [x for _, x in res if x][-1],
+    row("two `harvest` on one --out, started together", [c for c, _ in res], _line(res),
         _left(w / "hs"))  # fmt: skip
     rc, line, _ = r.run("check", "hs")
     row("then `check` on that store", rc, line, "")
@@ -186,7 +194,7 @@ def real_cases(r: Runner) -> None:
     g = ["--prompts", "p.jsonl", "--model", "smollm2-135m", "--max-new-tokens", "2", "--device", "cpu"]
     res = r.together("generate", "--out", "g.jsonl", *g)
     n = len((w / "g.jsonl").read_text().splitlines())
-    row("two `generate` on one --out, started together", [c for c, _ in res], [x for _, x in res if x][-1],
+    row("two `generate` on one --out, started together", [c for c, _ in res], _line(res),
         f"g.jsonl: {n} answers to 4 prompts")  # fmt: skip
     (w / "D" / "answers").mkdir(parents=True)
     shutil.copy(w / "g.jsonl", w / "D" / "answers" / "a.jsonl")
@@ -197,12 +205,37 @@ def real_cases(r: Runner) -> None:
     harvested_store_cases(r, w / "hs" if (w / "hs" / "settings.json").is_file() else w / "D2" / "store")
 
 
+def cost(folder: Path) -> None:
+    """What recording and checking a stage folder costs: manifest.file_record over its files (what a
+    command's completion hashes and `crossdiff check` re-reads), cold then warm page cache."""
+    from crossdiff.core.manifest import file_record
+
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    for label in ("first read", "again"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for p in files:
+            file_record(p)
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(
+            f"{folder}: {len(files)} files, {size / 1e6:.1f} MB, {label}: {secs:.3f} s wall, {cpu:.3f} s CPU "
+            f"({size / 1e6 / max(cpu, 1e-9):.0f} MB per CPU second)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tree", required=True, help="crossdiff source tree to run (PYTHONPATH)")
-    parser.add_argument("--work", required=True, help="empty scratch folder")
+    parser.add_argument(
+        "--cost", nargs="+", help="only time hashing these folders (run with this tree's crossdiff)"
+    )
+    parser.add_argument("--tree", help="crossdiff source tree to run (PYTHONPATH)")
+    parser.add_argument("--work", help="empty scratch folder")
     parser.add_argument("--real", action="store_true", help="also the cases that load the default pair")
     args = parser.parse_args()
+    if args.cost:
+        for folder in args.cost:
+            cost(Path(folder))
+        return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     r = Runner(Path(args.tree).resolve(), work)

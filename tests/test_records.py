@@ -19,6 +19,8 @@ import torch
 from crossdiff import cli
 from crossdiff.analysis.analyze import AnalyzeConfig, analyze
 from crossdiff.analysis.results import BEHAVIOUR, load_results, read_stage, write_stage
+from crossdiff.analysis.steer import SteerConfig, steer
+from crossdiff.analysis.verify import VerifyConfig, verify
 from crossdiff.check import CheckConfig, check
 from crossdiff.coder.train import TrainConfig, train
 from crossdiff.core import manifest
@@ -57,6 +59,18 @@ def run(analysed, tmp_path) -> Path:
     return copy
 
 
+def _as_harvested(store: Path, dest: Path) -> Path:
+    """A copy of a synthetic store dressed as a harvested one (corpus, settings.json, tokenizers)."""
+    shutil.copytree(store, dest)
+    meta = json.loads((dest / "meta.json").read_text())
+    (dest / "meta.json").write_text(json.dumps({**meta, "corpus": "brown"}))
+    (dest / "settings.json").write_text(json.dumps({"corpus": "brown"}))
+    for key in "ab":
+        (dest / "tokenizers" / key).mkdir(parents=True)
+        (dest / "tokenizers" / key / "tokenizer_config.json").write_text("{}")
+    return dest
+
+
 def _truncate(path: Path, share: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * share)])
@@ -74,7 +88,7 @@ def test_each_stage_records_its_files_with_sha256_and_rows(run):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "one row deleted"])
-def test_a_damaged_latents_csv_is_refused_named_checked_and_repaired(run, damage, capsys):
+def test_a_damaged_latents_csv_is_refused_named_checked_and_repaired(run, analysed, damage, capsys):
     path = run / "analysis" / "latents.csv"
     good = path.read_bytes()
     if damage == "truncated":
@@ -83,7 +97,14 @@ def test_a_damaged_latents_csv_is_refused_named_checked_and_repaired(run, damage
         lines = good.decode().splitlines(keepends=True)
         path.write_text("".join(lines[:5] + lines[6:]))
     expect = f"{path} is damaged .*; repair it with: crossdiff analyze --run {run}$"
-    for reader in (lambda: load_results(run), lambda: report(ReportConfig(run=str(run)))):
+    store = _as_harvested(analysed[0], run.parent / "harvested")  # verify refuses a synthetic store first
+    readers = (
+        lambda: load_results(run),
+        lambda: report(ReportConfig(run=str(run))),
+        lambda: verify(VerifyConfig(run=str(run), store=str(store), device="cpu")),
+        lambda: steer(SteerConfig(run=str(run), top=1, device="cpu")),
+    )
+    for reader in readers:
         with pytest.raises(CrossdiffError, match=expect):
             reader()
     with pytest.raises(CrossdiffError, match="1 damaged file"):
@@ -148,13 +169,7 @@ def test_a_command_that_fails_before_writing_leaves_its_folder_complete(run, tmp
 def test_a_harvested_store_without_settings_or_tokenizers_is_damaged_never_synthetic(
     tmp_path, missing, capsys
 ):
-    store = _store(tmp_path / "s")
-    meta = json.loads((store / "meta.json").read_text())
-    (store / "meta.json").write_text(json.dumps({**meta, "corpus": "brown"}))  # as harvest writes it
-    (store / "settings.json").write_text(json.dumps({"corpus": "brown"}))
-    for key in "ab":
-        (store / "tokenizers" / key).mkdir(parents=True)
-        (store / "tokenizers" / key / "tokenizer_config.json").write_text("{}")
+    store = _as_harvested(_store(tmp_path / "synthetic"), tmp_path / "s")
     Store.open(store)
     shutil.rmtree(store / missing) if missing == "tokenizers" else (store / missing).unlink()
     with pytest.raises(CrossdiffError, match=f"{store / missing}.* is damaged [(]missing[)]"):
@@ -280,3 +295,33 @@ def test_python_m_crossdiff_check_exit_code(run):
     r = subprocess.run([sys.executable, "-m", "crossdiff", "check", str(run)], capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 2 and f"damaged: {run / 'analysis' / 'summary.json'}" in r.stdout
+
+
+def test_a_prompts_store_records_its_answers_relative_to_itself(tmp_path):
+    """A diff's answers are recorded relative to its store, so the folder resumes after a move or under a
+    symlink; a corpus outside the folder stays as given."""
+    from crossdiff.harvest.harvest import HarvestConfig, _check_settings, recorded_settings
+    from crossdiff.inputs.store import harvest_command
+
+    real = tmp_path / "D"
+    (real / "answers").mkdir(parents=True)
+    (real / "answers" / "a.jsonl").write_text("")
+    (tmp_path / "link").symlink_to(real)
+
+    def cfg(folder: Path, corpus: str | None = None) -> HarvestConfig:
+        return HarvestConfig(
+            out=str(folder / "store"), corpus=corpus or f"chat:{folder / 'answers' / 'a.jsonl'}"
+        )
+
+    saved = recorded_settings(cfg(real))
+    assert saved["corpus"] == "chat:{store}/../answers/a.jsonl"
+    assert recorded_settings(cfg(tmp_path / "link")) == saved
+    outside = f"chat:{tmp_path / 'elsewhere.jsonl'}"
+    assert recorded_settings(cfg(real, outside))["corpus"] == outside
+    (real / "store").mkdir()
+    (real / "store" / "settings.json").write_text(json.dumps(saved))
+    (real / "store" / "meta.json").write_text("{}")
+    shutil.move(real, tmp_path / "D2")
+    moved = tmp_path / "D2" / "store"
+    assert _check_settings(moved, cfg(tmp_path / "D2"), 1) is True  # complete: the rerun resumes it
+    assert f"--corpus chat:{moved}/../answers/a.jsonl" in harvest_command(moved)

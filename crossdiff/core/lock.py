@@ -98,7 +98,14 @@ def _remove_empty(folders: list[Path]) -> None:
 def _acquire(path: Path, lock: Path) -> int:
     deadline = time.monotonic() + _RETRY_SECONDS
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            from .fsutil import explain_os_error, os_error_message
+
+            if os_error_message(e, path) is None:
+                raise
+            raise explain_os_error(e, path) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -114,8 +121,11 @@ def _acquire(path: Path, lock: Path) -> int:
         except FileNotFoundError:
             same = False
         if same:  # else the holder removed the file between our open and our flock: take the new one
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:  # the PID only informs a second writer: a full disk must not stop the lock
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass
             return fd
         os.close(fd)
 

@@ -37,14 +37,14 @@ _ROWS = {".csv": 1, ".jsonl": 0}
 
 def file_record(path: Path) -> dict:
     """{"bytes", "sha256"} of a file, with "rows" for a .csv (data rows) or a .jsonl (lines)."""
-    h, lines, size = hashlib.sha256(), 0, 0
+    h, lines, size, rows = hashlib.sha256(), 0, 0, path.suffix in _ROWS
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-            lines += block.count(b"\n")
+            lines += block.count(b"\n") if rows else 0
             size += len(block)
     out = {"bytes": size, "sha256": h.hexdigest()}
-    if path.suffix in _ROWS:
+    if rows:
         out["rows"] = max(lines - _ROWS[path.suffix], 0)
     return out
 
