@@ -248,6 +248,7 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_generates_started_together_answer_each_prompt_once(tmp_path, models_ab):
     prompts, out = _prompts(tmp_path / "p.jsonl", 4), tmp_path / "answers.jsonl"
     argv = _cli("generate", "--prompts", str(prompts), "--out", str(out), "--model", "smollm2-135m",
@@ -256,6 +257,7 @@ def test_two_generates_started_together_answer_each_prompt_once(tmp_path, models
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_generate_killed_with_the_lock_held_then_rerun_is_byte_identical(tmp_path, models_ab):
     prompts = _prompts(tmp_path / "p.jsonl", 6)
     runs = {}

@@ -179,8 +179,11 @@ def intact(folder: str | Path, names: tuple[str, ...]) -> bool:
         return False
     if manifest is None:
         return True
+    from .lock import holds
+
     records = manifest["files"]
-    return bool(manifest.get("complete")) and all(
+    complete = manifest.get("complete") or holds(folder)  # the stage's own rerun marked it incomplete
+    return bool(complete) and all(
         n in records and record_problem(Path(folder) / n, records[n]) is None for n in names
     )
 
