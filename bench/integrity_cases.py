@@ -161,32 +161,43 @@ def harvested_store_cases(r: Runner, store: Path) -> None:
     row("`train` on that store", rc, line, _left(w / "on-bare"))
 
 
-def real_cases(r: Runner) -> None:
-    w = r.work
-    corpus = w / "c.txt"
+H = [
+    "--max-tokens",
+    "1200",
+    "--context-len",
+    "128",
+    "--batch-size",
+    "4",
+    "--shard-tokens",
+    "300",
+    "--device",
+    "cpu",
+]
+
+
+def _real_corpus(w: Path) -> None:
     words = "the jury said election county city of in was and to a for that is on with as by".split()
-    corpus.write_text(
-        "\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(120)) + "." for i in range(12))
-    )
-    h = [
-        "--max-tokens",
-        "1200",
-        "--context-len",
-        "128",
-        "--batch-size",
-        "4",
-        "--shard-tokens",
-        "300",
-        "--device",
-        "cpu",
-    ]
-    res = r.together("harvest", "--out", "hs", "--corpus", "c.txt", *h)
-    row("two `harvest` on one --out, started together", [c for c, _ in res], _line(res),
-        _left(w / "hs"))  # fmt: skip
+    text = "\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(120)) + "." for i in range(12))
+    (w / "c.txt").write_text(text)
+
+
+def harvest_race(r: Runner) -> None:
+    w = r.work
+    res = r.together("harvest", "--out", "hs", "--corpus", "c.txt", *H)
+    row("two `harvest` on one --out, started together", [c for c, _ in res], _line(res), _left(w / "hs"))
     rc, line, _ = r.run("check", "hs")
     row("then `check` on that store", rc, line, "")
-    rc, line, secs = r.run("harvest", "--out", "l99", "--corpus", "c.txt", "--layer-a", "99", *h)
-    row(f"`harvest --layer-a 99` ({secs:.0f} s to fail)", rc, line, _left(w / "l99"))
+    if (w / "hs" / "meta.json").is_file():
+        harvested_store_cases(r, w / "hs")
+
+
+def layer_99(r: Runner) -> None:
+    rc, line, secs = r.run("harvest", "--out", "l99", "--corpus", "c.txt", "--layer-a", "99", *H)
+    row(f"`harvest --layer-a 99` ({secs:.0f} s to fail)", rc, line, _left(r.work / "l99"))
+
+
+def generate_race(r: Runner) -> None:
+    w = r.work
     prompts = w / "p.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"Name a city that starts with {c}."}) + "\n" for c in "ABCD")
@@ -196,13 +207,24 @@ def real_cases(r: Runner) -> None:
     n = len((w / "g.jsonl").read_text().splitlines())
     row("two `generate` on one --out, started together", [c for c, _ in res], _line(res),
         f"g.jsonl: {n} answers to 4 prompts")  # fmt: skip
+
+
+def prompts_moved(r: Runner) -> None:
+    w = r.work
     (w / "D" / "answers").mkdir(parents=True)
-    shutil.copy(w / "g.jsonl", w / "D" / "answers" / "a.jsonl")
-    r.run("harvest", "--out", "D/store", "--corpus", "chat:D/answers/a.jsonl", *h)
+    (w / "D" / "answers" / "a.jsonl").write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]}
+        )
+        + "\n"
+    )
+    r.run("harvest", "--out", "D/store", "--corpus", "chat:D/answers/a.jsonl", *H)
     shutil.move(w / "D", w / "D2")
-    rc, line, _ = r.run("harvest", "--out", "D2/store", "--corpus", "chat:D2/answers/a.jsonl", *h)
+    rc, line, _ = r.run("harvest", "--out", "D2/store", "--corpus", "chat:D2/answers/a.jsonl", *H)
     row("a --prompts store's folder moved, harvest rerun", rc, line, "")
-    harvested_store_cases(r, w / "hs" if (w / "hs" / "settings.json").is_file() else w / "D2" / "store")
+
+
+REAL = {"harvest": harvest_race, "layer": layer_99, "generate": generate_race, "prompts": prompts_moved}
 
 
 def cost(folder: Path) -> None:
@@ -231,6 +253,9 @@ def main() -> None:
     parser.add_argument("--tree", help="crossdiff source tree to run (PYTHONPATH)")
     parser.add_argument("--work", help="empty scratch folder")
     parser.add_argument("--real", action="store_true", help="also the cases that load the default pair")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(REAL), help="only these cases with the default pair"
+    )
     args = parser.parse_args()
     if args.cost:
         for folder in args.cost:
@@ -240,9 +265,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     r = Runner(Path(args.tree).resolve(), work)
     print("| case | exit | last line | left behind |\n|---|---|---|---|", flush=True)
+    if args.only:
+        _real_corpus(work)
+        for name in args.only:
+            REAL[name](r)
+        return
     synthetic_cases(r)
     if args.real:
-        real_cases(r)
+        _real_corpus(work)
+        for case in REAL.values():
+            case(r)
 
 
 if __name__ == "__main__":
