@@ -225,7 +225,7 @@ def test_round_trip_is_byte_stable(tmp_path, ea, eb, sparsity):
 
 
 def test_export_without_crossdiff_record_imports_to_float_rounding(tmp_path):
-    """A fork checkpoint crossdiff wrote but that lost crossdiff.json (e.g. re-saved by the fork): the
+    """A fork checkpoint crossdiff wrote but that lost crossdiff_export.json (e.g. re-saved by the fork): the
     fold b_enc = bias + W_enc b_dec is exact to float rounding only; everything else is the same bytes."""
     cc = _crossdiff_dfc()
     folder = dl.write_checkpoint(cc, tmp_path / "dl", {})

@@ -49,7 +49,7 @@ CROSSCODER_NORM_ID = 1
 """CodeNormalization.CROSSCODER (the enum's first auto() value): BatchTopK ranks f · Σ_l ||d_l||, as crossdiff."""
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-SIDECAR = "crossdiff.json"
+SIDECAR = "crossdiff_export.json"
 """What crossdiff adds to its exports: the run's cfg.json, its exact b_enc and its threshold, which the
 fork has no slot for (its encoder does not centre on b_dec; its ReLU CrossCoder has no threshold), so
 that importing an export gives back the same bytes."""
@@ -146,7 +146,7 @@ def _files(path: Path) -> tuple[Path, dict]:
 
 
 def _dict_class(config: dict, state: dict, sidecar: dict) -> str:
-    """The class named by config.json (the Hub's "dict_class" or the trainer's) or crossdiff.json, else
+    """The class named by config.json (the Hub's "dict_class" or the trainer's) or crossdiff_export.json, else
     the one the state dict's keys and the constructor's arguments imply."""
     name = (
         config.get("dict_class") or config.get("trainer", {}).get("dict_class") or sidecar.get("dict_class")
@@ -411,7 +411,7 @@ def fork_class(cc: Crosscoder) -> str:
 
 def fork_config(cc: Crosscoder) -> dict:
     """config.json of the fork's save_pretrained: its constructor's arguments. Not "dict_class": the DFC
-    trainer's loader passes every key to the constructor, which refuses it (crossdiff.json names it)."""
+    trainer's loader passes every key to the constructor, which refuses it (crossdiff_export.json names it)."""
     cfg = cc.cfg
     fork_class(cc)  # refuses a sparsity the fork lacks
     out = {
@@ -429,7 +429,7 @@ def fork_config(cc: Crosscoder) -> dict:
 
 
 def write_checkpoint(cc: Crosscoder, out: str | Path, provenance: dict) -> Path:
-    """The fork's checkpoint folder plus crossdiff.json: a standard crosscoder as save_pretrained writes it
+    """The fork's checkpoint folder plus crossdiff_export.json: a standard crosscoder as save_pretrained writes it
     (model.safetensors, config.json; the Hub's layout), a DFC as its trainer does (model_final.pt, the state
     dict with _partition_config: the DFC classes' own safetensors loading fails on that entry)."""
     import io
