@@ -318,3 +318,11 @@ def test_units_of_the_store_need_no_view(tmp_path):
     cc.cfg.check_store(store)  # analyze's own check passes
     assert not (run / "store").exists()
     assert json.loads((run / "import.json").read_text())["store"] == str(store.root)
+
+
+def test_export_imported_with_another_pairs_store_is_refused(tmp_path):
+    cc = _crossdiff_dfc()
+    folder = dl.write_checkpoint(cc, tmp_path / "dl", {})
+    store = _store(tmp_path)  # synthetic-a / synthetic-b, not ma / mb
+    with pytest.raises(CrossdiffError, match="other models or layers"):
+        import_crosscoder(ImportConfig(source=str(folder), out=str(tmp_path / "r"), store=str(store.root)))

@@ -145,3 +145,19 @@ def test_export_hub_folder_is_loadable_and_carries_the_card(tmp_path):
     assert (out / "README.md").read_text() == hub.model_card(run)
     assert (out / "crosscoder.safetensors").read_bytes() == (run / "crosscoder.safetensors").read_bytes()
     hub.load_crosscoder(out)
+
+
+def test_import_of_a_crossdiff_hub_id_copies_its_bytes(tmp_path, monkeypatch):
+    """crossdiff import OWNER/NAME: the downloaded crossdiff folder becomes a run, byte for byte."""
+    import huggingface_hub
+
+    from crossdiff.interop.importer import ImportConfig, import_crosscoder
+
+    run = _run(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision=None, **kw: str(run))
+    out = import_crosscoder(ImportConfig(source="someone/crosscoder", out=str(tmp_path / "imported")))
+    for name in ("crosscoder.safetensors", "cfg.json", "eval.json"):
+        assert (out / name).read_bytes() == (run / name).read_bytes()
+    assert json.loads((out / "import.json").read_text())["source"] == "someone/crosscoder"
+    with pytest.raises(CrossdiffError, match="already holds a crosscoder"):
+        import_crosscoder(ImportConfig(source="someone/crosscoder", out=str(out)))

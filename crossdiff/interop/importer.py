@@ -149,17 +149,18 @@ def _copy_crossdiff(source: Path, out: Path, store, cfg: ImportConfig) -> Path:
 
 def _identity(cfg: ImportConfig, ckpt: dl.ForkCheckpoint, store) -> dict:
     """Models, layers and widths: from the store, else the options, else a crossdiff export's record."""
+    rec = ckpt.sidecar.get("crossdiff_cfg", {})
     if store is not None:
         a, b = store.model_a, store.model_b
-        return dict(
-            model_a=a["id"],
-            model_b=b["id"],
-            layer_a=a["layer"],
-            layer_b=b["layer"],
-            d_a=store.d_a,
-            d_b=store.d_b,
-        )
-    rec = ckpt.sidecar.get("crossdiff_cfg", {})
+        ids = dict(model_a=a["id"], model_b=b["id"], layer_a=a["layer"], layer_b=b["layer"])
+        ids.update(d_a=store.d_a, d_b=store.d_b)
+        differ = {k: (rec[k], v) for k, v in ids.items() if k in rec and rec[k] != v}
+        if differ:  # a crossdiff export records what it was trained on
+            raise CrossdiffError(
+                f"the checkpoint was exported from a crosscoder of other models or layers than {store.root} "
+                f"holds ({', '.join(f'{k}: {x} vs {y}' for k, (x, y) in differ.items())}); pass its own store"
+            )
+        return ids
     ids = {
         k: getattr(cfg, k) if getattr(cfg, k) is not None else rec.get(k)
         for k in ("model_a", "model_b", "layer_a", "layer_b")
