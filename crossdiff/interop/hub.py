@@ -52,13 +52,6 @@ def load_crosscoder(ref: str | Path, *, revision: str | None = None, device=None
     return Crosscoder.from_pretrained(resolve(ref, revision), device=device)
 
 
-def write_card(run: str | Path) -> Path:
-    """RUN/README.md: the model card of the run's crosscoder folder."""
-    path = Path(run) / CARD
-    write_text_atomic(path, model_card(run))
-    return path
-
-
 def stage_folder(run: str | Path, dest: str | Path) -> Path:
     """Copy what the Hub gets into `dest`: weights, configs, summaries and a fresh model card."""
     run, dest = Path(run), Path(dest)
