@@ -96,6 +96,27 @@ COMMANDS = [
         positional=("path",),
     ),
     Command(
+        "import",
+        "Make a run folder from a crosscoder trained elsewhere (dictionary_learning forks, a DFC, a crossdiff folder or hub id).",
+        "crossdiff.interop.importer:ImportConfig",
+        "crossdiff.interop.importer:import_crosscoder",
+        positional=("source",),
+    ),
+    Command(
+        "export",
+        "Write a run's crosscoder as SAELens SAEs (one per model, raw units), a dictionary_learning checkpoint, or a Hub folder.",
+        "crossdiff.interop.export:ExportConfig",
+        "crossdiff.interop.export:export",
+        positional=("run",),
+    ),
+    Command(
+        "push",
+        "Upload a run's crosscoder folder (weights, configs, summaries, model card) to the Hugging Face hub.",
+        "crossdiff.interop.hub:PushConfig",
+        "crossdiff.interop.hub:push",
+        positional=("run",),
+    ),
+    Command(
         "report",
         "Write a static HTML report of an analysed run (summary, plots, candidates, feature pages) to RUN/report/.",
         "crossdiff.report.report:ReportConfig",

@@ -23,7 +23,7 @@ SOURCES = sorted(
 )
 
 # Layers, lowest first (README.md, "File tree"): a module imports only from its own group and from
-# groups of a lower rank. Groups of the same rank (harvest, analysis, check) do not import each other.
+# groups of a lower rank. Groups of the same rank (harvest, analysis, check, interop) do not import each other.
 RANK = {
     "core": 0,
     "inputs": 1,
@@ -31,6 +31,7 @@ RANK = {
     "harvest": 3,
     "analysis": 3,
     "check": 3,
+    "interop": 3,
     "report": 4,
     "budget": 5,
     "controls": 6,
