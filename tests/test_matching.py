@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig, Partition
+from crossdiff.analysis.results import exclusive_sides
+from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.controls.matching import (
     OTHER,
+    classes_of_sides,
     classify,
-    classify_by_partition,
-    classify_by_relative_norm,
     decoder_directions,
     exclusive_metrics,
     match,
@@ -111,15 +111,55 @@ def test_verified_hook_scores_only_verified_exclusive_latents(gt):
     assert out["exclusive_precision_verified"] == 1.0 and out["exclusive_recall_verified"] == 0.25
 
 
-def test_classification_by_partition_and_by_relative_norm():
-    np.testing.assert_array_equal(
-        classify_by_partition(Partition(7, 2, 1)), [A_ONLY, A_ONLY, OTHER, OTHER, OTHER, OTHER, B_ONLY]
+def _with_norms(model, norm_a, norm_b):
+    """Set every decoder row to a fixed direction at the given norms (per latent; NaN: no row)."""
+    part = model.partition
+    with torch.no_grad():
+        for W, lo, norms in ((model.W_dec_a, 0, norm_a), (model.W_dec_b, part.n_a_exclusive, norm_b)):
+            W.zero_()
+            W[:, 0] = torch.tensor(norms[lo : lo + W.shape[0]], dtype=W.dtype)
+    return model
+
+
+def test_classification_rules_are_the_analysis_rules():
+    """auto: partition (DFC) / relative norm (standard); analysis: the analysis's own exclusive_sides
+    (partition ∪ r ∪ functional share on a DFC); union: partition ∪ r; functional: partition ∪ share."""
+    nan = float("nan")
+    # latents 0-1 A-exclusive, 6 B-exclusive; shared: 2 writes A only by r (0.05), 3 B only by its
+    # share (0.95, balanced norms), 4 balanced with an A-sided share, 5 balanced with no share.
+    dfc = _with_norms(
+        Crosscoder(CrosscoderConfig(d_a=3, d_b=4, n_latents=7, k=2, n_a_exclusive=2, n_b_exclusive=1)),
+        [1.0, 1.0, 0.95, 0.5, 0.5, 0.5, nan],
+        [nan, nan, 0.05, 0.5, 0.5, 0.5, 1.0],
     )
-    norm_a = np.array([1.0, 0.9, 0.89, 0.5, 0.1, 0.0, 0.0])
-    norm_b = np.array([0.0, 0.1, 0.11, 0.5, 0.9, 1.0, 0.0])
+    share = np.array([nan, nan, nan, 0.95, 0.05, nan, nan])
+    excl = [A_ONLY, A_ONLY, OTHER, OTHER, OTHER, OTHER, B_ONLY]
+    np.testing.assert_array_equal(classify(dfc), excl)
+    np.testing.assert_array_equal(classify(dfc, "partition"), excl)
     np.testing.assert_array_equal(
-        classify_by_relative_norm(norm_a, norm_b), [A_ONLY, A_ONLY, OTHER, OTHER, B_ONLY, B_ONLY, OTHER]
+        classify(dfc, "union"), [A_ONLY, A_ONLY, A_ONLY, OTHER, OTHER, OTHER, B_ONLY]
     )
+    np.testing.assert_array_equal(
+        classify(dfc, "analysis", share), [A_ONLY, A_ONLY, A_ONLY, B_ONLY, A_ONLY, OTHER, B_ONLY]
+    )
+    np.testing.assert_array_equal(
+        classify(dfc, "functional", share), [A_ONLY, A_ONLY, OTHER, B_ONLY, A_ONLY, OTHER, B_ONLY]
+    )
+    np.testing.assert_array_equal(
+        classify(dfc, "analysis", share), classes_of_sides(exclusive_sides(dfc, 0.1, share)[0])
+    )
+    with pytest.raises(ValueError, match="share_F"):
+        classify(dfc, "analysis")
+    std = _with_norms(
+        Crosscoder(CrosscoderConfig(d_a=3, d_b=4, n_latents=6, k=2)),
+        [1.0, 0.95, 0.8, 0.5, 0.05, 0.0],
+        [0.0, 0.05, 0.2, 0.5, 0.95, 1.0],
+    )
+    by_norm = [A_ONLY, A_ONLY, OTHER, OTHER, B_ONLY, B_ONLY]
+    np.testing.assert_array_equal(classify(std), by_norm)
+    # The analysis keeps a standard crosscoder's relative-norm rule, whatever the share says.
+    np.testing.assert_array_equal(classify(std, "analysis", np.full(6, 0.5)), by_norm)
+    np.testing.assert_array_equal(classify(std, "functional", np.full(6, 0.95)), np.full(6, B_ONLY))
 
 
 def test_decoder_directions_and_classify_follow_the_dfc_layout():
@@ -130,7 +170,7 @@ def test_decoder_directions_and_classify_follow_the_dfc_layout():
     assert (dec_a[7:] == 0).all() and (dec_b[:2] == 0).all()
     torch.testing.assert_close(dec_a[:7], model.W_dec_a.detach())
     torch.testing.assert_close(dec_b[2:], model.W_dec_b.detach())
-    np.testing.assert_array_equal(classify(model), classify_by_partition(cfg.partition))
+    np.testing.assert_array_equal(classify(model), [A_ONLY] * 2 + [OTHER] * 5 + [B_ONLY] * 3)
     std = Crosscoder(
         CrosscoderConfig(d_a=5, d_b=6, n_latents=4, k=2), generator=torch.Generator().manual_seed(0)
     )

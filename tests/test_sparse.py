@@ -45,17 +45,18 @@ def _model(sparsity, d_a, d_b, n_latents, ea, eb, k, seed=0, dtype=torch.float64
     return model
 
 
-def _run(model, x_a, x_b, dead_F, sparse_kernels, guess=None):
+def _run(model, x_a, x_b, dead_F, sparse_kernels, guess=None, aux_per_partition=False):
     model.zero_grad(set_to_none=True)
     out = model.training_forward(
-        x_a, x_b, dead_F=dead_F, aux_k=3, l1_coeff=0.3, sparse_kernels=sparse_kernels, guess=guess
-    )
+        x_a, x_b, dead_F=dead_F, aux_k=3, l1_coeff=0.3, sparse_kernels=sparse_kernels, guess=guess,
+        aux_per_partition=aux_per_partition,
+    )  # fmt: skip
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-F{c[3]}-excl{c[4]},{c[5]}")
-@pytest.mark.parametrize("with_aux", [False, True])
+@pytest.mark.parametrize("with_aux", [False, "joint", "per partition"])
 def test_sparse_path_matches_dense_oracle(case, with_aux, monkeypatch):
     sparsity, d_a, d_b, n_latents, ea, eb, batch, k = case
     l1_sparse = dataclasses.replace(SPARSITIES["l1"], max_sparse_density=1.0)
@@ -65,7 +66,8 @@ def test_sparse_path_matches_dense_oracle(case, with_aux, monkeypatch):
     x_a = torch.randn(batch, d_a, generator=g, dtype=torch.float64)
     x_b = torch.randn(batch, d_b, generator=g, dtype=torch.float64)
     dead_F = torch.rand(n_latents, generator=g) < 0.4 if with_aux else None
-    (o_s, g_s), (o_d, g_d) = _run(model, x_a, x_b, dead_F, True), _run(model, x_a, x_b, dead_F, False)
+    per = with_aux == "per partition"
+    (o_s, g_s), (o_d, g_d) = (_run(model, x_a, x_b, dead_F, s, aux_per_partition=per) for s in (True, False))
     for name in ("loss", "sse_a", "sse_b", "aux_loss"):
         torch.testing.assert_close(getattr(o_s, name), getattr(o_d, name), rtol=1e-12, atol=1e-12)
     assert o_s.l0 == o_d.l0 and torch.equal(o_s.fired_F, o_d.fired_F)
@@ -202,8 +204,9 @@ def test_empty_selection_decodes_to_bias():
     assert torch.equal(W.grad, torch.zeros(6, 4)) and torch.equal(b.grad, torch.full((4,), 3.0))
 
 
+@pytest.mark.parametrize("per_partition", [False, True])
 @pytest.mark.parametrize("ea, eb", [(0, 0), (7, 5)])
-def test_auxk_on_the_dead_subdictionary_matches_a_full_dictionary_reference(ea, eb):
+def test_auxk_on_the_dead_subdictionary_matches_a_full_dictionary_reference(ea, eb, per_partition):
     model = _model("batchtopk", 12, 20, 96, ea, eb, 4)
     g = torch.Generator().manual_seed(3)
     x_a = torch.randn(16, 12, generator=g, dtype=torch.float64)
@@ -212,23 +215,38 @@ def test_auxk_on_the_dead_subdictionary_matches_a_full_dictionary_reference(ea, 
     dead_F = torch.rand(96, generator=g) < 0.5
     dead_F[:2] = dead_F[-2:] = True  # dead latents in every block of the partition
 
-    def reference():  # AuxK does not train b_dec: its inputs are centred with a detached b_dec
+    def term(dead_F, models):  # AuxK does not train b_dec: its inputs are centred with a detached b_dec
         enc = (model.W_enc_a, model.W_enc_b, model.b_enc)
         pre_BF = sparse.dense_preacts(x_a - model.b_dec_a.detach(), x_b - model.b_dec_b.detach(), *enc, ea)
         masked_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-        top = masked_BF.detach().topk(3, dim=1).indices
+        top = masked_BF.detach().topk(min(3, int(dead_F.sum())), dim=1).indices
         f_BF = pre_BF.relu() * torch.zeros_like(pre_BF, dtype=torch.bool).scatter_(1, top, True)
         e_a = f_BF[:, : model.W_dec_a.shape[0]] @ model.W_dec_a
         e_b = f_BF[:, ea:] @ model.W_dec_b
-        var = (err_a - err_a.mean(0)).pow(2).sum() + (err_b - err_b.mean(0)).pow(2).sum()
-        return ((err_a - e_a).pow(2).sum() + (err_b - e_b).pow(2).sum()) / var
+        sse = {"a": (err_a - e_a).pow(2).sum(), "b": (err_b - e_b).pow(2).sum()}
+        var = {"a": (err_a - err_a.mean(0)).pow(2).sum(), "b": (err_b - err_b.mean(0)).pow(2).sum()}
+        return sum(sse[m] for m in models) / sum(var[m] for m in models)
+
+    def reference():  # per partition: each block's dead latents on the residual of the models it writes
+        if not (per_partition and ea + eb):
+            return term(dead_F, "ab")
+        blocks = ((0, ea, "a"), (ea, 96 - eb, "ab"), (96 - eb, 96, "b"))
+        in_block = [
+            torch.zeros(96, dtype=torch.bool).index_fill_(0, torch.arange(lo, hi), True)
+            for lo, hi, _ in blocks
+        ]
+        return sum(term(dead_F & mask, models) for mask, (_, _, models) in zip(in_block, blocks))
 
     xc_a, xc_b = x_a - model.b_dec_a, x_b - model.b_dec_b
     xw_BF = sparse.matmuls_nograd(xc_a, xc_b, model.W_enc_a, model.W_enc_b, 96, ea)
     variants = {
         "reference": reference,
-        "sub-dictionary (dense path)": lambda: model._auxk(xc_a, xc_b, err_a, err_b, dead_F, 3),
-        "from the buffer (sparse path)": lambda: model._auxk(xc_a, xc_b, err_a, err_b, dead_F, 3, xw_BF),
+        "sub-dictionary (dense path)": lambda: model._auxk(
+            xc_a, xc_b, err_a, err_b, dead_F, 3, per_partition=per_partition
+        ),
+        "from the buffer (sparse path)": lambda: model._auxk(
+            xc_a, xc_b, err_a, err_b, dead_F, 3, xw_BF, per_partition=per_partition
+        ),
     }
     results = {}
     for name, fn in variants.items():

@@ -42,8 +42,15 @@ def test_bench_toy_writes_results_and_resumes_without_retraining(tmp_path, monke
         sweep = r["share_sweep"]["functional"]
         claimed = [x["recall"] for x in sweep.values()]
         assert claimed == sorted(claimed)  # a looser threshold never loses an exclusive feature
+    for r in runs:  # the analysis's candidate rule is graded beside the paper's
+        c, ca = r["counts"], r["counts_analysis"]
+        if r["exclusive_frac"]:  # partition ⊆ partition ∪ r ∪ share: a superset of the calls
+            assert all(ca[s]["claimed"] >= c[s]["claimed"] and ca[s]["found"] >= c[s]["found"] for s in "ab")
+        else:  # the analysis keeps the relative-norm rule for a standard crosscoder
+            assert ca == c and r["exclusive_recall_analysis"] == r["exclusive_recall"]
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in ("batchtopk", "l1", "dfc-0.05", "dfc-0.1"))
+    assert "excl. recall (analysis rule)" in table and "| dfc-0.05 (analysis rule) |" in table
     for svg in ("recall_precision.svg", "relative_norms.svg"):
         xml.dom.minidom.parse(str(out / svg))
     assert not (out / "stores" / "seed-0").exists()  # removed once its runs are done
@@ -169,6 +176,6 @@ def test_wide_setting_builds_its_sizes(tmp_path, one_thread):
         assert (cfg.d_a, cfg.d_b, cfg.n_latents, cfg.k) == (256, 256, 4096, 16)
         assert cfg.n_a_exclusive == cfg.n_b_exclusive == n_excl
     for r in results["runs"]:
-        assert set(r["share_sweep"]) == {"functional", "union_functional"}
+        assert set(r["share_sweep"]) == {"functional", "analysis"}
         assert len(r["functional_share_alive"]) == round((1 - r["dead_fraction_heldout"]) * 4096)
     assert "Setting wide: d_A = 256" in (out / "results.md").read_text()

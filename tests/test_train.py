@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.coder.crosscoder import Crosscoder
+from crossdiff.coder.crosscoder import Crosscoder, Partition
 from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, save_checkpoint, train
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import write_synthetic_store
@@ -258,6 +258,32 @@ def test_decoder_rows_start_at_dec_init_norm(store_path):
         model = _initialise(cfg, Store.open(store_path), torch.device("cpu")).model
         for W in (model.W_dec_a, model.W_dec_b):
             torch.testing.assert_close(W.norm(dim=1), torch.full((W.shape[0],), norm))
+
+
+def test_a_dfc_saved_before_per_partition_auxk_is_not_taken_for_one_trained_with_it(
+    store_path, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    assert cli.main(_argv(store_path, run, arch="dfc", exclusive_frac=0.1)) == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["aux_per_partition"] is True
+    del saved["aux_per_partition"]  # as crossdiff wrote it before the setting: one joint AuxK
+    (run / "train_config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert cli.main(_argv(store_path, run, arch="dfc", exclusive_frac=0.1)) == 2
+    assert "other settings (aux_per_partition: False -> True)" in capsys.readouterr().err
+    assert cli.main([*_argv(store_path, run, arch="dfc", exclusive_frac=0.1), "--no-aux-per-partition"]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_exclusive_latents_get_their_own_dead_window():
+    part = Partition(10, 2, 3)
+    cfg = TrainConfig(store="s", out="o", latents=10, k=2, exclusive_frac=0.2, dead_tokens=500)
+    assert cfg.dead_windows(part).tolist() == [500] * 10
+    cfg = TrainConfig(
+        store="s", out="o", latents=10, k=2, exclusive_frac=0.2, dead_tokens=500, exclusive_dead_tokens=50
+    )
+    assert cfg.dead_windows(part).tolist() == [50, 50] + [500] * 5 + [50, 50, 50]
 
 
 def test_sigkill_then_resume_is_bitwise_identical_for_dfc_with_auxk(store_path, tmp_path):

@@ -409,6 +409,7 @@ class Crosscoder(nn.Module):
         dead_F: Tensor | None = None,
         aux_k: int = 256,
         aux_alpha: float = 1 / 32,
+        aux_per_partition: bool = False,
         l1_coeff: float = 0.0,
         sparse_kernels: bool = True,
         guess: float | None = None,
@@ -419,7 +420,7 @@ class Crosscoder(nn.Module):
         sparse_kernels=True uses the sparse path (sparse.py); False the dense oracle. Both select the
         same latents and agree to float rounding (tests/test_sparse.py). `select` replaces the
         sparsity's own selection (data-parallel training: the global-batch BatchTopK of
-        distributed.py).
+        distributed.py). aux_per_partition: one AuxK term per DFC partition (`_auxk`).
         """
         select = select or self.cfg.rule.select
         n_tokens = x_a.shape[0]
@@ -435,7 +436,7 @@ class Crosscoder(nn.Module):
         loss = (sse_a + sse_b) / n_tokens
         if self.cfg.rule.l1_penalty and l1_coeff > 0:
             loss = loss + l1_coeff * l1_sum / n_tokens
-        aux = self._auxk(xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF)
+        aux = self._auxk(xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF, aux_per_partition)
         if aux_alpha > 0:
             loss = loss + aux_alpha * aux
         fired_F = torch.bincount(entries.cols_N, minlength=self.cfg.n_latents) > 0
@@ -478,9 +479,18 @@ class Crosscoder(nn.Module):
         mask_BF[entries.rows_N, entries.cols_N] = True
         return mask_BF
 
-    def _auxk(self, xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF=None) -> Tensor:
+    def _auxk(
+        self, xc_a, xc_b, err_a, err_b, dead_F, aux_k, xw_BF=None, per_partition: bool = False
+    ) -> Tensor:
         """AuxK (Gao et al. 2024 §A.2): the top-k_aux dead latents reconstruct the detached residual;
         the squared error is divided by the residual's variance so the loss is scale-free.
+
+        per_partition (DFC): each partition's dead latents get their own AuxK term, summed: the
+        A-exclusive ones model A's residual alone, the B-exclusive ones B's, the shared ones both,
+        each with its own top-k_aux and its own variance. In one joint term (per_partition False,
+        the behaviour before it existed) a dead exclusive latent competes with the dead shared
+        latents for the same residual, which the shared ones explain in both models at once, and
+        its revival signal is drowned (docs/training.md, "Exclusive partitions alive").
 
         Dense on the sub-dictionary of dead latents (same layout, so a dead A-exclusive latent still
         cannot reach x̂_B): k_aux is comparable to the number of dead latents E, and at that density
@@ -490,11 +500,24 @@ class Crosscoder(nn.Module):
         """
         if dead_F is None or aux_k <= 0 or not bool(dead_F.any()):
             return xc_a.new_zeros(())
+        xc_a, xc_b, err_a, err_b = xc_a.detach(), xc_b.detach(), err_a.detach(), err_b.detach()
         dead_E = dead_F.nonzero().squeeze(1)  # ascending, so [A-excl | shared | B-excl] is kept
+        part = self.partition
+        if not (per_partition and part.is_dfc):
+            return self._auxk_group(dead_E, xc_a, xc_b, err_a, err_b, aux_k, xw_BF, "ab")
+        total = xc_a.new_zeros(())
+        for block, models in ((part.a_exclusive, "a"), (part.shared, "ab"), (part.b_exclusive, "b")):
+            group_E = dead_E[(dead_E >= block.start) & (dead_E < block.stop)]
+            if group_E.numel():
+                total = total + self._auxk_group(group_E, xc_a, xc_b, err_a, err_b, aux_k, xw_BF, models)
+        return total
+
+    def _auxk_group(self, dead_E, xc_a, xc_b, err_a, err_b, aux_k, xw_BF, models: str) -> Tensor:
+        """One AuxK term: the latents `dead_E` (ascending) reconstruct the residual of `models`
+        ("a", "b" or "ab"), divided by that residual's variance."""
         ea, n_a = self.cfg.n_a_exclusive, self.W_enc_a.shape[0]
         rows_a, rows_b = dead_E[dead_E < n_a], dead_E[dead_E >= ea] - ea
         sub_ea = int((dead_E < ea).sum())
-        xc_a, xc_b = xc_a.detach(), xc_b.detach()
         if xw_BF is not None:
             enc = (self.W_enc_a, self.W_enc_b, self.b_enc)
             pre_BE = sparse.gather_columns(xw_BF, dead_E, xc_a, xc_b, *enc, ea)
@@ -507,9 +530,11 @@ class Crosscoder(nn.Module):
         e_hat_a, e_hat_b = sparse.dense_decode(
             f_BE, self.W_dec_a[rows_a], self.W_dec_b[rows_b], None, None, sub_ea
         )
-        err_a, err_b = err_a.detach(), err_b.detach()
-        sse = (err_a - e_hat_a).pow(2).sum() + (err_b - e_hat_b).pow(2).sum()
-        var = (err_a - err_a.mean(0)).pow(2).sum() + (err_b - err_b.mean(0)).pow(2).sum()
+        sse = var = xc_a.new_zeros(())
+        for m, err, e_hat in (("a", err_a, e_hat_a), ("b", err_b, e_hat_b)):
+            if m in models:
+                sse = sse + (err - e_hat).pow(2).sum()
+                var = var + (err - err.mean(0)).pow(2).sum()
         return (sse / var.clamp_min(1e-12)).nan_to_num(0.0)
 
     # ------------------------------------------------------------------ checkpoints

@@ -86,9 +86,18 @@ class TrainConfig:
     """AuxK: dead latents used to model the residual (default half the wider model's width)."""
     aux_alpha: float = 1 / 32
     """AuxK loss weight α (0 disables AuxK)."""
+    aux_per_partition: bool = True
+    """DFC: one AuxK term per partition (the dead A-exclusive latents model A's residual alone, the
+    B-exclusive ones B's, the shared ones both), so that the exclusive partitions get their own revival
+    signal; --no-aux-per-partition is one AuxK over all dead latents (runs saved before this setting).
+    No effect on a standard crosscoder (docs/training.md, "Exclusive partitions alive")."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many training tokens is dead (AuxK). Default: 10M, or a
     quarter of --tokens when that is less (a window longer than the run never revives a latent)."""
+    exclusive_dead_tokens: int | None = added(None)
+    """DFC: the AuxK dead window of the exclusive latents (default: --dead-tokens). A shorter one keeps
+    AuxK training an exclusive latent that fires only now and then (docs/training.md, "Exclusive
+    partitions alive")."""
     threshold_beta: float | None = None
     """batchtopk: EMA factor of the inference threshold θ (mean of each batch's smallest kept value).
     Default: 0.999, or 1 - 10/steps when that is less (a memory of a tenth of the run)."""
@@ -134,7 +143,7 @@ class TrainConfig:
             raise CrossdiffError(msg)
 
         get_sparsity(self.sparsity)
-        for name in "latents k tokens batch_size checkpoint_every log_every init_tokens heldout_tokens dead_tokens".split():
+        for name in "latents k tokens batch_size checkpoint_every log_every init_tokens heldout_tokens dead_tokens exclusive_dead_tokens".split():
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if get_sparsity(self.sparsity).uses_k and self.k > self.latents:
@@ -172,6 +181,14 @@ class TrainConfig:
     @property
     def dead_window(self) -> int:
         return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(1, self.tokens // 4))
+
+    def dead_windows(self, part: Partition, device=None) -> torch.Tensor:
+        """(F,) the AuxK dead window of every latent, in training tokens."""
+        window_F = torch.full((part.n_latents,), self.dead_window, dtype=torch.long, device=device)
+        if self.exclusive_dead_tokens is not None:
+            for r in (part.a_exclusive, part.b_exclusive):
+                window_F[r.start : r.stop] = self.exclusive_dead_tokens
+        return window_F
 
     @property
     def beta(self) -> float:
@@ -273,8 +290,9 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.autocast and device == "cuda"):
         aux_k = cfg.aux_k or max(x_a.shape[1], x_b.shape[1]) // 2
         out = st.model.training_forward(
-            x_a, x_b, dead_F=st.since_fired_F >= cfg.dead_window, aux_k=aux_k, aux_alpha=cfg.aux_alpha,
-            l1_coeff=cfg.l1_at(st.step), sparse_kernels=cfg.sparse_kernels, guess=st.guess, select=st.select,
+            x_a, x_b, dead_F=_dead(st, cfg), aux_k=aux_k, aux_alpha=cfg.aux_alpha,
+            aux_per_partition=cfg.aux_per_partition, l1_coeff=cfg.l1_at(st.step),
+            sparse_kernels=cfg.sparse_kernels, guess=st.guess, select=st.select,
         )  # fmt: skip
     if not torch.isfinite(out.loss):
         raise CrossdiffError(
@@ -295,6 +313,11 @@ def train_step(st: TrainState, x_a, x_b, cfg: TrainConfig):
         _track_cutoff(st, float(out.cutoff), cfg)
     st.step += 1
     return out
+
+
+def _dead(st: TrainState, cfg: TrainConfig) -> torch.Tensor:
+    """(F,) bool: the latents AuxK counts as dead now."""
+    return st.since_fired_F >= cfg.dead_windows(st.model.partition, st.since_fired_F.device)
 
 
 def _track_cutoff(st: TrainState, cutoff: float, cfg: TrainConfig) -> None:
@@ -422,7 +445,12 @@ class _Meter:
             "fve_b": 1 - s["sse_b"] / max(self._variance("b"), 1e-12),
             "l0": s["l0_tokens"] / n,
             "threshold": float(st.model.threshold),
-            "dead_fraction": float((st.since_fired_F >= cfg.dead_window).float().mean()),
+            "dead_fraction": float((dead_F := _dead(st, cfg)).float().mean()),
+            **{
+                f"dead_fraction_{name}": float(dead_F[r.start : r.stop].float().mean())
+                for name, r in _blocks(st.model.partition)
+                if len(r) and st.model.partition.is_dfc
+            },
             "tokens_per_s": n / (time.perf_counter() - self.t0),
         }
         self.__init__()
@@ -574,12 +602,16 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
 
 
 def upgrade_train_settings(saved: dict) -> dict:
-    """A train_config.json written before `sparsity` and `exclusive_frac` replaced `arch`, in
-    today's fields: arch dfc was (sparsity or batchtopk, exclusive_frac); any other arch was that
-    sparsity with exclusive_frac ignored (0)."""
+    """A train_config.json written by an older crossdiff, in today's fields:
+    - before `sparsity` and `exclusive_frac` replaced `arch`: arch dfc was (sparsity or batchtopk,
+      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0);
+    - before `aux_per_partition`: a DFC trained with one joint AuxK (False), so that such a run is
+      not taken for one trained with today's objective."""
+    saved = dict(saved)
+    if "aux_per_partition" not in saved and (saved.get("exclusive_frac") or saved.get("arch") == DFC):
+        saved["aux_per_partition"] = False
     if "arch" not in saved:
         return saved
-    saved = dict(saved)
     arch = saved.pop("arch")
     if arch == DFC:
         saved["sparsity"] = saved.get("sparsity") or DEFAULT_SPARSITY
@@ -717,14 +749,9 @@ def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
     fve = {
         m: 1 - s["sse"] / max(s["sumsq"] - float(s["sum"].pow(2).sum()) / n, 1e-12) for m, s in sums.items()
     }
-    part = model.partition
     dead = {
         name: float((~fired_F[r.start : r.stop]).float().mean()) if len(r) else None
-        for name, r in (
-            ("a_exclusive", part.a_exclusive),
-            ("shared", part.shared),
-            ("b_exclusive", part.b_exclusive),
-        )
+        for name, r in _blocks(model.partition)
     }
     return {
         "fve_a": fve["a"],
@@ -740,6 +767,10 @@ def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
         "latents": cfg.latents,
         "k": cfg.k,
     }
+
+
+def _blocks(part: Partition) -> tuple[tuple[str, range], ...]:
+    return (("a_exclusive", part.a_exclusive), ("shared", part.shared), ("b_exclusive", part.b_exclusive))
 
 
 def _take(batches: Iterator, n_tokens: int) -> Iterator:

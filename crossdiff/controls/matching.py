@@ -15,11 +15,14 @@ assignment inside a conflict chain, which at τ ≥ 0.9 needs two GT features wi
 twin_cos_max. Matching ignores classification: a GT A-only feature matched to a latent that is
 classified shared counts as *missed* by exclusive recall.
 
-Classification (docs/design.md §5): DFC by partition membership; standard crosscoder by the relative decoder
-norm r = ||d_B|| / (||d_A|| + ||d_B||), r ≤ 0.1 → A-only, r ≥ 0.9 → B-only. `classify(model,
-"union")` also calls a DFC's shared-partition latents exclusive by their r (a diagnostic);
-`classify(model, "functional", share_F)` by their functional share (crossdiff.coder.functional: share_B ≤ t
-→ A-only, ≥ 1 − t → B-only; a standard crosscoder by its share alone).
+Classification (`classify`) calls the analysis's own functions and restates no rule:
+- "auto", the paper's rules (docs/design.md §5): a DFC by partition membership, a standard crosscoder
+  by the relative decoder norm r = ||d_B|| / (||d_A|| + ||d_B||) (r ≤ t → A-only, r ≥ 1 − t → B-only);
+- "analysis", the rule `crossdiff analyze` picks its candidates with
+  (crossdiff.analysis.results.exclusive_sides): a DFC by partition, or a shared latent by its r or
+  its functional share (crossdiff.coder.functional); a standard crosscoder by r;
+- diagnostics: "union" (DFC: partition ∪ r), "functional" (DFC: partition ∪ share; a standard
+  crosscoder by its share alone).
 
 Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
 pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
@@ -35,14 +38,13 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from ..analysis.results import EXCLUSIVE_THRESHOLD, exclusive_sides, partitions
 from ..coder.functional import classify_by_share
 from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
 
 OTHER = SHARED  # class of a latent that is not exclusive (shared or in between)
 DEFAULT_THRESHOLD = 0.9
-REL_NORM_A, REL_NORM_B = 0.1, 0.9  # docs/design.md §5 thresholds on r
-SHARE_THRESHOLD = 0.1  # functional share: ≤ t → A-only, ≥ 1 − t → B-only
-ClassifyMethod = Literal["auto", "partition", "relative_norm", "union", "functional", "union_functional"]
+ClassifyMethod = Literal["auto", "analysis", "partition", "union", "functional"]
 
 
 class Matching(NamedTuple):
@@ -110,14 +112,6 @@ def match(
 # ----------------------------------------------------------------------------- classification
 
 
-def classify_by_partition(partition) -> np.ndarray:
-    """DFC: A_ONLY / B_ONLY for latents in the exclusive partitions, OTHER for the shared ones."""
-    class_F = np.full(partition.n_latents, OTHER, dtype=np.int64)
-    class_F[partition.a_exclusive.start : partition.a_exclusive.stop] = A_ONLY
-    class_F[partition.b_exclusive.start : partition.b_exclusive.stop] = B_ONLY
-    return class_F
-
-
 def relative_norm(norm_a_F, norm_b_F) -> np.ndarray:
     """r = ||d_B|| / (||d_A|| + ||d_B||) (0.5 where both are zero)."""
     a, b = np.asarray(norm_a_F, dtype=np.float64), np.asarray(norm_b_F, dtype=np.float64)
@@ -125,41 +119,36 @@ def relative_norm(norm_a_F, norm_b_F) -> np.ndarray:
     return np.where(total > 0, b / np.where(total > 0, total, 1), 0.5)
 
 
-def classify_by_relative_norm(
-    norm_a_F, norm_b_F, lo: float = REL_NORM_A, hi: float = REL_NORM_B
-) -> np.ndarray:
-    """Standard crosscoder (docs/design.md §5): r ≤ lo → A_ONLY, r ≥ hi → B_ONLY, else OTHER."""
-    r_F = relative_norm(norm_a_F, norm_b_F)
-    return np.where(r_F <= lo, A_ONLY, np.where(r_F >= hi, B_ONLY, OTHER)).astype(np.int64)
+def classes_of_sides(side_F) -> np.ndarray:
+    """The analysis's sides ("a" / "b" / "") as matcher classes (A_ONLY / B_ONLY / OTHER)."""
+    side_F = np.asarray(side_F)
+    return np.where(side_F == "a", A_ONLY, np.where(side_F == "b", B_ONLY, OTHER)).astype(np.int64)
 
 
 def classify(
-    model, method: ClassifyMethod = "auto", share_F=None, share_threshold: float = SHARE_THRESHOLD
+    model, method: ClassifyMethod = "auto", share_F=None, threshold: float = EXCLUSIVE_THRESHOLD
 ) -> np.ndarray:
-    """Class of every latent of a crosscoder.
+    """Class of every latent of a crosscoder (module docstring), at the analysis's threshold t.
 
-    auto: partition membership for a DFC, relative decoder norm for a standard crosscoder (the
-    paper's rules). union (DFC): exclusive by partition, or a shared-partition latent whose
-    relative norm is exclusive — the toy benchmark finds many exclusive features there.
-    functional: exclusive by partition (DFC), or by the functional share `share_F`
-    (crossdiff.coder.functional) at `share_threshold`; union_functional: by partition, r or share.
+    auto: the paper's rules (DFC: partition; standard: relative norm). analysis: the analysis's
+    candidate rule, `exclusive_sides` with the functional share `share_F`. partition: partition
+    membership alone. union: `exclusive_sides` without the share. functional: partition ∪ share
+    (a standard crosscoder: the share alone).
     """
-    norm_a_F, norm_b_F = (n.detach().cpu().numpy() for n in model.decoder_norms())
-    by_norm_F = classify_by_relative_norm(norm_a_F, norm_b_F)
-    if method == "relative_norm" or (method == "auto" and not model.partition.is_dfc):
-        return by_norm_F
-    by_part_F = classify_by_partition(model.partition)
-    if method in ("functional", "union_functional"):
-        if share_F is None:
-            raise ValueError(f"classify(method={method!r}) needs the functional share share_F")
-        side_F = classify_by_share(share_F, share_threshold)
-        by_share_F = np.where(side_F == "a", A_ONLY, np.where(side_F == "b", B_ONLY, OTHER))
-        if method == "union_functional":
-            by_share_F = np.where(by_share_F != OTHER, by_share_F, by_norm_F)
-        return np.where(by_part_F != OTHER, by_part_F, by_share_F)
-    if method == "union":
-        return np.where(by_part_F != OTHER, by_part_F, by_norm_F)
-    return by_part_F
+    part_F = partitions(model)
+    by_part_F = classes_of_sides(
+        np.where(part_F == "a_exclusive", "a", np.where(part_F == "b_exclusive", "b", ""))
+    )
+    if method == "partition" or (method == "auto" and model.partition.is_dfc):
+        return by_part_F
+    if method in ("auto", "union"):
+        return classes_of_sides(exclusive_sides(model, threshold)[0])
+    if share_F is None:
+        raise ValueError(f"classify(method={method!r}) needs the functional share share_F")
+    if method == "analysis":
+        return classes_of_sides(exclusive_sides(model, threshold, share_F)[0])
+    by_share_F = classes_of_sides(classify_by_share(share_F, threshold))
+    return np.where(by_part_F != OTHER, by_part_F, by_share_F)
 
 
 # ----------------------------------------------------------------------------- metrics

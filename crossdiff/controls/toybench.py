@@ -45,7 +45,7 @@ from ..core.lock import writes
 from ..inputs.store import HELDOUT_FRAC
 
 RECORD = "bench.json"
-SCORE_VERSION = 8  # bump when the metrics change: finished runs are re-scored, not retrained
+SCORE_VERSION = 9  # bump when the metrics change: finished runs are re-scored, not retrained
 # Named sizes (`--setting`); a size given explicitly overrides its setting's value.
 SETTINGS = {
     "default": dict(d_a=64, d_b=80, n_shared=256, n_a_only=32, n_b_only=32, latents=1024, k=4),
@@ -58,6 +58,11 @@ SIZED = tuple(SETTINGS["default"])
 SHARE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
 # A share measured on fewer firings (held-out tokens) classifies nothing: analyze's min_heldout_fires.
 SHARE_MIN_FIRES = 10
+# Metrics also recorded for the analysis's candidate rule, as NAME_analysis.
+ANALYSIS_METRICS = (
+    "exclusive_recall", "exclusive_precision", "exclusive_recall_a", "exclusive_recall_b", "exclusive_precision_a",
+    "exclusive_precision_b", "exclusive_recall_verified", "exclusive_precision_verified",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -291,12 +296,17 @@ def score_run(
     alive_F, share_F = eval_pass(cfg, data, model)
     dec_a_FD, dec_b_FD = decoder_directions(model)
     m = match(dec_a_FD.numpy(), dec_b_FD.numpy(), data.gen.gt, cfg.match_threshold, candidates_F=alive_F)
-    class_F = classify(model)
+    class_F = classify(model)  # the paper's rule: DFC by partition, standard by relative norm
     metrics = exclusive_metrics(m, class_F, data.gen.gt, alive_F, verified_F)
     metrics["counts_verified"] = None
     if verified_F is not None:  # the same counts, for the verified exclusive latents only
         class_v_F = np.where(verified_F, class_F, OTHER)
         metrics["counts_verified"] = exclusive_metrics(m, class_v_F, data.gen.gt, alive_F)["counts"]
+    # The rule the analysis picks its candidates with (analysis.results.exclusive_sides), at its default t.
+    by_analysis = exclusive_metrics(m, classify(model, "analysis", share_F), data.gen.gt, alive_F, verified_F)
+    metrics.update(
+        {f"{k}_analysis": by_analysis[k] for k in ANALYSIS_METRICS}, counts_analysis=by_analysis["counts"]
+    )
     metrics["exclusive_recall_union"] = metrics["exclusive_precision_union"] = None
     if model.partition.is_dfc:  # diagnostic: partition ∪ relative norm (matching.classify)
         union = exclusive_metrics(m, classify(model, "union"), data.gen.gt, alive_F)
@@ -328,7 +338,8 @@ def eval_pass(cfg: ToyBenchConfig, data: SeedData, model) -> tuple[np.ndarray, n
 
 def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> dict:
     """Exclusive recall and precision with the functional share (DFC: partition ∪ share; standard: share
-    alone) at cfg.share_threshold, and over SHARE_SWEEP (also ∪ relative norm) to choose the threshold."""
+    alone) at cfg.share_threshold, and over SHARE_SWEEP for it and for the analysis's rule (partition ∪
+    r ∪ share, every part at the swept t, as `crossdiff analyze --exclusive-threshold t` would)."""
     from .matching import classify, exclusive_metrics
 
     def score(method: str, t: float, counts: bool = False) -> dict:
@@ -343,8 +354,7 @@ def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> d
         "exclusive_precision_functional": at_t["precision"],
         "counts_functional": at_t["counts"],
         "share_sweep": {
-            method: {f"{t:g}": score(method, t) for t in SHARE_SWEEP}
-            for method in ("functional", "union_functional")
+            method: {f"{t:g}": score(method, t) for t in SHARE_SWEEP} for method in ("functional", "analysis")
         },
         "functional_share_alive": [None if math.isnan(v) else round(float(v), 4) for v in alive_share],
     }

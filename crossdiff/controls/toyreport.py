@@ -17,7 +17,9 @@ SUMMARY_METRICS = (
     "exclusive_precision_a", "exclusive_precision_b", "shared_recall", "shared_recall_imbalanced",
     "fve_a", "fve_b", "l0", "dead_fraction_heldout", "exclusive_recall_union", "exclusive_precision_union",
     "exclusive_recall_verified", "exclusive_precision_verified", "exclusive_recall_functional",
-    "exclusive_precision_functional",
+    "exclusive_precision_functional", "exclusive_recall_analysis", "exclusive_precision_analysis",
+    "exclusive_recall_a_analysis", "exclusive_recall_b_analysis", "exclusive_recall_verified_analysis",
+    "exclusive_precision_verified_analysis",
 )  # fmt: skip
 FP_CAUSES = ("fp_shared", "fp_shared_imbalanced", "fp_duplicate", "fp_unplanted")
 
@@ -44,7 +46,12 @@ def summarise(records: list[dict]) -> list[dict]:
         }
         for key in SUMMARY_METRICS:
             row[key] = dict(zip(("mean", "std", "n"), _mean_std(r.get(key) for r in runs)))
-        for key in ("counts", "counts_union", "counts_functional"):  # summed over seeds and both models
+        for key in (
+            "counts",
+            "counts_analysis",
+            "counts_union",
+            "counts_functional",
+        ):  # summed: seeds, models
             have = all(r.get(key) for r in runs)
             names = ("claimed", "true_pos", "n_twins", "found_twins", *FP_CAUSES)
             total = {c: sum(r[key][side][c] for r in runs for side in "ab") for c in names} if have else None
@@ -70,20 +77,26 @@ def _cell(stat: dict, n_seeds: int) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The main table (mean ± std over seeds) and the false-positive breakdown (summed over seeds)."""
     cols = [("exclusive_recall", "excl. recall"), ("exclusive_precision", "excl. precision"),
+            ("exclusive_recall_analysis", "excl. recall (analysis rule)"),
+            ("exclusive_precision_analysis", "excl. precision (analysis rule)"),
             ("exclusive_recall_verified", "excl. recall (verified)"),
             ("exclusive_precision_verified", "excl. precision (verified)"),
             ("exclusive_matched_any_class", "excl. learned (any class)"),
             ("exclusive_recall_a", "recall A"), ("exclusive_recall_b", "recall B"),
             ("shared_recall", "shared recall"), ("shared_recall_imbalanced", "shared recall (imbalanced)"),
             ("fve_a", "FVE A"), ("fve_b", "FVE B"), ("l0", "L0"), ("dead_fraction_heldout", "dead")]  # fmt: skip
-    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["Exclusive recall and precision by the paper's rule (DFC: partition; standard: relative norm r ≤ 0.1 / "
+             "≥ 0.9) and by the analysis rule (`crossdiff analyze`'s candidates, crossdiff.analysis.results."
+             "exclusive_sides at t = 0.1: DFC partition ∪ r ∪ functional share; standard: r):", "",
+             "| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['name']} | " + " | ".join(_cell(r[k], r["seeds"]) for k, _ in cols) + " |")
     lines += ["", "False positives (latents classified exclusive, alive, matching no planted exclusive feature"
               " of their model), summed over seeds and both models:", "",
               "| method | classified exclusive | true positives | shared concept | of which imbalanced | "
               "duplicate | unplanted | twins found / planted |", "|---" * 8 + "|"]  # fmt: skip
-    rules = (("", "counts_total"), (" (∪ r)", "counts_union_total"), (" (share)", "counts_functional_total"))
+    rules = (("", "counts_total"), (" (analysis rule)", "counts_analysis_total"), (" (∪ r)", "counts_union_total"),
+             (" (share)", "counts_functional_total"))  # fmt: skip
     for r, (label, key) in ((r, rule) for r in rows for rule in rules if r.get(rule[1])):
         c = r[key]
         lines.append(
@@ -154,7 +167,7 @@ def threshold_table(records: list[dict]) -> str:
                          for k in (rk, pk))  # fmt: skip
             lines.append(f"| {name} | {rule} | {t} | {rec} | {prec} |")
         rules = [("functional", "partition ∪ share" if dfc else "share")]
-        rules += [("union_functional", "partition ∪ r ∪ share")] if dfc else []
+        rules += [("analysis", "analysis rule (partition ∪ r ∪ share)")] if dfc else []
         for method, rule in rules:
             sweep0 = seed0[0]["share_sweep"][method]
             t = max(sweep0, key=lambda k: (_f1(sweep0[k]), -float(k)))
@@ -225,11 +238,11 @@ def write_report(out: Path, results: dict) -> None:
               color="#999999")
         for r in rows if r["exclusive_frac"]
     ] + [
-        Point(f"{r['name']} share", r["exclusive_precision_functional"]["mean"],
-              r["exclusive_recall_functional"]["mean"], r["exclusive_precision_functional"]["std"] or 0.0,
-              r["exclusive_recall_functional"]["std"] or 0.0, color="#555555")
-        for r in rows if r["exclusive_frac"] and r["exclusive_recall_functional"]["mean"] is not None
-        and r["exclusive_precision_functional"]["mean"] is not None
+        Point(f"{r['name']} analysis rule", r["exclusive_precision_analysis"]["mean"],
+              r["exclusive_recall_analysis"]["mean"], r["exclusive_precision_analysis"]["std"] or 0.0,
+              r["exclusive_recall_analysis"]["std"] or 0.0, color="#555555")
+        for r in rows if r["exclusive_frac"] and r["exclusive_recall_analysis"]["mean"] is not None
+        and r["exclusive_precision_analysis"]["mean"] is not None
     ]  # fmt: skip
     frame = dict(width=600, height=460, x_range=(0.0, 1.05), y_range=(0.0, 1.05))
     svg = scatter_svg(
