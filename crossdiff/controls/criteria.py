@@ -158,12 +158,12 @@ def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     neutral = prompts("steer")
     topic = prompts("topic")[: cfg.steer_prompts]
     steer = steer_behaviour(lm, direction, neutral, st.judge, strong, tuple(cfg.steer_fractions),
-                            cfg.steer_random, cfg.seed, cfg.answer_tokens)  # fmt: skip
+                            cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
     base = steer["plain"]["rate"]
     wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
     res = {"steering": {**steer, "pass": bool(wins), "passing_alphas": wins}}
     if direction.exclusive:
-        abl = ablate_behaviour(lm, direction, topic, st.judge, cfg.answer_tokens)
+        abl = ablate_behaviour(lm, direction, topic, st.judge, cfg.steer_tokens)
         res["ablation"] = {**abl, "pass": abl["ablated"]["rate"] < abl["plain"]["rate"]}
     else:
         res["ablation"] = {

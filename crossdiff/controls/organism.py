@@ -8,11 +8,13 @@ Stages (OUT/stages.json records finished ones; a rerun skips them, each resumes 
     answers        model A's own greedy answers to the train prompts (crossdiff generate, resumable)
     training set   OUT/train.jsonl: the answers with stance sentences woven in (finetune.py)
     fine-tune      OUT/model/: the organism, a save_pretrained folder (`--model-a OUT/model`)
-    stance         stance rates (the file's judge) of A, the organism and B on held-out topic prompts
-                   and on neutral prompts, from greedy answers in each model's chat template
-    loss           loss on Brown (the same tokens) of A and of the organism
     diff vs B      crossdiff diff --model-a OUT/model --model-b B --prompts OUT/prompts/diff.jsonl
-    diff vs A      the same against A itself
+                   (one seed, no steering stage: the criteria steer), in OUT/diff-b
+    diff vs A      the same against A itself, in OUT/diff-a
+    stance         stance rates (the file's judge) of A, the organism and B on held-out topic prompts
+                   and on neutral prompts, from greedy answers in each model's chat template; each
+                   model's answers cached in OUT/stance/<model>.json
+    loss           loss on Brown (the same tokens) of A and of the organism (OUT/loss/<model>.json)
     criteria       the issue's pass criteria on the diff vs B, each with its number (criteria.py)
 
 OUT/organism.json (written last) holds every measurement and each criterion's number and verdict.
@@ -75,10 +77,12 @@ class OrganismConfig:
     """The diffs' budget (crossdiff diff --budget)."""
     steer_prompts: int = 24
     """Neutral prompts steered (the first of the held-out neutral prompts) and topic prompts ablated."""
-    steer_fractions: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    steer_fractions: tuple[float, ...] = (1.0, 2.0, 4.0)
     """Steering strengths in units of the stance latent's strongest activation on its top examples."""
     steer_random: int = 4
     """Random directions of the latent's norm per strength: the steering null."""
+    steer_tokens: int = 40
+    """Longest steered or ablated answer in tokens (the stance sentences sit in an answer's first sentences)."""
     seed: int = 0
     """Seed of the prompt split, the weaving, the batch order and the random directions."""
     checkpoint_every: int = where(40)
@@ -88,7 +92,7 @@ class OrganismConfig:
 
     def __post_init__(self):
         positive = ("neutral_train", "neutral_eval", "answer_tokens", "variants", "steps", "batch_size")
-        for name in positive + ("brown_tokens", "steer_prompts", "steer_random"):
+        for name in positive + ("brown_tokens", "steer_prompts", "steer_random", "steer_tokens"):
             if getattr(self, name) < 1:
                 raise CrossdiffError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
@@ -306,14 +310,18 @@ def brown_loss(lm, n_tokens: int, chunk: int = 256) -> float:
 
 
 def _loss(cfg: OrganismConfig, folder: Path) -> dict:
+    """Brown loss of A and of the organism; each cached in OUT/loss/<model>.json."""
     from ..core.runtime import resolve_device
     from ..inputs.models import load_model
 
     out = {}
     for key in ("a", "organism"):
-        lm = load_model(_models(cfg, folder)[key], device=resolve_device(cfg.device))
-        out[key] = brown_loss(lm, cfg.brown_tokens)
-        del lm
+        path = folder / "loss" / f"{key}.json"
+        if not path.is_file():
+            lm = load_model(_models(cfg, folder)[key], device=resolve_device(cfg.device))
+            write_json_atomic(path, {"loss": brown_loss(lm, cfg.brown_tokens), "tokens": cfg.brown_tokens})
+            del lm
+        out[key] = json.loads(path.read_text(encoding="utf-8"))["loss"]
     out["change"] = out["organism"] - out["a"]
     out["tokens"] = cfg.brown_tokens
     return out
@@ -346,16 +354,25 @@ def measure_stages(cfg: OrganismConfig, st: StanceFile, folder: Path) -> list[St
     from .criteria import criteria
 
     built = build_settings(cfg, st)[-1]
-    out = [
-        Stage("stance", lambda: _stance(cfg, st, folder), {**built, "model_b": cfg.model_b}),
-        Stage("loss", lambda: _loss(cfg, folder), {**built, "tokens": cfg.brown_tokens}),
-    ]
-    for other in cfg.diffs:
+    out = []
+    for other in cfg.diffs:  # first: the longest stage, which needs nothing but the organism
         d = _diff_config(cfg, folder, other)
         out.append(Stage(f"diff vs {other.upper()}", lambda o=other: _diff(cfg, folder, o), settings(d),
                          lambda d=d: (d.folder / "diff.json").is_file()))  # fmt: skip
+    out += [
+        Stage("stance", lambda: _stance(cfg, st, folder), {**built, "model_b": cfg.model_b}),
+        Stage("loss", lambda: _loss(cfg, folder), {**built, "tokens": cfg.brown_tokens}),
+    ]
     if "b" in cfg.diffs:
-        c = {"steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random, cfg.seed]}
+        c = {
+            "steer": [
+                cfg.steer_prompts,
+                list(cfg.steer_fractions),
+                cfg.steer_random,
+                cfg.steer_tokens,
+                cfg.seed,
+            ]
+        }
         out.append(Stage("criteria", lambda: criteria(cfg, st, folder), {**built, **c}))
     return out
 
