@@ -132,12 +132,13 @@ def _collate(encoded: list[tuple], idx: np.ndarray, pad: int) -> tuple[torch.Ten
 
 
 def assistant_loss(model, ids_BT, att_BT, loss_BT) -> torch.Tensor:
-    """Mean cross-entropy over the masked (assistant) tokens; position t-1 predicts token t."""
-    logits = model(input_ids=ids_BT, attention_mask=att_BT, use_cache=False).logits[:, :-1]
-    target_BT = ids_BT[:, 1:]
+    """Mean cross-entropy over the masked (assistant) tokens; position t-1 predicts token t. Only
+    those positions go through the LM head: the (B, T, V) logits of a whole batch would be the
+    fine-tune's largest tensor (memory is what a shared machine runs out of first)."""
+    hidden_BTD = model.get_decoder()(input_ids=ids_BT, attention_mask=att_BT, use_cache=False)[0]
     m_BT = loss_BT[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[m_BT].float(), target_BT[m_BT], reduction="mean")
-    return nll
+    logits_MV = model.get_output_embeddings()(hidden_BTD[:, :-1][m_BT])
+    return torch.nn.functional.cross_entropy(logits_MV.float(), ids_BT[:, 1:][m_BT], reduction="mean")
 
 
 def _lr_at(step: int, s: FinetuneSettings) -> float:
@@ -158,10 +159,11 @@ def finetune(lm, examples: list[dict], s: FinetuneSettings, out: Path, ckpt: Pat
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(s.seed)
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+    # foreach=False: one parameter at a time, without the per-step copies of every parameter
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, foreach=False)
     start, losses = 0, []
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=lm.device, weights_only=False)
+        state = torch.load(ckpt, map_location=lm.device, weights_only=False, mmap=True)  # no second copy
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, losses = state["step"], state["losses"]
