@@ -132,8 +132,30 @@ def criteria(cfg, st, folder: Path) -> dict:
     if latent is None:
         out["steering"] = out["ablation"] = {"pass": False, "why": "no candidate's contexts are stance text"}
         return out
-    out.update(_edits(cfg, st, folder, run, latent))
+    out.update(_cached_edits(cfg, st, folder, run, latent))
     return out
+
+
+def _cached_edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
+    """_edits, kept in OUT/criteria/edits.json with what it depends on (a rerun reuses it)."""
+    from ..core.fsutil import write_json_atomic
+
+    key = {"latent": latent, "steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random,
+           cfg.steer_tokens, cfg.seed], "crosscoder": _sha(run / "crosscoder.safetensors")}  # fmt: skip
+    path = folder / "criteria" / "edits.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["result"]
+    res = _edits(cfg, st, folder, run, latent)
+    write_json_atomic(path, {"key": key, "result": res})
+    return res
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else ""
 
 
 def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:

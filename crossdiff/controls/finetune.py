@@ -159,6 +159,9 @@ def finetune(lm, examples: list[dict], s: FinetuneSettings, out: Path, ckpt: Pat
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(s.seed)
     model.train().requires_grad_(True)
+    # Recompute each block's activations in the backward pass instead of keeping them: ~2 GB less at
+    # batch 8 on SmolLM2-135M, the same numbers, ~30% more compute (memory is what runs out first).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # foreach=False: one parameter at a time, without the per-step copies of every parameter
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, foreach=False)
     start, losses = 0, []
@@ -186,6 +189,7 @@ def finetune(lm, examples: list[dict], s: FinetuneSettings, out: Path, ckpt: Pat
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
                 state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": done, "losses": losses}
                 write_with_atomic(ckpt, lambda p, st=state: torch.save(st, p))
+    model.gradient_checkpointing_disable()
     model.eval().requires_grad_(False)
     save_model(lm, out)
     ckpt.unlink(missing_ok=True)
