@@ -83,6 +83,12 @@ COMMANDS = [
         "crossdiff.controls.calibrate:calibrate",
     ),
     Command(
+        "organism",
+        "A model-organism control: fine-tune model A to take a stance on one topic, measure it, diff it, judge the pass criteria.",
+        "crossdiff.controls.organism:OrganismConfig",
+        "crossdiff.controls.organism:organism",
+    ),
+    Command(
         "bench toy",
         "Synthetic ground-truth benchmark: exclusive-feature recall and precision of crosscoders and DFCs.",
         "crossdiff.controls.toybench:ToyBenchConfig",

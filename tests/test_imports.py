@@ -34,10 +34,10 @@ RANK = {
     "interop": 3,
     "report": 4,
     "budget": 5,
-    "controls": 6,
     "pipeline": 6,
-    "cli": 7,
-    "__main__": 8,
+    "controls": 7,  # the organism control runs a whole diff (pipeline)
+    "cli": 8,
+    "__main__": 9,
 }
 DOTTED = re.compile(r"crossdiff(?:\.\w+)+(?::\w+)?")
 

@@ -1,0 +1,195 @@
+"""The organism's pass criteria (issue #22; docs/organism.md), judged on the diff of the organism (model
+A of the diff) against model B, each with its number:
+
+    found        the stance latent is a verified `difference`, among the report's top 3 (the verified
+                 differences of both models, most of the gap closed first, as report.py lists them)
+    contexts     its strongest contexts are stance text or its lead-up: at least half of its top
+                 CONTEXT_TOP examples (features/<latent>.json) sit in an answer sentence the stance
+                 judge accepts, or in the sentence just before one
+    steering     adding its decoder direction on neutral prompts' answers (chatsteer.py) raises the
+                 stance rate above the unsteered rate and above every random direction of its norm, at
+                 one of the strengths (fractions of its strongest activation)
+    ablation     ablating it on held-out topic prompts' answers lowers the stance rate
+
+The stance latent is the organism's candidate with the largest share of stance contexts among its
+top examples (ties: the higher candidate score); none with any means the diff did not find the stance.
+These rules were fixed before any organism was built, and are reported as they come out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+CONTEXT_TOP = 10
+"""Top examples of a latent read for its contexts."""
+CONTEXT_SHARE = 0.5
+"""The `contexts` criterion: at least this share of them in stance text or its lead-up."""
+TOP_DIFFERENCES = 3
+"""The `found` criterion: the report's top differences the stance latent must be among."""
+
+_BOUNDARY = re.compile(r"[.!?](?=\s)|\n")
+
+
+def stance_context(example: dict, judge) -> bool:
+    """Whether an example's token lies in an assistant sentence the judge accepts, or in the sentence
+    right before one (its lead-up)."""
+    if example.get("role") not in (None, "assistant"):
+        return False
+    before, token, after = (example.get(k, "") for k in ("text_before", "text_token", "text_after"))
+    starts = [m.end() for m in _BOUNDARY.finditer(before)]
+    head = before[starts[-1] :] if starts else before
+    ends = [m.end() for m in _BOUNDARY.finditer(after)]
+    own = head + token + (after[: ends[0]] if ends else after)
+    nxt = after[ends[0] : ends[1]] if len(ends) > 1 else after[ends[0] :] if ends else ""
+    return judge(own) or judge(nxt)
+
+
+def context_share(doc: dict | None, judge) -> tuple[float, int]:
+    """(share of stance contexts, examples read) among a feature file's top examples."""
+    ex = (doc or {}).get("examples", [])[:CONTEXT_TOP]
+    if not ex:
+        return 0.0, 0
+    return sum(stance_context(e, judge) for e in ex) / len(ex), len(ex)
+
+
+def _num(v) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+def _feature(run: Path, latent: int) -> dict | None:
+    p = run / "analysis" / "features" / f"{latent}.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+def find_stance_latent(run: Path, judge) -> dict:
+    """The organism's (model A's) candidate whose top examples are most often stance text, with its
+    rank among A's candidates (by score) and among the verified differences (report order)."""
+    from ..analysis.results import load_results
+
+    rows = load_results(run).rows
+    cands = [r for r in rows if r.get("side") == "a"]
+    cands.sort(key=lambda r: -_num(r.get("score")) if math.isfinite(_num(r.get("score"))) else math.inf)
+    scored = []
+    for rank, r in enumerate(cands, 1):
+        share, n = context_share(_feature(run, int(r["latent"])), judge)
+        scored.append((share, -rank, r, n))
+    diffs = [r for r in rows if r.get("behaviour_verdict") == "difference"]
+    diffs.sort(
+        key=lambda r: (
+            -_num(r.get("behaviour_gap_closed"))
+            if math.isfinite(_num(r.get("behaviour_gap_closed")))
+            else math.inf
+        )
+    )
+    order = [int(r["latent"]) for r in diffs]
+    best = max(scored, key=lambda x: (x[0], x[1]), default=None)
+    if best is None or best[0] == 0:
+        return {"latent": None, "candidates_a": len(cands), "differences": order,
+                "with_stance_contexts": 0}  # fmt: skip
+    share, neg_rank, r, n = best
+    latent = int(r["latent"])
+    keys = ("verdict", "shift", "z", "z_dictionary", "gap_closed", "n_strong", "n_contexts")
+    return {
+        "latent": latent,
+        "partition": r.get("partition"),
+        "candidate_rank": -neg_rank,
+        "candidates_a": len(cands),
+        "with_stance_contexts": sum(s > 0 for s, *_ in scored),
+        "context_share": share,
+        "contexts_read": n,
+        "behaviour": {k: r.get(f"behaviour_{k}") for k in keys},
+        "difference_rank": order.index(latent) + 1 if latent in order else None,
+        "differences": order,
+        "top_contexts": [
+            {k: e.get(k) for k in ("value", "role", "text_before", "text_token", "text_after")}
+            for e in (_feature(run, latent) or {}).get("examples", [])[:3]
+        ],
+    }
+
+
+def criteria(cfg, st, folder: Path) -> dict:
+    """Every criterion of the module docstring, with its number and pass / fail."""
+    run = folder / "diff-b" / "run"
+    found = find_stance_latent(run, st.judge)
+    out = {"stance_latent": found, "rules": {
+        "found": f"verified difference among the report's top {TOP_DIFFERENCES}",
+        "contexts": f">= {CONTEXT_SHARE:g} of its top {CONTEXT_TOP} examples in stance text or its lead-up",
+        "steering": "on neutral prompts: stance rate > unsteered and > every random direction of its norm, at one strength",
+        "ablation": "on held-out topic prompts: stance rate ablated < unedited",
+    }}  # fmt: skip
+    latent = found["latent"]
+    rank = found.get("difference_rank")
+    out["found"] = {"difference_rank": rank, "pass": rank is not None and rank <= TOP_DIFFERENCES}
+    out["contexts"] = {"share": found.get("context_share", 0.0),
+                       "pass": found.get("context_share", 0.0) >= CONTEXT_SHARE}  # fmt: skip
+    if latent is None:
+        out["steering"] = out["ablation"] = {"pass": False, "why": "no candidate's contexts are stance text"}
+        return out
+    out.update(_cached_edits(cfg, st, folder, run, latent))
+    return out
+
+
+def _cached_edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
+    """_edits, kept in OUT/criteria/edits.json with what it depends on (a rerun reuses it)."""
+    from ..core.fsutil import write_json_atomic
+
+    key = {"latent": latent, "steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random,
+           cfg.steer_tokens, cfg.seed], "crosscoder": _sha(run / "crosscoder.safetensors")}  # fmt: skip
+    path = folder / "criteria" / "edits.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["result"]
+    res = _edits(cfg, st, folder, run, latent)
+    write_json_atomic(path, {"key": key, "result": res})
+    return res
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else ""
+
+
+def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
+    """Steering on neutral prompts and ablation on held-out topic prompts, on the organism itself."""
+    from ..analysis.chatsteer import ablate_behaviour, steer_behaviour
+    from ..analysis.steer import latent_direction
+    from ..coder.crosscoder import Crosscoder
+    from ..core.runtime import resolve_device
+    from ..inputs.models import load_model
+
+    device = resolve_device(cfg.device)
+    cc = Crosscoder.from_pretrained(run, device="cpu")
+    doc = _feature(run, latent) or {}
+    strong = max((e["value"] for e in doc.get("examples", [])), default=0.0)
+    direction = latent_direction(cc, latent, "a", typical=strong)
+    lm = load_model(str(folder / "model"), device=device)
+
+    def prompts(name: str) -> list[str]:
+        path = folder / "prompts" / f"{name}.jsonl"
+        return [json.loads(x)["prompt"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+    neutral = prompts("steer")
+    topic = prompts("topic")[: cfg.steer_prompts]
+    steer = steer_behaviour(lm, direction, neutral, st.judge, strong, tuple(cfg.steer_fractions),
+                            cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
+    base = steer["plain"]["rate"]
+    wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
+    res = {"steering": {**steer, "pass": bool(wins), "passing_alphas": wins}}
+    if direction.exclusive:
+        abl = ablate_behaviour(lm, direction, topic, st.judge, cfg.steer_tokens)
+        res["ablation"] = {**abl, "pass": abl["ablated"]["rate"] < abl["plain"]["rate"]}
+    else:
+        res["ablation"] = {
+            "pass": False,
+            "why": f"latent {latent} is shared: its activation needs model B's text",
+        }
+    return res
