@@ -4,7 +4,8 @@ steer, report — on a compute budget (crossdiff/budget.py).
 Layout of the output folder DIR (docs/diff.md):
 
     DIR/store/              the paired-activation store (crossdiff harvest)
-    DIR/run/                the analysed DFC (seed 0): analysis/, stability.json, steering/, report/
+    DIR/run/                the analysed DFC (seed 0): analysis/, answers/ (a chat diff), stability.json,
+                            steering/, report/
     DIR/seeds/seed<N>/      the other seeds' DFCs, for the seed-stability table
     DIR/diff.json           what ran with which settings, stage times and the headline numbers;
                             written last (its presence means the diff is complete)
