@@ -336,3 +336,13 @@ def test_a_chat_diff_runs_the_answers_stage_between_analyse_and_verify(tmp_path)
     }
     # verify reruns on a chat diff when the answer links are new (its settings say so)
     assert verify["verify"].settings != {s.name: s for s in plain}["verify"].settings
+
+
+def test_a_run_without_analysis_fails_with_one_line(tmp_path, capsys):
+    from crossdiff.cli import main
+
+    (tmp_path / "run").mkdir()
+    assert main(["answers", "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "crossdiff analyze" in err[-1]
+    assert not (tmp_path / "run" / "answers").exists()  # nothing written

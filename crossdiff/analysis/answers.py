@@ -408,7 +408,7 @@ def answers(cfg: AnswersConfig) -> dict:
     links = link_latents(run, {"a": path_a.name, "b": path_b.name}, top, cfg) if run else None
     summary = _summary(cfg, pairs, rows, top, links, (path_a, path_b))
     write_json_atomic(folder / "summary.json", summary)
-    print(summary_line(summary), file=sys.stderr)
+    print(summary_line(summary) + "\n" + format_top(summary), file=sys.stderr)
     return summary
 
 
@@ -461,3 +461,22 @@ def summary_line(s: dict) -> str:
     if "linked" in s:
         line += f"; {len(s['linked'])} latents linked to them (verification candidates)"
     return line
+
+
+def format_top(s: dict, k: int = 10) -> str:
+    """The k most significant n-grams, one line each, with their linked latents (coverage)."""
+    lines = []
+    for e in s["top"][:k]:
+        m, o = e["more_in"], "b" if e["more_in"] == "a" else "a"
+        line = (
+            f"  {e['ngram']!r} more in {m.upper()}: {e['answers_' + m]} of {s['n_prompts']} answers vs "
+            f"{e['answers_' + o]} ({e['count_' + m]} vs {e['count_' + o]} times), p {e['p']:.2g}, q {e['q']:.2g}"
+        )
+        if "latents" in e:
+            links = [
+                f"{x['latent']} ({x['coverage']:.2f}{'' if x['linked'] else ', not linked'})"
+                for x in e["latents"]
+            ]
+            line += "; latents " + (", ".join(links) if links else "none")
+        lines.append(line)
+    return "\n".join(lines)
