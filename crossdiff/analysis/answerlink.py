@@ -205,7 +205,12 @@ def link_latents(run: dict, files: dict[str, str], top: list[dict], cfg) -> dict
     sources = {name: m for m, name in files.items()}
     if len(sources) < 2:
         raise CrossdiffError(f"both answer files are named {files['a']}; give them different names")
-    res = window_pass(cc, store, sources, wanted, cfg, device)
+    res = window_pass(cc, store, sources, wanted, cfg, device) if top else {"grams": {}, "unseen": 0}
+    if top and not any(res["models"][m]["rows"] for m in "ab"):
+        raise CrossdiffError(
+            f"no chunk of the store {store.root} comes from {files['a']} or {files['b']} (its chunks' sources); "
+            "pass the answer files the store was harvested from"
+        )
     alive_F = np.zeros(cc.cfg.n_latents, bool)
     alive_F[[int(r["latent"]) for r in table.rows if r.get("verdict") != "dead"]] = True
     by_ngram, occurrences, linked = {}, {}, {}

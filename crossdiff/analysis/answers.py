@@ -335,21 +335,22 @@ def _fmt(v):
 
 
 def read_ngrams(folder: str | Path) -> list[dict]:
-    """ngrams.csv back as typed rows ({} columns as written by write_ngrams)."""
+    """ngrams.csv back as rows typed as write_ngrams wrote them."""
     path = Path(folder) / "ngrams.csv"
+    ints = {"n", "answers_a", "answers_b", "a_only", "b_only", "count_a", "count_b"}
+    floats = {"rate_a", "rate_b", "per1k_a", "per1k_b", "p", "q"}
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
+        for r in rows:
+            r.update({c: int(r[c]) for c in ints} | {c: float(r[c]) for c in floats})
+            r["significant"] = r["significant"] == "1"
     except FileNotFoundError:
         raise CrossdiffError(f"{path} not found; run crossdiff answers first") from None
-    ints = {"n", "answers_a", "answers_b", "a_only", "b_only", "count_a", "count_b"}
-    floats = {"rate_a", "rate_b", "per1k_a", "per1k_b", "p", "q"}
-    for r in rows:
-        for c in ints:
-            r[c] = int(r[c])
-        for c in floats:
-            r[c] = float(r[c])
-        r["significant"] = r["significant"] == "1"
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise CrossdiffError(
+            f"{path} is damaged ({type(e).__name__}); delete it and rerun crossdiff answers"
+        ) from None
     return rows
 
 
