@@ -66,7 +66,11 @@ def main() -> None:
     if args.pair:
         start = time.perf_counter()
         pairs = pair_answers(read_answers(args.pair[0]), read_answers(args.pair[1]))
-        report(f"pair {args.pair[0]} / {args.pair[1]}", [diff_ngrams(pairs, args.max_n, args.q)], time.perf_counter() - start)
+        report(
+            f"pair {args.pair[0]} / {args.pair[1]}",
+            [diff_ngrams(pairs, args.max_n, args.q)],
+            time.perf_counter() - start,
+        )
 
 
 if __name__ == "__main__":

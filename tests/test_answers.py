@@ -346,3 +346,21 @@ def test_a_run_without_analysis_fails_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "crossdiff analyze" in err[-1]
     assert not (tmp_path / "run" / "answers").exists()  # nothing written
+
+
+def test_matched_lengths_keep_a_longer_answering_model_from_saying_everything_more():
+    """A writes 40 words per answer and B 8, from the same distribution: unmatched, every common word is
+    'more in A'; matched to the shorter answer's length, nothing is."""
+    rng = random.Random(3)
+    pairs = [
+        ({"answer": _filler(rng, 40), "category": None}, {"answer": _filler(rng, 8), "category": None})
+        for _ in range(60)
+    ]
+    unmatched = diff_ngrams(pairs, 1, 0.05, match_length=False)
+    assert sum(r["significant"] and r["more_in"] == "a" for r in unmatched) >= 5
+    matched = diff_ngrams(pairs, 1, 0.05, match_length=True)
+    assert not any(r["significant"] for r in matched)
+    # the descriptive counts stay those of the whole answers
+    assert {r["ngram"]: r["count_a"] for r in matched} == {
+        r["ngram"]: r["count_a"] for r in unmatched if r["ngram"] in {m["ngram"] for m in matched}
+    }

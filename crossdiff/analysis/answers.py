@@ -14,6 +14,9 @@ the n-gram, and does B's? Only the discordant prompts (one contains it, the othe
 information about a difference; under "no difference" each is A's with probability 1/2, so the exact
 two-sided McNemar test is a binomial test of a_only among a_only + b_only. Occurrences are not the unit:
 a model that repeats itself (64-token answers often loop) would make one answer count many times.
+Lengths are matched: the test reads each prompt's two answers over their first L words, L the shorter
+answer's length, since a model whose answers are longer contains every common word more often (on the
+default pair, unmatched, "and" was in 162 of SmolLM2's 236 answers and 25 of Gemma-3's).
 
 Multiple comparisons: Benjamini-Hochberg at level q over the n-grams that *can* reach q (Tarone's
 rule: with d discordant prompts the smallest two-sided p is 2^(1-d), so d < 1 - log2(q) can never be
@@ -37,6 +40,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..core.config import settings, where
 from ..core.errors import CrossdiffError
@@ -70,6 +74,8 @@ class AnswersConfig:
     """Paired-activation store of the run (default: the one its analysis used)."""
     max_n: int = 3
     """Longest n-gram, in words."""
+    match_length: bool = True
+    """Test each prompt's two answers over their first L words, L the shorter answer's length, so that the model writing longer answers does not contain every common word more often (docs/answers.md)."""
     q: float = 0.05
     """False discovery rate (Benjamini-Hochberg) at which an n-gram's difference is significant."""
     examples: int = 3
@@ -126,20 +132,47 @@ def words(text: str) -> list[tuple[str, int, int, bool]]:
     return out
 
 
-def ngram_spans(text: str, max_n: int) -> list[tuple[str, int, int]]:
-    """(n-gram, start, end) of every n-gram of 1..max_n adjacent words in `text`."""
-    ws, out = words(text), []
+def _ngrams(ws: list, max_n: int):
+    """(n-gram, index of its first word, index of its last word) over words() output."""
     for i in range(len(ws)):
         for n in range(1, max_n + 1):
             j = i + n - 1
             if j >= len(ws) or (n > 1 and not ws[j][3]):
                 break
-            out.append((" ".join(w[0] for w in ws[i : j + 1]), ws[i][1], ws[j][2]))
+            yield " ".join(w[0] for w in ws[i : j + 1]), i, j
+
+
+def ngram_spans(text: str, max_n: int) -> list[tuple[str, int, int]]:
+    """(n-gram, start, end) of every n-gram of 1..max_n adjacent words in `text`."""
+    ws = words(text)
+    return [(g, ws[i][1], ws[j][2]) for g, i, j in _ngrams(ws, max_n)]
+
+
+class Counted(NamedTuple):
+    """One prompt's two answers, counted."""
+
+    count_a: Counter
+    """Occurrences of each n-gram in A's whole answer."""
+    count_b: Counter
+    has_a: frozenset
+    """The n-grams the test sees in A's answer: within its first L words (L: the shorter answer's
+    length) when lengths are matched, else anywhere."""
+    has_b: frozenset
+    words_a: int
+    words_b: int
+
+
+def count_pairs(pairs: list[tuple[dict, dict]], max_n: int, match_length: bool) -> list[Counted]:
+    out = []
+    for a, b in pairs:
+        wa, wb = words(a["answer"]), words(b["answer"])
+        ga, gb = list(_ngrams(wa, max_n)), list(_ngrams(wb, max_n))
+        cut = min(len(wa), len(wb)) if match_length else max(len(wa), len(wb))
+        has = [frozenset(g for g, _, j in grams if j < cut) for grams in (ga, gb)]
+        out.append(
+            Counted(Counter(g for g, _, _ in ga), Counter(g for g, _, _ in gb), *has, len(wa), len(wb))
+        )
     return out
-
-
-def count_ngrams(text: str, max_n: int) -> Counter:
-    return Counter(g for g, _, _ in ngram_spans(text, max_n))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -229,17 +262,19 @@ def pair_answers(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def diff_ngrams(pairs: list[tuple[dict, dict]], max_n: int, q: float) -> list[dict]:
-    """One row per tested (scope, n-gram): counts, rates, p and BH q; scope "all" and each category."""
-    counts = [(count_ngrams(a["answer"], max_n), count_ngrams(b["answer"], max_n)) for a, b in pairs]
-    n_words = [(len(words(a["answer"])), len(words(b["answer"]))) for a, b in pairs]
+def diff_ngrams(
+    pairs: list[tuple[dict, dict]], max_n: int, q: float, match_length: bool = True, counted=None
+) -> list[dict]:
+    """One row per tested (scope, n-gram): counts, rates, p and BH q; scope "all" and each category.
+    `counted`: count_pairs(pairs, max_n, match_length), when already made."""
+    counted = counted if counted is not None else count_pairs(pairs, max_n, match_length)
     scopes = {"all": list(range(len(pairs)))}
     cats = sorted({str(a["category"]) for a, _ in pairs if a.get("category") is not None})
     for c in cats:
         scopes[c] = [i for i, (a, _) in enumerate(pairs) if str(a.get("category")) == c]
     rows = []
     for scope, idx in scopes.items():
-        rows += _scope_rows(scope, [counts[i] for i in idx], [n_words[i] for i in idx], max_n, q)
+        rows += _scope_rows(scope, [counted[i] for i in idx], q)
     for family in (lambda r: r["scope"] == "all", lambda r: r["scope"] != "all"):
         members = [r for r in rows if family(r)]
         for r, qv in zip(members, benjamini_hochberg([r["p"] for r in members])):
@@ -248,18 +283,18 @@ def diff_ngrams(pairs: list[tuple[dict, dict]], max_n: int, q: float) -> list[di
     return sorted(rows, key=lambda r: (r["scope"] != "all", r["scope"], r["p"], r["ngram"]))
 
 
-def _scope_rows(scope: str, counts: list, n_words: list, max_n: int, q: float) -> list[dict]:
-    n = len(counts)
-    words_a, words_b = sum(w[0] for w in n_words), sum(w[1] for w in n_words)
+def _scope_rows(scope: str, counted: list[Counted], q: float) -> list[dict]:
+    n = len(counted)
+    words_a, words_b = sum(c.words_a for c in counted), sum(c.words_b for c in counted)
     a_only, b_only, has_a, has_b = Counter(), Counter(), Counter(), Counter()
     occ_a, occ_b = Counter(), Counter()
-    for ca, cb in counts:
-        occ_a.update(ca)
-        occ_b.update(cb)
-        has_a.update(ca.keys())
-        has_b.update(cb.keys())
-        a_only.update(ca.keys() - cb.keys())
-        b_only.update(cb.keys() - ca.keys())
+    for c in counted:
+        occ_a.update(c.count_a)
+        occ_b.update(c.count_b)
+        has_a.update(c.count_a.keys())
+        has_b.update(c.count_b.keys())
+        a_only.update(c.has_a - c.has_b)
+        b_only.update(c.has_b - c.has_a)
     need = min_discordant(q)
     rows = []
     for g in sorted(set(a_only) | set(b_only)):
@@ -288,17 +323,17 @@ def _scope_rows(scope: str, counts: list, n_words: list, max_n: int, q: float) -
     return rows
 
 
-def examples(pairs: list[tuple[dict, dict]], row: dict, k: int, max_n: int) -> list[dict]:
-    """Up to k prompts where the model that says the n-gram more says it and the other does not (the
-    most occurrences first), with both answers."""
-    side = 0 if row["more_in"] == "a" else 1
+def examples(pairs: list[tuple[dict, dict]], counted: list[Counted], row: dict, k: int) -> list[dict]:
+    """Up to k prompts that count for the model that says the n-gram more (its answer has it, the
+    other's does not, as the test sees them), the most occurrences first, with both answers."""
+    side, g = (0 if row["more_in"] == "a" else 1), row["ngram"]
     scored = []
-    for i, pair in enumerate(pairs):
+    for i, (pair, c) in enumerate(zip(pairs, counted)):
         if row["scope"] != "all" and str(pair[0].get("category")) != row["scope"]:
             continue
-        c = [count_ngrams(p["answer"], max_n)[row["ngram"]] for p in pair]
-        if c[side] and not c[1 - side]:
-            scored.append((-c[side], i))
+        has = (g in c.has_a, g in c.has_b)
+        if has[side] and not has[1 - side]:
+            scored.append((-(c.count_a, c.count_b)[side][g], i))
     out = []
     for _, i in sorted(scored)[:k]:
         a, b = pairs[i]
@@ -401,19 +436,20 @@ def answers(cfg: AnswersConfig) -> dict:
     store = run["store"] if run else (Store.open(cfg.store) if cfg.store else None)
     path_a, path_b = answer_files(cfg, store)
     pairs = pair_answers(read_answers(path_a), read_answers(path_b))
-    rows = diff_ngrams(pairs, cfg.max_n, cfg.q)
+    counted = count_pairs(pairs, cfg.max_n, cfg.match_length)
+    rows = diff_ngrams(pairs, cfg.max_n, cfg.q, counted=counted)
     top = [r for r in rows if r["scope"] == "all" and r["significant"]][: cfg.top]
     folder = cfg.folder
     (folder / "summary.json").unlink(missing_ok=True)
     write_ngrams(folder, rows)
     links = link_latents(run, {"a": path_a.name, "b": path_b.name}, top, cfg) if run else None
-    summary = _summary(cfg, pairs, rows, top, links, (path_a, path_b))
+    summary = _summary(cfg, pairs, counted, rows, top, links, (path_a, path_b))
     write_json_atomic(folder / "summary.json", summary)
     print(summary_line(summary) + "\n" + format_top(summary), file=sys.stderr)
     return summary
 
 
-def _summary(cfg, pairs, rows, top, links, paths) -> dict:
+def _summary(cfg, pairs, counted, rows, top, links, paths) -> dict:
     from .evidence import jsonable
 
     sig = [r for r in rows if r["significant"]]
@@ -421,7 +457,7 @@ def _summary(cfg, pairs, rows, top, links, paths) -> dict:
     entries = []
     for r in top:
         entry = {k: r[k] for k in NGRAM_COLUMNS if k != "significant"}
-        entry["examples"] = examples(pairs, r, cfg.examples, cfg.max_n)
+        entry["examples"] = examples(pairs, counted, r, cfg.examples)
         if links is not None:
             entry["latents"] = links["by_ngram"].get(r["ngram"], [])
             entry["occurrences_in_store"] = links["occurrences"].get(r["ngram"], 0)
@@ -431,10 +467,7 @@ def _summary(cfg, pairs, rows, top, links, paths) -> dict:
         "settings": settings(cfg),
         "answers": {"a": str(paths[0]), "b": str(paths[1])},
         "n_prompts": len(pairs),
-        "words": {
-            "a": sum(len(words(a["answer"])) for a, _ in pairs),
-            "b": sum(len(words(b["answer"])) for _, b in pairs),
-        },
+        "words": {"a": sum(c.words_a for c in counted), "b": sum(c.words_b for c in counted)},
         "min_discordant": min_discordant(cfg.q),
         "tested": {s: sum(r["scope"] == s for r in rows) for s in scopes},
         "significant": {
