@@ -427,13 +427,15 @@ def _first_line(path: Path):
 
 def answers(cfg: AnswersConfig) -> dict:
     """Count, test and (with --run) link; returns summary.json's content."""
-    from ..core.runtime import apply_cpu_policy
-    from ..inputs.store import Store
-    from .answerlink import link_latents, open_run
+    run = store = None
+    if cfg.run or cfg.store:  # torch and the store only where needed: the statistics alone need neither
+        from ..core.runtime import apply_cpu_policy
+        from ..inputs.store import Store
+        from .answerlink import open_run
 
-    apply_cpu_policy()
-    run = open_run(cfg) if cfg.run else None
-    store = run["store"] if run else (Store.open(cfg.store) if cfg.store else None)
+        apply_cpu_policy()
+        run = open_run(cfg) if cfg.run else None
+        store = run["store"] if run else Store.open(cfg.store)
     path_a, path_b = answer_files(cfg, store)
     pairs = pair_answers(read_answers(path_a), read_answers(path_b))
     counted = count_pairs(pairs, cfg.max_n, cfg.match_length)
@@ -442,7 +444,11 @@ def answers(cfg: AnswersConfig) -> dict:
     folder = cfg.folder
     (folder / "summary.json").unlink(missing_ok=True)
     write_ngrams(folder, rows)
-    links = link_latents(run, {"a": path_a.name, "b": path_b.name}, top, cfg) if run else None
+    links = None
+    if run:
+        from .answerlink import link_latents
+
+        links = link_latents(run, {"a": path_a.name, "b": path_b.name}, top, cfg)
     summary = _summary(cfg, pairs, counted, rows, top, links, (path_a, path_b))
     write_json_atomic(folder / "summary.json", summary)
     print(summary_line(summary) + "\n" + format_top(summary), file=sys.stderr)
@@ -450,8 +456,7 @@ def answers(cfg: AnswersConfig) -> dict:
 
 
 def _summary(cfg, pairs, counted, rows, top, links, paths) -> dict:
-    from .evidence import jsonable
-
+    """summary.json's content: plain Python numbers (answerlink casts its own), all finite."""
     sig = [r for r in rows if r["significant"]]
     scopes = sorted({r["scope"] for r in rows})
     entries = []
@@ -483,7 +488,7 @@ def _summary(cfg, pairs, counted, rows, top, links, paths) -> dict:
     if links is not None:
         out["linked"] = links["linked"]
         out["converse"] = links["converse"]
-    return jsonable(out)
+    return out
 
 
 def summary_line(s: dict) -> str:
