@@ -89,7 +89,7 @@ class AnswersConfig:
     min_lift: float = 3.0
     """... and at least this many times as often on those windows' tokens as on the model's other answer tokens."""
     max_links: int = 5
-    """Linked latents kept per n-gram (largest coverage first); each becomes a candidate for verification."""
+    """Latents listed per n-gram (lift >= --min-lift, largest coverage first); the linked ones among them become candidates for verification."""
     batch_size: int = where(1024)
     """Store rows per encoder batch."""
     device: str = where("auto")
