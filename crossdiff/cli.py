@@ -71,6 +71,12 @@ COMMANDS = [
         "crossdiff.analysis.verify:verify",
     ),
     Command(
+        "answers",
+        "Chat diffs: the words and n-grams one model's answers use more than the other's, tested, linked to the latents that fire before them.",
+        "crossdiff.analysis.answers:AnswersConfig",
+        "crossdiff.analysis.answers:answers",
+    ),
+    Command(
         "steer",
         "Verify latents by steering the real model: measured effects vs random directions, generations.",
         "crossdiff.analysis.steer:SteerConfig",

@@ -4,7 +4,8 @@ steer, report — on a compute budget (crossdiff/budget.py).
 Layout of the output folder DIR (docs/diff.md):
 
     DIR/store/              the paired-activation store (crossdiff harvest)
-    DIR/run/                the analysed DFC (seed 0): analysis/, stability.json, steering/, report/
+    DIR/run/                the analysed DFC (seed 0): analysis/, answers/ (a chat diff), stability.json,
+                            steering/, report/
     DIR/seeds/seed<N>/      the other seeds' DFCs, for the seed-stability table
     DIR/diff.json           what ran with which settings, stage times and the headline numbers;
                             written last (its presence means the diff is complete)
@@ -130,12 +131,14 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             legacy={**_legacy(acfg), "rules": RULES_VERSION},
         )
     )
+    linked = _answers_stage(cfg, run, store)  # a chat diff: what the answers say, linked to latents
+    out += linked
     vcfg = verify_config(b, run, store, device=cfg.device)
     out.append(
         Stage(
             "verify",
             lambda: _verify(vcfg),
-            {**settings(vcfg), "rules": RULES_VERSION},
+            {**settings(vcfg), "rules": RULES_VERSION, **({"answer_links": 1} if linked else {})},
             lambda: (run / "verification" / "summary.json").is_file(),
         )
     )
@@ -177,6 +180,41 @@ def _answer_stages(cfg: DiffConfig) -> tuple[list[Stage], str]:
         )
         files.append(str(path))
     return stages_, "chat:" + ",".join(files)
+
+
+def _answers_stage(cfg: DiffConfig, run: Path, store: Path) -> list[Stage]:
+    """With both models' answers (--prompts, --answers both): the answer-level diff and its link to the
+    analysed latents (crossdiff answers, docs/answers.md), before verify, which adds the linked latents."""
+    if (
+        cfg.prompts or ("default" if cfg.corpus == "chat-default" else None)
+    ) is None or cfg.answers != "both":
+        return []
+    from .analysis.analyze import RULES_VERSION
+    from .analysis.answers import VERSION, AnswersConfig
+
+    files = [cfg.folder / "answers" / f"{key}.jsonl" for key in "ab"]
+    acfg = AnswersConfig(
+        run=str(run), answers_a=str(files[0]), answers_b=str(files[1]), store=str(store), device=cfg.device
+    )
+    return [
+        Stage(
+            "answers",
+            lambda: _answers(acfg),
+            {**settings(acfg), "version": VERSION, "rules": RULES_VERSION},
+            lambda: (run / "answers" / "summary.json").is_file(),
+        )
+    ]
+
+
+def _answers(acfg) -> dict:
+    from .analysis.answers import answers
+
+    s = answers(acfg)
+    return {
+        "n_prompts": s["n_prompts"],
+        "significant": s["significant"].get("all"),
+        "linked": len(s["linked"]),
+    }
 
 
 def _legacy(cfg) -> dict:
@@ -329,6 +367,7 @@ def _summary(cfg: DiffConfig, b: Budget, log: StageLog, seconds: float) -> dict:
         "counts": analysis.get("counts"),
         "candidates": analysis.get("candidates"),
         "verify": results.get("verify"),
+        "answers": results.get("answers"),
         "stability": results.get("seed stability"),
         "steer": results.get("steer"),
         "report": (results.get("report") or {}).get("index"),

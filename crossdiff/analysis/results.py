@@ -9,6 +9,8 @@ analysis results goes through `read_latents` / `load_results`; nothing rewrites 
                                  behaviour_verdict, behaviour_shift, behaviour_z, ...
     RUN/steering/verdicts.csv    written by `crossdiff steer` (`write_stage`); joined as steer_verdict,
                                  steer_effect
+    RUN/answers/latents.csv      written by `crossdiff answers` (`write_stage`); joined as answers_rule,
+                                 answers_ngram, ...
 
 A latent's *side* ("a" / "b", or "" for none) says which model it is an exclusive candidate of; the rule
 (`candidate_sides`) is the one in docs/design.md §5, and it is written into latents.csv so
@@ -254,7 +256,10 @@ BEHAVIOUR = StageFile(
     ),
 )
 """crossdiff verify's verdict per candidate (docs/verification.md)."""
-STAGE_FILES = (BEHAVIOUR, STEERING)
+ANSWERS = StageFile("answers", "answers/latents.csv", ("side", "rule", "ngram", "coverage", "lift"))
+"""crossdiff answers' rows (analysis/answerlink.py, docs/answers.md): each candidate's rule (partition,
+norm, share, answer-link) and the answer n-gram a latent is linked to."""
+STAGE_FILES = (BEHAVIOUR, STEERING, ANSWERS)
 """Every stage file `load_results` joins, in column order; a new stage adds its StageFile here."""
 
 
@@ -313,6 +318,7 @@ __all__ = [
     "StageFile",
     "STEERING",
     "BEHAVIOUR",
+    "ANSWERS",
     "STAGE_FILES",
     "candidate_sides",
     "exclusive_sides",

@@ -57,6 +57,7 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
+from .answerlink import read_linked, with_linked
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
 METHOD = 3
@@ -143,15 +144,18 @@ class Candidate:
         return self.U_GD if self.U_GD is not None else self.u_D[None]
 
 
-def candidates(cc, table, duplicate_cosine: float = 1.0) -> list[Candidate]:
+def candidates(
+    cc, table, duplicate_cosine: float = 1.0, linked: dict[int, str] | None = None
+) -> list[Candidate]:
     """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw
     units, each with its group: the alive latents (any partition) whose decoder row in the candidate's
-    model has cosine >= `duplicate_cosine` with its own."""
+    model has cosine >= `duplicate_cosine` with its own. `linked` (latent -> side; answerlink.read_linked)
+    adds the latents tied to an n-gram of the answers, whatever their partition or share."""
     from .evidence import decoder_rows
 
     alive = alive_mask(cc, table)
     out = []
-    for row in table.candidates():
+    for row in with_linked(table, linked):
         p99 = _num(row.get("p99_act"))
         if not math.isfinite(p99) or p99 <= 0:
             continue
@@ -610,7 +614,7 @@ def verify(cfg: VerifyConfig) -> dict:
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = candidates(cc, table, cfg.duplicate_cosine)
+    cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run))
     factor = _outlier_factor(store)
     start = time.perf_counter()
     sides = sides_for_store(store, device=str(device))
@@ -703,7 +707,11 @@ def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
     """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
     weights = (run / "crosscoder.safetensors").read_bytes()
     latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
-    return fingerprint([METHOD, settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
+    linked = sorted(read_linked(run).items())  # and those the answers stage adds (answerlink.py)
+    return fingerprint(
+        [METHOD, settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()]
+        + ([linked] if linked else [])
+    )
 
 
 def _cached(path: Path, compute):
