@@ -177,7 +177,16 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     expected = {0, 1} | {j for _, j in shared_scores[:2]}
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == expected
     feat = json.loads((out / "features" / "0.json").read_text())
-    assert set(feat) == {"latent", "partition", "verdict", "stats", "examples", "histogram", "logit_lens"}
+    assert set(feat) == {
+        "latent",
+        "partition",
+        "verdict",
+        "stats",
+        "examples",
+        "histogram",
+        "logit_lens",
+        "quantile_examples",
+    }
     assert feat["verdict"] == "candidate_a" and set(feat["stats"]) == set(COLUMNS)
     assert feat["logit_lens"] is None and feat["stats"]["latent_scaling"] is None  # NaN -> null
     assert len(feat["examples"]) == 5
