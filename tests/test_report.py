@@ -466,7 +466,19 @@ def test_report_in_headless_chromium(tmp_path):
             browser.js(f"{calib}.nextElementSibling.nextElementSibling.querySelectorAll('tbody tr').length")
             == 2
         )
+        lead = browser.js("document.querySelector('.headline .lead').textContent")
+        assert lead.startswith("2 behavioural differences verified out of 8 candidates")
+        # The map of candidates: one dot per candidate with a density (8) plus the 5 legend dots.
+        assert browser.js("document.querySelector('figure svg').querySelectorAll('circle').length") == 8 + 5
         browser.goto((run / "report" / "features" / "0.html").as_uri())
+        # The evidence pictures (the shift against its null, per context, the histogram) are drawn.
+        sizes = browser.js(
+            "Array.from(document.querySelectorAll('figure svg')).map(s => s.getBoundingClientRect().width)"
+        )
+        assert len(sizes) == 3 and min(sizes) > 200, sizes
+        assert browser.js("document.querySelectorAll('dfn').length") == browser.js(
+            "new Set(Array.from(document.querySelectorAll('dfn')).map(d => d.dataset.term)).size"
+        )
         assert browser.js("document.querySelector('h1').textContent").startswith("Latent 0")
         assert browser.js("document.querySelectorAll('.example mark')[0].textContent") == XSS
         assert browser.js("document.querySelectorAll('.tok.hl').length") == 4  # 3 examples, 2 distinct

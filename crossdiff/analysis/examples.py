@@ -61,7 +61,7 @@ def quantile_picks(values_rows: list[tuple[float, int]], n: int) -> list[tuple[f
     qs = np.linspace(0.05, 0.95, n) if n > 1 else np.array([0.5])
     picked, seen = [], set()
     for q in qs:
-        i = min(len(pairs) - 1, int(q * len(pairs)))
+        i = min(len(pairs) - 1, int(q * len(pairs) + 1e-9))  # linspace gives 0.49999999999999994
         if i not in seen:
             seen.add(i)
             picked.append((*pairs[i], float(q)))
