@@ -159,7 +159,7 @@ def behaviour_html(latent: int, data, terms: Terms) -> str:
         "n_contexts",
         "first_order",
     )
-    head = kv_table((k, b.get(k)) for k in keys if b.get(k) is not None)
+    head = kv_table((k, b[k]) for k in keys if finite(b.get(k)) or isinstance(b.get(k), str) and b[k])
     doc = read_json(data.contexts[latent]) if latent in data.contexts else None
     parts = [head, terms.define("ell", "gap", "shift", "z", "z_dictionary", "gap_closed", "strong")]
     if not doc:

@@ -45,9 +45,11 @@ def _dot(x: float, y: float, colour: str, tip: str, r: float = 3.5, opacity: flo
 
 def _vline(fr: _Frame, x: float, colour: str, label: str) -> list[str]:
     px, top, bottom = fr.px(x), fr.margin[0], fr.height - fr.margin[2]
+    right = px + 8 + 7 * len(label) < fr.width - fr.margin[1]  # else the label goes left of the line
+    lx, anchor = (px + 4, "start") if right else (px - 4, "end")
     return [
         f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom}" stroke="{colour}" stroke-width="2.5"/>',
-        f'<text x="{px + 4:.1f}" y="{top + 14}" fill="{colour}" {_FONT} font-weight="bold">{escape(label)}</text>',
+        f'<text x="{lx:.1f}" y="{top + 14}" text-anchor="{anchor}" fill="{colour}" {_FONT} font-weight="bold">{escape(label)}</text>',
     ]
 
 
@@ -56,10 +58,8 @@ def null_svg(shift: float, nulls: dict[str, list[float]], width: int = 560, heig
     names = [k for k, v in nulls.items() if v]
     allv = [v for k in names for v in nulls[k]]
     fr = _Frame(width, height, _range(allv, include=(shift, 0.0)), (0.0, len(names) + 0.0), (40, 20, 50, 110))
-    body = _axes(
-        fr, "Shift: the latent vs its nulls", "shift towards the other model (nats / token)", "", x_ticks=True
-    )
-    body = [b for b in body if "rotate(-90" not in b]
+    title, x_label = "Shift: the latent vs its nulls", "shift towards the other model (nats / token)"
+    body = _axes(fr, title, x_label, "", y_ticks=False)
     for i, name in enumerate(names):
         yc = fr.py(len(names) - i - 0.5)
         body.append(
@@ -148,7 +148,7 @@ def map_svg(rows: list[dict], width: int = 620, height: int = 380) -> str:
             strip.append((math.log10(d), v or "not verified", r))
     xs = [p[0] for p in judged] + [p[0] for p in strip]
     zs = [p[1] for p in judged]
-    fr = _Frame(width, height, _range(xs, 0.05), _range(zs, include=(0.0, 3.0)), (40, 20, 86, 60))
+    fr = _Frame(width, height, _range(xs, 0.05), _range(zs, include=(0.0, 3.0)), (40, 20, 86, 96))
     body = _axes(
         fr,
         "Every candidate: how often it fires vs its evidence",
@@ -172,7 +172,7 @@ def map_svg(rows: list[dict], width: int = 620, height: int = 380) -> str:
             )
         )
     ys = fr.height - fr.margin[2] + 34
-    body.append(f'<text x="{fr.margin[3] - 6}" y="{ys + 4}" text-anchor="end" {_FONT}>never judged</text>')
+    body.append(f'<text x="{fr.margin[3] - 6}" y="{ys + 4}" text-anchor="end" {_FONT}>never judged:</text>')
     for k, (x, v, r) in enumerate(strip):
         body.append(
             _dot(

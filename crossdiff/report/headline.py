@@ -6,7 +6,8 @@ never judged (too rare, not verified) are counted and said to be unjudged, not a
 are named as missing, with the command. The strength of each finding is graded from its numbers:
 
     strong     z ≥ 5 against random directions, and z ≥ 3 against the dictionary's own directions
-    moderate   z ≥ 3 against random directions (the verdict's bar) and no weaker against the dictionary
+    moderate   z ≥ 3 against random directions (the verdict's bar), and not weak against the dictionary
+               (or not tested against it: an older verification)
     weak       a difference by the verdict's rule whose z against the dictionary's directions is below 3
 """
 
@@ -22,14 +23,14 @@ def strength(b: dict) -> str:
     z, zd = b.get("z"), b.get("z_dictionary")
     if finite(zd) and zd < 3:
         return "weak"
-    return "strong" if finite(z) and z >= 5 else "moderate"
+    return "strong" if finite(z) and z >= 5 and finite(zd) else "moderate"
 
 
 def _finding(b: dict, label: str, steer: str | None) -> str:
     j, m = int(b["latent"]), side_label(b.get("side")) or "?"
     other = "A" if m == "B" else "B"
     zd = b.get("z_dictionary")
-    dict_part = ""
+    dict_part = "; not tested against the dictionary's own directions"
     if finite(zd):
         dict_part = f"; z {num(zd, 1)} against the dictionary's own directions"
         if zd < 3:
@@ -110,7 +111,7 @@ def _next(
         out.append(f"<code>crossdiff verify --run {esc(run)}</code>: no candidate has been judged yet.")
     if counts.get("too rare"):
         out.append(
-            f"More text (<code>crossdiff diff --out DIR --budget medium</code>, or a larger corpus): "
+            f"More text (<code>crossdiff diff --out {esc(diff_dir)}-medium --budget medium</code>, or a larger corpus): "
             f"{counts['too rare']} candidate{'s' * (counts['too rare'] != 1)} had too few strong firings on held-out "
             "text to be judged."
         )
