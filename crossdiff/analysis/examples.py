@@ -126,13 +126,15 @@ def enrich(
     device = cc.b_enc.device
     latents = sorted(examples)
     sample = sample_firings(cc, store, latents, 8 * n_quantile, _batches(store, cfg, False), device)
-    wanted = {j: sorted({int(e["row"]) for e in examples[j]} | set(sample.get(j, []))) for j in latents}
-    spans = context_activations(cc, store, wanted, window, device)
-    centre = {key: next((s for s in sp if s[0] == key[1]), None) for key, sp in spans.items()}
+    values = context_activations(cc, store, sample, 0, device)  # the sampled rows' own activations
     picks = {}
     for j in latents:
-        vr = [(c[3], r) for r in sample.get(j, []) if (c := centre.get((j, r))) is not None and c[3] > 0]
+        vr = [(sp[0][3], r) for r in sample.get(j, []) if (sp := values.get((j, r))) and sp[0][3] > 0]
         picks[j] = quantile_picks(vr, n_quantile)
+    # Context activations only for the examples shown: the top ones and the quantile picks.
+    wanted = {j: sorted({int(e["row"]) for e in examples[j]} | {r for _, r, _ in picks[j]}) for j in latents}
+    spans = context_activations(cc, store, wanted, window, device)
+    centre = {key: next((s for s in sp if s[0] == key[1]), None) for key, sp in spans.items()}
     shown = render_examples(
         store,
         {j: [(v, r) for v, r, _ in p] for j, p in picks.items()},
