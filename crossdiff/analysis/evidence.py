@@ -266,8 +266,8 @@ def logit_lenses(
     With `typical_F` (each latent's mean activation) the lens is in the model's own units: the logits
     its typical write f · d (normalised units, where the layer's centred residual has RMS 1 per
     dimension) would add after the final norm's gain on a residual of the layer's typical size,
-    relative to the vocabulary's mean. Raw units (d / scale) are not comparable across models: Gemma-3's
-    residual is ~100× larger than SmolLM2's, so its raw-unit lens read in the hundreds. `null_top` is
+    relative to the vocabulary's mean. Raw units (d / scale) are not comparable across models: on the
+    default pair Gemma-3's residual is 12.6× SmolLM2's (docs/analysis.md), and its raw-unit lens read in the hundreds. `null_top` is
     the largest top logit of `n_null` random directions of the same norm; `coherent` says whether the
     latent's top token beats it (a lens no better than a random direction's is noise)."""
     if lms is None:
