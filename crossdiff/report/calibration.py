@@ -9,7 +9,7 @@ from .frame import read_json
 from .htmlkit import badge, data_table, esc, fmt, render_any
 
 
-def stability_html(st: dict) -> str:
+def stability_html(st: dict, labels: dict[int, dict] | None = None) -> str:
     """RUN/stability.json (crossdiff/analysis/stability.py): in how many seeds each exclusive candidate reappears."""
     n_runs, thr = st.get("n_runs"), st.get("threshold")
     base = st.get("baseline_shared") or {}
@@ -29,8 +29,17 @@ def stability_html(st: dict) -> str:
         latent = f.get("latent")
         link = (str(latent), f'<a href="features/{esc(latent)}.html">{esc(latent)}</a>')
         seeds = f"{1 + int(f.get('reappears_in') or 0)}/{n_runs}"
-        rows.append([link, f.get("model"), f.get("verdict"), f.get("score"), seeds, cos])
-    cols = ["latent", "model", "verdict", "score", "in seeds", "best cosines (* not exclusive there)"]
+        name = ((labels or {}).get(latent) or {}).get("label", "") if isinstance(latent, int) else ""
+        rows.append([link, name, f.get("model"), f.get("verdict"), f.get("score"), seeds, cos])
+    cols = [
+        "latent",
+        "label",
+        "model",
+        "verdict",
+        "score",
+        "in seeds",
+        "best cosines (* not exclusive there)",
+    ]
     return intro + f'<div class="scroll">{data_table(cols, rows)}</div>'
 
 

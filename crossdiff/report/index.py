@@ -298,7 +298,7 @@ def index_html(data, cands: list[dict]) -> str:
         links = ", ".join(f'<a href="features/{i}.html">{i}</a>' for i in others)
         parts += ["<h3>Other latents with a page (shared references)</h3>", f"<p>{links}</p>"]
     if isinstance(data.stability, dict):
-        parts += ["<h2>Seed stability</h2>", stability_html(data.stability)]
+        parts += ["<h2>Seed stability</h2>", stability_html(data.stability, data.labels)]
     parts.append("<h2>Calibration</h2>")
     if data.calibration is not None:
         parts.append(calibration_html(data.calibration))
