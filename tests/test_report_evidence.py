@@ -325,3 +325,14 @@ def test_predictions_render_and_the_report_renders_without_them(tmp_path):
     assert "Token effects of removing it" in sec and "-1.2" in sec
     assert "promotes “ barked”" in _text(pages[0].split("</header>")[0])  # the label uses the ablation
     assert "What each model predicts" not in _render(make_run(tmp_path / "b"))[1][0]
+
+
+def test_the_report_renders_when_predictions_cannot_be_computed(tmp_path, capsys):
+    run = make_run(tmp_path)  # verified, but no crosscoder weights and no store to run the models on
+    (run / "verification" / "settings.json").write_text(json.dumps({"fingerprint": "x", "settings": {}}))
+    index = report(ReportConfig(run=str(run)))
+    assert (
+        index.is_file()
+        and "What each model predicts" not in (index.parent / "features" / "0.html").read_text()
+    )
+    assert "predictions at the differences' firing positions: not computed" in capsys.readouterr().err

@@ -224,6 +224,11 @@ def try_predict(cfg: PredictConfig) -> str:
         return "not verified"
     try:
         n = len(predict(cfg))
-    except (CrossdiffError, OSError, KeyError, ValueError) as e:
-        return f"predictions not computed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    except Exception as e:  # noqa: BLE001 - the report must render without predictions, whatever failed
+        first = str(e).splitlines()[0] if str(e) else ""
+        return (
+            f"not computed ({type(e).__name__}: {first})"
+            if not isinstance(e, CrossdiffError)
+            else f"not computed: {first}"
+        )
     return f"{n} differences"
