@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +190,9 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     if not diffs:
         return {}
     vcfg, saved = _verify_config(run)
+    # The run as it is now (a copied or moved run folder keeps its verification settings' old paths).
+    store = vcfg.store if vcfg.store and Path(vcfg.store).is_dir() else None
+    vcfg = replace(vcfg, run=str(run), store=store)
     have = read_predictions(run)
     todo = [
         int(b["latent"])
