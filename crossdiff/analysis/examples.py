@@ -125,7 +125,12 @@ def enrich(
 
     device = cc.b_enc.device
     latents = sorted(examples)
-    sample = sample_firings(cc, store, latents, 8 * n_quantile, _batches(store, cfg, False), device)
+    from tqdm.auto import tqdm
+
+    total = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
+    with tqdm(total=total, unit="tok", desc="examples", dynamic_ncols=True, mininterval=1.0) as bar:
+        batches = ((rows, held) for rows, held in _batches(store, cfg, False) if not bar.update(len(rows)))
+        sample = sample_firings(cc, store, latents, 8 * n_quantile, batches, device)
     values = context_activations(cc, store, sample, 0, device)  # the sampled rows' own activations
     picks = {}
     for j in latents:
