@@ -336,3 +336,12 @@ def test_the_report_renders_when_predictions_cannot_be_computed(tmp_path, capsys
         and "What each model predicts" not in (index.parent / "features" / "0.html").read_text()
     )
     assert "predictions at the differences' firing positions: not computed" in capsys.readouterr().err
+
+
+def test_the_headline_when_nothing_was_judged(tmp_path):
+    run = make_run(tmp_path)
+    _behaviour(run, {j: {"side": "a" if j < 10 else "b", "verdict": "too rare" if j % 2 else "not verified"}
+                     for j in (0, 1, 2, 36, 37, 38, 39)})  # fmt: skip
+    text = " ".join(_text(_render(run)[0]).split())
+    assert "No candidate judged: all 7 candidates were too rare or ran out of verification time" in text
+    assert "Not judged: 7 of 7 candidates (3 too rare, 4 not verified)" in text

@@ -152,6 +152,11 @@ def headline_html(data, labels: dict[int, dict]) -> str:
             f"{len(diffs)} behavioural difference{'s' * (len(diffs) != 1)} verified out of {n_cand} candidates; "
             f"{unjudged} of the {n_cand} were never judged."
         )
+    elif judged == 0:
+        lead = (
+            f"No candidate judged: all {n_cand} candidates were too rare or ran out of verification time, so "
+            "this run says nothing yet about whether the models differ."
+        )
     else:
         lead = (
             f"No behavioural difference verified: {judged} of {n_cand} candidates were judged and none passed; "
