@@ -148,7 +148,7 @@ def map_svg(rows: list[dict], width: int = 620, height: int = 380) -> str:
             strip.append((math.log10(d), v or "not verified", r))
     xs = [p[0] for p in judged] + [p[0] for p in strip]
     zs = [p[1] for p in judged]
-    fr = _Frame(width, height, _range(xs, 0.05), _range(zs, include=(0.0, 3.0)), (40, 20, 86, 96))
+    fr = _Frame(width, height, _range(xs, 0.05), _range(zs, include=(0.0, 3.0)), (40, 20, 100, 96))
     body = _axes(
         fr,
         "Every candidate: how often it fires vs its evidence",
@@ -171,7 +171,7 @@ def map_svg(rows: list[dict], width: int = 620, height: int = 380) -> str:
                 f"latent {r.get('latent')}: {v}, z {z:.3g}",
             )
         )
-    ys = fr.height - fr.margin[2] + 34
+    ys = fr.height - fr.margin[2] + 30
     body.append(f'<text x="{fr.margin[3] - 6}" y="{ys + 4}" text-anchor="end" {_FONT}>never judged:</text>')
     for k, (x, v, r) in enumerate(strip):
         body.append(

@@ -122,4 +122,6 @@ class Terms:
             f'<span class="term"><dfn data-term="{esc(k)}">{esc(TERMS[k][0])}</dfn>: {esc(TERMS[k][1])}</span> '
             for k in new
         )
+        if len(new) > 4:  # a long list stays one click away instead of a wall of grey text
+            return f'<details class="terms"><summary>Terms used above</summary><p class="terms">{items}</p></details>'
         return f'<p class="terms">{items}</p>'
