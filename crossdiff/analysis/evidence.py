@@ -268,8 +268,9 @@ def logit_lenses(
     dimension) would add after the final norm's gain on a residual of the layer's typical size,
     relative to the vocabulary's mean. Raw units (d / scale) are not comparable across models: on the
     default pair Gemma-3's residual is 12.6× SmolLM2's (docs/analysis.md), and its raw-unit lens read in the hundreds. `null_top` is
-    the largest top logit of `n_null` random directions of the same norm; `coherent` says whether the
-    latent's top token beats it (a lens no better than a random direction's is noise)."""
+    the largest top logit of `n_null` other latents' decoder rows of the same model at the same norm;
+    `coherent` says whether the latent's top token beats it (a lens no sharper than the dictionary's
+    other directions says nothing about this latent)."""
     if lms is None:
         return {}
     out = {}
@@ -284,12 +285,20 @@ def logit_lenses(
             continue
         typ = torch.as_tensor(np.nan_to_num(np.asarray(typical_F, dtype=float)[ids]), dtype=torch.float32)
         dirs_LD = decoder_rows(cc, ids, key) * typ[:, None]
-        g = torch.Generator().manual_seed(0)
-        r_RD = torch.randn(n_null, dirs_LD.shape[1], generator=g)
-        r_RD = r_RD / r_RD.norm(dim=1, keepdim=True)
-        unit_top = max(x["promoted"][0][1] for x in logit_lens(lm, r_RD, top=1, centre_vocab=True))
+        # The null: other latents' decoder rows of this model at unit norm. Isotropic random directions
+        # are no null here: they load on the residual's few huge-gain dimensions, which the dictionary's
+        # directions avoid (on the default pair their top logits were ~15× a latent's).
+        first = 0 if key == "a" else cc.partition.n_a_exclusive
+        n_rows = (cc.W_dec_a if key == "a" else cc.W_dec_b).shape[0]
+        pick = np.random.default_rng(0).choice(
+            np.arange(first, first + n_rows), min(n_null + 1, n_rows), replace=False
+        )
+        U_RD = decoder_rows(cc, pick, key)
+        U_RD = U_RD / U_RD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        tops = [x["promoted"][0][1] for x in logit_lens(lm, U_RD, top=1, centre_vocab=True)]
         for j, d_D, lens in zip(ids, dirs_LD, logit_lens(lm, dirs_LD, centre_vocab=True)):
-            null_top = float(d_D.norm()) * unit_top  # the lens is linear in the direction
+            others = [t for p, t in zip(pick, tops) if p != j][:n_null]
+            null_top = float(d_D.norm()) * max(others, default=0.0)  # the lens is linear in the direction
             top = lens["promoted"][0][1] if lens["promoted"] else 0.0
             out[j] = {
                 "model": key,

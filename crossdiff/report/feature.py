@@ -124,9 +124,9 @@ def lens_html(lens: dict, data, terms: Terms) -> str:
         return f"<details><summary>{esc(note)}</summary>{lists}</details>"
     if not lens.get("coherent"):
         note = (f"Not shown: read through {who}, its top token ({num(_first(lens), 2)}) does not beat the best "
-                f"of 16 random directions of the same norm ({num(lens.get('null_top'), 2)}); it would be noise.")  # fmt: skip
+                f"of 16 other latents' decoder directions at the same norm ({num(lens.get('null_top'), 2)}); it would be noise.")  # fmt: skip
         return f"<details><summary>{esc(note)}</summary>{lists}</details>" + terms.define("lens")
-    note = f'<p class="muted">Read through {esc(who)}; random directions of the same norm reach {esc(num(lens.get("null_top")))}.</p>'
+    note = f'<p class="muted">Read through {esc(who)}; the best of 16 other latents’ directions at the same norm reaches {esc(num(lens.get("null_top")))}.</p>'
     return note + lists + terms.define("lens")
 
 
