@@ -177,10 +177,23 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     expected = {0, 1} | {j for _, j in shared_scores[:2]}
     assert {int(p.stem) for p in (out / "features").glob("*.json")} == expected
     feat = json.loads((out / "features" / "0.json").read_text())
-    assert set(feat) == {"latent", "partition", "verdict", "stats", "examples", "histogram", "logit_lens"}
+    assert set(feat) == {
+        "latent",
+        "partition",
+        "verdict",
+        "stats",
+        "examples",
+        "histogram",
+        "logit_lens",
+        "quantile_examples",
+    }
     assert feat["verdict"] == "candidate_a" and set(feat["stats"]) == set(COLUMNS)
     assert feat["logit_lens"] is None and feat["stats"]["latent_scaling"] is None  # NaN -> null
     assert len(feat["examples"]) == 5
+    quant = [e["value"] for e in feat["quantile_examples"]]  # sampled across its range (examples.py)
+    assert (
+        len(quant) == 10 and quant == sorted(quant, reverse=True) and quant[0] < feat["examples"][0]["value"]
+    )
     values = [e["value"] for e in feat["examples"]]
     assert values == sorted(values, reverse=True) and values[0] == pytest.approx(float(rows[0]["max_act"]))
     assert sum(feat["histogram"]["counts"]) == round(float(rows[0]["density"]) * N)

@@ -212,18 +212,22 @@ def test_report_files_and_escaping(tmp_path):
         assert "<img" not in html and 'onerror="' not in html, name
         assert not any(s in html for s in ('src="http', 'href="http', "//cdn", "@import")), name
     idx = pages["report/index.html"]
-    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in idx  # the hostile reason, shown as text
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in idx  # the hostile model id, shown as text
     assert "steer_verdict" in idx and "confirmed" in idx  # extra columns are shown
     # The report leads with the behavioural differences, most of the gap closed first.
-    diffs = idx[idx.index("<h2>Behavioural differences (2)</h2>") : idx.index("<h3>Models</h3>")]
+    diffs = idx[
+        idx.index("<h2>Behavioural differences</h2>") : idx.index("<h2>Where every candidate lies</h2>")
+    ]
     assert diffs.index('href="features/0.html"') < diffs.index('href="features/36.html"')
-    assert "⟦ dog barked⟧" in diffs and "&lt;script&gt;" in diffs and "0.12" in diffs
+    # the label (analysis/labels.py): 3 examples, 2 distinct contexts (the last two are identical)
+    assert "“ dog” 1/2 · after “brown” · → “barked”" in diffs
+    assert "12.0% of the per-segment gap" in idx  # the whole-diff share, in the headline
     assert "shared behaviour" in idx and "not verified" in idx  # joined into the candidates table
     assert "Calibration" in idx and "self_diff" in idx and "117.7 MB" in idx
     assert 'href="features/10.html"' in idx  # the shared latent with a page is linked too
     f0, f1 = pages["report/features/0.html"], pages["report/features/1.html"]
     assert "<mark>&lt;script&gt;" in f0 and "Steering" in f0 and "delta_logprob" in f0
-    assert "Behaviour" in f0 and "ℓ own, ablated" in f0 and "difference" in f0
+    assert "What removing it does" in f0 and "ℓ A, latent removed" in f0 and "difference" in f0
     assert "Steering" not in f1 and "Logit lens" in f1 and "log10(activation)" in f1
 
 
@@ -243,7 +247,7 @@ def test_rerender_replaces_report_and_leaves_no_temp(tmp_path):
     report(ReportConfig(run=str(run), max_examples=1))
     assert not (run / "report" / "stale.html").exists()
     assert not (run / "report" / "features" / "39.html").exists()
-    assert "Top examples (1 of 3)" in (run / "report" / "features" / "0.html").read_text()
+    assert "Top examples (1 of 3," in (run / "report" / "features" / "0.html").read_text()
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
@@ -316,7 +320,7 @@ def test_candidates_are_the_analysis_candidates_including_norm_rule_ones(tmp_pat
         w.writeheader()
         w.writerows(rows)
     html = report(ReportConfig(run=str(run))).read_text()
-    assert "Exclusive candidates (8)" in html and reason in html
+    assert "Exclusive candidates (8)" in html and "partly detectable by B (AUROC 0.70)" in html
 
 
 def test_steering_verdicts_come_from_the_steering_file(tmp_path):
@@ -454,18 +458,30 @@ def test_report_in_headless_chromium(tmp_path):
             scores = browser.js(COL.format(score))
             assert scores[-1] == "—"
             assert [float(s) for s in scores[:-1]] == sorted((float(s) for s in scores[:-1]), reverse=reverse)
-        # 8 candidates' and 1 shared latent's pages, and the 2 differences (0 and 36) at the top
-        assert browser.js("document.querySelectorAll('a[href^=\"features/\"]').length") == 11
+        # 8 candidates' and 1 shared latent's pages, the 2 differences (0 and 36) in the headline and its table
+        assert browser.js("document.querySelectorAll('a[href^=\"features/\"]').length") == 13
         assert browser.js("window.__pwned === undefined && document.scripts.length === 1")
         calib = "Array.from(document.querySelectorAll('h2')).find(h => h.textContent === 'Calibration')"
         assert (
             browser.js(f"{calib}.nextElementSibling.nextElementSibling.querySelectorAll('tbody tr').length")
             == 2
         )
+        lead = browser.js("document.querySelector('.headline .lead').textContent")
+        assert lead.startswith("2 behavioural differences verified out of 8 candidates")
+        # The map of candidates: one dot per candidate with a density (8) plus the 5 legend dots.
+        assert browser.js("document.querySelector('figure svg').querySelectorAll('circle').length") == 8 + 5
         browser.goto((run / "report" / "features" / "0.html").as_uri())
+        # The evidence pictures (the shift against its null, per context, the histogram) are drawn.
+        sizes = browser.js(
+            "Array.from(document.querySelectorAll('figure svg')).map(s => s.getBoundingClientRect().width)"
+        )
+        assert len(sizes) == 3 and min(sizes) > 200, sizes
+        assert browser.js("document.querySelectorAll('dfn').length") == browser.js(
+            "new Set(Array.from(document.querySelectorAll('dfn')).map(d => d.dataset.term)).size"
+        )
         assert browser.js("document.querySelector('h1').textContent").startswith("Latent 0")
         assert browser.js("document.querySelectorAll('.example mark')[0].textContent") == XSS
-        assert browser.js("document.querySelectorAll('.tok.hl').length") == 6
+        assert browser.js("document.querySelectorAll('.tok.hl').length") == 4  # 3 examples, 2 distinct
         assert browser.js("window.__pwned === undefined && document.scripts.length === 1")
         assert not browser.errors(), browser.errors()
     finally:

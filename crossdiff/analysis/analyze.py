@@ -106,6 +106,8 @@ class AnalyzeConfig:
     """Characters of text shown on each side of an example's token."""
     context_tokens: int = 8
     """Tokens shown on each side of an example's token, in each model's tokenisation."""
+    quantile_examples: int = 10
+    """Examples per latent drawn at evenly spaced quantiles of a random sample of its firings (0: none)."""
     seed: int = in_part(0, "pass")
     """Seed of the random sample of shared reference latents."""
 
@@ -430,8 +432,13 @@ def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: An
     examples = render_examples(
         store, picks, store_tokenizers(store), context_chars=cfg.context_chars, window=cfg.context_tokens
     )
+    quantile: dict = {}
+    if cfg.quantile_examples:  # quantile-sampled examples, per-token activations (examples.py)
+        from .examples import enrich
+
+        examples, quantile = enrich(examples, cc, store, store_tokenizers(store), cfg, cfg.quantile_examples)
     by_model = {k: [int(j) for j in latents if lens_model(plan, int(j)) == k] for k in "ab"}
-    lens = logit_lenses(cc, lms, by_model)
+    lens = logit_lenses(cc, lms, by_model, table["mean_act"])
     edges = res["hist_edges"].tolist()
     for j in latents:
         j = int(j)
@@ -441,6 +448,7 @@ def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: An
             "verdict": table["verdict"][j],
             "stats": {c: table[c][j] for c in COLUMNS},
             "examples": examples[j],
+            "quantile_examples": quantile.get(j, []),
             "histogram": {"edges": edges, "counts": res["hist_counts_FH"][j].tolist()},
             "logit_lens": lens.get(j),
         }

@@ -210,11 +210,14 @@ def norm_gain(model: nn.Module, d_model: int) -> tuple[Tensor, bool]:
 
 
 @torch.no_grad()
-def logit_lens(lm, dirs_raw_LD: Tensor, *, top: int = 10, chunk: int = 64) -> list[dict[str, list[list]]]:
+def logit_lens(
+    lm, dirs_raw_LD: Tensor, *, top: int = 10, chunk: int = 64, centre_vocab: bool = False
+) -> list[dict[str, list[list]]]:
     """Tokens each raw-unit direction promotes and suppresses: W_U (γ ⊙ d), top `top` each way.
 
     A linear read-out: the final norm's 1/RMS depends on the whole residual and is left out, so the
     logits are in "per unit of residual RMS" units — comparable across latents of one model.
+    centre_vocab: subtract each direction's mean over the vocabulary (softmax ignores it).
     """
     gain_D, centre = norm_gain(lm.model, lm.d_model)
     W_U_VD = lm.model.get_output_embeddings().weight
@@ -224,6 +227,8 @@ def logit_lens(lm, dirs_raw_LD: Tensor, *, top: int = 10, chunk: int = 64) -> li
         if centre:
             d_LD = d_LD - d_LD.mean(1, keepdim=True)
         logits_LV = ((d_LD * gain_D).to(W_U_VD.device, W_U_VD.dtype) @ W_U_VD.T).float().cpu()
+        if centre_vocab:
+            logits_LV -= logits_LV.mean(1, keepdim=True)
         up_v, up_i = logits_LV.topk(top, dim=1)
         down_v, down_i = logits_LV.topk(top, dim=1, largest=False)
         for row in range(d_LD.shape[0]):
@@ -252,18 +257,57 @@ def decoder_rows(cc, ids, model: str) -> Tensor:
     return out.cpu()
 
 
-def logit_lenses(cc, lms, by_model: dict[str, list[int]]) -> dict[int, dict]:
-    """latent -> {"model", "promoted", "suppressed"} through the unembedding of the model named in
-    `by_model` ({"a": [latents], "b": [...]}); empty without models."""
+def logit_lenses(
+    cc, lms, by_model: dict[str, list[int]], typical_F=None, n_null: int = 16
+) -> dict[int, dict]:
+    """latent -> {"model", "promoted", "suppressed", ...} through the unembedding of the model named in
+    `by_model` ({"a": [latents], "b": [...]}); empty without models.
+
+    With `typical_F` (each latent's mean activation) the lens is in the model's own units: the logits
+    its typical write f · d (normalised units, where the layer's centred residual has RMS 1 per
+    dimension) would add after the final norm's gain on a residual of the layer's typical size,
+    relative to the vocabulary's mean. Raw units (d / scale) are not comparable across models: on the
+    default pair Gemma-3's residual is 12.6× SmolLM2's (docs/analysis.md), and its raw-unit lens read in the hundreds. `null_top` is
+    the largest top logit of `n_null` other latents' decoder rows of the same model at the same norm;
+    `coherent` says whether the latent's top token beats it (a lens no sharper than the dictionary's
+    other directions says nothing about this latent)."""
     if lms is None:
         return {}
     out = {}
     for key, lm, scale in (("a", lms[0], cc.cfg.scale_a), ("b", lms[1], cc.cfg.scale_b)):
         ids = [int(j) for j in by_model.get(key, [])]
-        if ids:
+        if not ids:
+            continue
+        if typical_F is None:
             dirs_raw = decoder_rows(cc, ids, key) / scale  # raw units: d / scale (docs/design.md §4)
             for j, lens in zip(ids, logit_lens(lm, dirs_raw)):
                 out[j] = {"model": key, **lens}
+            continue
+        typ = torch.as_tensor(np.nan_to_num(np.asarray(typical_F, dtype=float)[ids]), dtype=torch.float32)
+        dirs_LD = decoder_rows(cc, ids, key) * typ[:, None]
+        # The null: other latents' decoder rows of this model at unit norm. Isotropic random directions
+        # are no null here: they load on the residual's few huge-gain dimensions, which the dictionary's
+        # directions avoid (on the default pair their top logits were ~15× a latent's).
+        first = 0 if key == "a" else cc.partition.n_a_exclusive
+        n_rows = (cc.W_dec_a if key == "a" else cc.W_dec_b).shape[0]
+        pick = np.random.default_rng(0).choice(
+            np.arange(first, first + n_rows), min(n_null + 1, n_rows), replace=False
+        )
+        U_RD = decoder_rows(cc, pick, key)
+        U_RD = U_RD / U_RD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        tops = [x["promoted"][0][1] for x in logit_lens(lm, U_RD, top=1, centre_vocab=True)]
+        for j, d_D, lens in zip(ids, dirs_LD, logit_lens(lm, dirs_LD, centre_vocab=True)):
+            others = [t for p, t in zip(pick, tops) if p != j][:n_null]
+            null_top = float(d_D.norm()) * max(others, default=0.0)  # the lens is linear in the direction
+            top = lens["promoted"][0][1] if lens["promoted"] else 0.0
+            out[j] = {
+                "model": key,
+                **lens,
+                "units": "logits for the mean activation, relative to the vocabulary mean",
+                "typical_activation": float(typ[ids.index(j)]),
+                "null_top": null_top,
+                "coherent": bool(top > null_top > 0),
+            }
     return out
 
 

@@ -40,6 +40,8 @@ def fmt(v) -> str:
             return "∞" if v > 0 else "−∞"
         if v.is_integer() and abs(v) >= 1000:
             return f"{int(v):,}"
+        if abs(v) >= 1e4:  # never 1.234e+05: a reader compares magnitudes at a glance
+            return f"{v:,.0f}"
         return f"{v:.4g}"
     return str(v)
 

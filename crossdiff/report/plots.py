@@ -72,7 +72,9 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
-def _axes(fr: _Frame, title: str, x_label: str, y_label: str, x_ticks: bool = True) -> list[str]:
+def _axes(
+    fr: _Frame, title: str, x_label: str, y_label: str, x_ticks: bool = True, y_ticks: bool = True
+) -> list[str]:
     left, top = fr.margin[3], fr.margin[0]
     right, bottom = fr.width - fr.margin[1], fr.height - fr.margin[2]
     out = [
@@ -82,7 +84,7 @@ def _axes(fr: _Frame, title: str, x_label: str, y_label: str, x_ticks: bool = Tr
         x = fr.px(t)
         out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#eee"/>')
         out.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle" {_FONT}>{_fmt(t)}</text>')
-    for t in nice_ticks(*fr.y_range):
+    for t in nice_ticks(*fr.y_range) if y_ticks else []:
         y = fr.py(t)
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" {_FONT}>{_fmt(t)}</text>')
