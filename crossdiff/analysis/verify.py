@@ -22,9 +22,11 @@ agree (a self-diff). Per latent:
                 shifts, each averaged over the same contexts
     gap_closed  Σ(|g_k| − |g_k⁻|) / Σ|g_k| over the contexts
 
-Verdicts: `difference` (shift ≥ min_shift, z ≥ z), `shared behaviour` (shift ≤ −min_shift, z ≤ −z: the
-latent makes A do what B does), `inert` (neither), `too rare` (fewer than min_contexts usable strong
-held-out firings), `not verified` (the time budget ran out first; ranked by the first-order estimate).
+Verdicts: `difference` (shift ≥ min_shift, z ≥ z against random directions and z_dictionary ≥ z against
+directions the dictionary uses), `shared behaviour` (the mirror image: removing it moves A away from B),
+`inert` (neither), `too rare` (fewer than min_contexts usable strong firings, held-out and in fresh text:
+scan.py), `not verified` (beyond the `top` exact ablations per model, ordered so that these are the
+least promising). Every budget counts work (tokens, contexts, ablations), never seconds.
 
 Before the exact ablations, one pass over held-out text ranks every candidate by a first-order
 estimate (gradient × activation: one backward per text gives every latent's estimate) and measures the
@@ -57,9 +59,10 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
-METHOD = 3
+METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
-dictionary null of each difference); in the fingerprint."""
+dictionary null of each difference; 4: the verdict needs both nulls, rare candidates get contexts from
+fresh text, budgets in work units); in the fingerprint."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -83,7 +86,8 @@ class VerifyConfig:
     n_random: int = 19
     """Random directions of the decoder row's norm ablated on the same contexts: the null."""
     z: float = 3.0
-    """|z| against the random ablations needed for `difference` / `shared behaviour`."""
+    """|z| needed for `difference` / `shared behaviour`, against random directions and against the
+    dictionary's directions (docs/verification.md, "The verdict's null")."""
     min_shift: float = 0.01
     """|shift| (nats per token) needed besides z: smaller effects are `inert`."""
     ahead: int = 4
@@ -93,9 +97,12 @@ class VerifyConfig:
     heldout_tokens: int = 2048
     """Held-out aligned tokens for the first-order ranking and the whole-diff share (0: skip)."""
     top: int | None = None
-    """Exact ablations for at most N candidates per model, best first-order estimate first (default: all)."""
-    budget_seconds: float | None = None
-    """Stop starting exact ablations after this many seconds (the rest are `not verified`)."""
+    """Exact ablations for at most N candidates per model, the most promising first (default: all)."""
+    scan_tokens: int = 50_000
+    """Aligned tokens of fresh text (the corpus beyond the harvest) scanned for the strong firings of
+    candidates with fewer than --n-contexts held-out ones (0: no scan; docs/verification.md)."""
+    warn_seconds: float | None = None
+    """Warn when verification takes longer than this; time never changes a verdict."""
     seed: int = 0
     """Seed of the random null directions."""
     duplicate_cosine: float = 0.9
@@ -112,6 +119,7 @@ class VerifyConfig:
             (self.ahead >= 1 and self.prefix_chars >= 0, "--ahead must be >= 1, --prefix-chars >= 0"),
             (self.heldout_tokens >= 0, "--heldout-tokens must be >= 0"),
             (self.top is None or self.top >= 0, "--top must be >= 0"),
+            (self.scan_tokens >= 0, "--scan-tokens must be >= 0"),
             (0 < self.duplicate_cosine <= 1, "--duplicate-cosine must be in (0, 1]"),
         ]
         for ok, message in checks:
@@ -355,7 +363,8 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
 
 
 def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
-    """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
+    """Score the latent's strong contexts (`rows`: heldout_contexts and scan.FreshScan.contexts dicts);
+    its summary and verdict against the random null, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
 
     def gaussian(_k):
@@ -370,34 +379,70 @@ def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConf
 def with_dictionary_null(
     sides, cc, store, cand: Candidate, rows: list, cfg, factor, dictionary_ND, res
 ) -> dict:
-    """`res` (a difference's verify_latent result) with its contexts scored again against directions
-    the dictionary uses (`dictionary_ND`, see dictionary_directions): information beside the verdict,
-    which stays the random null's. Unchanged when there are fewer such directions than n_random."""
+    """`res` (a verify_latent result) with its contexts scored again against directions the dictionary
+    uses (`dictionary_ND`, see dictionary_directions), and its verdict by both nulls: a `difference`
+    (or `shared behaviour`) whose z_dictionary does not reach cfg.z becomes `inert`. With fewer such
+    directions than n_random there is no dictionary null and the random one decides alone."""
     if len(dictionary_ND) < cfg.n_random:
         return res
     h = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent + 1)
     pick = lambda _k: dictionary_ND[torch.randperm(len(dictionary_ND), generator=h)[: cfg.n_random]]
-    again = {c["row"]: c for c in _score_rows(sides, cc, store, cand, rows, cfg, factor, pick)}
-    contexts = [{**c, "dictionary_shifts": again[c["row"]]["random_shifts"]} for c in res["contexts"]]
-    return {**res, **dictionary_null(contexts, res["shift"]), "contexts": contexts}
+    again = {_key(c): c for c in _score_rows(sides, cc, store, cand, rows, cfg, factor, pick)}
+    contexts = [{**c, "dictionary_shifts": again[_key(c)]["random_shifts"]} for c in res["contexts"]]
+    out = {**res, **dictionary_null(contexts, res["shift"]), "contexts": contexts}
+    return {**out, "verdict": both_nulls(out, cfg)}
+
+
+def both_nulls(res: dict, cfg: VerifyConfig) -> str:
+    """The verdict when z (random directions) and z_dictionary (the dictionary's) must both reach cfg.z."""
+    zd = res.get("z_dictionary")
+    if res["verdict"] == "difference" and zd is not None and not zd >= cfg.z:
+        return "inert"
+    if res["verdict"] == "shared behaviour" and zd is not None and not zd <= -cfg.z:
+        return "inert"
+    return res["verdict"]
+
+
+def _key(context: dict) -> tuple[int, int]:
+    """A scored context's firing: its chunk and the firing token's end in the chunk."""
+    return int(context["chunk"]), int(context["start"]) + int(context["c0"])
+
+
+def heldout_contexts(store, picks: list) -> list[dict]:
+    """Held-out strong firings [(f, row)] as contexts: {f, row, chunk, c0, text} (c0: the token's end)."""
+    if not picks:
+        return []
+    meta = store.rows([row for _, row in picks])
+    texts: dict[int, dict] = {}
+    out = []
+    for k, (f, row) in enumerate(picks):
+        shard = store.shard_of(int(row))
+        if shard not in texts:
+            texts[shard] = store.texts(shard)
+        chunk = int(meta["chunk"][k])
+        out.append(
+            {
+                "f": f,
+                "row": int(row),
+                "chunk": chunk,
+                "c0": int(meta["char_end"][k]),
+                "text": texts[shard][chunk]["text"],
+            }
+        )
+    return out
 
 
 def _score_rows(
     sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float, draw
 ) -> list:
-    """score_context on each (f, row) of `rows`, with the null directions draw(k) of context k."""
+    """score_context on each context of `rows` (heldout_contexts dicts), with the null directions
+    draw(k) of context k."""
     contexts = []
-    meta = store.rows([row for _, row in rows]) if rows else {}
-    texts: dict[int, dict] = {}
-    for k, (_, row) in enumerate(rows):
-        shard = store.shard_of(int(row))
-        if shard not in texts:
-            texts[shard] = store.texts(shard)
-        chunk, c0 = int(meta["chunk"][k]), int(meta["char_end"][k])
-        window, c0w = window_for(texts[shard][chunk]["text"], chunk, c0, cfg)
+    for k, src in enumerate(rows):
+        window, c0w = window_for(src["text"], src["chunk"], src["c0"], cfg)
         ctx = score_context(sides, cc, cand, window, c0w, draw(k), factor, cfg.ahead)
         if ctx is not None:
-            contexts.append({"row": int(row), **ctx})
+            contexts.append({"row": src["row"], "fresh": src["row"] is None, **ctx})
     return contexts
 
 
@@ -471,6 +516,7 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
     from ..inputs.variants import Window
 
     est = {c.latent: 0.0 for c in cands}
+    fired = {c.latent: 0 for c in cands}  # firing positions: an estimate of 0 from no firing is no estimate
     n_tok = {"a": 0, "b": 0}
     gaps = {m: np.zeros(3) for m in "ab"}  # Σ|g| clean, spliced full, spliced without the side's candidates
     for chunk, text in heldout_chunks(store, cfg.heldout_tokens):
@@ -503,8 +549,11 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
             if mine:
                 U_DC = torch.stack([c.u_D for c in mine], 1)
                 f_PC = f_PF[:, [c.latent for c in mine]]
-                for c, v in zip(mine, (-(f_PC * (grad_PD @ U_DC))).sum(0).tolist()):
+                for c, v, n in zip(
+                    mine, (-(f_PC * (grad_PD @ U_DC))).sum(0).tolist(), (f_PC > 0).sum(0).tolist()
+                ):
                     est[c.latent] += v
+                    fired[c.latent] += n
             n_tok[m] += len(tgt[own])
             gaps[m] += _splice_gaps(
                 sides[own],
@@ -524,6 +573,7 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
     share = {m: float((g[1] - g[2]) / g[1]) if g[1] > 0 else math.nan for m, g in gaps.items()}
     return {
         "first_order": {c.latent: est[c.latent] / max(n_tok[c.side], 1) for c in cands},
+        "fired": fired,
         "whole": {
             m: {
                 "gap_clean": g[0],
@@ -609,37 +659,67 @@ def verify(cfg: VerifyConfig) -> dict:
     cc = cc.to(device).eval().requires_grad_(False)
     cands = candidates(cc, table, cfg.duplicate_cosine)
     factor = _outlier_factor(store)
-    start = time.perf_counter()
+    start = time.perf_counter()  # reported, and warns; it decides nothing
     sides = sides_for_store(store, device=str(device))
     strong = strong_rows(cc, store, cands, cfg, device)
     held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
     first = {int(k): v for k, v in held["first_order"].items()}
-    results = _exact(sides, cc, store, cands, strong, first, cfg, factor, out, start, alive_mask(cc, table))
-    rows = [
-        _row(c, strong.get(c.latent, {}), first.get(c.latent, math.nan), results.get(c.latent), cfg)
-        for c in cands
-    ]
+    contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out)
+    order = ablation_order(cands, first, {int(k): v for k, v in held.get("fired", {}).items()}, contexts)
+    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table))
+    rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
+            for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
     from .evidence import jsonable
 
+    seconds = time.perf_counter() - start
     # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
-    summary = jsonable(_summary(rows, results, held, cfg, time.perf_counter() - start))
+    summary = jsonable(_summary(rows, results, held, cfg, seconds, fresh.state if fresh else None))
     write_json_atomic(out / "summary.json", summary)
     print(summary_line(summary))
+    if cfg.warn_seconds is not None and seconds > cfg.warn_seconds:
+        print(
+            f"verify: warning: took {seconds:.0f} s (> {cfg.warn_seconds:.0f} s); the verdicts do not depend on it"
+        )
     return summary
 
 
-def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start: float, alive_F) -> dict:
-    """Exact ablations, best first-order estimate first, within `top` per side and the time budget;
-    then the dictionary null of each difference."""
+def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, factor: float, out: Path):
+    """({latent: its contexts, held-out first, then fresh ones from the scan}, the scan or None)."""
+    from .scan import scan
+
+    held = {c.latent: heldout_contexts(store, strong.get(c.latent, {}).get("rows", [])) for c in cands}
+    wanted = {c: cfg.n_contexts - len(held[c.latent]) for c in cands if len(held[c.latent]) < cfg.n_contexts}
+    if not wanted:
+        return held, None
+    fresh = scan(sides, cc, store, wanted, cfg, factor, out / "scan.json")
+    return {j: rows + fresh.contexts(j) for j, rows in held.items()}, fresh
+
+
+def ablation_order(cands: list[Candidate], first: dict, fired: dict, contexts: dict) -> list[Candidate]:
+    """Candidates with contexts, the most promising first, so that `not verified` (beyond --top) are
+    the least: a positive first-order estimate (predicted to move its model towards the other),
+    largest first; then the latents the first-order pass could not judge (no firing in its held-out
+    text), most strong contexts first; then the negative estimates, closest to 0 first."""
+
+    def key(c: Candidate):
+        est = first.get(c.latent, math.nan)
+        n = len(contexts.get(c.latent, []))
+        if fired.get(c.latent, 1) == 0 or not math.isfinite(est):
+            return (1, -n, c.latent)
+        return (0 if est > 0 else 2, -est, c.latent)
+
+    return sorted((c for c in cands if contexts.get(c.latent)), key=key)
+
+
+def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F) -> dict:
+    """Exact ablations in `order`, at most `top` per side (too rare ones do not count), each judged
+    against random directions and then, when the random null calls it a difference or shared
+    behaviour, against the dictionary's directions (both decide the verdict)."""
     from tqdm.auto import tqdm
 
     from .evidence import jsonable
 
-    order = sorted(
-        (c for c in cands if strong.get(c.latent, {}).get("n", 0) >= cfg.min_contexts),
-        key=lambda c: -np.nan_to_num(first.get(c.latent, math.nan), nan=-math.inf),
-    )
     done, per_side = {}, {"a": 0, "b": 0}
     for c in tqdm(order, desc="verify", unit="latent", dynamic_ncols=True):
         if cfg.top is not None and per_side[c.side] >= cfg.top:
@@ -647,34 +727,36 @@ def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start
         path = out / "latents" / f"{c.latent}.json"
         if path.is_file():
             done[c.latent] = json.loads(path.read_text())
-        elif cfg.budget_seconds is not None and time.perf_counter() - start > cfg.budget_seconds:
-            continue
         else:
-            res = verify_latent(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor)
-            done[c.latent] = jsonable({"latent": c.latent, "side": c.side, "group": list(c.members), **res})
+            rows = contexts[c.latent][: cfg.n_contexts]
+            res = {"latent": c.latent, "side": c.side, "group": list(c.members)}
+            res.update(verify_latent(sides, cc, store, c, rows, cfg, factor))
+            if res["verdict"] in ("difference", "shared behaviour"):
+                ND = dictionary_directions(cc, c, alive_F)
+                res = with_dictionary_null(sides, cc, store, c, rows, cfg, factor, ND, res)
+            done[c.latent] = jsonable(res)
             write_json_atomic(path, done[c.latent])
-        per_side[c.side] += 1
-    # Then, outside the budget (it is information, not the verdict), each difference's dictionary null.
-    for c in order:
-        res = done.get(c.latent)
-        if res is None or res.get("verdict") != "difference" or "z_dictionary" in res:
-            continue
-        ND = dictionary_directions(cc, c, alive_F)
-        res = with_dictionary_null(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor, ND, res)
-        done[c.latent] = jsonable(res)
-        write_json_atomic(out / "latents" / f"{c.latent}.json", done[c.latent])
+        if done[c.latent]["verdict"] != "too rare":
+            per_side[c.side] += 1
     return done
 
 
-def _row(c: Candidate, strong: dict, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
+def _row(c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
     row = {k: math.nan for k in COLUMNS}
+    n_fresh = fresh.state["n_strong"].get(str(c.latent), 0) if fresh else 0
+    n_ctx = len(strong.get("rows", [])) + (len(fresh.contexts(c.latent)) if fresh else 0)
     row.update(
-        latent=c.latent, side=c.side, n_strong=strong.get("n", 0), first_order=first, n_group=len(c.members)
+        latent=c.latent,
+        side=c.side,
+        n_strong=strong.get("n", 0) + n_fresh,
+        n_fresh=n_fresh,
+        first_order=first,
+        n_group=len(c.members),
     )
     if res is not None:
         row.update({k: res[k] for k in COLUMNS if k in res})
     else:
-        row["verdict"] = "too rare" if row["n_strong"] < cfg.min_contexts else "not verified"
+        row["verdict"] = "too rare" if n_ctx < cfg.min_contexts else "not verified"
     return row
 
 
@@ -733,7 +815,9 @@ def read_behaviour(run: str | Path) -> dict[int, dict]:
     return out
 
 
-def _summary(rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, seconds: float) -> dict:
+def _summary(
+    rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, seconds: float, scan=None
+) -> dict:
     counts = {m: {v: sum(r["side"] == m and r["verdict"] == v for r in rows) for v in VERDICTS} for m in "ab"}
     pairs = [(c["first_order"], c["shift"]) for r in results.values() for c in r.get("contexts", [])]
     latent_pairs = [
@@ -745,7 +829,16 @@ def _summary(rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, sec
     return {
         "candidates": {m: sum(r["side"] == m for r in rows) for m in "ab"},
         "counts": counts,
-        "differences": [{k: r[k] for k in ("latent", "side", "shift", "z", "gap_closed")} for r in ranked],
+        "differences": [
+            {k: r[k] for k in ("latent", "side", "shift", "z", "z_dictionary", "gap_closed", "n_contexts")}
+            for r in ranked
+        ],
+        "work": {  # the budgets' units: what was done, the same on any machine
+            "exact_ablations": len(results),
+            "contexts_scored": sum(len(r.get("contexts", [])) for r in results.values()),
+            "scan_tokens": scan["tokens"] if scan else 0,
+            "scan_stopped": scan["stopped"] if scan else "not needed",
+        },
         "whole": held["whole"],
         "first_order_agreement": {
             "contexts": len(pairs),
