@@ -208,3 +208,22 @@ def test_the_scan_starts_after_the_harvest_and_resumes_to_the_same_result(tmp_pa
     one = scan_mod.scan(sides, cc, store, wanted, small, 10.0, tmp_path / "b1.json").state
     assert one["stopped"] == "token budget" and 30 <= one["tokens"] < s["tokens"]
     assert scan_mod.scan(sides, cc, store, wanted, small, 10.0, tmp_path / "b2.json").state == one
+
+
+def test_copies_edited_at_the_layer_equal_each_edit_run_alone(models_ab):
+    """Side.forward runs the blocks below the layer once and broadcasts the edits there: each copy's
+    log-probabilities equal those of its edit run as the only copy."""
+    from crossdiff.inputs.align import tokenize
+    from crossdiff.inputs.variants import Side
+
+    for lm, layer in zip(models_ab, (5, 3)):
+        tok = tokenize(lm.tokenizer, DOCS[0])
+        ids = torch.as_tensor(tok.input_ids)
+        tgt = torch.arange(3, len(ids))
+        deltas_RTD = torch.randn(3, len(ids), lm.d_model, generator=torch.Generator().manual_seed(0))
+        side = Side(lm, layer)
+        together = side.forward(ids, tgt, deltas_RTD=deltas_RTD).logp_RS
+        for r in range(3):
+            alone = side.forward(ids, tgt, deltas_RTD=deltas_RTD[r : r + 1]).logp_RS[0]
+            torch.testing.assert_close(together[r], alone, atol=2e-4, rtol=0)
+        assert (together[0] - together[1]).abs().max() > 1e-2  # the edits do differ

@@ -330,11 +330,16 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     pos_own = torch.as_tensor(pos_a if own == 0 else pos_b)
     grad_TD = torch.autograd.grad((clean.logp_RS[0] * w_S).sum(), clean.h_leaf)[0][0]
     first_order = float(-(c_PD * grad_TD.cpu()[pos_own]).sum())
-    # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction).
+    # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction). Positions
+    # after the last target change no scored log-probability (the model is causal): cut.
+    n_in = int(tgt[own].max()) + 1
     deltas = torch.zeros(1 + len(dirs_RD), len(ids[own]), c_PD.shape[1])
     deltas[0, pos_own] = -c_PD
     deltas[1:, pos_own] = -c_PD.norm(dim=1)[None, :, None] * dirs_RD[:, None, :]
-    abl = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], deltas_RTD=deltas)
+    plant_in = None if plants[own] is None else plants[own][:n_in]
+    abl = sides[own].forward(
+        ids[own][:n_in], torch.as_tensor(tgt[own]), plant_T=plant_in, deltas_RTD=deltas[:, :n_in]
+    )
     l_abl_RK = np.stack([_segment_sums(abl.logp_RS[r], seg[own], len(ends_K)) for r in range(len(deltas))])
     n = len(tgt[own])
     gap = np.abs(l_own - l_other).sum()  # Σ_k |g_k|
