@@ -91,6 +91,7 @@ BUDGETS = {
             5,
             900.0,
             verify_top=32,
+            verify_scan_tokens=250_000,
         ),
         Budget(
             "large",
@@ -106,6 +107,7 @@ BUDGETS = {
             10,
             None,
             verify_top=None,
+            verify_scan_tokens=1_000_000,
         ),
     )
 }
