@@ -161,7 +161,7 @@ def scan(sides, cc, store, wanted: dict, cfg, factor: float, path: Path) -> Fres
 def _scan_chunk(run: FreshScan, sides, cc, text: str, chunk: int, ids, floor_C, factor) -> int:
     """Aligned pairs of one chunk kept by the harvest's masks; their strong firings go into `run`."""
     from ..inputs.variants import Window
-    from .verify import encode_pairs, keep_pairs, tokenize_pair
+    from .heldout import encode_pairs, keep_pairs, tokenize_pair
 
     toks, al = tokenize_pair(sides, text)
     if len(al) < 2:
