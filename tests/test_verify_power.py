@@ -185,6 +185,16 @@ def test_the_scan_starts_after_the_harvest_and_resumes_to_the_same_result(tmp_pa
         assert len({p[1] for p in picks}) == len(picks) <= s["chunks"][j] <= s["n_strong"][j]
         assert all(0 < p[2] <= len(s["texts"][str(p[1])]) for p in picks)
     assert sum(s["n_strong"].values()) == 3 * s["tokens"]  # top-3 coder: 3 firings per kept pair
+
+    # A finished scan is read back, not repeated; one of other inputs (key) is not reused.
+    def no_work(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(scan_mod, "_scan_chunk", no_work)
+    assert scan_mod.scan(sides, cc, store, wanted, cfg, 10.0, tmp_path / "whole.json").state == s
+    with pytest.raises(AssertionError, match="scanned again"):
+        scan_mod.scan(sides, cc, store, wanted, cfg, 10.0, tmp_path / "whole.json", key="other checkpoint")
+    monkeypatch.undo()
     # Killed in the middle of document 3: the rerun resumes at document 3 and ends identically.
     calls = {"n": 0}
     real = scan_mod._scan_chunk

@@ -61,9 +61,10 @@ class FreshScan:
         self.state = state
 
     @classmethod
-    def new(cls, doc: int, chunk: int, need: dict[int, int]) -> FreshScan:
+    def new(cls, doc: int, chunk: int, need: dict[int, int], key: str = "") -> FreshScan:
         return cls(
             {
+                "key": key,  # what the scan depends on (scan's `key` argument)
                 "doc": doc,  # next document to read
                 "chunk": chunk,  # next fresh chunk id
                 "tokens": 0,  # aligned pairs scanned (kept by the harvest's masks)
@@ -113,19 +114,23 @@ class FreshScan:
         ]
 
 
-def scan(sides, cc, store, wanted: dict, cfg, factor: float, path: Path) -> FreshScan:
+def scan(sides, cc, store, wanted: dict, cfg, factor: float, path: Path, key: str = "") -> FreshScan:
     """Scan fresh text for the latents of `wanted` ({Candidate: contexts still needed}) until each has
-    them or cfg.scan_tokens aligned pairs are read; resumes from / saves to `path` (module docstring)."""
+    them or cfg.scan_tokens aligned pairs are read; resumes from / saves to `path` (module docstring).
+    `key` names everything else the result depends on (checkpoint, store): a saved scan of another
+    key or for other latents or thresholds is started afresh."""
     from tqdm.auto import tqdm
 
     from ..inputs.align import split_document
     from ..inputs.corpus import open_corpus
 
     need = {c.latent: n for c, n in wanted.items() if n > 0}
-    if path.is_file():
-        run = FreshScan(json.loads(path.read_text()))
-    else:
-        run = FreshScan.new(*fresh_start(store), need)
+    key = f"{key}|strong={cfg.strong}|tokens={cfg.scan_tokens}|" + ",".join(
+        f"{c.latent}:{c.p99!r}" for c in sorted(wanted, key=lambda c: c.latent)
+    )
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    same = saved.get("key") == key and saved.get("need") == {str(j): n for j, n in need.items()}
+    run = FreshScan(saved) if same else FreshScan.new(*fresh_start(store), need, key)
     s = run.state
     if s["complete"]:
         return run

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import write_json_atomic
+from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
@@ -495,7 +495,12 @@ def verify(cfg: VerifyConfig) -> dict:
     if not same and out.exists():
         import shutil
 
-        shutil.rmtree(out)  # results of other settings or another checkpoint
+        # Results of other settings or another checkpoint; the fresh-text scan is kept, and reused
+        # when it depends on nothing that changed (scan.scan checks its key).
+        kept = (out / "scan.json").read_bytes() if (out / "scan.json").is_file() else None
+        shutil.rmtree(out)
+        if kept is not None:
+            write_bytes_atomic(out / "scan.json", kept)
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
@@ -535,7 +540,9 @@ def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, fa
     wanted = {c: cfg.n_contexts - len(held[c.latent]) for c in cands if len(held[c.latent]) < cfg.n_contexts}
     if not wanted:
         return held, None
-    fresh = scan(sides, cc, store, wanted, cfg, factor, out / "scan.json")
+    fresh = scan(
+        sides, cc, store, wanted, cfg, factor, out / "scan.json", key=_inputs_key(Path(cfg.run), store)
+    )
     return {j: rows + fresh.contexts(j) for j, rows in held.items()}, fresh
 
 
@@ -623,9 +630,15 @@ def _open(cfg: VerifyConfig):
 
 def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
     """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
+    return fingerprint([settings(cfg), _inputs_key(run, store)])
+
+
+def _inputs_key(run: Path, store) -> str:
+    """The method, the store and the checkpoint's and analysis's bytes: what the fresh-text scan reads
+    through, whatever the verification's own settings."""
     weights = (run / "crosscoder.safetensors").read_bytes()
     latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
-    return fingerprint([METHOD, settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()])
+    return fingerprint([METHOD, store.meta, hashlib.sha1(weights + latents).hexdigest()])
 
 
 def _cached(path: Path, compute):
