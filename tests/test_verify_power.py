@@ -103,8 +103,8 @@ def test_the_ablations_left_out_are_the_least_promising():
     contexts = {0: [1] * 16, 1: [1] * 16, 2: [1] * 5, 3: [1] * 16, 4: [1] * 16, 5: [1] * 9}
     order = [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts)]
     assert order == [3, 0, 5, 2, 4, 1]
-    contexts[5] = []  # no context at all: never ablated (too rare)
-    assert 5 not in [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts)]
+    contexts[5] = [1] * 3  # fewer than min_contexts: never ablated (too rare)
+    assert 5 not in [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts, 4)]
 
 
 def test_a_difference_needs_both_nulls():

@@ -513,7 +513,8 @@ def verify(cfg: VerifyConfig) -> dict:
     held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
     first = {int(k): v for k, v in held["first_order"].items()}
     contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out)
-    order = ablation_order(cands, first, {int(k): v for k, v in held.get("fired", {}).items()}, contexts)
+    fired = {int(k): v for k, v in held.get("fired", {}).items()}
+    order = ablation_order(cands, first, fired, contexts, cfg.min_contexts)
     results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table))
     rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
             for c in cands]  # fmt: skip
@@ -546,8 +547,10 @@ def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, fa
     return {j: rows + fresh.contexts(j) for j, rows in held.items()}, fresh
 
 
-def ablation_order(cands: list[Candidate], first: dict, fired: dict, contexts: dict) -> list[Candidate]:
-    """Candidates with contexts, the most promising first, so that `not verified` (beyond --top) are
+def ablation_order(
+    cands: list[Candidate], first: dict, fired: dict, contexts: dict, min_contexts: int = 1
+) -> list[Candidate]:
+    """Candidates with at least `min_contexts` contexts (fewer: `too rare`, not scored), the most promising first, so that `not verified` (beyond --top) are
     the least: a positive first-order estimate (predicted to move its model towards the other),
     largest first; then the latents the first-order pass could not judge (no firing in its held-out
     text), most strong contexts first; then the negative estimates, closest to 0 first."""
@@ -559,7 +562,7 @@ def ablation_order(cands: list[Candidate], first: dict, fired: dict, contexts: d
             return (1, -n, c.latent)
         return (0 if est > 0 else 2, -est, c.latent)
 
-    return sorted((c for c in cands if contexts.get(c.latent)), key=key)
+    return sorted((c for c in cands if len(contexts.get(c.latent, [])) >= min_contexts), key=key)
 
 
 def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F) -> dict:
