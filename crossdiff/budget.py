@@ -55,9 +55,10 @@ class Budget:
     decay_frac: float = 0.2
     """Linear learning-rate decay to 0 over this final share of the training steps."""
     verify_top: int | None = 8
-    """Candidates per model whose behaviour is verified by exact ablations (best first-order estimate first)."""
-    verify_seconds: float | None = None
-    """Stop starting exact ablations after this long (the rest are `not verified`)."""
+    """Candidates per model whose behaviour is verified by exact ablations (the most promising first;
+    a count of work, never seconds: the same verdicts on a busy and a quiet machine)."""
+    verify_scan_tokens: int = 50_000
+    """Aligned tokens of fresh text scanned for rare candidates' strong firings (docs/verification.md)."""
     verify_heldout_tokens: int = 2048
     """Held-out aligned tokens of the first-order ranking and the whole-diff share."""
 
@@ -75,9 +76,7 @@ BUDGETS = {
     for b in (
         # small: verification takes the time steering had (both against random directions; the
         # verdict now comes from ablation, steering is evidence), docs/diff.md
-        Budget(
-            "small", 100_000, 0.10, 1024, 32, 1_200_000, 1024, 100_000, 6e-3, 3, 2, 60.0, verify_seconds=150.0
-        ),
+        Budget("small", 100_000, 0.10, 1024, 32, 1_200_000, 1024, 100_000, 6e-3, 3, 2, 60.0, verify_top=8),
         Budget(
             "medium",
             1_000_000,
@@ -92,6 +91,7 @@ BUDGETS = {
             5,
             900.0,
             verify_top=32,
+            verify_scan_tokens=250_000,
         ),
         Budget(
             "large",
@@ -107,6 +107,7 @@ BUDGETS = {
             10,
             None,
             verify_top=None,
+            verify_scan_tokens=1_000_000,
         ),
     )
 }
@@ -175,7 +176,7 @@ def verify_config(b: Budget, run, store, *, device: str = "auto"):
         run=str(run),
         store=str(store),
         top=b.verify_top,
-        budget_seconds=b.verify_seconds,
+        scan_tokens=b.verify_scan_tokens,
         heldout_tokens=b.verify_heldout_tokens,
         device=device,
     )

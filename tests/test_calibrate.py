@@ -45,8 +45,9 @@ FILLER = (
 )
 NOUNS = list(DEFAULT_WORDS[:12])
 TINY = Budget(
-    "tiny", 3000, 0.05, 256, 8, 12_288, 256, 2048, 1e-3, 1, 0, None, verify_top=1, verify_heldout_tokens=256
-)
+    "tiny", 3000, 0.05, 256, 8, 12_288, 256, 2048, 1e-3, 1, 0, None, verify_top=1, verify_heldout_tokens=256,
+    verify_scan_tokens=512,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

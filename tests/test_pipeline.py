@@ -19,7 +19,7 @@ from crossdiff.pipeline import DiffConfig, diff
 TINY = Budget(
     name="tiny", harvest_tokens=3000, heldout_frac=0.2, latents=256, k=8, train_tokens=6000,
     batch_size=256, dead_tokens=1500, lr=1e-3, seeds=2, steer_top=1, steer_seconds=60.0, splice_tokens=256,
-    verify_top=1, verify_heldout_tokens=256,
+    verify_top=1, verify_heldout_tokens=256, verify_scan_tokens=512,
 )  # fmt: skip
 
 

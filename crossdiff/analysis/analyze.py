@@ -56,7 +56,8 @@ THRESHOLDS = "exclusive_threshold strong ridge".split()
 # 3: probes target strong firings and only inform; candidates are judged by behaviour (verify.py).
 # 4: the functional share is a column, not a candidate rule (make_plan).
 # 5: on centred stores the functional share is a candidate rule for a DFC's shared latents.
-RULES_VERSION = 5
+# 6: a latent too rare on the held-out rows gets its functional share from every row it fires on.
+RULES_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class AnalyzeConfig:
     ridge: float = in_part(1e-3, "pass")
     """Ridge penalty of the probes, relative to the input's mean variance."""
     min_heldout_fires: int = in_part(10, "share", "pass")
-    """The functional share (crossdiff.coder.functional) is measured only for latents firing at least this often on held-out rows."""
+    """The functional share (crossdiff.coder.functional) is measured on held-out rows for latents firing at least this often there, on every row (training rows too) for rarer ones."""
     strong: float = in_part(0.3, "pass")
     """The probes' target: a candidate's strong firings, f >= strong × its p99 activation (docs/verification.md)."""
     same_space: bool | None = in_part(None, "pass")
@@ -185,15 +186,24 @@ def _same_space(cfg: AnalyzeConfig, store) -> bool:
 
 @torch.inference_mode()
 def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
-    """Functional share (crossdiff.coder.functional) of every latent on the held-out rows. It decides
-    candidates, whose probes the first pass fits, so it is measured before that pass."""
+    """Functional share (crossdiff.coder.functional) of every latent: on the held-out rows when it fires
+    there at least min_heldout_fires times, else on every row it fires on, training rows included
+    (NaN only where it never fires or helps neither model). A rare latent is still a candidate:
+    a concept learned from 0.04% of the tokens may fire on no held-out row (docs/analysis.md), and
+    verification finds it contexts in fresh text (analysis/scan.py). It decides candidates, whose
+    probes the first pass fits, so it is measured before that pass."""
     from ..coder.functional import FunctionalShare
 
-    acc = FunctionalShare(cc, device)
-    for rows, _ in _batches(store, cfg, heldout_only=True):
+    held, every = FunctionalShare(cc, device), FunctionalShare(cc, device)
+    for rows, held_B in _batches(store, cfg, heldout_only=False):
         x_a, x_b = (x.to(device) for x in store.get(rows))
-        acc.update(x_a, x_b, cc.encode(x_a, x_b))
-    return acc.share_b(cfg.min_heldout_fires)  # rarer ones are "too rare to verify" anyway
+        f_BF = cc.encode(x_a, x_b)
+        every.update(x_a, x_b, f_BF)
+        if held_B.any():
+            h = torch.as_tensor(held_B, device=f_BF.device)
+            held.update(x_a[h], x_b[h], f_BF[h])
+    share_F = held.share_b(cfg.min_heldout_fires)
+    return np.where(np.isfinite(share_F), share_F, every.share_b(1))
 
 
 def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):

@@ -252,7 +252,7 @@ BEHAVIOUR = StageFile(
     "verification/behaviour.csv",
     tuple(
         "side verdict n_strong n_contexts shift z gap_closed null_mean null_std gap first_order "
-        "first_order_contexts n_group z_dictionary dictionary_null_mean".split()
+        "first_order_contexts n_group z_dictionary dictionary_null_mean n_fresh".split()
     ),
 )
 """crossdiff verify's verdict per candidate (docs/verification.md)."""

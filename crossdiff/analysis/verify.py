@@ -22,9 +22,11 @@ agree (a self-diff). Per latent:
                 shifts, each averaged over the same contexts
     gap_closed  Σ(|g_k| − |g_k⁻|) / Σ|g_k| over the contexts
 
-Verdicts: `difference` (shift ≥ min_shift, z ≥ z), `shared behaviour` (shift ≤ −min_shift, z ≤ −z: the
-latent makes A do what B does), `inert` (neither), `too rare` (fewer than min_contexts usable strong
-held-out firings), `not verified` (the time budget ran out first; ranked by the first-order estimate).
+Verdicts: `difference` (shift ≥ min_shift, z ≥ z against random directions and z_dictionary ≥ z against
+directions the dictionary uses), `shared behaviour` (the mirror image: removing it moves A away from B),
+`inert` (neither), `too rare` (fewer than min_contexts usable strong firings, held-out and in fresh text:
+scan.py), `not verified` (beyond the `top` exact ablations per model, ordered so that these are the
+least promising). Every budget counts work (tokens, contexts, ablations), never seconds.
 
 Before the exact ablations, one pass over held-out text ranks every candidate by a first-order
 estimate (gradient × activation: one backward per text gives every latent's estimate) and measures the
@@ -54,15 +56,17 @@ from torch import Tensor
 
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import write_json_atomic
+from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
 from .answerlink import read_linked, with_linked
+from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
-METHOD = 3
+METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
-dictionary null of each difference); in the fingerprint."""
+dictionary null of each difference; 4: the verdict needs both nulls, rare candidates get contexts from
+fresh text, budgets in work units); in the fingerprint."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -86,7 +90,8 @@ class VerifyConfig:
     n_random: int = 19
     """Random directions of the decoder row's norm ablated on the same contexts: the null."""
     z: float = 3.0
-    """|z| against the random ablations needed for `difference` / `shared behaviour`."""
+    """|z| needed for `difference` / `shared behaviour`, against random directions and against the
+    dictionary's directions (docs/verification.md, "The verdict's null")."""
     min_shift: float = 0.01
     """|shift| (nats per token) needed besides z: smaller effects are `inert`."""
     ahead: int = 4
@@ -96,9 +101,12 @@ class VerifyConfig:
     heldout_tokens: int = 2048
     """Held-out aligned tokens for the first-order ranking and the whole-diff share (0: skip)."""
     top: int | None = None
-    """Exact ablations for at most N candidates per model, best first-order estimate first (default: all)."""
-    budget_seconds: float | None = None
-    """Stop starting exact ablations after this many seconds (the rest are `not verified`)."""
+    """Exact ablations for at most N candidates per model, the most promising first (default: all)."""
+    scan_tokens: int = 50_000
+    """Aligned tokens of fresh text (the corpus beyond the harvest) scanned for the strong firings of
+    candidates with fewer than --n-contexts held-out ones (0: no scan; docs/verification.md)."""
+    warn_seconds: float | None = None
+    """Warn when verification takes longer than this; time never changes a verdict."""
     seed: int = 0
     """Seed of the random null directions."""
     duplicate_cosine: float = 0.9
@@ -115,6 +123,7 @@ class VerifyConfig:
             (self.ahead >= 1 and self.prefix_chars >= 0, "--ahead must be >= 1, --prefix-chars >= 0"),
             (self.heldout_tokens >= 0, "--heldout-tokens must be >= 0"),
             (self.top is None or self.top >= 0, "--top must be >= 0"),
+            (self.scan_tokens >= 0, "--scan-tokens must be >= 0"),
             (0 < self.duplicate_cosine <= 1, "--duplicate-cosine must be in (0, 1]"),
         ]
         for ok, message in checks:
@@ -238,42 +247,6 @@ class _Rows:
 # ----------------------------------------------------------------------------- one context
 
 
-def tokenize_pair(sides, text: str):
-    from ..inputs.align import align, tokenize
-
-    toks = tuple(tokenize(s.tokenizer, text) for s in sides)
-    al = align(toks[0].offsets, toks[1].offsets, toks[0].special_mask, toks[1].special_mask)
-    return toks, al
-
-
-def targets(tok, lo: int, hi: int) -> np.ndarray:
-    """Positions of the text tokens whose end lies in (lo, hi] (they cover exactly those characters
-    when lo and hi end a token)."""
-    ends = tok.offsets[:, 1]
-    ok = (ends > lo) & (ends <= hi) & (tok.offsets[:, 1] > tok.offsets[:, 0]) & ~tok.special_mask
-    return np.flatnonzero(ok & (np.arange(len(ends)) >= 1))
-
-
-def keep_pairs(h_TD: tuple, toks, al, outlier_factor: float) -> np.ndarray:
-    """(P,) bool: harvest's masks (harvest._process_batch): no first pair, no norm outlier."""
-    keep = np.ones(len(al), dtype=bool)
-    keep[:1] = False
-    from ..inputs.models import batch_median_norm  # the outlier reference harvest and splice use
-
-    for h, tok, pos in zip(h_TD, toks, (al.idx_a, al.idx_b)):
-        med = batch_median_norm(h.cpu()[None], [tok])
-        keep &= (h.cpu()[torch.as_tensor(pos)].norm(dim=-1) <= outlier_factor * med).numpy()
-    return keep
-
-
-def encode_pairs(cc, h_a: Tensor, h_b: Tensor, pos_a, pos_b) -> Tensor:
-    dev = cc.b_enc.device
-    x_a = h_a[torch.as_tensor(pos_a)].to(dev, torch.float32)
-    x_b = h_b[torch.as_tensor(pos_b)].to(dev, torch.float32)
-    with torch.inference_mode():
-        return cc.encode(*cc.normalise(x_a, x_b)).clone()
-
-
 def window_for(text: str, chunk: int, c0: int, cfg: VerifyConfig, lookahead: int = 80):
     """The slice of a chunk around a firing token that ends at c0: from a word start about
     prefix_chars before it to `lookahead` characters after it."""
@@ -328,11 +301,16 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     pos_own = torch.as_tensor(pos_a if own == 0 else pos_b)
     grad_TD = torch.autograd.grad((clean.logp_RS[0] * w_S).sum(), clean.h_leaf)[0][0]
     first_order = float(-(c_PD * grad_TD.cpu()[pos_own]).sum())
-    # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction).
+    # Exact: copy 0 removes c_t, copies 1..R remove ||c_t|| r (r a random unit direction). Positions
+    # after the last target change no scored log-probability (the model is causal): cut.
+    n_in = int(tgt[own].max()) + 1
     deltas = torch.zeros(1 + len(dirs_RD), len(ids[own]), c_PD.shape[1])
     deltas[0, pos_own] = -c_PD
     deltas[1:, pos_own] = -c_PD.norm(dim=1)[None, :, None] * dirs_RD[:, None, :]
-    abl = sides[own].forward(ids[own], torch.as_tensor(tgt[own]), plant_T=plants[own], deltas_RTD=deltas)
+    plant_in = None if plants[own] is None else plants[own][:n_in]
+    abl = sides[own].forward(
+        ids[own][:n_in], torch.as_tensor(tgt[own]), plant_T=plant_in, deltas_RTD=deltas[:, :n_in]
+    )
     l_abl_RK = np.stack([_segment_sums(abl.logp_RS[r], seg[own], len(ends_K)) for r in range(len(deltas))])
     n = len(tgt[own])
     gap = np.abs(l_own - l_other).sum()  # Σ_k |g_k|
@@ -361,7 +339,8 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
 
 
 def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
-    """Score the latent's strong held-out contexts; its summary and verdict, with the contexts."""
+    """Score the latent's strong contexts (`rows`: heldout_contexts and scan.FreshScan.contexts dicts);
+    its summary and verdict against the random null, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
 
     def gaussian(_k):
@@ -376,34 +355,70 @@ def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConf
 def with_dictionary_null(
     sides, cc, store, cand: Candidate, rows: list, cfg, factor, dictionary_ND, res
 ) -> dict:
-    """`res` (a difference's verify_latent result) with its contexts scored again against directions
-    the dictionary uses (`dictionary_ND`, see dictionary_directions): information beside the verdict,
-    which stays the random null's. Unchanged when there are fewer such directions than n_random."""
+    """`res` (a verify_latent result) with its contexts scored again against directions the dictionary
+    uses (`dictionary_ND`, see dictionary_directions), and its verdict by both nulls: a `difference`
+    (or `shared behaviour`) whose z_dictionary does not reach cfg.z becomes `inert`. With fewer such
+    directions than n_random there is no dictionary null and the random one decides alone."""
     if len(dictionary_ND) < cfg.n_random:
         return res
     h = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent + 1)
     pick = lambda _k: dictionary_ND[torch.randperm(len(dictionary_ND), generator=h)[: cfg.n_random]]
-    again = {c["row"]: c for c in _score_rows(sides, cc, store, cand, rows, cfg, factor, pick)}
-    contexts = [{**c, "dictionary_shifts": again[c["row"]]["random_shifts"]} for c in res["contexts"]]
-    return {**res, **dictionary_null(contexts, res["shift"]), "contexts": contexts}
+    again = {_key(c): c for c in _score_rows(sides, cc, store, cand, rows, cfg, factor, pick)}
+    contexts = [{**c, "dictionary_shifts": again[_key(c)]["random_shifts"]} for c in res["contexts"]]
+    out = {**res, **dictionary_null(contexts, res["shift"]), "contexts": contexts}
+    return {**out, "verdict": both_nulls(out, cfg)}
+
+
+def both_nulls(res: dict, cfg: VerifyConfig) -> str:
+    """The verdict when z (random directions) and z_dictionary (the dictionary's) must both reach cfg.z."""
+    zd = res.get("z_dictionary")
+    if res["verdict"] == "difference" and zd is not None and not zd >= cfg.z:
+        return "inert"
+    if res["verdict"] == "shared behaviour" and zd is not None and not zd <= -cfg.z:
+        return "inert"
+    return res["verdict"]
+
+
+def _key(context: dict) -> tuple[int, int]:
+    """A scored context's firing: its chunk and the firing token's end in the chunk."""
+    return int(context["chunk"]), int(context["start"]) + int(context["c0"])
+
+
+def heldout_contexts(store, picks: list) -> list[dict]:
+    """Held-out strong firings [(f, row)] as contexts: {f, row, chunk, c0, text} (c0: the token's end)."""
+    if not picks:
+        return []
+    meta = store.rows([row for _, row in picks])
+    texts: dict[int, dict] = {}
+    out = []
+    for k, (f, row) in enumerate(picks):
+        shard = store.shard_of(int(row))
+        if shard not in texts:
+            texts[shard] = store.texts(shard)
+        chunk = int(meta["chunk"][k])
+        out.append(
+            {
+                "f": f,
+                "row": int(row),
+                "chunk": chunk,
+                "c0": int(meta["char_end"][k]),
+                "text": texts[shard][chunk]["text"],
+            }
+        )
+    return out
 
 
 def _score_rows(
     sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float, draw
 ) -> list:
-    """score_context on each (f, row) of `rows`, with the null directions draw(k) of context k."""
+    """score_context on each context of `rows` (heldout_contexts dicts), with the null directions
+    draw(k) of context k."""
     contexts = []
-    meta = store.rows([row for _, row in rows]) if rows else {}
-    texts: dict[int, dict] = {}
-    for k, (_, row) in enumerate(rows):
-        shard = store.shard_of(int(row))
-        if shard not in texts:
-            texts[shard] = store.texts(shard)
-        chunk, c0 = int(meta["chunk"][k]), int(meta["char_end"][k])
-        window, c0w = window_for(texts[shard][chunk]["text"], chunk, c0, cfg)
+    for k, src in enumerate(rows):
+        window, c0w = window_for(src["text"], src["chunk"], src["c0"], cfg)
         ctx = score_context(sides, cc, cand, window, c0w, draw(k), factor, cfg.ahead)
         if ctx is not None:
-            contexts.append({"row": int(row), **ctx})
+            contexts.append({"row": src["row"], "fresh": src["row"] is None, **ctx})
     return contexts
 
 
@@ -467,128 +482,6 @@ def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- held-out text
-
-
-def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, factor: float) -> dict:
-    """First-order shift towards the other model of every candidate, and the whole-diff share, on
-    held-out chunks. Per text and side m: segments between consecutive aligned ends, w_k = sign(ℓ_other,k
-    − ℓ_m,k), one backward of Σ_k w_k ℓ_m,k; a latent's estimate is Σ_t (−f_t u) · grad_t."""
-    from ..inputs.variants import Window
-
-    est = {c.latent: 0.0 for c in cands}
-    n_tok = {"a": 0, "b": 0}
-    gaps = {m: np.zeros(3) for m in "ab"}  # Σ|g| clean, spliced full, spliced without the side's candidates
-    for chunk, text in heldout_chunks(store, cfg.heldout_tokens):
-        window = Window(text, chunk, 0)
-        toks, al = tokenize_pair(sides, text)
-        if len(al) < 3:
-            continue
-        ends = al.end_char
-        tgt = [targets(t, int(ends[0]), int(ends[-1])) for t in toks]
-        if min(len(x) for x in tgt) == 0:
-            continue
-        ids = [torch.as_tensor(t.input_ids) for t in toks]
-        plants = [
-            s.plant.mask(window, t.offsets, t.special_mask) if s.plant else None for s, t in zip(sides, toks)
-        ]
-        outs = [
-            s.forward(i_, torch.as_tensor(t_), plant_T=p, grad=True)
-            for s, i_, t_, p in zip(sides, ids, tgt, plants)
-        ]
-        seg = [np.searchsorted(ends, t.offsets[x, 1], side="left") for t, x in zip(toks, tgt)]
-        ell = [_segment_sums(o.logp_RS[0].detach(), s_, len(ends)) for o, s_ in zip(outs, seg)]
-        keep = keep_pairs((outs[0].h_TD, outs[1].h_TD), toks, al, factor)
-        pos = (al.idx_a[keep], al.idx_b[keep])
-        f_PF = encode_pairs(cc, outs[0].h_TD, outs[1].h_TD, *pos).cpu()
-        for m, own in (("a", 0), ("b", 1)):
-            w_K = torch.as_tensor(np.sign(ell[1 - own] - ell[own]), dtype=torch.float32)
-            J = (outs[own].logp_RS[0] * w_K[torch.as_tensor(seg[own])]).sum()
-            grad_PD = torch.autograd.grad(J, outs[own].h_leaf, retain_graph=own == 0)[0][0].cpu()[pos[own]]
-            mine = [c for c in cands if c.side == m]
-            if mine:
-                U_DC = torch.stack([c.u_D for c in mine], 1)
-                f_PC = f_PF[:, [c.latent for c in mine]]
-                for c, v in zip(mine, (-(f_PC * (grad_PD @ U_DC))).sum(0).tolist()):
-                    est[c.latent] += v
-            n_tok[m] += len(tgt[own])
-            gaps[m] += _splice_gaps(
-                sides[own],
-                cc,
-                m,
-                ids[own],
-                tgt[own],
-                seg[own],
-                pos[own],
-                f_PF,
-                outs[own].h_TD,
-                ell,
-                own,
-                plants[own],
-                [c.latent for c in mine],
-            )
-    share = {m: float((g[1] - g[2]) / g[1]) if g[1] > 0 else math.nan for m, g in gaps.items()}
-    return {
-        "first_order": {c.latent: est[c.latent] / max(n_tok[c.side], 1) for c in cands},
-        "whole": {
-            m: {
-                "gap_clean": g[0],
-                "gap_spliced": g[1],
-                "gap_without_candidates": g[2],
-                "share": share[m],
-                "n_tokens": n_tok[m],
-            }
-            for m, g in gaps.items()
-        },
-    }
-
-
-def heldout_chunks(store, max_rows: int):
-    """(chunk id, text) of held-out chunks in store order, until their aligned rows reach max_rows."""
-    from .splice import store_offsets
-
-    offsets, n = store_offsets(store), 0
-    for shard in range(len(store.meta["shards"])):
-        local_N = store.split_rows(shard, "heldout")
-        if n >= max_rows:
-            return
-        if len(local_N) == 0:
-            continue
-        chunk_ids, counts = np.unique(store.rows(offsets[shard] + local_N)["chunk"], return_counts=True)
-        texts = store.texts(shard)
-        for c, k in zip(chunk_ids.tolist(), counts.tolist()):
-            if c in texts and n < max_rows:
-                yield c, texts[c]["text"]
-                n += k
-
-
-def _segment_sums(logp_S: Tensor, seg_S: np.ndarray, n_seg: int) -> np.ndarray:
-    return np.bincount(seg_S, weights=logp_S.double().cpu().numpy(), minlength=n_seg)
-
-
-def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, mine) -> np.ndarray:
-    """(Σ|g| clean, spliced with the reconstruction, spliced without the side's candidates)."""
-    W = cc.W_dec_a if m == "a" else cc.W_dec_b
-    first = 0 if m == "a" else cc.partition.n_a_exclusive
-    scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
-    rows = slice(first, first + W.shape[0])
-    f_own = f_PF[:, rows].to(W.device)
-    b = cc.b_dec_a if m == "a" else cc.b_dec_b
-    with torch.inference_mode():
-        full = (f_own @ W + b).cpu() / scale
-        drop = torch.zeros(f_own.shape[1], dtype=torch.bool)
-        idx = torch.as_tensor([j - first for j in mine if first <= j < first + W.shape[0]], dtype=torch.long)
-        drop[idx] = True
-        without = full - (f_own[:, drop.to(f_own.device)] @ W[drop.to(W.device)]).cpu() / scale
-    deltas = torch.zeros(2, len(ids), h_TD.shape[1])
-    deltas[0, pos] = full.float() - h_TD.cpu()[pos]
-    deltas[1, pos] = without.float() - h_TD.cpu()[pos]
-    out = side.forward(ids, torch.as_tensor(tgt), plant_T=plant, deltas_RTD=deltas)
-    other = ell[1 - own]
-    spliced = [_segment_sums(out.logp_RS[r], seg, len(other)) for r in range(2)]
-    return np.array([np.abs(ell[own] - other).sum(), *(np.abs(s - other).sum() for s in spliced)])
-
-
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -609,44 +502,84 @@ def verify(cfg: VerifyConfig) -> dict:
     if not same and out.exists():
         import shutil
 
-        shutil.rmtree(out)  # results of other settings or another checkpoint
+        # Results of other settings or another checkpoint; the fresh-text scan is kept, and reused
+        # when it depends on nothing that changed (scan.scan checks its key).
+        kept = (out / "scan.json").read_bytes() if (out / "scan.json").is_file() else None
+        shutil.rmtree(out)
+        if kept is not None:
+            write_bytes_atomic(out / "scan.json", kept)
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
     cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run))
     factor = _outlier_factor(store)
-    start = time.perf_counter()
+    start = time.perf_counter()  # reported, and warns; it decides nothing
     sides = sides_for_store(store, device=str(device))
     strong = strong_rows(cc, store, cands, cfg, device)
     held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
     first = {int(k): v for k, v in held["first_order"].items()}
-    results = _exact(sides, cc, store, cands, strong, first, cfg, factor, out, start, alive_mask(cc, table))
-    rows = [
-        _row(c, strong.get(c.latent, {}), first.get(c.latent, math.nan), results.get(c.latent), cfg)
-        for c in cands
-    ]
+    contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out)
+    fired = {int(k): v for k, v in held.get("fired", {}).items()}
+    order = ablation_order(cands, first, fired, contexts, cfg.min_contexts)
+    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table))
+    rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
+            for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
     from .evidence import jsonable
 
+    seconds = time.perf_counter() - start
     # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
-    summary = jsonable(_summary(rows, results, held, cfg, time.perf_counter() - start))
+    summary = jsonable(_summary(rows, results, held, cfg, seconds, fresh.state if fresh else None))
     write_json_atomic(out / "summary.json", summary)
     print(summary_line(summary))
+    if cfg.warn_seconds is not None and seconds > cfg.warn_seconds:
+        print(
+            f"verify: warning: took {seconds:.0f} s (> {cfg.warn_seconds:.0f} s); the verdicts do not depend on it"
+        )
     return summary
 
 
-def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start: float, alive_F) -> dict:
-    """Exact ablations, best first-order estimate first, within `top` per side and the time budget;
-    then the dictionary null of each difference."""
+def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, factor: float, out: Path):
+    """({latent: its contexts, held-out first, then fresh ones from the scan}, the scan or None)."""
+    from .scan import scan
+
+    held = {c.latent: heldout_contexts(store, strong.get(c.latent, {}).get("rows", [])) for c in cands}
+    wanted = {c: cfg.n_contexts - len(held[c.latent]) for c in cands if len(held[c.latent]) < cfg.n_contexts}
+    if not wanted:
+        return held, None
+    fresh = scan(
+        sides, cc, store, wanted, cfg, factor, out / "scan.json", key=_inputs_key(Path(cfg.run), store)
+    )
+    return {j: rows + fresh.contexts(j) for j, rows in held.items()}, fresh
+
+
+def ablation_order(
+    cands: list[Candidate], first: dict, fired: dict, contexts: dict, min_contexts: int = 1
+) -> list[Candidate]:
+    """Candidates with at least `min_contexts` contexts (fewer: `too rare`, not scored), the most promising first, so that `not verified` (beyond --top) are
+    the least: a positive first-order estimate (predicted to move its model towards the other),
+    largest first; then the latents the first-order pass could not judge (no firing in its held-out
+    text), most strong contexts first; then the negative estimates, closest to 0 first."""
+
+    def key(c: Candidate):
+        est = first.get(c.latent, math.nan)
+        n = len(contexts.get(c.latent, []))
+        if fired.get(c.latent, 1) == 0 or not math.isfinite(est):
+            return (1, -n, c.latent)
+        return (0 if est > 0 else 2, -est, c.latent)
+
+    return sorted((c for c in cands if len(contexts.get(c.latent, [])) >= min_contexts), key=key)
+
+
+def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F) -> dict:
+    """Exact ablations in `order`, at most `top` per side (too rare ones do not count), each judged
+    against random directions and then, when the random null calls it a difference or shared
+    behaviour, against the dictionary's directions (both decide the verdict)."""
     from tqdm.auto import tqdm
 
     from .evidence import jsonable
 
-    order = sorted(
-        (c for c in cands if strong.get(c.latent, {}).get("n", 0) >= cfg.min_contexts),
-        key=lambda c: -np.nan_to_num(first.get(c.latent, math.nan), nan=-math.inf),
-    )
     done, per_side = {}, {"a": 0, "b": 0}
     for c in tqdm(order, desc="verify", unit="latent", dynamic_ncols=True):
         if cfg.top is not None and per_side[c.side] >= cfg.top:
@@ -654,34 +587,36 @@ def _exact(sides, cc, store, cands, strong, first, cfg, factor, out: Path, start
         path = out / "latents" / f"{c.latent}.json"
         if path.is_file():
             done[c.latent] = json.loads(path.read_text())
-        elif cfg.budget_seconds is not None and time.perf_counter() - start > cfg.budget_seconds:
-            continue
         else:
-            res = verify_latent(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor)
-            done[c.latent] = jsonable({"latent": c.latent, "side": c.side, "group": list(c.members), **res})
+            rows = contexts[c.latent][: cfg.n_contexts]
+            res = {"latent": c.latent, "side": c.side, "group": list(c.members)}
+            res.update(verify_latent(sides, cc, store, c, rows, cfg, factor))
+            if res["verdict"] in ("difference", "shared behaviour"):
+                ND = dictionary_directions(cc, c, alive_F)
+                res = with_dictionary_null(sides, cc, store, c, rows, cfg, factor, ND, res)
+            done[c.latent] = jsonable(res)
             write_json_atomic(path, done[c.latent])
-        per_side[c.side] += 1
-    # Then, outside the budget (it is information, not the verdict), each difference's dictionary null.
-    for c in order:
-        res = done.get(c.latent)
-        if res is None or res.get("verdict") != "difference" or "z_dictionary" in res:
-            continue
-        ND = dictionary_directions(cc, c, alive_F)
-        res = with_dictionary_null(sides, cc, store, c, strong[c.latent]["rows"], cfg, factor, ND, res)
-        done[c.latent] = jsonable(res)
-        write_json_atomic(out / "latents" / f"{c.latent}.json", done[c.latent])
+        if done[c.latent]["verdict"] != "too rare":
+            per_side[c.side] += 1
     return done
 
 
-def _row(c: Candidate, strong: dict, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
+def _row(c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
     row = {k: math.nan for k in COLUMNS}
+    n_fresh = fresh.state["n_strong"].get(str(c.latent), 0) if fresh else 0
+    n_ctx = len(strong.get("rows", [])) + (len(fresh.contexts(c.latent)) if fresh else 0)
     row.update(
-        latent=c.latent, side=c.side, n_strong=strong.get("n", 0), first_order=first, n_group=len(c.members)
+        latent=c.latent,
+        side=c.side,
+        n_strong=strong.get("n", 0) + n_fresh,
+        n_fresh=n_fresh,
+        first_order=first,
+        n_group=len(c.members),
     )
     if res is not None:
         row.update({k: res[k] for k in COLUMNS if k in res})
     else:
-        row["verdict"] = "too rare" if row["n_strong"] < cfg.min_contexts else "not verified"
+        row["verdict"] = "too rare" if n_ctx < cfg.min_contexts else "not verified"
     return row
 
 
@@ -705,13 +640,16 @@ def _open(cfg: VerifyConfig):
 
 def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
     """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
+    linked = sorted(read_linked(run).items())  # the latents the answers stage adds (answerlink.py)
+    return fingerprint([settings(cfg), _inputs_key(run, store)] + ([linked] if linked else []))
+
+
+def _inputs_key(run: Path, store) -> str:
+    """The method, the store and the checkpoint's and analysis's bytes: what the fresh-text scan reads
+    through, whatever the verification's own settings."""
     weights = (run / "crosscoder.safetensors").read_bytes()
     latents = (run / "analysis" / "latents.csv").read_bytes()  # the candidates and their p99
-    linked = sorted(read_linked(run).items())  # and those the answers stage adds (answerlink.py)
-    return fingerprint(
-        [METHOD, settings(cfg), store.meta, hashlib.sha1(weights + latents).hexdigest()]
-        + ([linked] if linked else [])
-    )
+    return fingerprint([METHOD, store.meta, hashlib.sha1(weights + latents).hexdigest()])
 
 
 def _cached(path: Path, compute):
@@ -744,7 +682,9 @@ def read_behaviour(run: str | Path) -> dict[int, dict]:
     return out
 
 
-def _summary(rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, seconds: float) -> dict:
+def _summary(
+    rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, seconds: float, scan=None
+) -> dict:
     counts = {m: {v: sum(r["side"] == m and r["verdict"] == v for r in rows) for v in VERDICTS} for m in "ab"}
     pairs = [(c["first_order"], c["shift"]) for r in results.values() for c in r.get("contexts", [])]
     latent_pairs = [
@@ -756,7 +696,16 @@ def _summary(rows: list[dict], results: dict, held: dict, cfg: VerifyConfig, sec
     return {
         "candidates": {m: sum(r["side"] == m for r in rows) for m in "ab"},
         "counts": counts,
-        "differences": [{k: r[k] for k in ("latent", "side", "shift", "z", "gap_closed")} for r in ranked],
+        "differences": [
+            {k: r[k] for k in ("latent", "side", "shift", "z", "z_dictionary", "gap_closed", "n_contexts")}
+            for r in ranked
+        ],
+        "work": {  # the budgets' units: what was done, the same on any machine
+            "exact_ablations": len(results),
+            "contexts_scored": sum(len(r.get("contexts", [])) for r in results.values()),
+            "scan_tokens": scan["tokens"] if scan else 0,
+            "scan_stopped": scan["stopped"] if scan else "not needed",
+        },
         "whole": held["whole"],
         "first_order_agreement": {
             "contexts": len(pairs),

@@ -102,6 +102,8 @@ class Side:
         lm, dev = self.lm, self.lm.device
         n_copies = 1 if deltas_RTD is None else deltas_RTD.shape[0]
         ids_RT = ids_T.to(dev)[None].expand(n_copies, -1)
+        # The blocks below the layer run once: the copies differ only from the layer on, where the
+        # edits' batch dimension broadcasts the one activation into R (tests/test_verify_power.py).
         targets_S = targets_S.to(dev)
         state: dict = {}
         rot = None if self.rotation_DD is None else self.rotation_DD.to(dev)
@@ -137,7 +139,7 @@ class Side:
         ]
         try:
             with torch.set_grad_enabled(grad):
-                logits_RSV = lm.model(input_ids=ids_RT, use_cache=False).logits
+                logits_RSV = lm.model(input_ids=ids_RT[:1], use_cache=False).logits
                 logp_RS = logits_RSV.float().log_softmax(-1).gather(-1, ids_RT[:, targets_S, None])[..., 0]
         finally:
             for handle in handles:
