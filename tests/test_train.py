@@ -260,19 +260,17 @@ def test_decoder_rows_start_at_dec_init_norm(store_path):
             torch.testing.assert_close(W.norm(dim=1), torch.full((W.shape[0],), norm))
 
 
-def test_a_dfc_saved_before_per_partition_auxk_is_not_taken_for_one_trained_with_it(
-    store_path, tmp_path, capsys
-):
+def test_per_partition_auxk_is_a_setting_that_old_dfc_folders_do_not_have(store_path, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(_argv(store_path, run, arch="dfc", exclusive_frac=0.1)) == 0
     saved = json.loads((run / "train_config.json").read_text())
-    assert saved["aux_per_partition"] is True
-    del saved["aux_per_partition"]  # as crossdiff wrote it before the setting: one joint AuxK
+    assert saved["aux_per_partition"] is False
+    del saved["aux_per_partition"]  # as crossdiff wrote it before the setting: still a match at the default
     (run / "train_config.json").write_text(json.dumps(saved))
     capsys.readouterr()
-    assert cli.main(_argv(store_path, run, arch="dfc", exclusive_frac=0.1)) == 2
-    assert "other settings (aux_per_partition: False -> True)" in capsys.readouterr().err
-    assert cli.main([*_argv(store_path, run, arch="dfc", exclusive_frac=0.1), "--no-aux-per-partition"]) == 0
+    assert cli.main([*_argv(store_path, run, arch="dfc", exclusive_frac=0.1), "--aux-per-partition"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert cli.main(_argv(store_path, run, arch="dfc", exclusive_frac=0.1)) == 0
     assert "already finished" in capsys.readouterr().out
 
 

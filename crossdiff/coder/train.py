@@ -86,11 +86,12 @@ class TrainConfig:
     """AuxK: dead latents used to model the residual (default half the wider model's width)."""
     aux_alpha: float = 1 / 32
     """AuxK loss weight α (0 disables AuxK)."""
-    aux_per_partition: bool = True
+    aux_per_partition: bool = added(False)
     """DFC: one AuxK term per partition (the dead A-exclusive latents model A's residual alone, the
     B-exclusive ones B's, the shared ones both), so that the exclusive partitions get their own revival
-    signal; --no-aux-per-partition is one AuxK over all dead latents (runs saved before this setting).
-    No effect on a standard crosscoder (docs/training.md, "Exclusive partitions alive")."""
+    signal. Off by default: alone it did not revive the exclusive partitions on the default pair; with
+    --exclusive-dead-tokens 10000 it lowered their dead share (docs/training.md, "Exclusive partitions
+    alive"). No effect on a standard crosscoder."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many training tokens is dead (AuxK). Default: 10M, or a
     quarter of --tokens when that is less (a window longer than the run never revives a latent)."""
@@ -604,12 +605,8 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
 def upgrade_train_settings(saved: dict) -> dict:
     """A train_config.json written by an older crossdiff, in today's fields:
     - before `sparsity` and `exclusive_frac` replaced `arch`: arch dfc was (sparsity or batchtopk,
-      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0);
-    - before `aux_per_partition`: a DFC trained with one joint AuxK (False), so that such a run is
-      not taken for one trained with today's objective."""
+      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0)."""
     saved = dict(saved)
-    if "aux_per_partition" not in saved and (saved.get("exclusive_frac") or saved.get("arch") == DFC):
-        saved["aux_per_partition"] = False
     if "arch" not in saved:
         return saved
     arch = saved.pop("arch")
