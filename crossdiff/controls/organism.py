@@ -72,7 +72,7 @@ class OrganismConfig:
     brown_tokens: int = 20_000
     """Tokens of Brown on which the loss of A and of the organism is compared."""
     diffs: tuple[str, ...] = ("b", "a")
-    """Diffs to run: b (organism vs model B), a (organism vs model A); none: pass an empty value."""
+    """Diffs to run: b (organism vs model B), a (organism vs model A); the criteria need b."""
     budget: Literal["small", "medium", "large"] = "small"
     """The diffs' budget (crossdiff diff --budget)."""
     steer_prompts: int = 24
