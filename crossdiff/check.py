@@ -141,11 +141,13 @@ def check_run(run: Path) -> tuple[list[str], str]:
     return lines + stage_lines, f"{state} run, weights and checkpoints readable and finite; {what}"
 
 
-STAGE_FOLDERS = ("analysis", "verification", "steering", "report")
+STAGE_FOLDERS = ("analysis", "answers", "verification", "predictions", "steering", "report")
 """A run's folders written by later stages, each with its manifest (crossdiff.core.manifest)."""
 REPAIRS = {
     "analysis": "crossdiff analyze --run {run}",
+    "answers": "crossdiff answers --run {run}",
     "verification": "crossdiff verify --run {run}",
+    "predictions": "crossdiff report --run {run} (after deleting the damaged file)",
     "steering": "crossdiff steer --run {run} (after deleting the damaged file)",
     "report": "crossdiff report --run {run}",
 }

@@ -45,6 +45,7 @@ from typing import NamedTuple
 from ..core.config import settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic
+from ..core.lock import writes
 
 VERSION = 1
 """Version of the counting and the test (in the stage's settings)."""
@@ -425,6 +426,7 @@ def _first_line(path: Path):
     return (x for i, x in zip(range(1), read_jsonl(path)))
 
 
+@writes(lambda cfg: cfg.folder, record="tree")
 def answers(cfg: AnswersConfig) -> dict:
     """Count, test and (with --run) link; returns summary.json's content."""
     run = store = None

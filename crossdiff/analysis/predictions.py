@@ -13,8 +13,9 @@ For every latent `crossdiff verify` calls a `difference`, on the contexts it sco
 
 It needs both models and the store, so it runs after verification; `crossdiff report` runs it
 (ReportConfig.predictions) when they can be loaded and renders without it otherwise. Writes
-RUN/verification/predictions/<latent>.json (atomically), keyed to verification's fingerprint: a
-rerun after a new verification recomputes it, otherwise it is reused.
+RUN/predictions/<latent>.json (atomically; a folder of its own, one writer: `predict` holds its lock),
+keyed to verification's fingerprint: a rerun after a new verification recomputes it, otherwise it is
+reused.
 
 Legend: T positions, D width, V vocabulary, P kept aligned pairs, K shown tokens.
 """
@@ -31,8 +32,9 @@ import torch
 
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
+from ..core.lock import writes
 
-FOLDER = "verification/predictions"
+FOLDER = "predictions"
 
 
 @dataclass(frozen=True)
@@ -179,10 +181,12 @@ def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, 
     return {"latent": cand.latent, "side": cand.side, "contexts": contexts, "token_effects": effects}
 
 
+@writes(lambda cfg: Path(cfg.run) / FOLDER, record="tree")
 def predict(cfg: PredictConfig) -> dict[int, dict]:
     """Compute (or reuse) the predictions of every difference of a verified run."""
     from ..core.runtime import resolve_device
     from ..inputs.variants import sides_for_store
+    from .answerlink import read_linked
     from .verify import _open, _outlier_factor, candidates
 
     run = Path(cfg.run)
@@ -204,7 +208,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     run, cc, store, table = _open(vcfg)
     device = resolve_device(cfg.device)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine)}
+    cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine, read_linked(run))}
     sides = sides_for_store(store, device=str(device))
     factor = _outlier_factor(store)
     for j in todo:

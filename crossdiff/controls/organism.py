@@ -34,6 +34,7 @@ import numpy as np
 from ..core.config import settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic
+from ..core.lock import output_lock
 from ..core.stages import Stage, StageLog, run_stages
 from ..inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 from .stance import SHIPPED, StanceFile, load_stance
@@ -381,6 +382,11 @@ def organism(cfg: OrganismConfig) -> dict:
     """Build (or finish building) the organism and measure it; returns organism.json's content."""
     st = load_stance(cfg.stance)
     folder = cfg.folder(st.topic)
+    with output_lock(folder):  # one writer per organism folder (crossdiff/core/lock.py)
+        return _organism(cfg, st, folder)
+
+
+def _organism(cfg: OrganismConfig, st: StanceFile, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     log = StageLog(folder / "stages.json")
     print(f"crossdiff organism: {cfg.model_a} + stance {st.topic} -> {folder}", file=sys.stderr)

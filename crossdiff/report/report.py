@@ -15,7 +15,7 @@ definitions), frame.py (the page frame, value display), htmlkit.py and plots.py 
 Inputs (every key is optional except the analysis folder and its latents.csv): RUN/cfg.json,
 RUN/eval.json, RUN/analysis/{latents.csv, summary.json, features/<latent>.json}, read through
 crossdiff.analysis.results (which joins verification/behaviour.csv and steering/verdicts.csv by latent
-id); when present RUN/verification/{summary.json, latents/<latent>.json, predictions/<latent>.json},
+id); when present RUN/verification/{summary.json, latents/<latent>.json}, RUN/predictions/<latent>.json,
 RUN/steering/<latent>.json, RUN/stability.json and calibration.json (RUN/ or RUN/..). Files of older
 runs lacking newer keys render without them. docs/report.md has details.
 """
@@ -91,7 +91,7 @@ class RunData:
     contexts: dict[int, Path]
     """verification/latents/<latent>.json: the scored contexts of each exactly verified latent."""
     predictions: dict[int, dict]
-    """verification/predictions/<latent>.json (crossdiff/analysis/predictions.py), {} when not computed."""
+    """predictions/<latent>.json (crossdiff/analysis/predictions.py), {} when not computed."""
     labels: dict[int, dict]
     """crossdiff/analysis/labels.py's label of every latent with a feature page."""
 
