@@ -259,6 +259,12 @@ def _planted_run(tmp_path):
         store_dir,
         {"crossdiff_version": "test", "models": models, "dtype": "bfloat16", "masked": {}, "corpus": corpus},
     )
+    # A chat store is a harvested one: it needs the harvest's record and tokenizer folders to open
+    # (a store without them is damaged, crossdiff/inputs/store.py); the link reads neither.
+    (store_dir / "settings.json").write_text(json.dumps({"corpus": corpus}))
+    for key in "ab":
+        (store_dir / "tokenizers" / key).mkdir(parents=True)
+        (store_dir / "tokenizers" / key / "tokenizer_config.json").write_text("{}")
     store = Store.open(store_dir)
     cfg = CrosscoderConfig(d_a=D, d_b=D, n_latents=D, sparsity="l1", model_a="synthetic-a", model_b="synthetic-b",
                            layer_a=0, layer_b=0)  # fmt: skip
