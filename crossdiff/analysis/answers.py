@@ -457,6 +457,25 @@ def answers(cfg: AnswersConfig) -> dict:
     return summary
 
 
+def read_summary(run: str | Path) -> dict | None:
+    """RUN/answers/summary.json (the report's input; schema in docs/answers.md), None when the run has
+    no answer-level diff; a damaged file is one line naming the repairing command."""
+    import json
+
+    path = Path(run) / "answers" / "summary.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CrossdiffError(
+            f"{path} is damaged ({type(e).__name__}); rerun: crossdiff answers --run {run}"
+        ) from e
+    if not isinstance(data, dict) or not isinstance(data.get("top"), list):
+        raise CrossdiffError(f"{path} is not an answers summary; rerun: crossdiff answers --run {run}")
+    return data
+
+
 def _summary(cfg, pairs, counted, rows, top, links, paths) -> dict:
     """summary.json's content: plain Python numbers (answerlink casts its own), all finite."""
     sig = [r for r in rows if r["significant"]]

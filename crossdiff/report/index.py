@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..analysis.results import VERDICTS
+from .answers import answers_html
 from .calibration import calibration_html, stability_html
 from .figures import map_svg
 from .frame import detection, figure, finite, model_name, page, r2_cell, run_title, short_model
@@ -268,6 +269,12 @@ def index_html(data, cands: list[dict]) -> str:
             "gap_share",
         ),  # fmt: skip
     ]
+    if getattr(data, "answers", None):
+        names = {"a": short_model(a), "b": short_model(b)}
+        parts += [
+            "<h2>What the models say</h2>",
+            answers_html(data.answers, names, data.behaviour, data.features),
+        ]
     diffs = differences_table(data)
     if diffs:
         parts += ["<h2>Behavioural differences</h2>", diffs]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..analysis.answers import read_summary
 from ..analysis.labels import label
 from ..analysis.results import is_candidate, load_results
 from ..analysis.verify import read_behaviour
@@ -94,6 +95,8 @@ class RunData:
     """predictions/<latent>.json (crossdiff/analysis/predictions.py), {} when not computed."""
     labels: dict[int, dict]
     """crossdiff/analysis/labels.py's label of every latent with a feature page."""
+    answers: dict | None = None
+    """answers/summary.json (crossdiff/analysis/answers.py): the answer-level diff of a chat diff."""
 
 
 def _numbered_json(folder: Path) -> dict[int, Path]:
@@ -135,6 +138,7 @@ def load_run(run: str | Path) -> RunData:
         contexts=_numbered_json(run / "verification" / "latents"),
         predictions=predictions,
         labels=labels,
+        answers=read_summary(run),
     )
 
 

@@ -1,0 +1,104 @@
+"""index.html's "What the models say": the answer-level diff (crossdiff/analysis/answers.py) beside
+what the crosscoder found, in the sentence docs/answers.md gives: "A says X far more often than B
+(counts, p); latent L fires on or before it in N% of its occurrences; removing L moves A towards B by
+…". The verdicts come from verification (joined by latent id); a latent never verified says so."""
+
+from __future__ import annotations
+
+from .frame import finite
+from .htmlkit import data_table, esc, fmt
+
+_SHOWN = 10
+"""Significant n-grams listed (summary.json's `top` holds the smallest p first)."""
+
+
+def _who(side: str, names: dict) -> str:
+    return names.get(side, side.upper())
+
+
+def _latent_link(j: int, features) -> str:
+    return f'<a href="features/{j}.html">{j}</a>' if j in features else str(j)
+
+
+def _evidence(lat: dict, behaviour: dict, speaker: str, other: str) -> str:
+    """'removing it moves A towards B by …' from the verification's row, or why there is none."""
+    b = behaviour.get(int(lat["latent"]))
+    if not b:
+        return "not verified (no verification row)"
+    verdict = str(b.get("verdict", ""))
+    if verdict == "difference" or (finite(b.get("shift")) and finite(b.get("z"))):
+        return (
+            f"removing it moves {esc(speaker)} towards {esc(other)} by {fmt(b.get('shift'))} nats/token "
+            f"(z {fmt(b.get('z'))}; verdict <b>{esc(verdict)}</b>)"
+        )
+    return f"verdict <b>{esc(verdict or 'none')}</b>"
+
+
+def _sentence(row: dict, n: int, names: dict, behaviour: dict, features) -> str:
+    side = row.get("more_in", "")
+    speaker, other = _who(side, names), _who("b" if side == "a" else "a", names)
+    mine, theirs = (
+        (row.get("answers_a"), row.get("answers_b"))
+        if side == "a"
+        else (row.get("answers_b"), row.get("answers_a"))
+    )
+    text = (
+        f"{esc(speaker)} says <b>“{esc(row.get('ngram', ''))}”</b> in {fmt(mine)} of {fmt(n)} answers, "
+        f"{esc(other)} in {fmt(theirs)} (p {fmt(row.get('p'))}, q {fmt(row.get('q'))})"
+    )  # fmt: skip
+    linked = [lat for lat in row.get("latents") or [] if lat.get("linked")]
+    if not linked:
+        return text + "; no latent fires on or before it in most of its occurrences."
+    lat = linked[0]
+    j = int(lat["latent"])
+    return (
+        f"{text}; latent {_latent_link(j, features)} fires on or before it in "
+        f"{fmt(100 * float(lat.get('coverage', 0)))}% of its {fmt(row.get('occurrences_in_store'))} "
+        f"occurrences; {_evidence(lat, behaviour, speaker, other)}."
+    )
+
+
+def _example(row: dict, names: dict) -> str:
+    ex = (row.get("examples") or [None])[0]
+    if not isinstance(ex, dict):
+        return ""
+    return (
+        f"<details><summary>Example: {esc(ex.get('prompt', ''))}</summary>"
+        f'<div class="two"><div><h4>{esc(_who("a", names))}</h4><pre class="answer">{esc(ex.get("a", ""))}</pre></div>'
+        f'<div><h4>{esc(_who("b", names))}</h4><pre class="answer">{esc(ex.get("b", ""))}</pre></div></div></details>'
+    )  # fmt: skip
+
+
+def answers_html(summary: dict, names: dict, behaviour: dict, features) -> str:
+    """The section's HTML; `names` {"a": model A's name, "b": ...}; `behaviour` verify's rows by latent."""
+    n = summary.get("n_prompts")
+    sig, tested = summary.get("significant", {}).get("all", {}), summary.get("tested", {}).get("all")
+    top = summary.get("top") or []
+    q = (summary.get("settings") or {}).get("q", 0.05)
+    intro = (
+        f"<p>Both models answered the same {fmt(n)} prompts. Of {fmt(tested)} word n-grams tested, "
+        f"{fmt(sig.get('a', 0))} are significantly more frequent in {esc(names['a'])}'s answers and "
+        f"{fmt(sig.get('b', 0))} in {esc(names['b'])}'s (exact McNemar test on the paired answers, each "
+        f"pair compared over the shorter answer's length; Benjamini–Hochberg q ≤ {fmt(q)}). A latent is "
+        "linked to an n-gram when it fires on it or in the 3 tokens before it in at least half of its "
+        "occurrences, at 3 times its rate elsewhere; linked latents are verified whatever their "
+        "partition (docs/answers.md).</p>"
+    )
+    if not top:
+        return intro + "<p>No n-gram differs significantly: the answers do not tell the models apart.</p>"
+    sentences = "".join(
+        f"<li>{_sentence(r, n, names, behaviour, features)}{_example(r, names)}</li>" for r in top[:3]
+    )
+    rows = []
+    for r in top[:_SHOWN]:
+        lats = [x for x in r.get("latents") or [] if x.get("linked")]
+        cell = ", ".join(
+            f"{_latent_link(int(x['latent']), features)} ({fmt(100 * float(x.get('coverage', 0)))}%"
+            f"{'; ' + esc(str(behaviour[int(x['latent'])].get('verdict'))) if int(x['latent']) in behaviour else ''})"
+            for x in lats
+        )  # fmt: skip
+        rows.append([r.get("ngram"), _who(r.get("more_in", ""), names), r.get("answers_a"), r.get("answers_b"),
+                     r.get("p"), r.get("q"), (", ".join(str(x["latent"]) for x in lats), cell or "—")])  # fmt: skip
+    cols = ["n-gram", "more in", f"answers of {names['a']}", f"answers of {names['b']}", "p", "q",
+            "linked latents (coverage; verdict)"]  # fmt: skip
+    return intro + f"<ul>{sentences}</ul>" + f'<div class="scroll">{data_table(cols, rows)}</div>'
