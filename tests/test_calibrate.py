@@ -376,7 +376,8 @@ def test_calibration_settings_written_by_the_previous_version_still_match():
         "log_every",
         "checkpoint_every",
         "splice_tokens",
-        "aux_per_partition",  # added after 0.1, left out of the settings at its default (off)
+        "aux_per_partition",  # added after 0.1: left out of the settings at their defaults
+        "exclusive_dead_tokens",
     }
 
     def old_strip(c) -> dict:
