@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Triton's kernels run through its interpreter on CPU (tests/test_sparse_triton.py). Set before any
+    # test module imports triton: triton >= 3.9 reads it once, at its own import, and sae_lens (the
+    # interop tests) imports triton long before the kernels' test module is collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _load(fn, spec):
