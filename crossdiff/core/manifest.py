@@ -127,8 +127,17 @@ def abandon(folder: Path, began: float, old: dict | None) -> None:
     """After a failed command: put the old manifest back if the command wrote nothing in `folder`."""
     if old is None or not old.get("complete") or not folder.is_dir():
         return
-    if all(p.stat().st_mtime < began for p in _files(folder, True)):
+    before = old.get("files", {})
+    if all(_unchanged(p, before.get(p.relative_to(folder).as_posix()), began) for p in _files(folder, True)):
         write_json_atomic(folder / MANIFEST, old)
+
+
+def _unchanged(path: Path, record: dict | None, began: float) -> bool:
+    """Not written since `began`: older than it, or (within the clock margin) still the bytes recorded."""
+    st = path.stat()
+    if st.st_mtime < began:
+        return True
+    return record is not None and record.get("bytes") == st.st_size and file_record(path) == record
 
 
 def record_problem(path: Path, record: dict) -> str | None:
