@@ -316,8 +316,8 @@ def test_predictions_render_and_the_report_renders_without_them(tmp_path):
     pred = {"latent": 0, "side": "a", "token_effects": [[" barked", -1.2], [" sat", 0.4]],
             "contexts": [{"text_before": "the old dog", "f": 3.0, "a": [[" barked", 0.41], [" sat", 0.1]],
                           "b": [[" sat", 0.5]], "ablated": [[" sat", 0.3], [" barked", 0.2]]}]}  # fmt: skip
-    (run / "verification" / "predictions").mkdir()
-    (run / "verification" / "predictions" / "0.json").write_text(json.dumps(pred))
+    (run / "predictions").mkdir()
+    (run / "predictions" / "0.json").write_text(json.dumps(pred))
     assert load_run(run).predictions[0]["side"] == "a"
     _, pages = _render(run)
     sec = _text(pages[0].split("<h2>What each model predicts where it fires</h2>")[1].split("<h2>")[0])
