@@ -246,7 +246,7 @@ def test_the_headline_counts_what_was_judged_and_never_claims_more(tmp_path):
     assert "A's candidates, removed together, account for -1.8% of the per-segment gap" in text
     assert "explain none of how the models differ" in text
     assert "Controls not run" in text and "crossdiff calibrate --out " in text
-    assert "--budget medium" in text and "--budget-seconds" in text
+    assert "--budget medium" in text and "--top N" in text
     for claim in ("knows", "represents", "proves", "no difference between"):
         assert claim not in text
 
@@ -343,5 +343,5 @@ def test_the_headline_when_nothing_was_judged(tmp_path):
     _behaviour(run, {j: {"side": "a" if j < 10 else "b", "verdict": "too rare" if j % 2 else "not verified"}
                      for j in (0, 1, 2, 36, 37, 38, 39)})  # fmt: skip
     text = " ".join(_text(_render(run)[0]).split())
-    assert "No candidate judged: all 7 candidates were too rare or ran out of verification time" in text
+    assert "No candidate judged: all 7 candidates were too rare or beyond the ablation budget" in text
     assert "Not judged: 7 of 7 candidates (3 too rare, 4 not verified)" in text

@@ -117,8 +117,9 @@ def _next(
         )
     if counts.get("not verified"):
         out.append(
-            f"A larger verification budget (<code>crossdiff verify --run {esc(run)} --budget-seconds N</code>): "
-            f"{counts['not verified']} candidate{'s' * (counts['not verified'] != 1)} ran out of time."
+            f"More exact ablations (<code>crossdiff verify --run {esc(run)} --top N</code>): "
+            f"{counts['not verified']} candidate{'s' * (counts['not verified'] != 1)} were ranked below the "
+            "ablation budget (a count of ablations per model, never seconds)."
         )
     if not (isinstance(cal, dict) and cal.get("by_arch")):
         out.append(f"<code>crossdiff calibrate --out {esc(diff_dir)}</code>: the controls.")
@@ -154,7 +155,7 @@ def headline_html(data, labels: dict[int, dict]) -> str:
         )
     elif judged == 0:
         lead = (
-            f"No candidate judged: all {n_cand} candidates were too rare or ran out of verification time, so "
+            f"No candidate judged: all {n_cand} candidates were too rare or beyond the ablation budget, so "
             "this run says nothing yet about whether the models differ."
         )
     else:
