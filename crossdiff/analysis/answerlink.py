@@ -32,27 +32,19 @@ import torch
 
 from ..core.errors import CrossdiffError
 from .answers import ngram_spans, read_ngrams
-from .results import ANSWERS, read_latents, read_stage, write_stage
+from .results import ANSWERS, read_stage, write_stage
 
 MIN_OCCURRENCES = 3
 """Fewer occurrences in the store than this: the n-gram's coverage is not a link (too few to share)."""
 
 
 def open_run(cfg) -> dict:
-    """{"run", "cc", "store", "table", "threshold"} of an analysed run."""
-    from ..coder.crosscoder import Crosscoder
-    from ..inputs.store import Store
+    """{"run", "cc", "store", "table", "threshold"} of an analysed run (verify.open_analysed)."""
+    from .verify import open_analysed
 
-    run = Path(cfg.run)
-    analysis = run / "analysis"
-    if not (analysis / "summary.json").is_file():
-        raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
-    summary = json.loads((analysis / "summary.json").read_text())
-    cc = Crosscoder.from_pretrained(run)
-    store = Store.open(cfg.store or summary["store"]["path"])
-    cc.cfg.check_store(store)
+    run, cc, store, table, summary = open_analysed(cfg.run, cfg.store)
     threshold = float(summary.get("thresholds", {}).get("exclusive_threshold", 0.1))
-    return {"run": run, "cc": cc, "store": store, "table": read_latents(analysis), "threshold": threshold}
+    return {"run": run, "cc": cc, "store": store, "table": table, "threshold": threshold}
 
 
 # ----------------------------------------------------------------------------- windows

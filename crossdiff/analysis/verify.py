@@ -620,22 +620,29 @@ def _row(c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg:
     return row
 
 
-def _open(cfg: VerifyConfig):
-    """(run, crosscoder, store, the analysis's latents table)."""
+def open_analysed(run: str | Path, store_path: str | None):
+    """(run, crosscoder, store, the analysis's latents table, its summary.json) of an analysed run;
+    the store given, or the one the analysis recorded."""
     from ..coder.crosscoder import Crosscoder
     from ..inputs.store import Store
 
-    run = Path(cfg.run)
+    run = Path(run)
     analysis = run / "analysis"
     if not (analysis / "summary.json").is_file():
         raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
     summary = json.loads((analysis / "summary.json").read_text())
     cc = Crosscoder.from_pretrained(run)
-    store = Store.open_recorded(cfg.store, summary["store"]["path"], analysis / "summary.json")
+    store = Store.open_recorded(store_path, summary["store"]["path"], analysis / "summary.json")
     cc.cfg.check_store(store)
+    return run, cc, store, read_latents(analysis), summary
+
+
+def _open(cfg: VerifyConfig):
+    """(run, crosscoder, store, the analysis's latents table) of a run whose models can be loaded."""
+    run, cc, store, table, _ = open_analysed(cfg.run, cfg.store)
     if not (store.root / "tokenizers").is_dir() or store.meta.get("corpus") == "synthetic":
         raise CrossdiffError(f"{store.root} is a synthetic store: there are no models to verify behaviour on")
-    return run, cc, store, read_latents(analysis)
+    return run, cc, store, table
 
 
 def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
