@@ -57,6 +57,9 @@ class Budget:
     verify_top: int | None = 8
     """Candidates per model whose behaviour is verified by exact ablations (the most promising first;
     a count of work, never seconds: the same verdicts on a busy and a quiet machine)."""
+    verify_top_linked: int | None = 4
+    """Besides verify_top: latents per model that only the answers stage's link made candidates
+    (docs/verification.md, "Latents linked to the answers")."""
     verify_scan_tokens: int = 50_000
     """Aligned tokens of fresh text scanned for rare candidates' strong firings (docs/verification.md)."""
     verify_heldout_tokens: int = 2048
@@ -91,6 +94,7 @@ BUDGETS = {
             5,
             900.0,
             verify_top=32,
+            verify_top_linked=16,
             verify_scan_tokens=250_000,
         ),
         Budget(
@@ -107,6 +111,7 @@ BUDGETS = {
             10,
             None,
             verify_top=None,
+            verify_top_linked=None,
             verify_scan_tokens=1_000_000,
         ),
     )
@@ -176,6 +181,7 @@ def verify_config(b: Budget, run, store, *, device: str = "auto"):
         run=str(run),
         store=str(store),
         top=b.verify_top,
+        top_linked=b.verify_top_linked,
         scan_tokens=b.verify_scan_tokens,
         heldout_tokens=b.verify_heldout_tokens,
         device=device,

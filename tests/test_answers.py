@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.analysis.answerlink import read_linked, with_linked
+from crossdiff.analysis.answerlink import link_priority, read_linked, with_linked
 from crossdiff.analysis.answers import (
     AnswersConfig,
     answers,
@@ -313,6 +313,13 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
     joined = {r["latent"]: r for r in load_results(run).rows}
     assert joined[0]["answers_rule"] == "norm" and joined[3]["answers_rule"] == "answer-link"
     assert joined[3]["answers_ngram"] in top and joined[5]["answers_rule"] is None
+    # their ablation order (verify's --top-linked): the n-gram that most sets A's answers apart first
+    priority = link_priority(run)
+    assert set(priority) == {3, 4}
+    tested = {r["ngram"]: r for r in read_ngrams(run / "answers") if r["scope"] == "all"}
+    for key in priority.values():
+        g = tested[key[1]]
+        assert key[0] == pytest.approx(-math.log((g["answers_a"] + 0.5) / (g["answers_b"] + 0.5)))
     # verify's candidate list: the analysis's candidate, then the linked latents with their side
     rows = with_linked(read_latents(run / "analysis"), linked)
     assert [(int(r["latent"]), r["side"]) for r in rows] == [(0, "a"), (3, "a"), (4, "a")]

@@ -107,6 +107,31 @@ def test_the_ablations_left_out_are_the_least_promising():
     assert 5 not in [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts, 4)]
 
 
+def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_path, monkeypatch):
+    """The analysis's candidates spend --top, the latents only the answer link added spend --top-linked
+    (in the link's order, after the others); too rare ones spend neither."""
+    cands = [_cand(j, "a") for j in range(8)]
+    first = {j: 0.01 * (j + 1) for j in range(4)}  # 0-3: the analysis's candidates, 3 most promising
+    fired = {j: 5 for j in range(4)}
+    contexts = {j: [{"f": 1.0}] * 4 for j in range(8)}
+    linked = {4: (-3.0, "x"), 5: (-1.0, "y"), 6: (-2.0, "x"), 7: (-0.5, "z")}  # link_priority's keys
+    order = [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts, 4, linked)]
+    assert order == [3, 2, 1, 0, 4, 6, 5, 7]
+
+    def fake_latent(sides, cc, store, c, rows, cfg, factor):
+        return {"verdict": "too rare" if c.latent == 6 else "inert", "n_contexts": len(rows), "contexts": []}
+
+    monkeypatch.setattr(verify_mod, "verify_latent", fake_latent)
+    ordered = verify_mod.ablation_order(cands, first, fired, contexts, 4, linked)
+    got = verify_mod._exact(None, None, None, ordered, contexts, VerifyConfig(run=".", top=1, top_linked=2),
+                            1.0, tmp_path / "v", None, linked)  # fmt: skip
+    assert sorted(got) == [3, 4, 5, 6]  # 6 is too rare: 5 still fits in the linked budget of 2
+    assert [got[j]["linked"] for j in (3, 4, 5)] == [False, True, True]
+    none = verify_mod._exact(None, None, None, ordered, contexts, VerifyConfig(run=".", top=1, top_linked=0),
+                             1.0, tmp_path / "w", None, linked)  # fmt: skip
+    assert sorted(none) == [3]
+
+
 def test_a_difference_needs_both_nulls():
     cfg = VerifyConfig(run=".")
     both = verify_mod.both_nulls

@@ -247,6 +247,37 @@ def read_linked(run: str | Path) -> dict[int, str]:
     return {j: r["side"] for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
 
 
+def link_priority(run: str | Path) -> dict[int, tuple]:
+    """latent -> its place among the linked latents of its model (smaller first), {} when none: the
+    latents of the n-gram that most sets one model's answers apart first (the largest log ratio of the
+    answers that say it, log((n_more + 0.5) / (n_other + 0.5)): what one model says and the other
+    hardly ever does), then by coverage, then by lift. verify.py spends its own ablation budget
+    (--top-linked) in this order."""
+    linked = {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
+    if not linked:
+        return {}
+    try:
+        tested = {r["ngram"]: r for r in read_ngrams(Path(run) / "answers") if r["scope"] == "all"}
+    except CrossdiffError:
+        tested = {}
+
+    def key(j: int, r: dict) -> tuple:
+        g = tested.get(r.get("ngram", ""))
+        more, other = ("answers_a", "answers_b") if r["side"] == "a" else ("answers_b", "answers_a")
+        ratio = math.log((g[more] + 0.5) / (g[other] + 0.5)) if g else -math.inf
+        return (-ratio, r.get("ngram", ""), -_float(r.get("coverage")), -_float(r.get("lift")), j)
+
+    return {j: key(j, r) for j, r in linked.items()}
+
+
+def _float(s) -> float:
+    try:
+        v = float(s)
+    except (TypeError, ValueError):
+        return -math.inf
+    return v if not math.isnan(v) else -math.inf
+
+
 def with_linked(table, linked: dict[int, str] | None) -> list[dict]:
     """The table's candidates (best score first), then the alive `linked` latents that are not
     candidates already, each with the side of the model whose answers it was linked in."""

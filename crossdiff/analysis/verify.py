@@ -59,7 +59,7 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
-from .answerlink import read_linked, with_linked
+from .answerlink import link_priority, read_linked, with_linked
 from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
@@ -102,6 +102,10 @@ class VerifyConfig:
     """Held-out aligned tokens for the first-order ranking and the whole-diff share (0: skip)."""
     top: int | None = None
     """Exact ablations for at most N candidates per model, the most promising first (default: all)."""
+    top_linked: int | None = 4
+    """Exact ablations, besides --top, for at most N per model of the latents that only the answers
+    stage's link made candidates: those of the n-gram that most sets the model's answers apart first
+    (docs/verification.md; default: all)."""
     scan_tokens: int = 50_000
     """Aligned tokens of fresh text (the corpus beyond the harvest) scanned for the strong firings of
     candidates with fewer than --n-contexts held-out ones (0: no scan; docs/verification.md)."""
@@ -123,6 +127,7 @@ class VerifyConfig:
             (self.ahead >= 1 and self.prefix_chars >= 0, "--ahead must be >= 1, --prefix-chars >= 0"),
             (self.heldout_tokens >= 0, "--heldout-tokens must be >= 0"),
             (self.top is None or self.top >= 0, "--top must be >= 0"),
+            (self.top_linked is None or self.top_linked >= 0, "--top-linked must be >= 0"),
             (self.scan_tokens >= 0, "--scan-tokens must be >= 0"),
             (0 < self.duplicate_cosine <= 1, "--duplicate-cosine must be in (0, 1]"),
         ]
@@ -521,8 +526,9 @@ def verify(cfg: VerifyConfig) -> dict:
     first = {int(k): v for k, v in held["first_order"].items()}
     contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out)
     fired = {int(k): v for k, v in held.get("fired", {}).items()}
-    order = ablation_order(cands, first, fired, contexts, cfg.min_contexts)
-    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table))
+    priority = link_priority(run)
+    order = ablation_order(cands, first, fired, contexts, cfg.min_contexts, priority)
+    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table), priority)
     rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
             for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
@@ -555,12 +561,20 @@ def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, fa
 
 
 def ablation_order(
-    cands: list[Candidate], first: dict, fired: dict, contexts: dict, min_contexts: int = 1
+    cands: list[Candidate],
+    first: dict,
+    fired: dict,
+    contexts: dict,
+    min_contexts: int = 1,
+    linked: dict[int, tuple] | None = None,
 ) -> list[Candidate]:
-    """Candidates with at least `min_contexts` contexts (fewer: `too rare`, not scored), the most promising first, so that `not verified` (beyond --top) are
-    the least: a positive first-order estimate (predicted to move its model towards the other),
-    largest first; then the latents the first-order pass could not judge (no firing in its held-out
-    text), most strong contexts first; then the negative estimates, closest to 0 first."""
+    """Candidates with at least `min_contexts` contexts (fewer: `too rare`, not scored), the most
+    promising first, so that `not verified` (beyond --top) are the least: a positive first-order
+    estimate (predicted to move its model towards the other), largest first; then the latents the
+    first-order pass could not judge (no firing in its held-out text), most strong contexts first; then
+    the negative estimates, closest to 0 first. The latents that only the answer link made candidates
+    (`linked`: latent -> answerlink.link_priority) follow, in their own order."""
+    linked = linked or {}
 
     def key(c: Candidate):
         est = first.get(c.latent, math.nan)
@@ -569,27 +583,33 @@ def ablation_order(
             return (1, -n, c.latent)
         return (0 if est > 0 else 2, -est, c.latent)
 
-    return sorted((c for c in cands if len(contexts.get(c.latent, [])) >= min_contexts), key=key)
+    usable = [c for c in cands if len(contexts.get(c.latent, [])) >= min_contexts]
+    ranked = sorted((c for c in usable if c.latent not in linked), key=key)
+    return ranked + sorted((c for c in usable if c.latent in linked), key=lambda c: linked[c.latent])
 
 
-def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F) -> dict:
-    """Exact ablations in `order`, at most `top` per side (too rare ones do not count), each judged
-    against random directions and then, when the random null calls it a difference or shared
-    behaviour, against the dictionary's directions (both decide the verdict)."""
+def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F, linked=None) -> dict:
+    """Exact ablations in `order`, at most `top` per side of the analysis's candidates and at most
+    `top_linked` per side of the latents only the answer link added (`linked`; too rare ones count
+    against neither), each judged against random directions and then, when the random null calls it a
+    difference or shared behaviour, against the dictionary's directions (both decide the verdict)."""
     from tqdm.auto import tqdm
 
     from .evidence import jsonable
 
-    done, per_side = {}, {"a": 0, "b": 0}
+    linked = linked or {}
+    done, spent = {}, {}
     for c in tqdm(order, desc="verify", unit="latent", dynamic_ncols=True):
-        if cfg.top is not None and per_side[c.side] >= cfg.top:
+        budget = (c.side, c.latent in linked)
+        limit = cfg.top_linked if c.latent in linked else cfg.top
+        if limit is not None and spent.get(budget, 0) >= limit:
             continue
         path = out / "latents" / f"{c.latent}.json"
         if path.is_file():
             done[c.latent] = json.loads(path.read_text())
         else:
             rows = contexts[c.latent][: cfg.n_contexts]
-            res = {"latent": c.latent, "side": c.side, "group": list(c.members)}
+            res = {"latent": c.latent, "side": c.side, "group": list(c.members), "linked": c.latent in linked}
             res.update(verify_latent(sides, cc, store, c, rows, cfg, factor))
             if res["verdict"] in ("difference", "shared behaviour"):
                 ND = dictionary_directions(cc, c, alive_F)
@@ -597,7 +617,7 @@ def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, aliv
             done[c.latent] = jsonable(res)
             write_json_atomic(path, done[c.latent])
         if done[c.latent]["verdict"] != "too rare":
-            per_side[c.side] += 1
+            spent[budget] = spent.get(budget, 0) + 1
     return done
 
 
@@ -709,6 +729,7 @@ def _summary(
         ],
         "work": {  # the budgets' units: what was done, the same on any machine
             "exact_ablations": len(results),
+            "exact_ablations_linked": sum(r.get("linked", False) for r in results.values()),
             "contexts_scored": sum(len(r.get("contexts", [])) for r in results.values()),
             "scan_tokens": scan["tokens"] if scan else 0,
             "scan_stopped": scan["stopped"] if scan else "not needed",
