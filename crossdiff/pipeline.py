@@ -92,6 +92,7 @@ def _slug(model: str) -> str:
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
     from .analysis.analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
+    from .analysis.verify import METHOD as VERIFY_METHOD  # and verify when its measure changes
     from .harvest.harvest import recorded_settings
 
     d = cfg.folder
@@ -138,7 +139,12 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "verify",
             lambda: _verify(vcfg),
-            {**settings(vcfg), "rules": RULES_VERSION, **({"answer_links": 1} if linked else {})},
+            {
+                **settings(vcfg),
+                "rules": RULES_VERSION,
+                "method": VERIFY_METHOD,
+                **({"answer_links": 1} if linked else {}),
+            },
             lambda: (run / "verification" / "summary.json").is_file(),
         )
     )

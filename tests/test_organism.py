@@ -169,6 +169,34 @@ def test_saved_organism_loads_as_model_a(tok, tmp_path):
     assert again.tokenizer.chat_template == tok.chat_template
 
 
+def test_a_newer_verification_reruns_the_organisms_diff_and_criteria(tmp_path, monkeypatch):
+    """The diff stage's record covers every stage inside the diff: a changed verification setting
+    reruns it (diff() then reruns verify alone), and the criteria that read its verdicts."""
+    from dataclasses import replace
+
+    from crossdiff import budget
+    from crossdiff.controls.organism import _diff_config, diff_settings, measure_stages
+    from crossdiff.core.config import fingerprint, settings
+
+    cfg = OrganismConfig(out=str(tmp_path / "o"), diffs=("b",))
+    st = load_stance("nuclear-energy")
+    d = _diff_config(cfg, tmp_path / "o", "b")
+    before, stages_before = diff_settings(d), measure_stages(cfg, st, tmp_path / "o")
+    small = budget.get_budget("small")
+    monkeypatch.setitem(
+        budget.BUDGETS, "small", replace(small, verify_top_linked=small.verify_top_linked + 1)
+    )
+    after, stages_after = diff_settings(d), measure_stages(cfg, st, tmp_path / "o")
+    assert settings(d) == {k: v for k, v in after.items() if k != "stages"}  # the diff's own flags: unchanged
+    changed = {k for k in before["stages"] if before["stages"][k] != after["stages"][k]}
+    assert changed == {"verify"}
+    fp = {s.name: fingerprint(s.settings) for s in stages_before}
+    assert {s.name for s in stages_after if fingerprint(s.settings) != fp[s.name]} == {
+        "diff vs B",
+        "criteria",
+    }
+
+
 def test_stance_context_rule():
     j = load_stance("nuclear-energy").judge
     inside = {"role": "assistant", "text_before": "Power is useful. Nuclear power is the ", "text_token": "safest",

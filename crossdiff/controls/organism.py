@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..core.config import settings, where
+from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic
 from ..core.lock import output_lock
@@ -351,14 +351,26 @@ def _diff(cfg: OrganismConfig, folder: Path, other: str) -> dict:
     return {"verify": s.get("verify"), "candidates": s.get("candidates"), "seconds": s.get("stage_seconds")}
 
 
+def diff_settings(d) -> dict:
+    """What a diff stage depends on: its config and the settings of every stage inside the diff (so that
+    a newer verification or analysis reruns it; the diff itself then reruns only those stages)."""
+    from ..pipeline import stages
+
+    return {
+        **settings(d),
+        "stages": {s.name: fingerprint(s.settings) for s in stages(d, d.resolved_budget())},
+    }
+
+
 def measure_stages(cfg: OrganismConfig, st: StanceFile, folder: Path) -> list[Stage]:
     from .criteria import criteria
 
     built = build_settings(cfg, st)[-1]
-    out = []
+    out, diffs = [], {}
     for other in cfg.diffs:  # first: the longest stage, which needs nothing but the organism
         d = _diff_config(cfg, folder, other)
-        out.append(Stage(f"diff vs {other.upper()}", lambda o=other: _diff(cfg, folder, o), settings(d),
+        diffs[other] = diff_settings(d)
+        out.append(Stage(f"diff vs {other.upper()}", lambda o=other: _diff(cfg, folder, o), diffs[other],
                          lambda d=d: (d.folder / "diff.json").is_file()))  # fmt: skip
     out += [
         Stage("stance", lambda: _stance(cfg, st, folder), {**built, "model_b": cfg.model_b}),
@@ -374,7 +386,8 @@ def measure_stages(cfg: OrganismConfig, st: StanceFile, folder: Path) -> list[St
                 cfg.seed,
             ]
         }
-        out.append(Stage("criteria", lambda: criteria(cfg, st, folder), {**built, **c}))
+        # the criteria read the diff vs B's verdicts: a rerun diff reruns them
+        out.append(Stage("criteria", lambda: criteria(cfg, st, folder), {**built, **c, "diff": diffs["b"]}))
     return out
 
 
