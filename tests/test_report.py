@@ -294,7 +294,7 @@ def test_minimal_analysis_renders(tmp_path):
     shutil.rmtree(run / "steering")
     html = report(ReportConfig(run=str(run))).read_text()
     # 8 latents in the exclusive partitions, less latent 3 that never fired (dead is no candidate).
-    assert "Exclusive candidates (7)" in html and "No splice-in evaluation" in html
+    assert "Candidates (7)" in html and "No splice-in evaluation" in html
 
 
 def test_large_run_index_stays_small(tmp_path):
@@ -305,7 +305,7 @@ def test_large_run_index_stays_small(tmp_path):
         for i in range(5000):
             w.writerow({**_row(i % 40), "latent": i, "partition": "a_exclusive"})
     html = report(ReportConfig(run=str(run))).read_text()
-    assert "Exclusive candidates (4875)" in html and len(html) < 4_000_000  # less 125 dead (i % 40 == 3)
+    assert "Candidates (4875)" in html and len(html) < 4_000_000  # less 125 dead (i % 40 == 3)
 
 
 def test_candidates_are_the_analysis_candidates_including_norm_rule_ones(tmp_path):
@@ -320,7 +320,7 @@ def test_candidates_are_the_analysis_candidates_including_norm_rule_ones(tmp_pat
         w.writeheader()
         w.writerows(rows)
     html = report(ReportConfig(run=str(run))).read_text()
-    assert "Exclusive candidates (8)" in html and "partly detectable by B (AUROC 0.70)" in html
+    assert "Candidates (8)" in html and "partly detectable by B (AUROC 0.70)" in html
 
 
 def test_steering_verdicts_come_from_the_steering_file(tmp_path):

@@ -268,6 +268,20 @@ def test_the_headline_without_differences_or_verification(tmp_path):
     assert "7 candidates, none judged yet" in text and "crossdiff verify --run" in text
 
 
+def test_the_headline_counts_the_latents_that_verification_added(tmp_path):
+    """Latents linked to the answers are verified beside the analysis's candidates: they count in the
+    headline's totals, so its parts add up."""
+    run = make_run(tmp_path)
+    _behaviour(run, {0: {"side": "a", "verdict": "inert"}, 1: {"side": "a", "verdict": "too rare"},
+                     2: {"side": "a", "verdict": "too rare"}, 36: {"side": "b", "verdict": "inert"},
+                     37: {"side": "b", "verdict": "too rare"}, 38: {"side": "b", "verdict": "too rare"},
+                     39: {"side": "b", "verdict": "too rare"}, 20: {"side": "a", "verdict": "not verified"},
+                     21: {"side": "a", "verdict": "too rare"}})  # fmt: skip
+    text = " ".join(_text(_render(run)[0]).split())
+    assert "2 of 9 candidates were judged and none passed; 7 were never judged" in text
+    assert "Not judged: 7 of 9 candidates (6 too rare, 1 not verified)" in text
+
+
 # ----------------------------------------------------------------------------- labels and examples
 
 

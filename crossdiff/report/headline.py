@@ -133,7 +133,9 @@ def _next(
 def headline_html(data, labels: dict[int, dict]) -> str:
     """The headline section of index.html (data: report.RunData)."""
     behaviour, v = data.behaviour, data.verification
-    n_cand = sum(1 for r in data.rows if r.get("side") and r.get("verdict") != "dead")
+    # the analysis's candidates, and the latents verification added (those linked to the answers)
+    n_cand = len({int(r["latent"]) for r in data.rows if r.get("side") and r.get("verdict") != "dead"}
+                 | {int(j) for j in behaviour})  # fmt: skip
     steer = {int(r["latent"]): r.get("steer_verdict") for r in data.rows if r.get("steer_verdict")}
     diff_dir = str(data.run.parent if data.run.name == "run" else data.run)
     diffs = sorted(

@@ -295,9 +295,10 @@ def index_html(data, cands: list[dict]) -> str:
         "</div></div>",
         plots_html(data),
         terms.define("rel_norm"),
-        f"<h2>Exclusive candidates ({len(cands)})</h2>",
-        '<p class="muted">Click a column header to sort, a latent to open its page. Hover a header for what '
-        "the column means.</p>",
+        f"<h2>Candidates ({len(cands)})</h2>",
+        '<p class="muted">The latents that may belong to one model only: an exclusive partition, a one-sided '
+        "decoder norm or functional share, or a link to what one model says (the answers stage). Click a "
+        "column header to sort, a latent to open its page. Hover a header for what the column means.</p>",
         candidates_table(data, cands),
         terms.define("auroc", "strong", "density"),
     ]
