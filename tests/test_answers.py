@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.analysis.answerlink import link_priority, read_linked, with_linked
+from crossdiff.analysis.answerlink import link_groups, link_priority, read_linked, with_linked
 from crossdiff.analysis.answers import (
     AnswersConfig,
     answers,
@@ -31,7 +31,7 @@ from crossdiff.analysis.answers import (
     read_ngrams,
     words,
 )
-from crossdiff.analysis.results import COLUMNS, load_results, read_latents, write_latents
+from crossdiff.analysis.results import ANSWERS, COLUMNS, load_results, read_latents, read_stage, write_latents
 from crossdiff.core.errors import CrossdiffError
 
 
@@ -318,8 +318,11 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
     assert set(priority) == {3, 4}
     tested = {r["ngram"]: r for r in read_ngrams(run / "answers") if r["scope"] == "all"}
     for key in priority.values():
-        g = tested[key[1]]
-        assert key[0] == pytest.approx(-math.log((g["answers_a"] + 0.5) / (g["answers_b"] + 0.5)))
+        g = tested[key[2]]
+        assert key[1] == pytest.approx(-math.log((g["answers_a"] + 0.5) / (g["answers_b"] + 0.5)))
+    assert {read_stage(run, ANSWERS)[j]["ngram"] for j in (3, 4)} == {"cannot"}
+    assert [priority[j][0] for j in (3, 4)] == [0, 1]  # the n-gram's first latent, then its second
+    assert link_groups(run) == {3: (3, 4), 4: (4, 3)}  # ablated together
     # verify's candidate list: the analysis's candidate, then the linked latents with their side
     rows = with_linked(read_latents(run / "analysis"), linked)
     assert [(int(r["latent"]), r["side"]) for r in rows] == [(0, "a"), (3, "a"), (4, "a")]
@@ -327,6 +330,9 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
 
     cands = candidates(cc, read_latents(run / "analysis"), 1.0, linked)
     assert [(c.latent, c.side) for c in cands] == [(0, "a"), (3, "a"), (4, "a")]
+    grouped = candidates(cc, read_latents(run / "analysis"), 1.0, linked, link_groups(run))
+    assert [c.members for c in grouped] == [(0,), (3, 4), (4, 3)]
+    assert torch.equal(grouped[1].rows_GD, torch.stack([grouped[1].u_D, grouped[2].u_D]))
     # the converse: latent 4's top examples precede "well i cannot", a significant n-gram of A
     conv = {x["ngram"]: x for x in s["converse"]["4"]}
     assert conv["well"]["examples"] == 2 and conv["well"]["significant"] and conv["well"]["more_in"] == "a"

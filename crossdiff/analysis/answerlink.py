@@ -248,11 +248,12 @@ def read_linked(run: str | Path) -> dict[int, str]:
 
 
 def link_priority(run: str | Path) -> dict[int, tuple]:
-    """latent -> its place among the linked latents of its model (smaller first), {} when none: the
-    latents of the n-gram that most sets one model's answers apart first (the largest log ratio of the
-    answers that say it, log((n_more + 0.5) / (n_other + 0.5)): what one model says and the other
-    hardly ever does), then by coverage, then by lift. verify.py spends its own ablation budget
-    (--top-linked) in this order."""
+    """latent -> its place among the linked latents of its model (smaller first), {} when none. The
+    n-grams are ranked by how much they set one model's answers apart (the largest log ratio of the
+    answers that say them, log((n_more + 0.5) / (n_other + 0.5)): what one model says and the other
+    hardly ever does); within an n-gram its latents by coverage, then lift. The first latent of every
+    n-gram comes before the second of any, because each is ablated with its n-gram's whole group
+    (`link_groups`). verify.py spends its own ablation budget (--top-linked) in this order."""
     linked = {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
     if not linked:
         return {}
@@ -261,13 +262,37 @@ def link_priority(run: str | Path) -> dict[int, tuple]:
     except CrossdiffError:
         tested = {}
 
-    def key(j: int, r: dict) -> tuple:
+    def ratio(r: dict) -> float:
         g = tested.get(r.get("ngram", ""))
         more, other = ("answers_a", "answers_b") if r["side"] == "a" else ("answers_b", "answers_a")
-        ratio = math.log((g[more] + 0.5) / (g[other] + 0.5)) if g else -math.inf
-        return (-ratio, r.get("ngram", ""), -_float(r.get("coverage")), -_float(r.get("lift")), j)
+        return math.log((g[more] + 0.5) / (g[other] + 0.5)) if g else -math.inf
 
-    return {j: key(j, r) for j, r in linked.items()}
+    within = {j: (-_float(r.get("coverage")), -_float(r.get("lift")), j) for j, r in linked.items()}
+    out = {}
+    for members in _by_ngram(linked).values():
+        for i, j in enumerate(sorted(members, key=within.get)):
+            r = linked[j]
+            out[j] = (i, -ratio(r), r.get("ngram", ""), *within[j])
+    return out
+
+
+def link_groups(run: str | Path) -> dict[int, tuple[int, ...]]:
+    """latent -> the latents linked to the same n-gram in the same model, itself first: a concept the
+    answers show is often carried by several latents at once (the build organism's "nuclear": four),
+    and removing one of them leaves the others to carry it, so verification ablates them together."""
+    linked = {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
+    out = {}
+    for members in _by_ngram(linked).values():
+        for j in members:
+            out[j] = (j, *sorted(k for k in members if k != j))
+    return out
+
+
+def _by_ngram(linked: dict[int, dict]) -> dict[tuple[str, str], list[int]]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for j, r in sorted(linked.items()):
+        groups.setdefault((r["side"], r.get("ngram", "")), []).append(j)
+    return groups
 
 
 def _float(s) -> float:

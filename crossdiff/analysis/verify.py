@@ -59,7 +59,7 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
-from .answerlink import link_priority, read_linked, with_linked
+from .answerlink import link_groups, link_priority, read_linked, with_linked
 from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
 from .results import BEHAVIOUR, read_latents, read_stage, write_stage
 
@@ -106,6 +106,9 @@ class VerifyConfig:
     """Exact ablations, besides --top, for at most N per model of the latents that only the answers
     stage's link made candidates: those of the n-gram that most sets the model's answers apart first
     (docs/verification.md; default: all)."""
+    link_groups: bool = True
+    """Ablate a latent linked to an n-gram together with the other latents linked to it in the same
+    model (a concept several latents carry at once); off: each alone, with its duplicates."""
     scan_tokens: int = 50_000
     """Aligned tokens of fresh text (the corpus beyond the harvest) scanned for the strong firings of
     candidates with fewer than --n-contexts held-out ones (0: no scan; docs/verification.md)."""
@@ -159,12 +162,18 @@ class Candidate:
 
 
 def candidates(
-    cc, table, duplicate_cosine: float = 1.0, linked: dict[int, str] | None = None
+    cc,
+    table,
+    duplicate_cosine: float = 1.0,
+    linked: dict[int, str] | None = None,
+    groups: dict[int, tuple[int, ...]] | None = None,
 ) -> list[Candidate]:
     """The analysis's alive exclusive candidates (its `side` column) with their decoder rows in raw
     units, each with its group: the alive latents (any partition) whose decoder row in the candidate's
     model has cosine >= `duplicate_cosine` with its own. `linked` (latent -> side; answerlink.read_linked)
-    adds the latents tied to an n-gram of the answers, whatever their partition or share."""
+    adds the latents tied to an n-gram of the answers, whatever their partition or share; `groups`
+    (answerlink.link_groups) adds to a linked latent's group the other alive latents linked to its
+    n-gram."""
     from .evidence import decoder_rows
 
     alive = alive_mask(cc, table)
@@ -177,6 +186,7 @@ def candidates(
         scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
         u = decoder_rows(cc, [j], m)[0]
         group = duplicates(cc, m, j, alive, duplicate_cosine)
+        group += tuple(k for k in (groups or {}).get(j, ()) if alive[k] and k not in group)
         U = (decoder_rows(cc, list(group), m) / scale).float() if len(group) > 1 else None
         out.append(Candidate(j, m, p99, (u / scale).float(), group if U is not None else (), U))
     return sorted(out, key=lambda c: c.latent)
@@ -517,7 +527,8 @@ def verify(cfg: VerifyConfig) -> dict:
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run))
+    groups = link_groups(run) if cfg.link_groups else None
+    cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run), groups)
     factor = _outlier_factor(store)
     start = time.perf_counter()  # reported, and warns; it decides nothing
     sides = sides_for_store(store, device=str(device))
