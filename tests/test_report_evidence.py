@@ -280,6 +280,7 @@ def test_the_headline_counts_the_latents_that_verification_added(tmp_path):
     text = " ".join(_text(_render(run)[0]).split())
     assert "2 of 9 candidates were judged and none passed; 7 were never judged" in text
     assert "Not judged: 7 of 9 candidates (6 too rare, 1 not verified)" in text
+    assert "Candidates (9)" in text  # the table lists them too
 
 
 # ----------------------------------------------------------------------------- labels and examples

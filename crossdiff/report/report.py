@@ -181,6 +181,18 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def candidate_rows(rows: list[dict]) -> list[dict]:
+    """The analysis's candidates and the latents verification added beside them (those linked to the
+    answers, analysis/answerlink.py), each with the side of the model it was judged in."""
+    out = []
+    for r in rows:
+        if is_candidate(r):
+            out.append(r)
+        elif r.get("behaviour_verdict") and r.get("verdict") != "dead":
+            out.append({**r, "side": r.get("behaviour_side")})
+    return out
+
+
 @writes(lambda cfg: Path(cfg.run) / "report", record="tree")
 def report(cfg: ReportConfig) -> Path:
     """Write RUN/report/ and return the path of its index.html."""
@@ -192,7 +204,7 @@ def report(cfg: ReportConfig) -> Path:
         if note != "not verified":
             print(f"report: predictions at the differences' firing positions: {note}", file=sys.stderr)
         data = load_run(cfg.run)
-    cands = _score_order([r for r in data.rows if is_candidate(r)])
+    cands = _score_order(candidate_rows(data.rows))
     dest = data.run / "report"
     for stale in data.run.glob(f".{dest.name}.old-*"):  # left by a run killed mid-swap
         shutil.rmtree(stale, ignore_errors=True)
