@@ -63,9 +63,10 @@ def _whole(verification: dict | None) -> str:
         if not finite(share):
             continue
         if share <= 0.01:
+            how = "none" if share <= 0 else "almost none"
             parts.append(
                 f"{m.upper()}'s candidates, removed together, account for {pct(share)} of the per-segment gap "
-                "on held-out text: together they explain none of how the models differ there"
+                f"on held-out text: together they explain {how} of how the models differ there"
             )
         else:
             parts.append(

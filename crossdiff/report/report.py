@@ -40,6 +40,7 @@ from ..core.lock import writes
 from .calibration import calibration_html, read_calibration, stability_html
 from .feature import example_html, feature_html, hist_view
 from .frame import read_json
+from .headline import headline_text
 from .index import index_html
 
 ASSETS = ("report.css", "report.js")
@@ -219,4 +220,5 @@ def report(cfg: ReportConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     index = dest / "index.html"
     print(f"report: {index} ({len(cands)} candidates, {len(data.features)} feature pages)", file=sys.stderr)
+    print(headline_text(data, data.labels), file=sys.stderr)  # what the page opens with, in the terminal
     return index
