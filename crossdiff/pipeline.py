@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Literal
 
 from .analysis.results import STEERING, write_stage
-from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
-from .core.config import settings
+from .budget import (
+    Budget,
+    analyze_config,
+    budget_help,
+    get_budget,
+    harvest_config,
+    train_config,
+    verify_config,
+)
+from .core.config import help_from, settings
 from .core.errors import CrossdiffError
 from .core.fsutil import write_json_atomic
 from .core.lock import writes
@@ -53,8 +61,8 @@ class DiffConfig:
     """With --prompts: the longest answer in tokens (greedy decoding)."""
     out: str | None = None
     """Output folder (default: runs/<model A>-vs-<model B>-<budget>). Rerun the same command to resume."""
-    budget: Literal["small", "medium", "large"] = "small"
-    """small: <= 15 min on 2 CPU cores (100k tokens, 4096 latents); medium / large: for a GPU (docs/diff.md)."""
+    budget: Literal["small", "medium", "large"] = help_from("small", budget_help)
+    """small: <= 15 min on 2 CPU cores; medium / large: for a GPU (docs/diff.md)."""
     seeds: int | None = None
     """DFCs trained with different seeds for the stability table (default: the budget's, 3 for small)."""
     steer_top: int | None = None

@@ -329,10 +329,6 @@ def next_token_logprobs(lm, batch: Batch) -> Tensor:
     return _logprobs(lm, batch, 1)[:, -1]
 
 
-def _repeat(batch: Batch, r: int) -> Batch:
-    return Batch(*(x.repeat(r, 1) for x in (batch.ids_BT, batch.mask_BT, batch.scored_BK)))
-
-
 def measure(lm, layer: int, deltas_RD: Tensor, contexts: Batch, neutral: Batch, base: tuple) -> tuple:
     """(Δlogprob (R,), KL (R,)) of each steering vector: mean over contexts of the change in continuation
     log-probability, and mean over neutral prompts of KL(base ‖ steered) of the next-token distribution."""

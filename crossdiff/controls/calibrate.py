@@ -40,8 +40,16 @@ import numpy as np
 import torch
 
 from ..analysis.results import read_latents
-from ..budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
-from ..core.config import settings, where
+from ..budget import (
+    Budget,
+    analyze_config,
+    budget_help,
+    get_budget,
+    harvest_config,
+    train_config,
+    verify_config,
+)
+from ..core.config import help_from, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -80,8 +88,8 @@ class CalibrateConfig:
     """Model B for a new harvest (default gemma3-270m); when DIR/store exists it must be the store's model B."""
     corpus: str = "brown"
     """Text source of a new harvest: brown, a .txt file or folder, jsonl:PATH:FIELD, or hf:NAME[:CONFIG][:SPLIT]."""
-    budget: Literal["small", "medium", "large"] = "small"
-    """Compute budget of every stage (crossdiff/budget.py); small: 100k tokens, 4096 latents."""
+    budget: Literal["small", "medium", "large"] = help_from("small", budget_help)
+    """Compute budget of every stage (crossdiff/budget.py)."""
     archs: tuple[str, ...] = ARCHS
     """Crosscoders to calibrate: dfc (the method crossdiff diff uses) and/or batchtopk (the standard crosscoder)."""
     seed: int = 0

@@ -25,8 +25,9 @@ Classification (`classify`) calls the analysis's own functions and restates no r
   crosscoder by its share alone).
 
 Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
-pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
-exist yet (the analysis issue); until then those fields are None.
+pass a verification: the toy benchmark's is the probe from the other model's activations
+(crossdiff/controls/toybench.py `verify_run`; there are no models to ablate, so `crossdiff verify`
+cannot run on synthetic data). Without `verified_F` those fields are None.
 
 Legend: F learned latents, G ground-truth features, D one model's width, P eligible pairs.
 """
@@ -241,19 +242,6 @@ def exclusive_metrics(
         out["exclusive_recall_verified"] = ver["exclusive_recall"]
         out["exclusive_precision_verified"] = ver["exclusive_precision"]
     return out
-
-
-@torch.no_grad()
-def alive_latents(model, batches, max_tokens: int = 65536) -> np.ndarray:
-    """Latents that fire at least once (inference encoder) on up to `max_tokens` normalised tokens."""
-    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
-    seen = 0
-    for x_a, x_b in batches:
-        fired_F |= (model.encode(x_a, x_b) > 0).any(0).cpu()
-        seen += x_a.shape[0]
-        if seen >= max_tokens:
-            break
-    return fired_F.numpy()
 
 
 def score_crosscoder(
