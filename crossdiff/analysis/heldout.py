@@ -158,12 +158,10 @@ def _segment_sums(logp_S: Tensor, seg_S: np.ndarray, n_seg: int) -> np.ndarray:
 
 def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, mine) -> np.ndarray:
     """(Σ|g| clean, spliced with the reconstruction, spliced without the side's candidates)."""
-    W = cc.W_dec_a if m == "a" else cc.W_dec_b
-    first = 0 if m == "a" else cc.partition.n_a_exclusive
-    scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
+    own_side = cc.side(m)
+    W, b, scale, first = own_side.W_dec, own_side.b_dec, own_side.scale, own_side.first
     rows = slice(first, first + W.shape[0])
     f_own = f_PF[:, rows].to(W.device)
-    b = cc.b_dec_a if m == "a" else cc.b_dec_b
     with torch.inference_mode():
         full = (f_own @ W + b).cpu() / scale
         drop = torch.zeros(f_own.shape[1], dtype=torch.bool)

@@ -116,7 +116,7 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
     removed; None when the firing does not reproduce (verify.score_context's conditions)."""
     from .verify import encode_pairs, keep_pairs, tokenize_pair
 
-    own = 0 if cand.side == "a" else 1
+    own = "ab".index(cand.side)
     toks, al = tokenize_pair(sides, window.text)
     hit = np.flatnonzero(al.end_char == c0)
     if len(hit) == 0:
@@ -174,7 +174,7 @@ def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, 
     effects = []
     if delta is not None:
         mean_V = delta / len(contexts)
-        tok = sides[0 if cand.side == "a" else 1].tokenizer
+        tok = sides["ab".index(cand.side)].tokenizer
         for sign in (False, True):  # promoted (falls when removed) first, then suppressed
             vals, ids = mean_V.topk(cfg.top, largest=sign)
             effects += [[tok.decode([int(i)]), round(float(v), 4)] for v, i in zip(vals, ids)]

@@ -27,8 +27,8 @@ DEFAULT_THRESHOLD = 0.7
 
 def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
     """Unit decoder rows of `model` (M, D) and the latent index of each row."""
-    W = (cc.W_dec_a if model == "a" else cc.W_dec_b).detach().float().cpu()
-    latents = cc.partition.a_latents if model == "a" else cc.partition.b_latents
+    side = cc.side(model)
+    W, latents = side.W_dec.detach().float().cpu(), side.latents
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), np.arange(latents.start, latents.stop)
 
 

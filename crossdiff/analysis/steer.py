@@ -169,19 +169,17 @@ def latent_direction(cc, latent: int, model: str | None = None, typical: float =
         else:
             na, nb = (float(n[latent]) for n in cc.decoder_norms())
             model = "a" if na >= nb else "b"
-    own = part.a_latents if model == "a" else part.b_latents
+    W_enc, W_dec, b_dec, scale, own = cc.side(model)
     if latent not in own:
         raise CrossdiffError(
             f"latent {latent} is exclusive to the other model: it has no direction in {model}"
         )
     row = latent - own.start
-    W_dec, W_enc, b_dec = (getattr(cc, f"{w}_{model}") for w in ("W_dec", "W_enc", "b_dec"))
-    scale = getattr(c, f"scale_{model}")
     with torch.no_grad():
         return LatentDirection(
             latent=latent,
             model=model,
-            layer=getattr(c, f"layer_{model}"),
+            layer=c.model(model).layer,
             d_raw_D=(W_dec[row] / scale).detach().float().cpu(),
             typical=float(typical),
             exclusive=latent not in part.shared,

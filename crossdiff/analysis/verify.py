@@ -169,7 +169,7 @@ def candidates(
         if not math.isfinite(p99) or p99 <= 0:
             continue
         m, j = row["side"], int(row["latent"])
-        scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
+        scale = cc.side(m).scale
         u = decoder_rows(cc, [j], m)[0]
         group = duplicates(cc, m, j, alive, duplicate_cosine)
         U = (decoder_rows(cc, list(group), m) / scale).float() if len(group) > 1 else None
@@ -187,8 +187,8 @@ def alive_mask(cc, table) -> Tensor:
 def duplicates(cc, m: str, j: int, alive_F: Tensor, min_cosine: float) -> tuple[int, ...]:
     """Latent j and the alive latents whose decoder row in model m has cosine >= min_cosine with j's,
     most similar first (read from the weights in place: no copy of the decoder)."""
-    W = (cc.W_dec_a if m == "a" else cc.W_dec_b).detach()
-    first = 0 if m == "a" else cc.partition.n_a_exclusive
+    side = cc.side(m)
+    W, first = side.W_dec.detach(), side.first
     u = W[j - first]
     cos_M = (W @ u) / (W.norm(dim=1) * u.norm()).clamp_min(1e-12)
     ids_M = torch.arange(first, first + W.shape[0], device=W.device)
@@ -261,7 +261,7 @@ def window_for(text: str, chunk: int, c0: int, cfg: VerifyConfig, lookahead: int
 
 def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, factor: float, ahead: int):
     """One context's measurements, or None when the firing does not reproduce in the window."""
-    own = 0 if cand.side == "a" else 1
+    own = "ab".index(cand.side)
     toks, al = tokenize_pair(sides, window.text)
     # Scored span: up to the `ahead`-th aligned end after c0, never the last token of either side
     # (a word cut by the window's end tokenises differently).
@@ -428,15 +428,13 @@ def dictionary_directions(cc, cand: Candidate, alive_F: Tensor) -> Tensor:
     model's dictionary uses, where a random direction is one nothing uses (docs/verification.md)."""
     from .evidence import decoder_rows
 
-    first = 0 if cand.side == "a" else cc.partition.n_a_exclusive
-    n_rows = (cc.W_dec_a if cand.side == "a" else cc.W_dec_b).shape[0]
+    side = cc.side(cand.side)
     keep = alive_F.cpu().clone()
     keep[list(cand.members)] = False
-    ids = [j for j in range(first, first + n_rows) if keep[j]]
+    ids = [j for j in side.latents if keep[j]]
     if not ids:
         return torch.zeros(0, len(cand.u_D))
-    scale = cc.cfg.scale_a if cand.side == "a" else cc.cfg.scale_b
-    U = (decoder_rows(cc, ids, cand.side) / scale).float()
+    U = (decoder_rows(cc, ids, cand.side) / side.scale).float()
     return U / U.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 

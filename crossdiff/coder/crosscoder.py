@@ -100,6 +100,27 @@ class Partition:
     def is_dfc(self) -> bool:
         return self.n_a_exclusive > 0 or self.n_b_exclusive > 0
 
+    def latents(self, m: str) -> range:
+        """`a_latents` or `b_latents`: the latents with a row in model m's weights."""
+        return getattr(self, f"{_model(m)}_latents")
+
+
+def _model(m: str) -> str:
+    if m not in ("a", "b"):
+        raise ValueError(f"a model is 'a' or 'b', got {m!r}")
+    return m
+
+
+class ModelRecord(NamedTuple):
+    """One model's entry of a crosscoder's config (`CrosscoderConfig.model`)."""
+
+    id: str
+    layer: int | None
+    d: int
+    """Width of its activations."""
+    scale: float
+    """Normalisation scale: normalised = raw × scale."""
+
 
 @dataclass(frozen=True)
 class CrosscoderConfig:
@@ -154,6 +175,11 @@ class CrosscoderConfig:
     @property
     def partition(self) -> Partition:
         return Partition(self.n_latents, self.n_a_exclusive, self.n_b_exclusive)
+
+    def model(self, m: str) -> ModelRecord:
+        """Model m's id, layer, width and scale."""
+        m = _model(m)
+        return ModelRecord(*(getattr(self, f"{k}_{m}") for k in ("model", "layer", "d", "scale")))
 
     @property
     def rule(self) -> Sparsity:
@@ -246,6 +272,25 @@ class TrainOutput(NamedTuple):
     """BatchTopK: smallest kept decoder-norm-scaled value (the threshold EMA's sample)."""
 
 
+class Side(NamedTuple):
+    """One model's half of a crosscoder (`Crosscoder.side`): its parameters (views, not copies), its
+    scale, and the latents with a row in them (row i is latent `latents.start + i`)."""
+
+    W_enc: Tensor
+    """(M, D)"""
+    W_dec: Tensor
+    """(M, D) in normalised units; divide by `scale` for raw units."""
+    b_dec: Tensor
+    """(D,)"""
+    scale: float
+    latents: range
+
+    @property
+    def first(self) -> int:
+        """The latent of row 0."""
+        return self.latents.start
+
+
 class Crosscoder(nn.Module):
     """A crosscoder over two models of different widths; see the module docstring for units/layout."""
 
@@ -294,6 +339,15 @@ class Crosscoder(nn.Module):
     @property
     def partition(self) -> Partition:
         return self.cfg.partition
+
+    def side(self, m: str) -> Side:
+        """Model m's parameters, scale and latents (m: "a" or "b")."""
+        m = _model(m)
+        return Side(
+            *(getattr(self, f"{w}_{m}") for w in ("W_enc", "W_dec", "b_dec")),
+            getattr(self.cfg, f"scale_{m}"),
+            self.partition.latents(m),
+        )
 
     # ------------------------------------------------------------------ units
 
