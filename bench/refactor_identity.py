@@ -1,6 +1,6 @@
 """Byte identity of two code versions on one store: a refactor must not change a single output byte.
 
-Harvests a small store of the default pair once (with the `--before` code), trains one small DFC per
+Harvests a small store of the default pair once (with the `--before` code; or copies `--store`), trains one small DFC per
 seed once (the shared checkpoints), then runs, for each code version into its own copy of the seed-0
 run: `crossdiff train` again (its crosscoder.safetensors and eval.json must equal the shared one's),
 `crossdiff analyze`, `crossdiff verify` (a small --top and --scan-tokens), the seed-stability stage
@@ -9,7 +9,8 @@ analysis/latents.csv, verification/behaviour.csv, stability.json, steering/verdi
 trained weights, and the verdict counts of verification/summary.json. Exit status 0 when every one is
 identical, 1 otherwise (one line per file either way).
 
-    python bench/refactor_identity.py --before /path/to/old/checkout --after . --work /tmp/tidy-ident
+    python bench/refactor_identity.py --before /path/to/old/checkout --after . --work /tmp/tidy-ident \\
+        [--store runs/smollm2-135m-vs-gemma3-270m-small/store]
 
 Each step is skipped when its output exists, so a rerun after a code change repeats only the
 per-version steps of the versions whose folders were removed (`--fresh after` removes the after copy).
@@ -50,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--after", required=True, help="repository root of the code after the change")
     p.add_argument("--work", required=True, help="scratch folder (store, checkpoints, one copy per version)")
     p.add_argument("--tokens", type=int, default=30_000, help="aligned pairs harvested")
+    p.add_argument(
+        "--store", default=None,
+        help="an existing store to copy instead of harvesting (e.g. a finished diff's DIR/store)",
+    )  # fmt: skip
     p.add_argument("--latents", type=int, default=256)
     p.add_argument("--train-tokens", type=int, default=150_000)
     p.add_argument("--top", type=int, default=2, help="verify --top")
@@ -80,6 +85,8 @@ def train_args(a: argparse.Namespace, store: Path, out: Path, seed: int) -> list
 def shared(a: argparse.Namespace, work: Path) -> tuple[Path, list[Path]]:
     """The store and the seed checkpoints, made once with the before code."""
     store = work / "store"
+    if a.store and not store.exists():
+        shutil.copytree(a.store, store)
     if not (store / "meta.json").is_file():
         crossdiff(
             a.before, "harvest", "--out", str(store), "--max-tokens", str(a.tokens),

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .analysis.results import STEERING, write_stage
+from .analysis.results import STEERING
 from .budget import (
     Budget,
     analyze_config,
@@ -35,6 +35,7 @@ from .budget import (
     train_config,
     verify_config,
 )
+from .core import runfolder
 from .core.config import help_from, settings
 from .core.errors import CrossdiffError
 from .core.fsutil import write_json_atomic
@@ -114,7 +115,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             "harvest",
             lambda: _harvest(hcfg),
             recorded_settings(hcfg),  # answers' paths relative to the folder: a moved folder resumes
-            lambda: (store / "meta.json").is_file(),
+            lambda: runfolder.exists(store, "meta"),
             legacy=settings(hcfg),
         )
     )
@@ -125,7 +126,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
                 f"train DFC (seed {s})",
                 lambda t=tcfg: _train(t),
                 settings(tcfg),
-                lambda p=path: (p / "eval.json").is_file(),
+                lambda p=path: runfolder.exists(p, "eval"),
                 legacy=_legacy(tcfg),
             )
         )
@@ -135,7 +136,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             "analyse",
             lambda: _analyze(acfg),
             {**settings(acfg), "rules": RULES_VERSION},
-            lambda: (run / "analysis" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "analysis"),
             legacy={**_legacy(acfg), "rules": RULES_VERSION},
         )
     )
@@ -147,7 +148,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             "verify",
             lambda: _verify(vcfg),
             {**settings(vcfg), "rules": RULES_VERSION, **({"answer_links": 1} if linked else {})},
-            lambda: (run / "verification" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "verification"),
         )
     )
     if b.seeds > 1:
@@ -209,7 +210,7 @@ def _answers_stage(cfg: DiffConfig, run: Path, store: Path) -> list[Stage]:
             "answers",
             lambda: _answers(acfg),
             {**settings(acfg), "version": VERSION, "rules": RULES_VERSION},
-            lambda: (run / "answers" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "answers"),
         )
     ]
 
@@ -327,22 +328,15 @@ def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
 def _steer(run: Path, b: Budget, device: str) -> dict:
     from .analysis.steer import SteerConfig, steer
 
-    try:
-        res = steer(
-            SteerConfig(
-                run=str(run),
-                top=b.steer_top,
-                include_rejected=True,
-                budget_seconds=b.steer_seconds,
-                device=device,
-            )
+    res = steer(
+        SteerConfig(
+            run=str(run),
+            top=b.steer_top,
+            include_rejected=True,
+            budget_seconds=b.steer_seconds,
+            device=device,
         )
-    except CrossdiffError as e:
-        if "no exclusive candidates" not in str(e):
-            raise
-        print(f"steer: skipped ({e})", file=sys.stderr)
-        write_stage(run, STEERING, {})  # done, with nothing steered
-        return {"steered": 0}
+    )
     verdicts = [r["verdict"] for r in res.values() if r is not None]
     return {
         "steered": len(verdicts),

@@ -182,6 +182,22 @@ def test_bad_latent_and_prompts_fail_in_one_line_before_any_model_loads(tmp_path
         steer(SteerConfig(run=str(run), latent=8), models=_NoModels())
 
 
+def test_nothing_to_steer_is_steerings_own_record(tmp_path):
+    """--top on a run without candidates: steer itself writes the empty verdicts.csv that marks the stage
+    done (the diff no longer writes it for steer); without a verification it still asks for one."""
+    run = tmp_path / "run"
+    _crosscoder().save_pretrained(run)
+    (run / "analysis").mkdir()
+    rows = [f"{i},shared,shared,0.5,1.0" for i in range(8)]
+    (run / "analysis" / "latents.csv").write_text(
+        "\n".join(["latent,partition,verdict,score,p99_act", *rows]) + "\n"
+    )
+    with pytest.raises(CrossdiffError, match="run crossdiff verify first"):
+        steer(SteerConfig(run=str(run), top=1), models=_NoModels())
+    assert steer(SteerConfig(run=str(run), top=1, include_rejected=True), models=_NoModels()) == {}
+    assert (run / "steering" / "verdicts.csv").read_text() == "latent,verdict,effect\n"
+
+
 def test_a_latent_starts_only_if_it_should_end_within_the_budget():
     from crossdiff.analysis.steer import fits_budget
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_with_atomic
@@ -58,6 +59,8 @@ THRESHOLDS = "exclusive_threshold strong ridge".split()
 # 5: on centred stores the functional share is a candidate rule for a DFC's shared latents.
 # 6: a latent too rare on the held-out rows gets its functional share from every row it fires on.
 RULES_VERSION = 6
+PASS_FILE = "pass.pt"
+"""The cached statistics pass (private to analyze; `top_rows` reads it for other stages)."""
 
 
 @dataclass(frozen=True)
@@ -509,7 +512,7 @@ def _fingerprints(cfg: AnalyzeConfig, run: Path, store, part: str | None = None)
     stat = weights.stat()
     inputs = [
         settings(cfg, part),
-        (run / "cfg.json").read_text(),
+        runfolder.path(run, "cfg").read_text(),
         stat.st_size,
         stat.st_mtime_ns,
         store.meta,
@@ -552,6 +555,17 @@ def _load_json(path: Path):
         return {}
 
 
+def top_rows(analysis: Path, latent: int) -> list[int]:
+    """Store rows of a latent's top examples: its features/<latent>.json, else the cached pass (pass.pt,
+    this module's own file: other stages read it through here)."""
+    feat = Path(analysis) / "features" / f"{latent}.json"
+    if feat.is_file():
+        return [int(e["row"]) for e in json.loads(feat.read_text()).get("examples", [])]
+    saved = torch.load(Path(analysis) / PASS_FILE, weights_only=True)["result"]
+    vals, rows = saved["top_values_KF"][:, latent], saved["top_rows_KF"][:, latent]
+    return [int(r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0 and r >= 0]
+
+
 def _models_or_reason(store, cfg: AnalyzeConfig, device) -> tuple[tuple | None, str]:
     """Both LanguageModels, or None and why they are not loaded."""
     if cfg.load_models is False:
@@ -572,8 +586,7 @@ def _splice(cc, store, lms, reason: str, cfg: AnalyzeConfig) -> dict:
         return {"skipped": reason}
     if cfg.splice_tokens == 0:
         return {"skipped": "--splice-tokens 0"}
-    saved = store.root / "settings.json"
-    factor = json.loads(saved.read_text()).get("outlier_factor", 10.0) if saved.is_file() else 10.0
+    factor = store.outlier_factor
     layers = (store.model_a["layer"], store.model_b["layer"])
     texts = heldout_texts(store, cfg.splice_tokens)
     return splice_eval(cc, lms, layers, texts, max_tokens=cfg.splice_tokens, outlier_factor=factor)
@@ -623,7 +636,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     )["share_F"]
     plan = make_plan(cc, store, cfg, share)
     res = _cached(
-        out / "pass.pt",
+        out / PASS_FILE,
         _fingerprints(cfg, run, store, "pass"),
         lambda: run_passes(cc, store, plan, cfg, device),
         _save_pt,

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -73,7 +74,7 @@ def _differences(run: Path) -> list[dict]:
 def _verify_config(run: Path):
     from .verify import VerifyConfig
 
-    saved = json.loads((run / "verification" / "settings.json").read_text())
+    saved = runfolder.read(run, "verification_settings")
     names = {f.name for f in fields(VerifyConfig)}
     return VerifyConfig(**{k: v for k, v in (saved.get("settings") or {}).items() if k in names}), saved
 
@@ -227,7 +228,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
 def try_predict(cfg: PredictConfig) -> str:
     """predict(), or why it could not run (models, store or verification missing): never raises for
     those, so that the report renders without predictions."""
-    if not (Path(cfg.run) / "verification" / "settings.json").is_file():
+    if not runfolder.exists(cfg.run, "verification_settings"):
         return "not verified"
     try:
         n = len(predict(cfg))

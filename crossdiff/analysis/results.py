@@ -33,6 +33,7 @@ import numpy as np
 
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_text_atomic
+from ..core.runfolder import FILES
 
 VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
 """Every verdict of the analysis, in the order reports list them (behavioural verdicts: verify.py)."""
@@ -44,6 +45,8 @@ COLUMNS = (
 ).split(",")
 TEXT_COLUMNS = frozenset({"partition", "side", "verdict", "reason"})
 LATENTS_CSV = "latents.csv"
+SUMMARY_JSON = Path(FILES["analysis"]).name
+"""analyze's summary.json (crossdiff.core.runfolder): read_latents takes any analysis folder (--out)."""
 
 
 # ----------------------------------------------------------------------------- the candidate rule
@@ -168,7 +171,7 @@ def _read_csv(path: Path, what: str) -> tuple[list[str], list[dict]]:
 
 def _threshold(analysis: Path) -> float:
     try:
-        s = json.loads((analysis / "summary.json").read_text())
+        s = json.loads((analysis / SUMMARY_JSON).read_text())
         return float(s["thresholds"]["exclusive_threshold"])
     except (OSError, ValueError, KeyError, TypeError):
         return EXCLUSIVE_THRESHOLD
@@ -178,7 +181,7 @@ def read_latents(analysis: str | Path) -> LatentTable:
     """An analysis folder's latents.csv (files of any crossdiff version: a missing side column is filled
     in by the candidate rule, missing numeric columns read as NaN)."""
     analysis = Path(analysis)
-    _check_recorded(analysis, (LATENTS_CSV, "summary.json"), _analyze_command(analysis))
+    _check_recorded(analysis, (LATENTS_CSV, SUMMARY_JSON), _analyze_command(analysis))
     columns, rows = _read_csv(analysis / LATENTS_CSV, "run crossdiff analyze on this run")
     if "side" not in columns:
         part = [r.get("partition", "shared") for r in rows]

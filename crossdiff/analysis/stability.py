@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from .results import exclusive_sides, load_results
@@ -178,7 +179,7 @@ def _summary(features: list[dict], n_other: int) -> dict:
 
 
 def write_stability(run: Path, table: dict) -> Path:
-    path = Path(run) / "stability.json"
+    path = runfolder.path(run, "stability")
     write_json_atomic(path, table)
     return path
 

@@ -28,6 +28,7 @@ Legend: B sequences, T positions, D model width, V vocabulary, R random directio
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -582,7 +583,9 @@ def _float(s) -> float:
 
 @writes(lambda cfg: Path(cfg.run) / "steering", record="tree")
 def steer(cfg: SteerConfig, models=None) -> dict:
-    """Run the command; returns the latent's result (--latent) or {latent: result or None} (--top)."""
+    """Run the command; returns {latent: its result, or None when the time budget skipped it}, one entry
+    with --latent. With --top and nothing to steer (verified, but no candidate left to fill a slot), the
+    steering folder records that (an empty verdicts.csv) and the result is {}."""
     from tqdm.auto import tqdm
 
     from ..coder.crosscoder import Crosscoder
@@ -602,17 +605,19 @@ def steer(cfg: SteerConfig, models=None) -> dict:
         res = steer_one(cc, run, cfg.latent, cfg.model, lms, rows, cfg)
         record_verdicts(run, {cfg.latent: res})
         _print_result(res)
-        return res
+        return {cfg.latent: res}
     if not rows:
         raise CrossdiffError(f"{run / 'analysis' / 'latents.csv'} not found; run crossdiff analyze first")
     jobs = top_candidates(rows, cfg.top, cfg.include_rejected)
     if not jobs:
-        what = (
-            "exclusive candidates"
-            if cfg.include_rejected
-            else "behavioural differences (run crossdiff verify first)"
-        )
-        raise CrossdiffError(f"{run} has no {what} to steer")
+        if not cfg.include_rejected and not any(r.get("behaviour_verdict") for r in rows):
+            raise CrossdiffError(
+                f"{run} has no behavioural differences to steer (run crossdiff verify first)"
+            )
+        what = "exclusive candidates" if cfg.include_rejected else "behavioural differences"
+        print(f"steer: nothing to steer ({run} has no {what})", file=sys.stderr)
+        record_verdicts(run, {})  # done, with nothing steered
+        return {}
     start, results, slowest = time.monotonic(), {}, 0.0
     for latent, m in tqdm(jobs, desc="steer", unit="latent", dynamic_ncols=True):
         t0 = time.monotonic()

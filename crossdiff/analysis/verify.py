@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core import runfolder
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
@@ -511,7 +512,7 @@ def verify(cfg: VerifyConfig) -> dict:
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
     cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run))
-    factor = _outlier_factor(store)
+    factor = store.outlier_factor
     start = time.perf_counter()  # reported, and warns; it decides nothing
     sides = sides_for_store(store, device=str(device))
     strong = strong_rows(cc, store, cands, cfg, device)
@@ -625,14 +626,13 @@ def open_analysed(run: str | Path, store_path: str | None):
     from ..inputs.store import Store
 
     run = Path(run)
-    analysis = run / "analysis"
-    if not (analysis / "summary.json").is_file():
+    summary = runfolder.read(run, "analysis")
+    if summary is None:
         raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
-    summary = json.loads((analysis / "summary.json").read_text())
     cc = Crosscoder.from_pretrained(run)
-    store = Store.open_recorded(store_path, summary["store"]["path"], analysis / "summary.json")
+    store = Store.open_recorded(store_path, summary["store"]["path"], runfolder.path(run, "analysis"))
     cc.cfg.check_store(store)
-    return run, cc, store, read_latents(analysis), summary
+    return run, cc, store, read_latents(run / "analysis"), summary
 
 
 def _open(cfg: VerifyConfig):
@@ -665,11 +665,6 @@ def _cached(path: Path, compute):
     result = jsonable(compute())
     write_json_atomic(path, result)
     return result
-
-
-def _outlier_factor(store) -> float:
-    settings = store.root / "settings.json"
-    return json.loads(settings.read_text()).get("outlier_factor", 10.0) if settings.is_file() else 10.0
 
 
 def _fmt(v):

@@ -29,6 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..core import runfolder
 from ..core.config import Shorthand, added, changed_settings, config_to_dict, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic, write_with_atomic
@@ -595,7 +596,7 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
             raise CrossdiffError(
                 f"{run} holds a run with other settings ({detail}); use another --out or the same options"
             )
-        if (run / "eval.json").is_file() or saved == mine:
+        if runfolder.exists(run, "eval") or saved == mine:
             return
     elif run.exists() and any(run.iterdir()):
         raise CrossdiffError(f"{run} exists and is not a crossdiff training run; choose another --out")
@@ -636,14 +637,14 @@ def train(cfg: TrainConfig) -> dict:
             ctx.barrier()
             if cfg.batch_size < ctx.world:
                 raise CrossdiffError(f"--batch-size {cfg.batch_size} is below the {ctx.world} ranks")
-        if (ctx is None or ctx.is_main) and not (run / "eval.json").is_file():
+        if (ctx is None or ctx.is_main) and not runfolder.exists(run, "eval"):
             for warning in short_run_warnings(cfg):
                 print(f"warning: {warning}", file=sys.stderr)
-        if (run / "eval.json").is_file():
+        if runfolder.exists(run, "eval"):
             print(
-                f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
+                f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {runfolder.path(run, 'eval')}"
             )
-            return json.loads((run / "eval.json").read_text())
+            return runfolder.read(run, "eval")
         store = Store.open(cfg.store)
         if (ctx is None or ctx.is_main) and (warning := uncentred_store_warning(store)):
             print(f"warning: {warning}", file=sys.stderr)
@@ -717,7 +718,7 @@ def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
     result.update(
         tokens_trained=st.step * cfg.batch_size, steps=st.step, seconds_this_session=time.perf_counter() - t0
     )
-    write_json_atomic(run / "eval.json", result)
+    write_json_atomic(runfolder.path(run, "eval"), result)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     print(json.dumps(result, indent=2))
     return result

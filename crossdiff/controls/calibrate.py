@@ -49,6 +49,7 @@ from ..budget import (
     train_config,
     verify_config,
 )
+from ..core import runfolder
 from ..core.config import help_from, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
@@ -144,7 +145,7 @@ def base_store(cfg: CalibrateConfig, b: Budget):
     from ..inputs.store import Store
 
     path = Path(cfg.out) / "store"
-    if (path / "meta.json").is_file():
+    if runfolder.exists(path, "meta"):
         store = Store.open(path)
         for flag, want, key in (("--model", cfg.model, "a"), ("--model-b", cfg.model_b, "b")):
             have = store.meta["models"][key]["id"]
@@ -217,7 +218,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
             Stage(
                 f"derive {control}",
                 lambda p=path, c=ctl: derive_store(store, p, c) and None,
-                done=lambda p=path: (p / "meta.json").is_file(),
+                done=lambda p=path: runfolder.exists(p, "meta"),
             )
         )
     for control in CONTROLS:
@@ -232,7 +233,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"train {control}-{arch}",
                     lambda t=tcfg: train(t) and None,
-                    done=lambda r=run: (r / "eval.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "eval"),
                 )
             )
             stages.append(
@@ -240,7 +241,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                     f"analyse {control}-{arch}",
                     lambda a=acfg: analyze(a) and None,
                     {"rules": RULES_VERSION},  # new candidate / verdict rules redo the analyses
-                    done=lambda r=run: (r / "analysis" / "summary.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "analysis"),
                 )
             )
             vcfg = verify_config(b, run, path, device=cfg.device)
@@ -249,23 +250,13 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                     f"verify {control}-{arch}",
                     lambda v=vcfg: verify(v) and None,
                     {"rules": RULES_VERSION, **settings(vcfg)},
-                    done=lambda r=run: (r / "verification" / "summary.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "verification"),
                 )
             )
     return stages
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def top_rows(run: Path, latent: int) -> list[int]:
-    """Store rows of a latent's top examples: features/<latent>.json, else the analysis's cached pass."""
-    feat = run / "analysis" / "features" / f"{latent}.json"
-    if feat.is_file():
-        return [int(e["row"]) for e in json.loads(feat.read_text()).get("examples", [])]
-    saved = torch.load(run / "analysis" / "pass.pt", weights_only=True)["result"]
-    vals, rows = saved["top_values_KF"][:, latent], saved["top_rows_KF"][:, latent]
-    return [int(r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0 and r >= 0]
 
 
 def decoder_cosines(run: Path, direction: torch.Tensor) -> np.ndarray:
@@ -283,7 +274,9 @@ def decoder_cosines(run: Path, direction: torch.Tensor) -> np.ndarray:
 
 def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.ndarray, j: int) -> dict:
     r = table[j]
-    rows = top_rows(run, j)
+    from ..analysis.analyze import top_rows
+
+    rows = top_rows(run / "analysis", j)
     on = float(np.mean(planted_N[rows])) if rows else 0.0
     info = {"latent": j, "cosine": float(cos_F[j]), "top_on_words": on, "n_top": len(rows)}
     info.update({k: r[k] for k in ("partition", "verdict", "reason")})

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
 
@@ -195,7 +196,7 @@ def finalize(root: Path, meta: dict, *, heldout_frac: float = HELDOUT_FRAC) -> d
         raise CrossdiffError(
             "no aligned tokens were produced; check that the corpus has text both tokenizers can read"
         )
-    write_json_atomic(Path(root) / "meta.json", meta)
+    write_json_atomic(runfolder.path(root, "meta"), meta)
     return meta
 
 
@@ -267,7 +268,7 @@ def harvest_command(root: str | Path) -> str:
     """The command that finishes or repairs the store: the harvest rerun with its settings.json."""
     root = Path(root)
     try:
-        settings = json.loads((root / "settings.json").read_text())
+        settings = json.loads(runfolder.path(root, "settings").read_text())
     except (OSError, ValueError):
         return f"recreate {root} the way it was made (it has no readable settings.json)"
     parts = ["crossdiff", "harvest", "--out", shlex.quote(str(root))]
@@ -337,8 +338,9 @@ def harvest_files_missing(root: Path, meta: dict) -> list[Path]:
     `write_synthetic_store`, whose corpus is "synthetic"): such a store is damaged, never synthetic."""
     if meta.get("corpus") == "synthetic":
         return []
-    wanted = [root / "settings.json"] + [root / "tokenizers" / k / "tokenizer_config.json" for k in "ab"]
-    return [p if p.name == "settings.json" else p.parent for p in wanted if not p.is_file()]
+    settings = runfolder.path(root, "settings")
+    wanted = [settings] + [root / "tokenizers" / k / "tokenizer_config.json" for k in "ab"]
+    return [p if p == settings else p.parent for p in wanted if not p.is_file()]
 
 
 def store_problems(root: Path, meta: dict) -> list[tuple[int, Path, str]]:
@@ -414,9 +416,9 @@ class Store:
     @classmethod
     def open(cls, path: str | Path) -> Store:
         root = Path(path)
-        meta_path = root / "meta.json"
+        meta_path = runfolder.path(root, "meta")
         if not meta_path.is_file():
-            if (root / "settings.json").is_file():
+            if runfolder.exists(root, "settings"):
                 raise CrossdiffError(
                     f"the store {root} is incomplete (its harvest was interrupted); rerun the same harvest command to finish it"
                 )
@@ -445,7 +447,7 @@ class Store:
         if given is not None:
             return cls.open(given)
         root = Path(recorded)
-        if not (root / "meta.json").is_file() and not (root / "settings.json").is_file():
+        if not runfolder.exists(root, "meta") and not runfolder.exists(root, "settings"):
             raise CrossdiffError(
                 f"{record} records the store {root}, which is not there (the run or the store was moved); "
                 "pass --store with the store's path"
@@ -460,6 +462,12 @@ class Store:
     d_b = property(lambda self: int(self.model_b["d_model"]))
     scale_a = property(lambda self: float(self.model_a["scale"]))
     scale_b = property(lambda self: float(self.model_b["scale"]))
+
+    @property
+    def outlier_factor(self) -> float:
+        """The harvest's --outlier-factor (its settings.json), 10 for a store without one (synthetic):
+        later stages drop the same massive-activation rows when they rerun the models."""
+        return (runfolder.read(self.root, "settings") or {}).get("outlier_factor", 10.0)
 
     @cached_property
     def _offsets(self) -> np.ndarray:
