@@ -188,7 +188,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     from ..core.runtime import resolve_device
     from ..inputs.variants import sides_for_store
     from .answerlink import read_linked
-    from .verify import _open, _outlier_factor, candidates
+    from .verify import _open, candidates
 
     run = Path(cfg.run)
     diffs = _differences(run)
@@ -211,7 +211,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     cc = cc.to(device).eval().requires_grad_(False)
     cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine, read_linked(run))}
     sides = sides_for_store(store, device=str(device))
-    factor = _outlier_factor(store)
+    factor = store.outlier_factor
     for j in todo:
         path = run / "verification" / "latents" / f"{j}.json"
         if j not in cands or not path.is_file():
