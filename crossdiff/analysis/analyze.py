@@ -49,7 +49,7 @@ from .evidence import (
 )
 from .probes import LatentScaling, ProbeEval, RidgeProbe, detection_note, verdict
 from .results import COLUMNS, EXCLUSIVE_THRESHOLD, VERDICTS, exclusive_sides, partitions, write_latents
-from .splice import heldout_texts, splice_eval, store_offsets
+from .splice import splice_eval
 
 THRESHOLDS = "exclusive_threshold strong ridge".split()
 # Version of the candidate and verdict rules: part of every fingerprint, so that a rerun after a
@@ -210,23 +210,8 @@ def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
 
 
 def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
-    """(global rows, held-out flags) per batch, shard by shard in store order, first max_tokens rows."""
-    offsets = store_offsets(store)
-    limit = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
-    for shard in range(len(store.meta["shards"])):
-        n_s = int(min(offsets[shard + 1], limit) - offsets[shard])
-        if n_s <= 0:
-            break
-        held_N = np.zeros(n_s, dtype=bool)
-        h = store.split_rows(shard, "heldout")
-        held_N[h[h < n_s]] = True
-        local_N = np.flatnonzero(held_N) if heldout_only else np.arange(n_s)
-        for i in range(0, len(local_N), cfg.batch_size):
-            sel = local_N[i : i + cfg.batch_size]
-            yield offsets[shard] + sel, held_N[sel]
-        # Drop the shard's memory maps: pages read through them count in this process's RSS, and
-        # the store keeps up to 64 shards mapped; one at a time bounds it by one shard's bytes.
-        store.release(shard)
+    """The analysed rows in batches (Store.row_batches): the first --max-tokens rows of the store."""
+    return store.row_batches(cfg.batch_size, cfg.max_tokens, heldout_only)
 
 
 class FirstPass:
@@ -588,7 +573,7 @@ def _splice(cc, store, lms, reason: str, cfg: AnalyzeConfig) -> dict:
         return {"skipped": "--splice-tokens 0"}
     factor = store.outlier_factor
     layers = (store.model_a["layer"], store.model_b["layer"])
-    texts = heldout_texts(store, cfg.splice_tokens)
+    texts = [text for _, text in store.heldout_chunks(cfg.splice_tokens)]
     return splice_eval(cc, lms, layers, texts, max_tokens=cfg.splice_tokens, outlier_factor=factor)
 
 

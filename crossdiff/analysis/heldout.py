@@ -65,7 +65,7 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
     fired = {c.latent: 0 for c in cands}  # firing positions: an estimate of 0 from no firing is no estimate
     n_tok = {"a": 0, "b": 0}
     gaps = {m: np.zeros(3) for m in "ab"}  # Σ|g| clean, spliced full, spliced without the side's candidates
-    for chunk, text in heldout_chunks(store, cfg.heldout_tokens):
+    for chunk, text in store.heldout_chunks(cfg.heldout_tokens):
         window = Window(text, chunk, 0)
         toks, al = tokenize_pair(sides, text)
         if len(al) < 3:
@@ -131,25 +131,6 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
             for m, g in gaps.items()
         },
     }
-
-
-def heldout_chunks(store, max_rows: int):
-    """(chunk id, text) of held-out chunks in store order, until their aligned rows reach max_rows."""
-    from .splice import store_offsets
-
-    offsets, n = store_offsets(store), 0
-    for shard in range(len(store.meta["shards"])):
-        local_N = store.split_rows(shard, "heldout")
-        if n >= max_rows:
-            return
-        if len(local_N) == 0:
-            continue
-        chunk_ids, counts = np.unique(store.rows(offsets[shard] + local_N)["chunk"], return_counts=True)
-        texts = store.texts(shard)
-        for c, k in zip(chunk_ids.tolist(), counts.tolist()):
-            if c in texts and n < max_rows:
-                yield c, texts[c]["text"]
-                n += k
 
 
 def _segment_sums(logp_S: Tensor, seg_S: np.ndarray, n_seg: int) -> np.ndarray:

@@ -207,7 +207,6 @@ def _num(s) -> float:
 
 def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) -> dict[int, dict]:
     """latent -> {"n": strong held-out firings, "rows": [(f, row)] strongest first, one per chunk}."""
-    from .analyze import _batches
     from .evidence import TopK
 
     if not cands:
@@ -216,9 +215,8 @@ def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) ->
     floor = torch.as_tensor([cfg.strong * c.p99 for c in cands], device=device)
     counts = torch.zeros(len(cands), dtype=torch.int64, device=device)
     top = TopK(len(cands), 4 * cfg.n_contexts, device)
-    walk = _Rows(1024)
     with torch.inference_mode():
-        for rows, _ in _batches(store, walk, heldout_only=True):
+        for rows, _ in store.row_batches(1024, heldout_only=True):
             x_a, x_b = (x.to(device) for x in store.get(rows))
             f_BC = cc.encode(x_a, x_b)[:, ids]
             strong_BC = f_BC >= floor
@@ -235,14 +233,6 @@ def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) ->
                 picks.append((v, r))
         out[c.latent] = {"n": int(counts[k]), "rows": picks}
     return out
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """The slice of AnalyzeConfig that analyze._batches reads."""
-
-    batch_size: int
-    max_tokens: int | None = None
 
 
 # ----------------------------------------------------------------------------- one context

@@ -470,8 +470,48 @@ class Store:
         return (runfolder.read(self.root, "settings") or {}).get("outlier_factor", 10.0)
 
     @cached_property
-    def _offsets(self) -> np.ndarray:
+    def offsets(self) -> np.ndarray:
+        """Global row index of each shard's first row (plus the total at the end)."""
         return np.cumsum([0] + [s["n_tokens"] for s in self.meta["shards"]])
+
+    def row_batches(self, batch_size: int, max_rows: int | None = None, heldout_only: bool = False):
+        """(global rows, held-out flags) per batch of at most `batch_size`, shard by shard in store
+        order, over the first `max_rows` rows (all: None); with `heldout_only`, their held-out rows."""
+        limit = min(max_rows or self.n_tokens, self.n_tokens)
+        for shard in range(len(self.meta["shards"])):
+            n_s = int(min(self.offsets[shard + 1], limit) - self.offsets[shard])
+            if n_s <= 0:
+                break
+            held_N = np.zeros(n_s, dtype=bool)
+            h = self.split_rows(shard, "heldout")
+            held_N[h[h < n_s]] = True
+            local_N = np.flatnonzero(held_N) if heldout_only else np.arange(n_s)
+            for i in range(0, len(local_N), batch_size):
+                sel = local_N[i : i + batch_size]
+                yield self.offsets[shard] + sel, held_N[sel]
+            # Drop the shard's memory maps: pages read through them count in this process's RSS, and
+            # up to _MAX_OPEN shards stay mapped; one at a time bounds it by one shard's bytes.
+            self.release(shard)
+
+    def heldout_chunks(self, max_rows: int):
+        """(chunk id, text) of the held-out chunks in store order, each taken whole, while the aligned
+        rows of those taken stay below `max_rows` (none for 0): the one walk over held-out text that
+        verification and the splice-in evaluation share."""
+        n = 0
+        for shard in range(len(self.meta["shards"])):
+            local_N = self.split_rows(shard, "heldout")
+            if n >= max_rows:
+                return
+            if len(local_N) == 0:
+                continue
+            chunk_ids, counts = np.unique(
+                self.rows(self.offsets[shard] + local_N)["chunk"], return_counts=True
+            )
+            texts = self.texts(shard)
+            for c, k in zip(chunk_ids.tolist(), counts.tolist()):
+                if c in texts and n < max_rows:
+                    yield c, texts[c]["text"]
+                    n += k
 
     def _shard(self, i: int) -> dict[str, np.memmap]:
         if i in self._open:
@@ -518,8 +558,8 @@ class Store:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
             raise IndexError(f"row index out of range for a store of {self.n_tokens} rows")
-        shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        return shard, idx - self._offsets[shard]
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        return shard, idx - self.offsets[shard]
 
     def get(self, indices, *, normalised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows by global index, in the order given: (x_a [N, d_a], x_b [N, d_b]) float32."""
@@ -552,7 +592,7 @@ class Store:
             raise damaged(path, f"unreadable: {type(e).__name__}", self.root) from e
 
     def shard_of(self, index: int) -> int:
-        return int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
 
     def split_rows(self, shard: int, split: str) -> np.ndarray:
         """Local row indices of one shard that belong to `split` ("train", "heldout" or "all")."""
