@@ -124,16 +124,16 @@ def harvest(cfg: HarvestConfig) -> Store:
     Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank harvests its share of the corpus
     into STORE/ranks/R/ and rank 0 then merges the shards into the one store (ranks.py).
     """
-    from ..coder import distributed
+    from ..core import torchrun
 
-    device = resolve_device(distributed.local_device(cfg.device))
-    ctx = distributed.from_env(device.type)
+    device = resolve_device(torchrun.local_device(cfg.device))
+    ctx = torchrun.join(device.type)
     try:
         store = _harvest(cfg, device, ctx)
     except BaseException:
-        distributed.leave(ctx)  # no final barrier: the other ranks may be waiting in an exchange
+        torchrun.leave(ctx)  # no final barrier: the other ranks may be waiting in an exchange
         raise
-    distributed.shutdown(ctx)
+    torchrun.shutdown(ctx)
     return store
 
 
