@@ -34,7 +34,7 @@ import torch
 from ..core import runfolder
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import write_json_atomic, write_with_atomic
+from ..core.fsutil import jsonable, write_json_atomic, write_with_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
 from ..inputs.store import comparable_losses
@@ -42,7 +42,6 @@ from .evidence import (
     Histogram,
     TopK,
     decoder_rows,
-    jsonable,
     logit_lenses,
     render_examples,
     store_tokenizers,

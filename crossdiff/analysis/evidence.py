@@ -12,7 +12,6 @@ V vocabulary, L latents in one chunk (re-ranked, or read by the logit lens), N f
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from functools import reduce
 
@@ -318,16 +317,3 @@ def store_tokenizers(store) -> dict:
     from transformers import AutoTokenizer
 
     return {key: AutoTokenizer.from_pretrained(p) for key, p in paths.items() if p.is_dir()}
-
-
-def jsonable(v):
-    """JSON-ready: numpy scalars to Python, NaN/inf to null (strict JSON parsers reject NaN)."""
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

@@ -66,7 +66,7 @@ def read_predictions(run: str | Path) -> dict[int, dict]:
 
 
 def _differences(run: Path) -> list[dict]:
-    from .verify import read_behaviour
+    from .results import read_behaviour
 
     return [b for b in read_behaviour(run).values() if b.get("verdict") == "difference"]
 

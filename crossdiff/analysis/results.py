@@ -129,10 +129,11 @@ def _order(score) -> tuple:
     return (0, -score) if ok else (1, 0.0)
 
 
-def _number(text: str) -> float:
+def as_float(v) -> float:
+    """v as a float; NaN when it is none (None, empty, text): the one reading of a table's numbers."""
     try:
-        return float(text)
-    except ValueError:
+        return float(v)
+    except (TypeError, ValueError):
         return math.nan
 
 
@@ -143,7 +144,7 @@ def _cell(column: str, text: str):
     if column in TEXT_COLUMNS:
         return text
     if column in COLUMNS:
-        return _number(text) if text else math.nan
+        return as_float(text) if text else math.nan
     if not text:
         return None
     for conv in (int, float):  # float() also takes nan / NaN / inf
@@ -296,6 +297,16 @@ def write_stage(run: str | Path, stage: StageFile, rows: dict[int, dict]) -> Non
     write_text_atomic(Path(run) / stage.path, buf.getvalue())
 
 
+def read_behaviour(run: str | Path) -> dict[int, dict]:
+    """latent -> its verification/behaviour.csv row (numbers as floats, NaN where empty); {} without a
+    verification."""
+    out = {}
+    for latent, row in read_stage(run, BEHAVIOUR).items():
+        parsed = {k: (v if k in ("side", "verdict") else as_float(v)) for k, v in row.items()}
+        out[latent] = {"latent": latent, **parsed}
+    return out
+
+
 def load_results(run: str | Path, analysis: str | Path | None = None) -> LatentTable:
     """latents.csv of RUN/analysis (or `analysis`) joined with every stage file present in RUN. A stage
     file's columns replace same-named ones (older crossdiff versions appended steering to latents.csv)."""
@@ -329,6 +340,7 @@ __all__ = [
     "read_latents",
     "write_latents",
     "read_stage",
+    "read_behaviour",
     "write_stage",
     "load_results",
 ]

@@ -21,7 +21,7 @@ import torch
 from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
-from .results import exclusive_sides, load_results
+from .results import as_float, exclusive_sides, load_results
 
 DEFAULT_THRESHOLD = 0.7
 
@@ -43,13 +43,6 @@ def read_candidates(run: Path) -> list[dict]:
     """Alive exclusive candidates of an analysed run, best score first, with crossdiff verify's columns
     joined (a candidate is "verified" when its behavioural verdict is `difference`)."""
     return load_results(run).candidates()
-
-
-def _float(s) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def best_matches(ref_cc, other_cc, latents: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +106,7 @@ def seed_stability(
                     "verified": c.get("behaviour_verdict") == "difference",
                     "verdict": c["verdict"],
                     "reason": c.get("reason", ""),
-                    "score": _float(c["score"]),
+                    "score": as_float(c["score"]),
                     "reappears_in": sum(m["reappears"] for m in matches),
                     "matched_in": sum(m["cosine"] >= threshold for m in matches),
                     "of": len(matches),

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
-from .results import STEERING, LatentTable, load_results, read_stage, write_stage
+from .results import STEERING, LatentTable, as_float, load_results, read_stage, write_stage
 
 # Neutral prompts for the KL side-effect measure and for generations (short: CPU time is the budget).
 NEUTRAL_PROMPTS = (
@@ -574,10 +574,8 @@ def _interleave(xs: list, ys: list) -> list:
 
 
 def _float(s) -> float:
-    try:
-        v = float(s)
-    except (TypeError, ValueError):
-        return -math.inf
+    """A sort key: the number, -inf where there is none (a missing gap closed sorts last)."""
+    v = as_float(s)
     return v if math.isfinite(v) else -math.inf
 
 

@@ -57,12 +57,12 @@ from torch import Tensor
 from ..core import runfolder
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import write_bytes_atomic, write_json_atomic
+from ..core.fsutil import jsonable, write_bytes_atomic, write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
 from .answerlink import read_linked, with_linked
 from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
-from .results import BEHAVIOUR, read_latents, read_stage, write_stage
+from .results import BEHAVIOUR, as_float, read_latents, write_stage
 
 METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
@@ -166,7 +166,7 @@ def candidates(
     alive = alive_mask(cc, table)
     out = []
     for row in with_linked(table, linked):
-        p99 = _num(row.get("p99_act"))
+        p99 = as_float(row.get("p99_act"))
         if not math.isfinite(p99) or p99 <= 0:
             continue
         m, j = row["side"], int(row["latent"])
@@ -196,13 +196,6 @@ def duplicates(cc, m: str, j: int, alive_F: Tensor, min_cosine: float) -> tuple[
     hit = (cos_M >= min_cosine) & alive_F.to(W.device)[ids_M] & (ids_M != j)
     order = torch.argsort(-cos_M[hit], stable=True)
     return (j, *ids_M[hit][order].tolist())
-
-
-def _num(s) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) -> dict[int, dict]:
@@ -515,8 +508,6 @@ def verify(cfg: VerifyConfig) -> dict:
     rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
             for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
-    from .evidence import jsonable
-
     seconds = time.perf_counter() - start
     # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
     summary = jsonable(_summary(rows, results, held, cfg, seconds, fresh.state if fresh else None))
@@ -566,8 +557,6 @@ def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, aliv
     against random directions and then, when the random null calls it a difference or shared
     behaviour, against the dictionary's directions (both decide the verdict)."""
     from tqdm.auto import tqdm
-
-    from .evidence import jsonable
 
     done, per_side = {}, {"a": 0, "b": 0}
     for c in tqdm(order, desc="verify", unit="latent", dynamic_ncols=True):
@@ -650,8 +639,6 @@ def _inputs_key(run: Path, store) -> str:
 def _cached(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
-    from .evidence import jsonable
-
     result = jsonable(compute())
     write_json_atomic(path, result)
     return result
@@ -661,15 +648,6 @@ def _fmt(v):
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return v
-
-
-def read_behaviour(run: str | Path) -> dict[int, dict]:
-    """latent -> its behaviour.csv row (numbers as floats, NaN where empty); {} without a verification."""
-    out = {}
-    for latent, row in read_stage(run, BEHAVIOUR).items():
-        parsed = {k: (v if k in ("side", "verdict") else _num(v)) for k, v in row.items()}
-        out[latent] = {"latent": latent, **parsed}
-    return out
 
 
 def _summary(

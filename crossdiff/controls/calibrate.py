@@ -296,7 +296,7 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
 
 def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -> dict:
     """Discovery of the planted direction by an A-exclusive candidate, and its behavioural verdict."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     latents = read_latents(run / "analysis")
     table = latents.rows
@@ -334,7 +334,7 @@ def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -
 
 def negative_result(runs: dict[str, Path]) -> dict:
     """`difference`s found in the self and rotated diffs (false positives), with the candidate counts."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     out = {}
     for control, run in runs.items():
@@ -350,7 +350,7 @@ def negative_result(runs: dict[str, Path]) -> dict:
 
 def _verdicts(run: Path) -> dict[str, int]:
     """How many candidates got each behavioural verdict."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     out: dict[str, int] = {}
     for r in read_behaviour(run).values():
@@ -431,7 +431,7 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
         "seconds": log.seconds(),
         "seconds_this_session": round(time.perf_counter() - start, 1),
     }
-    from ..analysis.evidence import jsonable
+    from ..core.fsutil import jsonable
 
     result = jsonable(result)
     write_json_atomic(Path(cfg.out) / "calibration.json", result)

@@ -33,8 +33,7 @@ from pathlib import Path
 
 from ..analysis.answers import read_summary
 from ..analysis.labels import label
-from ..analysis.results import is_candidate, load_results
-from ..analysis.verify import read_behaviour
+from ..analysis.results import is_candidate, load_results, read_behaviour
 from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.lock import writes
