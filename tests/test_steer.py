@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +221,17 @@ def test_differences_are_steered_before_the_candidates_that_fill_free_slots():
     assert top_candidates(rows, 2) == [(6, "a"), (4, "b"), (3, "b")]
     # Fillers (best score first) take the slots a model's differences leave, after every difference.
     assert top_candidates(rows, 2, include_rejected=True) == [(6, "a"), (4, "b"), (3, "b"), (1, "a")]
+
+
+def test_steer_and_verify_give_one_z_against_a_null_even_with_no_spread():
+    """Steer's per-strength z and verify's z are one rule (results.null_z): the same z for the same
+    numbers, 0 on a spread-less null the value equals, ±inf off it (it was 0 in steer, ±inf in verify)."""
+    from crossdiff.analysis.steer import _stats
+    from crossdiff.analysis.verify import _z_against
+
+    rows = [[0.5, 0.125, 0.25, 0.375, 0.125, 0.25], [0.5, 0.25, 0.25, 0.25, 0.25, 0.25], [0.25] * 6]
+    z_steer = _stats("x", np.array(rows))["x_z"]
+    z_verify = [_z_against(r[0], [{"null": r[1:]}], "null")[0] for r in rows]
+    assert z_steer == z_verify
+    assert z_steer[1] == math.inf and z_steer[2] == 0.0 and 0 < z_steer[0] < math.inf
+    assert SteerConfig.__dataclass_fields__["z"].default == 3.0  # the option is --z, as verify's

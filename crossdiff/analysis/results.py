@@ -95,6 +95,14 @@ def exclusive_sides(
     return side, rel, norm_a, norm_b
 
 
+def null_z(value: float, mean: float, std: float) -> float:
+    """z of `value` against a null of this mean and std: the one rule of verify's and steer's verdicts.
+    A null with no spread gives 0 when the value equals it, else ±inf (the value is outside it)."""
+    if std > 0:
+        return (value - mean) / std
+    return 0.0 if value == mean else math.copysign(math.inf, value - mean)
+
+
 def is_candidate(row: dict) -> bool:
     """An exclusive candidate the analysis looked at: a side, and it fired."""
     return bool(row.get("side")) and row.get("verdict") != "dead"

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
-from .results import STEERING, LatentTable, as_float, load_results, read_stage, write_stage
+from .results import STEERING, LatentTable, as_float, load_results, null_z, read_stage, write_stage
 
 # Neutral prompts for the KL side-effect measure and for generations (short: CPU time is the budget).
 NEUTRAL_PROMPTS = (
@@ -79,8 +79,9 @@ class SteerConfig:
     """The strength whose effect size decides the verdict (added to --strengths if missing)."""
     n_random: int = 8
     """Random directions of equal raw norm, the null distribution (at least 5)."""
-    z_pass: float = 3.0
-    """Pass when the latent's Δlogprob z-score against the random directions is at least this."""
+    z: float = 3.0
+    """Pass when the latent's Δlogprob z-score against the random directions is at least this (the
+    name and the z rule, results.null_z, are verify's)."""
     n_contexts: int = 8
     """Top-activation contexts (from features/<latent>.json) whose continuations are scored."""
     prompt_chars: int = 120
@@ -429,10 +430,10 @@ def steer_latent(
     effect = res["dlogprob_z"][s]
     beats_all = dlp_SR[s, 0] > dlp_SR[s, 1:].max()
     res["effect_size"] = effect
-    res["verdict"] = "pass" if effect >= cfg.z_pass and beats_all and dlp_SR[s, 0] > 0 else "fail"
+    res["verdict"] = "pass" if effect >= cfg.z and beats_all and dlp_SR[s, 0] > 0 else "fail"
     res["verdict_rule"] = (
         f"pass iff at α={cfg.verdict_strength:g} the latent's Δlogprob on its contexts is > 0, above every "
-        f"one of {cfg.n_random} random directions of equal raw norm, and z ≥ {cfg.z_pass:g} against them"
+        f"one of {cfg.n_random} random directions of equal raw norm, and z ≥ {cfg.z:g} against them"
     )
     prompts = list(prompts or GENERATION_PROMPTS) + [contexts[0][0][-60:]]
     res["generations"] = [
@@ -462,8 +463,7 @@ def _own_model_checks(lm, direction: LatentDirection, ctx: Batch, base_lp: Tenso
 def _stats(name: str, x_SR: np.ndarray) -> dict:
     """Per strength: the latent's value, the null's mean and std (ddof 1) and the latent's z-score."""
     mean, std = x_SR[:, 1:].mean(1), x_SR[:, 1:].std(1, ddof=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(std > 0, (x_SR[:, 0] - mean) / np.maximum(std, 1e-12), 0.0)
+    z = np.array([null_z(float(v), float(m), float(s)) for v, m, s in zip(x_SR[:, 0], mean, std)])
     return {
         name: x_SR[:, 0].tolist(),
         f"{name}_null_mean": mean.tolist(),

@@ -62,7 +62,7 @@ from ..core.lock import writes
 from ..core.manifest import intact
 from .answerlink import read_linked, with_linked
 from .heldout import _segment_sums, encode_pairs, heldout_pass, keep_pairs, targets, tokenize_pair
-from .results import BEHAVIOUR, as_float, read_latents, write_stage
+from .results import BEHAVIOUR, as_float, null_z, read_latents, write_stage
 
 METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
@@ -433,8 +433,7 @@ def _z_against(shift: float, contexts: list[dict], key: str) -> tuple[float, flo
     over the contexts (one mean per null direction index)."""
     null_R = np.mean([c[key] for c in contexts], axis=0)
     mu, sd = float(null_R.mean()), float(null_R.std(ddof=1))
-    z = (shift - mu) / sd if sd > 0 else (0.0 if shift == mu else math.copysign(math.inf, shift - mu))
-    return z, mu, sd
+    return null_z(shift, mu, sd), mu, sd
 
 
 def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:

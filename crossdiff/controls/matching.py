@@ -39,7 +39,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from ..analysis.results import EXCLUSIVE_THRESHOLD, exclusive_sides, partitions
+from ..analysis.results import EXCLUSIVE_THRESHOLD, candidate_sides, exclusive_sides, partitions
 from ..coder.functional import classify_by_share
 from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
 
@@ -136,10 +136,8 @@ def classify(
     membership alone. union: `exclusive_sides` without the share. functional: partition ∪ share
     (a standard crosscoder: the share alone).
     """
-    part_F = partitions(model)
-    by_part_F = classes_of_sides(
-        np.where(part_F == "a_exclusive", "a", np.where(part_F == "b_exclusive", "b", ""))
-    )
+    part_F = partitions(model)  # the analysis's rule (results.candidate_sides) with no norm: partitions alone
+    by_part_F = classes_of_sides(candidate_sides(part_F, np.full(len(part_F), np.nan), threshold))
     if method == "partition" or (method == "auto" and model.partition.is_dfc):
         return by_part_F
     if method in ("auto", "union"):
