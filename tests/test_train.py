@@ -7,6 +7,7 @@ touches models). Legend: N tokens, F planted features, D one model's width.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -490,3 +491,24 @@ def test_a_store_with_the_uncentred_normalisation_draws_a_warning():
     assert uncentred_store_warning(store("given", "given")) is None  # a synthetic store's own scales
     assert "model B by E||x||^2" in uncentred_store_warning(store("centred", None))
     assert "model A and B" in uncentred_store_warning(store("uncentred", "uncentred"))
+
+
+def test_fve_accumulated_over_batches_is_the_one_shot_formula():
+    """coder/fve.FVE (training's meter and evaluation, the analysis): batch by batch it gives
+    1 − Σ||x − x̂||² / Σ||x − mean||² about the mean of all rows, and NaN where nothing varies."""
+    from crossdiff.coder.fve import FVE
+
+    g = torch.Generator().manual_seed(0)
+    x_ND, x_hat_ND = torch.randn(50, 7, generator=g) + 3, torch.randn(50, 7, generator=g)
+    acc = FVE()
+    for i in range(0, 50, 8):  # a last batch of 2 rows
+        acc.add(x_ND[i : i + 8], x_hat_ND[i : i + 8])
+    x, xh = x_ND.double(), x_hat_ND.double()
+    want = 1 - float((x - xh).pow(2).sum()) / float((x - x.mean(0)).pow(2).sum())
+    assert acc.value() == pytest.approx(want, rel=1e-12)
+    by_sse = FVE()
+    by_sse.add(x_ND, sse=float((x - xh).pow(2).sum()))
+    assert by_sse.value() == pytest.approx(want, rel=1e-12)
+    flat = FVE()
+    flat.add(torch.ones(4, 3), torch.zeros(4, 3))
+    assert math.isnan(flat.value()) and math.isnan(FVE().value())

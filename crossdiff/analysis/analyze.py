@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..coder.fve import FVE
 from ..core import runfolder
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
@@ -231,7 +232,7 @@ class FirstPass:
         self.probe_a = RidgeProbe(cc.cfg.d_a, len(plan.probe_from_a))
         self.ids_b = torch.as_tensor(plan.probe_from_b, device=device)
         self.ids_a = torch.as_tensor(plan.probe_from_a, device=device)
-        self.fve = {m: {"sse": 0.0, "sumsq": 0.0, "sum": 0.0} for m in "ab"}
+        self.fve = {m: FVE() for m in "ab"}
         self.scaling = _latent_scaling(cc, plan, device) if plan.same_space else None
 
     def update(self, rows_B, held_B, x_a, x_b, f_BF) -> None:
@@ -263,22 +264,14 @@ class FirstPass:
             return
         self.n_held += int(held_B.sum())
         for m, x, hat in (("a", x_a[held_B], hat_a), ("b", x_b[held_B], hat_b)):
-            acc = self.fve[m]
-            acc["sse"] += float((x - hat).double().pow(2).sum())
-            acc["sumsq"] += float(x.double().pow(2).sum())
-            acc["sum"] = acc["sum"] + x.double().sum(0)
+            self.fve[m].add(x, hat)
 
     @property
     def scaling_ids(self) -> torch.Tensor:
         return torch.cat([self.ids_b, self.ids_a])
 
     def fve_l0(self) -> tuple[float, float, float]:
-        fve = []
-        for m in "ab":
-            acc, n = self.fve[m], max(self.n_held, 1)
-            var = acc["sumsq"] - float(torch.as_tensor(acc["sum"]).pow(2).sum()) / n
-            fve.append(1 - acc["sse"] / var if self.n_held and var > 0 else math.nan)
-        return fve[0], fve[1], self.active / max(self.n, 1)
+        return self.fve["a"].value(), self.fve["b"].value(), self.active / max(self.n, 1)
 
 
 def _latent_scaling(cc, plan: Plan, device) -> LatentScaling:

@@ -37,6 +37,7 @@ from ..core.lock import writes
 from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
+from .fve import FVE
 from .sparsity import (
     DEFAULT_SPARSITY,
     DFC,
@@ -412,25 +413,18 @@ class _Meter:
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.col_sums: dict[str, torch.Tensor] = {}
+        self.fve = {m: FVE() for m in "ab"}  # about the mean of every row since the last line
         self.t0, self.n_tokens = time.perf_counter(), 0
 
     def add(self, out, x_a, x_b) -> None:
         vals = {
             "loss": out.loss.detach(),
             "aux_loss": out.aux_loss,
-            "sse_a": out.sse_a,
-            "sse_b": out.sse_b,
-            "sumsq_a": x_a.double().pow(2).sum(),
-            "sumsq_b": x_b.double().pow(2).sum(),
         }
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        # Variance about the mean of every row since the last line (as evaluate() centres), not of each
-        # batch: a batch of one row has no spread, and its FVE came out near -1e16.
-        for m, x in (("a", x_a), ("b", x_b)):
-            col = x.detach().double().sum(0)
-            self.col_sums[m] = col if m not in self.col_sums else self.col_sums[m] + col
+        self.fve["a"].add(x_a, sse=out.sse_a)
+        self.fve["b"].add(x_b, sse=out.sse_b)
         self.sums["l0_tokens"] = self.sums.get("l0_tokens", 0.0) + out.l0 * x_a.shape[0]
         self.sums["steps"] = self.sums.get("steps", 0) + 1
         self.n_tokens += x_a.shape[0]
@@ -443,8 +437,8 @@ class _Meter:
             "lr": cfg.lr_at(st.step - 1),
             "loss": s["loss"] / s["steps"],
             "aux_loss": s["aux_loss"] / s["steps"],
-            "fve_a": 1 - s["sse_a"] / max(self._variance("a"), 1e-12),
-            "fve_b": 1 - s["sse_b"] / max(self._variance("b"), 1e-12),
+            "fve_a": self.fve["a"].value(),
+            "fve_b": self.fve["b"].value(),
             "l0": s["l0_tokens"] / n,
             "threshold": float(st.model.threshold),
             "dead_fraction": float((dead_F := _dead(st, cfg)).float().mean()),
@@ -457,10 +451,6 @@ class _Meter:
         }
         self.__init__()
         return row
-
-    def _variance(self, m: str) -> float:
-        """Σ ||x - mean||² over the rows since the last line."""
-        return self.sums[f"sumsq_{m}"] - float(self.col_sums[m].pow(2).sum()) / max(1, self.n_tokens)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -728,7 +718,7 @@ def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
 def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
     """Held-out FVE per model (1 - Σ||x-x̂||² / Σ||x-mean||²), L0 and dead fraction, inference encoder."""
     batches = store.batches(min(cfg.batch_size, 1024), split="heldout", shuffle=False, epochs=1)
-    sums = {m: {"sse": 0.0, "sumsq": 0.0, "sum": None} for m in "ab"}
+    fve = {m: FVE() for m in "ab"}
     fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool, device=device)
     n = active = 0
     for x_a, x_b in _take(batches, cfg.heldout_tokens):
@@ -736,25 +726,19 @@ def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
         f_BF = model.encode(x_a, x_b)
         x_hat = model.decode(f_BF)
         for m, x, xh in (("a", x_a, x_hat[0]), ("b", x_b, x_hat[1])):
-            s = sums[m]
-            s["sse"] += float((x - xh).double().pow(2).sum())
-            s["sumsq"] += float(x.double().pow(2).sum())
-            s["sum"] = x.double().sum(0) if s["sum"] is None else s["sum"] + x.double().sum(0)
+            fve[m].add(x, xh)
         fired_F |= (f_BF > 0).any(0)
         active += int((f_BF > 0).sum())
         n += x_a.shape[0]
     if n == 0:
         raise CrossdiffError(f"the store {store.root} has no held-out tokens to evaluate on")
-    fve = {
-        m: 1 - s["sse"] / max(s["sumsq"] - float(s["sum"].pow(2).sum()) / n, 1e-12) for m, s in sums.items()
-    }
     dead = {
         name: float((~fired_F[r.start : r.stop]).float().mean()) if len(r) else None
         for name, r in _blocks(model.partition)
     }
     return {
-        "fve_a": fve["a"],
-        "fve_b": fve["b"],
+        "fve_a": fve["a"].value(),
+        "fve_b": fve["b"].value(),
         "l0": active / n,
         "dead_fraction": float((~fired_F).float().mean()),
         "dead_fraction_by_partition": dead,
