@@ -2,7 +2,8 @@
 
 Harvests a small store of the default pair once (with the `--before` code; or copies `--store`), trains one small DFC per
 seed once (the shared checkpoints), then runs, for each code version into its own copy of the seed-0
-run: `crossdiff train` again (its crosscoder.safetensors and eval.json must equal the shared one's),
+run: a short `crossdiff train` of its own (`--retrain-tokens`; its crosscoder.safetensors and eval.json
+are compared across the versions),
 `crossdiff analyze`, `crossdiff verify` (a small --top and --scan-tokens), the seed-stability stage
 (`crossdiff diff`'s, on the two seeds) and `crossdiff steer --top 1`. Then compares, byte for byte,
 analysis/latents.csv, verification/behaviour.csv, stability.json, steering/verdicts.csv and the
@@ -56,7 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="an existing store to copy instead of harvesting (e.g. a finished diff's DIR/store)",
     )  # fmt: skip
     p.add_argument("--latents", type=int, default=256)
-    p.add_argument("--train-tokens", type=int, default=150_000)
+    p.add_argument(
+        "--train-tokens", type=int, default=150_000, help="training tokens of the shared checkpoints"
+    )
+    p.add_argument(
+        "--retrain-tokens", type=int, default=40_000,
+        help="training tokens of each version's own run (its bytes compared across versions)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=2, help="verify --top")
     p.add_argument("--scan-tokens", type=int, default=3000, help="verify --scan-tokens")
     p.add_argument("--fresh", choices=("none", "after", "both"), default="none")
@@ -74,10 +81,12 @@ def crossdiff(root: str, *args: str, script: str | None = None) -> None:
     subprocess.run(cmd, env=env, check=True, cwd="/tmp")
 
 
-def train_args(a: argparse.Namespace, store: Path, out: Path, seed: int) -> list[str]:
+def train_args(
+    a: argparse.Namespace, store: Path, out: Path, seed: int, tokens: int | None = None
+) -> list[str]:
     return [
         "train", "--store", str(store), "--out", str(out), "--arch", "dfc", "--latents", str(a.latents),
-        "--k", "16", "--tokens", str(a.train_tokens), "--batch-size", "512", "--dead-tokens", "20000",
+        "--k", "16", "--tokens", str(tokens or a.train_tokens), "--batch-size", "512", "--dead-tokens", "20000",
         "--lr", "6e-3", "--seed", str(seed), "--device", "cpu",
     ]  # fmt: skip
 
@@ -103,7 +112,7 @@ def per_version(a: argparse.Namespace, root: str, store: Path, seeds: list[Path]
     """Train seed 0 again, then analyse, verify, stability and steer a copy of the shared seed-0 run."""
     retrained = out / "trained"
     if not (retrained / "eval.json").is_file():
-        crossdiff(root, *train_args(a, store, retrained, 0))
+        crossdiff(root, *train_args(a, store, retrained, 0, a.retrain_tokens))
     run = out / "run"
     if not run.exists():
         run.mkdir(parents=True)

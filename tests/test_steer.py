@@ -226,8 +226,8 @@ def test_differences_are_steered_before_the_candidates_that_fill_free_slots():
 def test_steer_and_verify_give_one_z_against_a_null_even_with_no_spread():
     """Steer's per-strength z and verify's z are one rule (results.null_z): the same z for the same
     numbers, 0 on a spread-less null the value equals, ±inf off it (it was 0 in steer, ±inf in verify)."""
+    from crossdiff.analysis.ablation import _z_against
     from crossdiff.analysis.steer import _stats
-    from crossdiff.analysis.verify import _z_against
 
     rows = [[0.5, 0.125, 0.25, 0.375, 0.125, 0.25], [0.5, 0.25, 0.25, 0.25, 0.25, 0.25], [0.25] * 6]
     z_steer = _stats("x", np.array(rows))["x_z"]

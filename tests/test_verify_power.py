@@ -20,7 +20,8 @@ import torch
 
 from crossdiff.analysis import scan as scan_mod
 from crossdiff.analysis import verify as verify_mod
-from crossdiff.analysis.verify import Candidate, VerifyConfig
+from crossdiff.analysis.ablation import Candidate
+from crossdiff.analysis.verify import VerifyConfig
 
 # ----------------------------------------------------------------------------- rare statistics
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .verify import Candidate, VerifyConfig
+    from .ablation import Candidate
+    from .verify import VerifyConfig
 
 
 def tokenize_pair(sides, text: str):

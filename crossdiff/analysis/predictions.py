@@ -114,8 +114,8 @@ class _Logits:
 
 def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: int):
     """One context: both models' next tokens at the firing token, and the owner's with the latent
-    removed; None when the firing does not reproduce (verify.score_context's conditions)."""
-    from .verify import encode_pairs, keep_pairs, tokenize_pair
+    removed; None when the firing does not reproduce (ablation.score_context's conditions)."""
+    from .heldout import encode_pairs, keep_pairs, tokenize_pair
 
     own = "ab".index(cand.side)
     toks, al = tokenize_pair(sides, window.text)
@@ -157,7 +157,7 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
 
 def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, factor: float) -> dict:
     """The predictions document of one difference from its verification contexts."""
-    from .verify import window_for
+    from .ablation import window_for
 
     contexts, delta = [], None
     texts: dict[int, dict] = {}
@@ -187,8 +187,9 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     """Compute (or reuse) the predictions of every difference of a verified run."""
     from ..core.runtime import resolve_device
     from ..inputs.variants import sides_for_store
+    from .ablation import candidates
     from .answerlink import read_linked
-    from .verify import _open, candidates
+    from .verify import _open
 
     run = Path(cfg.run)
     diffs = _differences(run)
