@@ -18,7 +18,8 @@ import torch
 
 from crossdiff import cli
 from crossdiff.coder.crosscoder import Crosscoder, Partition
-from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, save_checkpoint, train
+from crossdiff.coder.runlog import save_checkpoint
+from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, train
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import write_synthetic_store
 
@@ -339,7 +340,7 @@ def _tiny_cfg(store_path, out, **kw) -> TrainConfig:
 
 
 def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(store_path, tmp_path):
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
     from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
@@ -407,7 +408,7 @@ def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim)
 def test_fit_takes_a_plain_iterator_of_tensors(tmp_path):
     """The loop needs no store: any iterable of (x_A, x_B) batches in normalised units."""
     from crossdiff.coder.crosscoder import CrosscoderConfig
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
 
     cfg = TrainConfig(
         store="-", out=str(tmp_path), latents=32, k=2, tokens=16 * 6, batch_size=16, checkpoint_every=100
@@ -437,7 +438,7 @@ def test_cli_rejects_bad_options_in_one_line(store_path, tmp_path, capsys, argv_
 
 @pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
 def test_missing_optional_logger_is_a_warning(tmp_path, capsys, monkeypatch, logger, module):
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
 
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     log = MetricsLog(tmp_path, TrainConfig(store="-", out=str(tmp_path), logger=logger), 0)

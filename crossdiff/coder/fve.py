@@ -1,5 +1,6 @@
 """The fraction of variance explained, accumulated over batches: one definition for training's live
-metrics and held-out evaluation (coder/train.py) and the analysis (analysis/analyze.py).
+metrics (coder/runlog.py), its held-out evaluation (`evaluate`, eval.json) and the analysis
+(analysis/analyze.py).
 
     FVE = 1 − Σ ||x − x̂||² / Σ ||x − mean||²,   mean over every row added (not per batch: a batch of
                                                  one row has no spread, and its FVE came out near −1e16)
@@ -11,8 +12,17 @@ the same bits. Legend: B rows, D one model's width.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
+
+from ..core.errors import CrossdiffError
+
+if TYPE_CHECKING:
+    from .crosscoder import Crosscoder
+    from .train import TrainConfig
 
 
 class FVE:
@@ -42,4 +52,52 @@ class FVE:
         return 1 - self.sse / var if self.n and var > 0 else math.nan
 
 
-__all__ = ["FVE"]
+@torch.no_grad()
+def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
+    """Held-out FVE per model (1 - Σ||x-x̂||² / Σ||x-mean||²), L0 and dead fraction, inference encoder."""
+    batches = store.batches(min(cfg.batch_size, 1024), split="heldout", shuffle=False, epochs=1)
+    fve = {m: FVE() for m in "ab"}
+    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool, device=device)
+    n = active = 0
+    for x_a, x_b in _take(batches, cfg.heldout_tokens):
+        x_a, x_b = x_a.to(device), x_b.to(device)
+        f_BF = model.encode(x_a, x_b)
+        x_hat = model.decode(f_BF)
+        for m, x, xh in (("a", x_a, x_hat[0]), ("b", x_b, x_hat[1])):
+            fve[m].add(x, xh)
+        fired_F |= (f_BF > 0).any(0)
+        active += int((f_BF > 0).sum())
+        n += x_a.shape[0]
+    if n == 0:
+        raise CrossdiffError(f"the store {store.root} has no held-out tokens to evaluate on")
+    dead = {
+        name: float((~fired_F[r.start : r.stop]).float().mean()) if len(r) else None
+        for name, r in model.partition.blocks()
+    }
+    return {
+        "fve_a": fve["a"].value(),
+        "fve_b": fve["b"].value(),
+        "l0": active / n,
+        "dead_fraction": float((~fired_F).float().mean()),
+        "dead_fraction_by_partition": dead,
+        "heldout_tokens": n,
+        "threshold": float(model.threshold),
+        "arch": cfg.arch,
+        "sparsity": cfg.sparsity,
+        "exclusive_latents": [model.cfg.n_a_exclusive, model.cfg.n_b_exclusive],
+        "latents": cfg.latents,
+        "k": cfg.k,
+    }
+
+
+def _take(batches: Iterator, n_tokens: int) -> Iterator:
+    seen = 0
+    for x_a, x_b in batches:
+        if seen >= n_tokens:
+            return
+        keep = min(x_a.shape[0], n_tokens - seen)
+        seen += keep
+        yield x_a[:keep], x_b[:keep]
+
+
+__all__ = ["FVE", "evaluate"]
