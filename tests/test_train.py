@@ -500,7 +500,8 @@ def test_fve_accumulated_over_batches_is_the_one_shot_formula():
     from crossdiff.coder.fve import FVE
 
     g = torch.Generator().manual_seed(0)
-    x_ND, x_hat_ND = torch.randn(50, 7, generator=g) + 3, torch.randn(50, 7, generator=g)
+    x_ND = torch.randn(50, 7, generator=g, dtype=torch.float64) + 3
+    x_hat_ND = torch.randn(50, 7, generator=g, dtype=torch.float64)
     acc = FVE()
     for i in range(0, 50, 8):  # a last batch of 2 rows
         acc.add(x_ND[i : i + 8], x_hat_ND[i : i + 8])
