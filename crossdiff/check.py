@@ -17,7 +17,7 @@ from pathlib import Path
 from .core import runfolder
 from .core.errors import CrossdiffError
 from .core.manifest import MANIFEST
-from .inputs.store import harvest_command, harvest_files_missing, safetensors_problem, store_problems
+from .inputs.storefiles import harvest_command, harvest_files_missing, safetensors_problem, store_problems
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ from ..inputs.store import (
     finalize,
     normalisation,
     remove_partial_shards,
-    store_problems,
     write_shard,
 )
+from ..inputs.storefiles import store_problems
 from . import ranks
 from .blocks import Item, Resume, Schedule, Solo, Sync
 
@@ -259,7 +259,7 @@ def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
 
 
 STORE_DIR = "{store}/"
-"""How settings.json writes the store's own folder at the head of a corpus path (store.harvest_command
+"""How settings.json writes the store's own folder at the head of a corpus path (storefiles.harvest_command
 puts the folder back)."""
 
 

@@ -44,8 +44,8 @@ from .store import (
     file_record,
     normalisation,
     remove_partial_shards,
-    shard_name,
 )
+from .storefiles import shard_name
 
 CONTROLS = ("planted", "random", "self", "rotated")
 PLANTS = ("planted", "random")
