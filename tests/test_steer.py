@@ -10,17 +10,8 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.analysis.steer import (
-    SteerConfig,
-    ablate_edit,
-    add_edit,
-    encode_batch,
-    generate,
-    latent_direction,
-    steer,
-    steer_latent,
-    steering,
-)
+from crossdiff.analysis.hooks import ablate_edit, add_edit, encode_batch, generate, latent_direction, steering
+from crossdiff.analysis.steer import SteerConfig, steer, steer_latent
 from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.core.errors import CrossdiffError
 

@@ -157,7 +157,7 @@ def _sha(path: Path) -> str:
 def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     """Steering on neutral prompts and ablation on held-out topic prompts, on the organism itself."""
     from ..analysis.chatsteer import ablate_behaviour, steer_behaviour
-    from ..analysis.steer import latent_direction
+    from ..analysis.hooks import latent_direction
     from ..coder.crosscoder import Crosscoder
     from ..core.runtime import resolve_device
     from ..inputs.models import load_model
