@@ -312,7 +312,8 @@ def _stability(run: Path, seed_runs: dict[int, Path], store: Path | None = None)
 def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
     """Each other seed's functional share on the held-out rows, as the analysis measures it, when the
     store is one on which the share is a candidate rule (centred); None otherwise."""
-    from .analysis.analyze import AnalyzeConfig, heldout_share
+    from .analysis.analyze import AnalyzeConfig
+    from .analysis.passes import heldout_share
     from .inputs.store import Store, comparable_losses
 
     store = Store.open(store_path)

@@ -31,7 +31,8 @@ def test_a_rare_latent_gets_its_functional_share_from_the_rows_it_fires_on(tmp_p
     from the training rows; a frequent latent keeps its held-out share."""
     from test_analyze import _handmade, _planted
 
-    from crossdiff.analysis.analyze import AnalyzeConfig, heldout_share
+    from crossdiff.analysis.analyze import AnalyzeConfig
+    from crossdiff.analysis.passes import heldout_share
     from crossdiff.coder.functional import FunctionalShare
     from crossdiff.inputs.store import Store, heldout_mask, write_synthetic_store
 
