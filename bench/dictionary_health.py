@@ -129,7 +129,8 @@ def train_seed(args, seed: int) -> dict:
 
 def checkpoint_seed(args, seed: int, store: Store) -> tuple[dict, Crosscoder]:
     """(the held-out evaluation, the crosscoder) of one seed's latest checkpoint, or of its final weights."""
-    from crossdiff.coder.train import evaluate, latest_checkpoint
+    from crossdiff.coder.fve import evaluate
+    from crossdiff.coder.runlog import latest_checkpoint
 
     cfg = train_config(args, seed)
     run = Path(cfg.out)

@@ -26,7 +26,7 @@ import torch
 
 
 def heldout_rows(store, max_rows: int) -> np.ndarray:
-    rows = [store.split_rows(s, "heldout") + int(store._offsets[s]) for s in range(len(store.meta["shards"]))]
+    rows = [store.split_rows(s, "heldout") + int(store.offsets[s]) for s in range(len(store.meta["shards"]))]
     return np.concatenate(rows)[:max_rows]
 
 

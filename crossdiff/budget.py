@@ -118,6 +118,14 @@ BUDGETS = {
 }
 
 
+def budget_help() -> str:
+    """The budgets' sizes in one line, for the --help of every --budget option."""
+    return "; ".join(
+        f"{b.name}: {b.harvest_tokens:,} tokens, {b.latents:,} latents, {b.seeds} seeds"
+        for b in BUDGETS.values()
+    )
+
+
 def get_budget(name: str) -> Budget:
     if name not in BUDGETS:
         raise CrossdiffError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")

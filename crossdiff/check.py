@@ -14,9 +14,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core import runfolder
 from .core.errors import CrossdiffError
 from .core.manifest import MANIFEST
-from .inputs.store import harvest_command, harvest_files_missing, safetensors_problem, store_problems
+from .inputs.storefiles import harvest_command, harvest_files_missing, safetensors_problem, store_problems
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,10 @@ def check(cfg: CheckConfig) -> list[str]:
     root = Path(cfg.path)
     if not root.is_dir():
         raise CrossdiffError(f"{root} is not a folder; pass a store or a training run folder")
-    stage_folder = (root / MANIFEST).is_file() and not (root / "cfg.json").is_file()
-    if not stage_folder and ((root / "settings.json").is_file() or (root / "meta.json").is_file()):
+    stage_folder = (root / MANIFEST).is_file() and not runfolder.exists(root, "cfg")
+    if not stage_folder and (runfolder.exists(root, "settings") or runfolder.exists(root, "meta")):
         lines, what = check_store(root)
-    elif (root / "train_config.json").is_file() or (root / "cfg.json").is_file():
+    elif (root / "train_config.json").is_file() or runfolder.exists(root, "cfg"):
         lines, what = check_run(root)
     elif (root / "stages.json").is_file():  # a diff or calibration folder: its store and every run
         lines, what = check_diff(root)
@@ -54,17 +55,17 @@ def check(cfg: CheckConfig) -> list[str]:
 
 def check_store(root: Path) -> tuple[list[str], str]:
     repair = harvest_command(root)
-    if not (root / "meta.json").is_file():
+    if not runfolder.exists(root, "meta"):
         return [f"incomplete: {root} (its harvest was interrupted); finish it with: {repair}"], ""
     try:
-        meta = json.loads((root / "meta.json").read_text())
+        meta = json.loads(runfolder.path(root, "meta").read_text())
         shards = meta["shards"]
     except (OSError, ValueError, KeyError) as e:
         return [f"damaged: {root / 'meta.json'} ({type(e).__name__}); repair: {repair} --overwrite"], ""
     lines = [
         f"damaged: {path} ({problem}); repair: {repair}" for _, path, problem in store_problems(root, meta)
     ]
-    if not (root / "settings.json").is_file():
+    if not runfolder.exists(root, "settings"):
         repair = (
             f"crossdiff harvest --out {shlex.quote(str(root))} with the options that made it (meta.json: "
             f"models {meta.get('models', {}).get('a', {}).get('id')} and {meta.get('models', {}).get('b', {}).get('id')}, corpus "
@@ -72,7 +73,7 @@ def check_store(root: Path) -> tuple[list[str], str]:
         )
     for path in harvest_files_missing(root, meta):  # harvested, not synthetic: damaged
         lines.append(f"damaged: {path} (missing); repair: {repair} --overwrite")
-    json_files = [root / "settings.json", *sorted((root / "tokenizers").glob("*/*.json"))]
+    json_files = [runfolder.path(root, "settings"), *sorted((root / "tokenizers").glob("*/*.json"))]
     for path in (p for p in json_files if p.is_file()):  # the tokenizers' files and settings are JSON
         try:
             json.loads(path.read_text())
@@ -86,11 +87,13 @@ def check_store(root: Path) -> tuple[list[str], str]:
 def check_diff(root: Path) -> tuple[list[str], str]:
     """A `crossdiff diff` (or calibration) folder: every store and run folder below it, and its records."""
     lines, parts = [], []
-    for store in sorted(p.parent for p in root.rglob("meta.json") if (p.parent / "shards").is_dir()):
+    for store in sorted(
+        p.parent for p in root.rglob(runfolder.FILES["meta"]) if (p.parent / "shards").is_dir()
+    ):
         found, what = check_store(store)
         lines += found
         parts.append(f"{store.relative_to(root)}: {what}")
-    runs = sorted(p.parent for p in root.rglob("cfg.json") if "checkpoints" not in p.parts)
+    runs = sorted(p.parent for p in root.rglob(runfolder.FILES["cfg"]) if "checkpoints" not in p.parts)
     for run in runs:
         found, _ = check_run(run)
         lines += found
@@ -118,7 +121,7 @@ def check_run(run: Path) -> tuple[list[str], str]:
     """The final weights (if written), the latest checkpoint and the JSON files of a run folder."""
     retrain = train_command(run)
     lines = []
-    if (run / "cfg.json").is_file() or (run / "crosscoder.safetensors").is_file():
+    if runfolder.exists(run, "cfg") or (run / "crosscoder.safetensors").is_file():
         problem = _checkpoint_problem(run)
         if problem:
             lines.append(f"damaged: {problem}; repair: rm {shlex.quote(str(run / 'eval.json'))}; {retrain}")
@@ -128,7 +131,7 @@ def check_run(run: Path) -> tuple[list[str], str]:
             lines.append(
                 f"damaged: {problem}; repair: rm -r {shlex.quote(str(ckpt))}; {retrain} (restarts the run)"
             )
-    for name in ("train_config.json", "eval.json"):
+    for name in ("train_config.json", runfolder.FILES["eval"]):
         if (run / name).is_file():
             try:
                 json.loads((run / name).read_text())
@@ -136,7 +139,7 @@ def check_run(run: Path) -> tuple[list[str], str]:
                 lines.append(
                     f"damaged: {run / name} ({type(e).__name__}); repair: rm {run / name}; {retrain}"
                 )
-    state = "finished" if (run / "eval.json").is_file() else "unfinished"
+    state = "finished" if runfolder.exists(run, "eval") else "unfinished"
     stage_lines, what = check_stage_folders(run, [run] + [run / name for name in STAGE_FOLDERS])
     return lines + stage_lines, f"{state} run, weights and checkpoints readable and finite; {what}"
 

@@ -25,9 +25,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .analysis.results import STEERING, write_stage
-from .budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
-from .core.config import settings
+from .analysis.results import STEERING
+from .budget import (
+    Budget,
+    analyze_config,
+    budget_help,
+    get_budget,
+    harvest_config,
+    train_config,
+    verify_config,
+)
+from .core import runfolder
+from .core.config import help_from, settings
 from .core.errors import CrossdiffError
 from .core.fsutil import write_json_atomic
 from .core.lock import writes
@@ -53,8 +62,8 @@ class DiffConfig:
     """With --prompts: the longest answer in tokens (greedy decoding)."""
     out: str | None = None
     """Output folder (default: runs/<model A>-vs-<model B>-<budget>). Rerun the same command to resume."""
-    budget: Literal["small", "medium", "large"] = "small"
-    """small: <= 15 min on 2 CPU cores (100k tokens, 4096 latents); medium / large: for a GPU (docs/diff.md)."""
+    budget: Literal["small", "medium", "large"] = help_from("small", budget_help)
+    """small: <= 15 min on 2 CPU cores; medium / large: for a GPU (docs/diff.md)."""
     seeds: int | None = None
     """DFCs trained with different seeds for the stability table (default: the budget's, 3 for small)."""
     steer_top: int | None = None
@@ -107,7 +116,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             "harvest",
             lambda: _harvest(hcfg),
             recorded_settings(hcfg),  # answers' paths relative to the folder: a moved folder resumes
-            lambda: (store / "meta.json").is_file(),
+            lambda: runfolder.exists(store, "meta"),
             legacy=settings(hcfg),
         )
     )
@@ -118,7 +127,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
                 f"train DFC (seed {s})",
                 lambda t=tcfg: _train(t),
                 settings(tcfg),
-                lambda p=path: (p / "eval.json").is_file(),
+                lambda p=path: runfolder.exists(p, "eval"),
                 legacy=_legacy(tcfg),
             )
         )
@@ -128,7 +137,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             "analyse",
             lambda: _analyze(acfg),
             {**settings(acfg), "rules": RULES_VERSION},
-            lambda: (run / "analysis" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "analysis"),
             legacy={**_legacy(acfg), "rules": RULES_VERSION},
         )
     )
@@ -145,7 +154,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
                 "method": VERIFY_METHOD,
                 **({"answer_links": 1} if linked else {}),
             },
-            lambda: (run / "verification" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "verification"),
         )
     )
     if b.seeds > 1:
@@ -207,7 +216,7 @@ def _answers_stage(cfg: DiffConfig, run: Path, store: Path) -> list[Stage]:
             "answers",
             lambda: _answers(acfg),
             {**settings(acfg), "version": VERSION, "rules": RULES_VERSION},
-            lambda: (run / "answers" / "summary.json").is_file(),
+            lambda: runfolder.exists(run, "answers"),
         )
     ]
 
@@ -309,7 +318,8 @@ def _stability(run: Path, seed_runs: dict[int, Path], store: Path | None = None)
 def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
     """Each other seed's functional share on the held-out rows, as the analysis measures it, when the
     store is one on which the share is a candidate rule (centred); None otherwise."""
-    from .analysis.analyze import AnalyzeConfig, heldout_share
+    from .analysis.analyze import AnalyzeConfig
+    from .analysis.passes import heldout_share
     from .inputs.store import Store, comparable_losses
 
     store = Store.open(store_path)
@@ -325,22 +335,15 @@ def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
 def _steer(run: Path, b: Budget, device: str) -> dict:
     from .analysis.steer import SteerConfig, steer
 
-    try:
-        res = steer(
-            SteerConfig(
-                run=str(run),
-                top=b.steer_top,
-                include_rejected=True,
-                budget_seconds=b.steer_seconds,
-                device=device,
-            )
+    res = steer(
+        SteerConfig(
+            run=str(run),
+            top=b.steer_top,
+            include_rejected=True,
+            budget_seconds=b.steer_seconds,
+            device=device,
         )
-    except CrossdiffError as e:
-        if "no exclusive candidates" not in str(e):
-            raise
-        print(f"steer: skipped ({e})", file=sys.stderr)
-        write_stage(run, STEERING, {})  # done, with nothing steered
-        return {"steered": 0}
+    )
     verdicts = [r["verdict"] for r in res.values() if r is not None]
     return {
         "steered": len(verdicts),

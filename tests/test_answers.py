@@ -326,7 +326,7 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
     # verify's candidate list: the analysis's candidate, then the linked latents with their side
     rows = with_linked(read_latents(run / "analysis"), linked)
     assert [(int(r["latent"]), r["side"]) for r in rows] == [(0, "a"), (3, "a"), (4, "a")]
-    from crossdiff.analysis.verify import candidates
+    from crossdiff.analysis.ablation import candidates
 
     cands = candidates(cc, read_latents(run / "analysis"), 1.0, linked)
     assert [(c.latent, c.side) for c in cands] == [(0, "a"), (3, "a"), (4, "a")]

@@ -14,7 +14,7 @@ from crossdiff.analysis.chatsteer import (
     chat_prompts,
     generate_answers,
 )
-from crossdiff.analysis.steer import add_edit
+from crossdiff.analysis.hooks import add_edit
 from crossdiff.controls.stance import Judge, load_stance
 
 LAYER = 15

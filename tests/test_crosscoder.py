@@ -124,6 +124,24 @@ def test_dfc_forbidden_weights_do_not_exist():
     assert not norm_a[m.partition.b_exclusive.start : m.partition.b_exclusive.stop].any()
 
 
+def test_side_is_each_models_own_parameters_scale_and_latents():
+    """`side(m)` is the one accessor the analysis reads a model's half through: its rows are the latents
+    `decoder_norms` gives a norm in that model, and its tensors are the parameters themselves."""
+    m = _dfc()
+    norms = dict(zip("ab", m.decoder_norms()))
+    for key, d, scale, layer in (("a", D_A, 3.0, 5), ("b", D_B, 0.25, 7)):
+        side = m.side(key)
+        assert side.W_dec is getattr(m, f"W_dec_{key}") and side.W_enc is getattr(m, f"W_enc_{key}")
+        assert side.b_dec is getattr(m, f"b_dec_{key}") and side.scale == scale
+        assert side.latents == m.partition.latents(key) and len(side.latents) == side.W_dec.shape[0]
+        rows = torch.as_tensor(list(side.latents))
+        assert torch.equal(norms[key][rows], side.W_dec.norm(dim=1))
+        assert m.cfg.model(key) == (f"{key}/model", layer, d, scale)
+    assert m.side("a").first == 0 and m.side("b").first == 6
+    with pytest.raises(ValueError):
+        m.side("c")
+
+
 def test_init_follows_the_literature():
     m = _dfc()
     torch.testing.assert_close(m.W_dec_a.norm(dim=1), torch.full((91,), 0.1))

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from test_analyze import _setup
 
-from crossdiff.analysis.analyze import AnalyzeConfig, _batches
+from crossdiff.analysis.analyze import AnalyzeConfig
 from crossdiff.analysis.examples import context_activations, quantile_picks, sample_firings
+from crossdiff.analysis.passes import _batches
 from crossdiff.coder.crosscoder import Crosscoder
 from crossdiff.inputs.store import Store
 

@@ -137,7 +137,7 @@ def test_two_ranks_hold_the_single_process_rows(single, two_ranks):
 def test_heldout_frac_reaches_shards_and_meta(single):
     assert single.meta["heldout_frac"] == 0.25
     for s, shard in enumerate(single.meta["shards"]):
-        chunk = single.rows(np.arange(single._offsets[s], single._offsets[s + 1]))["chunk"]
+        chunk = single.rows(np.arange(single.offsets[s], single.offsets[s + 1]))["chunk"]
         assert shard["n_heldout"] == int(heldout_mask(chunk, 0.25).sum())
     held = single.split_size("heldout")
     assert 0.1 < held / single.n_tokens < 0.45  # about a quarter of the chunks' rows

@@ -16,7 +16,8 @@ from crossdiff import cli
 from crossdiff.check import CheckConfig, check
 from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.core.errors import CrossdiffError
-from crossdiff.inputs.store import Store, sha256_file, write_synthetic_store
+from crossdiff.inputs.store import Store, write_synthetic_store
+from crossdiff.inputs.storefiles import sha256_file
 
 
 def _store(path, n=3000, **kw):

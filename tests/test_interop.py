@@ -291,7 +291,7 @@ def test_units_other_than_the_stores_give_a_store_view_that_analyze_reads(tmp_pa
     # analyze's held-out FVE through the view is the fork's own reconstruction's, in raw units
     held = torch.cat(
         [
-            torch.as_tensor(store.split_rows(s, "heldout")) + int(store._offsets[s])
+            torch.as_tensor(store.split_rows(s, "heldout")) + int(store.offsets[s])
             for s in range(len(store.meta["shards"]))
         ]
     )

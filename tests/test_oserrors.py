@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.coder.train import TrainConfig, _initialise, save_checkpoint
+from crossdiff.coder.runlog import save_checkpoint
+from crossdiff.coder.train import TrainConfig, _initialise
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import Store, write_synthetic_store
 

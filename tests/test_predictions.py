@@ -9,8 +9,9 @@ import math
 import torch
 from test_verify import TEXT, _two_latent_coders
 
+from crossdiff.analysis.ablation import Candidate
+from crossdiff.analysis.heldout import tokenize_pair
 from crossdiff.analysis.predictions import context_predictions
-from crossdiff.analysis.verify import Candidate, tokenize_pair
 from crossdiff.inputs.variants import Side, Window
 
 

@@ -301,7 +301,7 @@ def test_a_prompts_store_records_its_answers_relative_to_itself(tmp_path):
     """A diff's answers are recorded relative to its store, so the folder resumes after a move or under a
     symlink; a corpus outside the folder stays as given."""
     from crossdiff.harvest.harvest import HarvestConfig, _check_settings, recorded_settings
-    from crossdiff.inputs.store import harvest_command
+    from crossdiff.inputs.storefiles import harvest_command
 
     real = tmp_path / "D"
     (real / "answers").mkdir(parents=True)

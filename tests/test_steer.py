@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.analysis.steer import (
-    SteerConfig,
-    ablate_edit,
-    add_edit,
-    encode_batch,
-    generate,
-    latent_direction,
-    steer,
-    steer_latent,
-    steering,
-)
+from crossdiff.analysis.hooks import ablate_edit, add_edit, encode_batch, generate, latent_direction, steering
+from crossdiff.analysis.steer import SteerConfig, steer, steer_latent
 from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 from crossdiff.core.errors import CrossdiffError
 
@@ -182,6 +175,22 @@ def test_bad_latent_and_prompts_fail_in_one_line_before_any_model_loads(tmp_path
         steer(SteerConfig(run=str(run), latent=8), models=_NoModels())
 
 
+def test_nothing_to_steer_is_steerings_own_record(tmp_path):
+    """--top on a run without candidates: steer itself writes the empty verdicts.csv that marks the stage
+    done (the diff no longer writes it for steer); without a verification it still asks for one."""
+    run = tmp_path / "run"
+    _crosscoder().save_pretrained(run)
+    (run / "analysis").mkdir()
+    rows = [f"{i},shared,shared,0.5,1.0" for i in range(8)]
+    (run / "analysis" / "latents.csv").write_text(
+        "\n".join(["latent,partition,verdict,score,p99_act", *rows]) + "\n"
+    )
+    with pytest.raises(CrossdiffError, match="run crossdiff verify first"):
+        steer(SteerConfig(run=str(run), top=1), models=_NoModels())
+    assert steer(SteerConfig(run=str(run), top=1, include_rejected=True), models=_NoModels()) == {}
+    assert (run / "steering" / "verdicts.csv").read_text() == "latent,verdict,effect\n"
+
+
 def test_a_latent_starts_only_if_it_should_end_within_the_budget():
     from crossdiff.analysis.steer import fits_budget
 
@@ -203,3 +212,17 @@ def test_differences_are_steered_before_the_candidates_that_fill_free_slots():
     assert top_candidates(rows, 2) == [(6, "a"), (4, "b"), (3, "b")]
     # Fillers (best score first) take the slots a model's differences leave, after every difference.
     assert top_candidates(rows, 2, include_rejected=True) == [(6, "a"), (4, "b"), (3, "b"), (1, "a")]
+
+
+def test_steer_and_verify_give_one_z_against_a_null_even_with_no_spread():
+    """Steer's per-strength z and verify's z are one rule (results.null_z): the same z for the same
+    numbers, 0 on a spread-less null the value equals, ±inf off it (it was 0 in steer, ±inf in verify)."""
+    from crossdiff.analysis.ablation import _z_against
+    from crossdiff.analysis.steer import _stats
+
+    rows = [[0.5, 0.125, 0.25, 0.375, 0.125, 0.25], [0.5, 0.25, 0.25, 0.25, 0.25, 0.25], [0.25] * 6]
+    z_steer = _stats("x", np.array(rows))["x_z"]
+    z_verify = [_z_against(r[0], [{"null": r[1:]}], "null")[0] for r in rows]
+    assert z_steer == z_verify
+    assert z_steer[1] == math.inf and z_steer[2] == 0.0 and 0 < z_steer[0] < math.inf
+    assert SteerConfig.__dataclass_fields__["z"].default == 3.0  # the option is --z, as verify's

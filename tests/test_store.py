@@ -49,6 +49,21 @@ def test_random_access_round_trip(synthetic):
     assert store.rows(idx)["chunk"].tolist() == [i // 64 for i in idx]
 
 
+def test_row_batches_walk_the_first_rows_in_order_with_their_split(synthetic):
+    """Store.row_batches (what analyze, its examples and verify walk): the first max_rows rows in store
+    order, across shards, each flagged held-out exactly when the store's split says so."""
+    store, _, _ = synthetic
+    held = np.zeros(store.n_tokens, dtype=bool)
+    for s in range(len(store.meta["shards"])):
+        held[store.offsets[s] + store.split_rows(s, "heldout")] = True
+    walked = list(store.row_batches(700, max_rows=5000))
+    rows = np.concatenate([r for r, _ in walked])
+    assert rows.tolist() == list(range(5000)) and max(len(r) for r, _ in walked) <= 700
+    assert np.array_equal(np.concatenate([h for _, h in walked]), held[:5000])
+    only = np.concatenate([r for r, _ in store.row_batches(700, heldout_only=True)])
+    assert only.tolist() == np.flatnonzero(held).tolist() and 0 < len(only) < store.n_tokens
+
+
 def test_each_epoch_visits_every_train_row_once(synthetic):
     store, _, _ = synthetic
     seen = torch.cat(

@@ -7,6 +7,7 @@ touches models). Legend: N tokens, F planted features, D one model's width.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import torch
 
 from crossdiff import cli
 from crossdiff.coder.crosscoder import Crosscoder, Partition
-from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, save_checkpoint, train
+from crossdiff.coder.runlog import save_checkpoint
+from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, train
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import write_synthetic_store
 
@@ -338,7 +340,7 @@ def _tiny_cfg(store_path, out, **kw) -> TrainConfig:
 
 
 def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(store_path, tmp_path):
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
     from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
@@ -406,7 +408,7 @@ def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim)
 def test_fit_takes_a_plain_iterator_of_tensors(tmp_path):
     """The loop needs no store: any iterable of (x_A, x_B) batches in normalised units."""
     from crossdiff.coder.crosscoder import CrosscoderConfig
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
 
     cfg = TrainConfig(
         store="-", out=str(tmp_path), latents=32, k=2, tokens=16 * 6, batch_size=16, checkpoint_every=100
@@ -436,7 +438,7 @@ def test_cli_rejects_bad_options_in_one_line(store_path, tmp_path, capsys, argv_
 
 @pytest.mark.parametrize("logger, module", [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
 def test_missing_optional_logger_is_a_warning(tmp_path, capsys, monkeypatch, logger, module):
-    from crossdiff.coder.train import MetricsLog
+    from crossdiff.coder.runlog import MetricsLog
 
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     log = MetricsLog(tmp_path, TrainConfig(store="-", out=str(tmp_path), logger=logger), 0)
@@ -490,3 +492,25 @@ def test_a_store_with_the_uncentred_normalisation_draws_a_warning():
     assert uncentred_store_warning(store("given", "given")) is None  # a synthetic store's own scales
     assert "model B by E||x||^2" in uncentred_store_warning(store("centred", None))
     assert "model A and B" in uncentred_store_warning(store("uncentred", "uncentred"))
+
+
+def test_fve_accumulated_over_batches_is_the_one_shot_formula():
+    """coder/fve.FVE (training's meter and evaluation, the analysis): batch by batch it gives
+    1 − Σ||x − x̂||² / Σ||x − mean||² about the mean of all rows, and NaN where nothing varies."""
+    from crossdiff.coder.fve import FVE
+
+    g = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(50, 7, generator=g, dtype=torch.float64) + 3
+    x_hat_ND = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    acc = FVE()
+    for i in range(0, 50, 8):  # a last batch of 2 rows
+        acc.add(x_ND[i : i + 8], x_hat_ND[i : i + 8])
+    x, xh = x_ND.double(), x_hat_ND.double()
+    want = 1 - float((x - xh).pow(2).sum()) / float((x - x.mean(0)).pow(2).sum())
+    assert acc.value() == pytest.approx(want, rel=1e-12)
+    by_sse = FVE()
+    by_sse.add(x_ND, sse=float((x - xh).pow(2).sum()))
+    assert by_sse.value() == pytest.approx(want, rel=1e-12)
+    flat = FVE()
+    flat.add(torch.ones(4, 3), torch.zeros(4, 3))
+    assert math.isnan(flat.value()) and math.isnan(FVE().value())

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.analysis.verify import VerifyConfig, summarise, targets, tokenize_pair
+from crossdiff.analysis.ablation import summarise
+from crossdiff.analysis.heldout import targets, tokenize_pair
+from crossdiff.analysis.verify import VerifyConfig
 from crossdiff.inputs.derive import (
     RANDOM_PLANT_RATE,
     random_direction,
@@ -151,7 +153,7 @@ def _two_latent_coders(d_a: int, d_b: int, u_D: torch.Tensor):
 
 
 def test_a_group_of_duplicates_is_ablated_as_one_latent(models_ab):
-    from crossdiff.analysis.verify import Candidate, duplicates, score_context
+    from crossdiff.analysis.ablation import Candidate, duplicates, score_context
 
     sides = [Side(lm, 5) for lm in models_ab]
     u_D = torch.randn(models_ab[0].d_model, generator=torch.Generator().manual_seed(1)) * 2.0
@@ -188,7 +190,7 @@ def test_a_group_of_duplicates_is_ablated_as_one_latent(models_ab):
 def test_a_null_direction_along_the_latent_reproduces_its_own_ablation(models_ab):
     # The null removes ||c_t|| r at each position; with r the latent's own unit direction that is
     # exactly c_t = f_t u, so the "random" shift must equal the latent's shift.
-    from crossdiff.analysis.verify import Candidate, score_context
+    from crossdiff.analysis.ablation import Candidate, score_context
 
     sides = [Side(lm, 5) for lm in models_ab]
     u_D = torch.randn(models_ab[0].d_model, generator=torch.Generator().manual_seed(1)) * 2.0
@@ -204,7 +206,7 @@ def test_a_null_direction_along_the_latent_reproduces_its_own_ablation(models_ab
 
 
 def test_dictionary_directions_are_the_other_alive_rows_of_the_candidates_model():
-    from crossdiff.analysis.verify import Candidate, dictionary_directions, dictionary_null
+    from crossdiff.analysis.ablation import Candidate, dictionary_directions, dictionary_null
     from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig
 
     cc = Crosscoder(CrosscoderConfig(d_a=8, d_b=6, n_latents=64, k=4, n_a_exclusive=8, n_b_exclusive=8, scale_b=2.0),

@@ -20,7 +20,8 @@ import torch
 
 from crossdiff.analysis import scan as scan_mod
 from crossdiff.analysis import verify as verify_mod
-from crossdiff.analysis.verify import Candidate, VerifyConfig
+from crossdiff.analysis.ablation import Candidate
+from crossdiff.analysis.verify import VerifyConfig
 
 # ----------------------------------------------------------------------------- rare statistics
 
@@ -30,7 +31,8 @@ def test_a_rare_latent_gets_its_functional_share_from_the_rows_it_fires_on(tmp_p
     from the training rows; a frequent latent keeps its held-out share."""
     from test_analyze import _handmade, _planted
 
-    from crossdiff.analysis.analyze import AnalyzeConfig, heldout_share
+    from crossdiff.analysis.analyze import AnalyzeConfig
+    from crossdiff.analysis.passes import heldout_share
     from crossdiff.coder.functional import FunctionalShare
     from crossdiff.inputs.store import Store, heldout_mask, write_synthetic_store
 
@@ -134,7 +136,7 @@ def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_
 
 def test_a_difference_needs_both_nulls():
     cfg = VerifyConfig(run=".")
-    both = verify_mod.both_nulls
+    from crossdiff.analysis.ablation import both_nulls as both
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": 3.1}, cfg) == "difference"
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": 2.9}, cfg) == "inert"
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": float("nan")}, cfg) == "inert"

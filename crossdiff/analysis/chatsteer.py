@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..inputs.chat import chat_template
 from ..inputs.generate import cut_at_turn
-from .steer import Edit, LatentDirection, _special_table, ablate_edit, add_edit, random_directions
+from .hooks import Edit, LatentDirection, _special_table, ablate_edit, add_edit, random_directions
 
 Judge = Callable[[str], bool]
 

@@ -12,7 +12,6 @@ V vocabulary, L latents in one chunk (re-ranked, or read by the logit lens), N f
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from functools import reduce
 
@@ -248,8 +247,8 @@ def _named(tok, ids: Tensor, vals: Tensor) -> list[list]:
 def decoder_rows(cc, ids, model: str) -> Tensor:
     """Decoder vectors (len(ids), D) of `model` in normalised units; zero rows where none exists
     (a DFC's exclusive latents have no row in the other model, crosscoder.py's layout)."""
-    W = (cc.W_dec_a if model == "a" else cc.W_dec_b).detach()
-    first = 0 if model == "a" else cc.partition.n_a_exclusive
+    side = cc.side(model)
+    W, first = side.W_dec.detach(), side.first
     out = torch.zeros(len(ids), W.shape[1], device=W.device)
     ids = np.asarray(ids, dtype=np.int64)
     ok = np.flatnonzero((ids >= first) & (ids < first + W.shape[0]))
@@ -288,10 +287,9 @@ def logit_lenses(
         # The null: other latents' decoder rows of this model at unit norm. Isotropic random directions
         # are no null here: they load on the residual's few huge-gain dimensions, which the dictionary's
         # directions avoid (on the default pair their top logits were ~15× a latent's).
-        first = 0 if key == "a" else cc.partition.n_a_exclusive
-        n_rows = (cc.W_dec_a if key == "a" else cc.W_dec_b).shape[0]
+        own = cc.partition.latents(key)
         pick = np.random.default_rng(0).choice(
-            np.arange(first, first + n_rows), min(n_null + 1, n_rows), replace=False
+            np.arange(own.start, own.stop), min(n_null + 1, len(own)), replace=False
         )
         U_RD = decoder_rows(cc, pick, key)
         U_RD = U_RD / U_RD.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -319,16 +317,3 @@ def store_tokenizers(store) -> dict:
     from transformers import AutoTokenizer
 
     return {key: AutoTokenizer.from_pretrained(p) for key, p in paths.items() if p.is_dir()}
-
-
-def jsonable(v):
-    """JSON-ready: numpy scalars to Python, NaN/inf to null (strict JSON parsers reject NaN)."""
-    if isinstance(v, dict):
-        return {k: jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

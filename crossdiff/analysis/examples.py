@@ -36,7 +36,7 @@ def _priority(rows_B: torch.Tensor, ids_L: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def sample_firings(cc, store, latents, n: int, batches, device) -> dict[int, list[int]]:
     """latent -> the rows of a uniform random sample of (at most) n of its firings, over `batches`
-    ((rows, held-out flags) pairs, as analyze._batches yields them)."""
+    ((rows, held-out flags) pairs, as Store.row_batches yields them)."""
     from .evidence import TopK
 
     ids_L = torch.as_tensor([int(j) for j in latents], dtype=torch.int64, device=device)
@@ -120,7 +120,6 @@ def enrich(
     """(top examples with "acts", quantile examples with "acts" and "quantile") per latent of `examples`,
     for analyze.write_features: one extra encoder pass over the analysed rows (the sample), and the
     rows around each shown example."""
-    from .analyze import _batches
     from .evidence import render_examples
 
     device = cc.b_enc.device
@@ -129,7 +128,11 @@ def enrich(
 
     total = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
     with tqdm(total=total, unit="tok", desc="examples", dynamic_ncols=True, mininterval=1.0) as bar:
-        batches = ((rows, held) for rows, held in _batches(store, cfg, False) if not bar.update(len(rows)))
+        batches = (
+            (rows, held)
+            for rows, held in store.row_batches(cfg.batch_size, cfg.max_tokens)
+            if not bar.update(len(rows))
+        )
         sample = sample_firings(cc, store, latents, 8 * n_quantile, batches, device)
     values = context_activations(cc, store, sample, 0, device)  # the sampled rows' own activations
     picks = {}

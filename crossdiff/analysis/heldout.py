@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .verify import Candidate, VerifyConfig
+    from .ablation import Candidate
+    from .verify import VerifyConfig
 
 
 def tokenize_pair(sides, text: str):
@@ -65,7 +66,7 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
     fired = {c.latent: 0 for c in cands}  # firing positions: an estimate of 0 from no firing is no estimate
     n_tok = {"a": 0, "b": 0}
     gaps = {m: np.zeros(3) for m in "ab"}  # Σ|g| clean, spliced full, spliced without the side's candidates
-    for chunk, text in heldout_chunks(store, cfg.heldout_tokens):
+    for chunk, text in store.heldout_chunks(cfg.heldout_tokens):
         window = Window(text, chunk, 0)
         toks, al = tokenize_pair(sides, text)
         if len(al) < 3:
@@ -133,37 +134,16 @@ def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, fa
     }
 
 
-def heldout_chunks(store, max_rows: int):
-    """(chunk id, text) of held-out chunks in store order, until their aligned rows reach max_rows."""
-    from .splice import store_offsets
-
-    offsets, n = store_offsets(store), 0
-    for shard in range(len(store.meta["shards"])):
-        local_N = store.split_rows(shard, "heldout")
-        if n >= max_rows:
-            return
-        if len(local_N) == 0:
-            continue
-        chunk_ids, counts = np.unique(store.rows(offsets[shard] + local_N)["chunk"], return_counts=True)
-        texts = store.texts(shard)
-        for c, k in zip(chunk_ids.tolist(), counts.tolist()):
-            if c in texts and n < max_rows:
-                yield c, texts[c]["text"]
-                n += k
-
-
 def _segment_sums(logp_S: Tensor, seg_S: np.ndarray, n_seg: int) -> np.ndarray:
     return np.bincount(seg_S, weights=logp_S.double().cpu().numpy(), minlength=n_seg)
 
 
 def _splice_gaps(side, cc, m, ids, tgt, seg, pos, f_PF, h_TD, ell, own, plant, mine) -> np.ndarray:
     """(Σ|g| clean, spliced with the reconstruction, spliced without the side's candidates)."""
-    W = cc.W_dec_a if m == "a" else cc.W_dec_b
-    first = 0 if m == "a" else cc.partition.n_a_exclusive
-    scale = cc.cfg.scale_a if m == "a" else cc.cfg.scale_b
+    own_side = cc.side(m)
+    W, b, scale, first = own_side.W_dec, own_side.b_dec, own_side.scale, own_side.first
     rows = slice(first, first + W.shape[0])
     f_own = f_PF[:, rows].to(W.device)
-    b = cc.b_dec_a if m == "a" else cc.b_dec_b
     with torch.inference_mode():
         full = (f_own @ W + b).cpu() / scale
         drop = torch.zeros(f_own.shape[1], dtype=torch.bool)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -65,7 +66,7 @@ def read_predictions(run: str | Path) -> dict[int, dict]:
 
 
 def _differences(run: Path) -> list[dict]:
-    from .verify import read_behaviour
+    from .results import read_behaviour
 
     return [b for b in read_behaviour(run).values() if b.get("verdict") == "difference"]
 
@@ -73,7 +74,7 @@ def _differences(run: Path) -> list[dict]:
 def _verify_config(run: Path):
     from .verify import VerifyConfig
 
-    saved = json.loads((run / "verification" / "settings.json").read_text())
+    saved = runfolder.read(run, "verification_settings")
     names = {f.name for f in fields(VerifyConfig)}
     return VerifyConfig(**{k: v for k, v in (saved.get("settings") or {}).items() if k in names}), saved
 
@@ -113,10 +114,10 @@ class _Logits:
 
 def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: int):
     """One context: both models' next tokens at the firing token, and the owner's with the latent
-    removed; None when the firing does not reproduce (verify.score_context's conditions)."""
-    from .verify import encode_pairs, keep_pairs, tokenize_pair
+    removed; None when the firing does not reproduce (ablation.score_context's conditions)."""
+    from .heldout import encode_pairs, keep_pairs, tokenize_pair
 
-    own = 0 if cand.side == "a" else 1
+    own = "ab".index(cand.side)
     toks, al = tokenize_pair(sides, window.text)
     hit = np.flatnonzero(al.end_char == c0)
     if len(hit) == 0:
@@ -156,7 +157,7 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
 
 def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, factor: float) -> dict:
     """The predictions document of one difference from its verification contexts."""
-    from .verify import window_for
+    from .ablation import window_for
 
     contexts, delta = [], None
     texts: dict[int, dict] = {}
@@ -174,7 +175,7 @@ def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, 
     effects = []
     if delta is not None:
         mean_V = delta / len(contexts)
-        tok = sides[0 if cand.side == "a" else 1].tokenizer
+        tok = sides["ab".index(cand.side)].tokenizer
         for sign in (False, True):  # promoted (falls when removed) first, then suppressed
             vals, ids = mean_V.topk(cfg.top, largest=sign)
             effects += [[tok.decode([int(i)]), round(float(v), 4)] for v, i in zip(vals, ids)]
@@ -186,8 +187,9 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     """Compute (or reuse) the predictions of every difference of a verified run."""
     from ..core.runtime import resolve_device
     from ..inputs.variants import sides_for_store
+    from .ablation import candidates
     from .answerlink import read_linked
-    from .verify import _open, _outlier_factor, candidates
+    from .verify import _open
 
     run = Path(cfg.run)
     diffs = _differences(run)
@@ -210,7 +212,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     cc = cc.to(device).eval().requires_grad_(False)
     cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine, read_linked(run))}
     sides = sides_for_store(store, device=str(device))
-    factor = _outlier_factor(store)
+    factor = store.outlier_factor
     for j in todo:
         path = run / "verification" / "latents" / f"{j}.json"
         if j not in cands or not path.is_file():
@@ -227,7 +229,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
 def try_predict(cfg: PredictConfig) -> str:
     """predict(), or why it could not run (models, store or verification missing): never raises for
     those, so that the report renders without predictions."""
-    if not (Path(cfg.run) / "verification" / "settings.json").is_file():
+    if not runfolder.exists(cfg.run, "verification_settings"):
         return "not verified"
     try:
         n = len(predict(cfg))

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_text_atomic
+from ..core.runfolder import FILES
 
 VERDICTS = ("candidate_a", "candidate_b", "shared", "dead")
 """Every verdict of the analysis, in the order reports list them (behavioural verdicts: verify.py)."""
@@ -44,6 +45,8 @@ COLUMNS = (
 ).split(",")
 TEXT_COLUMNS = frozenset({"partition", "side", "verdict", "reason"})
 LATENTS_CSV = "latents.csv"
+SUMMARY_JSON = Path(FILES["analysis"]).name
+"""analyze's summary.json (crossdiff.core.runfolder): read_latents takes any analysis folder (--out)."""
 
 
 # ----------------------------------------------------------------------------- the candidate rule
@@ -92,6 +95,14 @@ def exclusive_sides(
     return side, rel, norm_a, norm_b
 
 
+def null_z(value: float, mean: float, std: float) -> float:
+    """z of `value` against a null of this mean and std: the one rule of verify's and steer's verdicts.
+    A null with no spread gives 0 when the value equals it, else ±inf (the value is outside it)."""
+    if std > 0:
+        return (value - mean) / std
+    return 0.0 if value == mean else math.copysign(math.inf, value - mean)
+
+
 def is_candidate(row: dict) -> bool:
     """An exclusive candidate the analysis looked at: a side, and it fired."""
     return bool(row.get("side")) and row.get("verdict") != "dead"
@@ -126,10 +137,11 @@ def _order(score) -> tuple:
     return (0, -score) if ok else (1, 0.0)
 
 
-def _number(text: str) -> float:
+def as_float(v) -> float:
+    """v as a float; NaN when it is none (None, empty, text): the one reading of a table's numbers."""
     try:
-        return float(text)
-    except ValueError:
+        return float(v)
+    except (TypeError, ValueError):
         return math.nan
 
 
@@ -140,7 +152,7 @@ def _cell(column: str, text: str):
     if column in TEXT_COLUMNS:
         return text
     if column in COLUMNS:
-        return _number(text) if text else math.nan
+        return as_float(text) if text else math.nan
     if not text:
         return None
     for conv in (int, float):  # float() also takes nan / NaN / inf
@@ -168,7 +180,7 @@ def _read_csv(path: Path, what: str) -> tuple[list[str], list[dict]]:
 
 def _threshold(analysis: Path) -> float:
     try:
-        s = json.loads((analysis / "summary.json").read_text())
+        s = json.loads((analysis / SUMMARY_JSON).read_text())
         return float(s["thresholds"]["exclusive_threshold"])
     except (OSError, ValueError, KeyError, TypeError):
         return EXCLUSIVE_THRESHOLD
@@ -178,7 +190,7 @@ def read_latents(analysis: str | Path) -> LatentTable:
     """An analysis folder's latents.csv (files of any crossdiff version: a missing side column is filled
     in by the candidate rule, missing numeric columns read as NaN)."""
     analysis = Path(analysis)
-    _check_recorded(analysis, (LATENTS_CSV, "summary.json"), _analyze_command(analysis))
+    _check_recorded(analysis, (LATENTS_CSV, SUMMARY_JSON), _analyze_command(analysis))
     columns, rows = _read_csv(analysis / LATENTS_CSV, "run crossdiff analyze on this run")
     if "side" not in columns:
         part = [r.get("partition", "shared") for r in rows]
@@ -293,6 +305,16 @@ def write_stage(run: str | Path, stage: StageFile, rows: dict[int, dict]) -> Non
     write_text_atomic(Path(run) / stage.path, buf.getvalue())
 
 
+def read_behaviour(run: str | Path) -> dict[int, dict]:
+    """latent -> its verification/behaviour.csv row (numbers as floats, NaN where empty); {} without a
+    verification."""
+    out = {}
+    for latent, row in read_stage(run, BEHAVIOUR).items():
+        parsed = {k: (v if k in ("side", "verdict") else as_float(v)) for k, v in row.items()}
+        out[latent] = {"latent": latent, **parsed}
+    return out
+
+
 def load_results(run: str | Path, analysis: str | Path | None = None) -> LatentTable:
     """latents.csv of RUN/analysis (or `analysis`) joined with every stage file present in RUN. A stage
     file's columns replace same-named ones (older crossdiff versions appended steering to latents.csv)."""
@@ -326,6 +348,7 @@ __all__ = [
     "read_latents",
     "write_latents",
     "read_stage",
+    "read_behaviour",
     "write_stage",
     "load_results",
 ]

@@ -26,31 +26,6 @@ from torch import Tensor
 from ..inputs.align import align, tokenize
 
 
-def store_offsets(store) -> np.ndarray:
-    """Global row index of each shard's first row (plus the total at the end)."""
-    return np.cumsum([0] + [s["n_tokens"] for s in store.meta["shards"]])
-
-
-def heldout_texts(store, max_rows: int) -> list[str]:
-    """Texts of held-out chunks in store order, until their aligned rows reach `max_rows`."""
-    offsets = store_offsets(store)
-    texts, n = [], 0
-    for shard in range(len(store.meta["shards"])):
-        local_N = store.split_rows(shard, "heldout")
-        if len(local_N) == 0:
-            continue
-        chunk_N = store.rows(offsets[shard] + local_N)["chunk"]
-        chunk_ids, counts = np.unique(chunk_N, return_counts=True)
-        shard_texts = store.texts(shard)
-        for c, k in zip(chunk_ids.tolist(), counts.tolist()):
-            if c in shard_texts:
-                texts.append(shard_texts[c]["text"])
-                n += k
-            if n >= max_rows:
-                return texts
-    return texts
-
-
 @torch.no_grad()
 def aligned_activations(lms, layers, text: str, outlier_factor: float):
     """(ids (a, b) each (1, T), raw activations (x_a (P, D_a), x_b (P, D_b)), positions (a, b) (P,)).

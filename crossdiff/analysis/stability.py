@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
-from .results import exclusive_sides, load_results
+from .results import as_float, exclusive_sides, load_results
 
 DEFAULT_THRESHOLD = 0.7
 
 
 def _decoder(cc, model: str) -> tuple[torch.Tensor, np.ndarray]:
     """Unit decoder rows of `model` (M, D) and the latent index of each row."""
-    W = (cc.W_dec_a if model == "a" else cc.W_dec_b).detach().float().cpu()
-    latents = cc.partition.a_latents if model == "a" else cc.partition.b_latents
+    side = cc.side(model)
+    W, latents = side.W_dec.detach().float().cpu(), side.latents
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12), np.arange(latents.start, latents.stop)
 
 
@@ -42,13 +43,6 @@ def read_candidates(run: Path) -> list[dict]:
     """Alive exclusive candidates of an analysed run, best score first, with crossdiff verify's columns
     joined (a candidate is "verified" when its behavioural verdict is `difference`)."""
     return load_results(run).candidates()
-
-
-def _float(s) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def best_matches(ref_cc, other_cc, latents: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +106,7 @@ def seed_stability(
                     "verified": c.get("behaviour_verdict") == "difference",
                     "verdict": c["verdict"],
                     "reason": c.get("reason", ""),
-                    "score": _float(c["score"]),
+                    "score": as_float(c["score"]),
                     "reappears_in": sum(m["reappears"] for m in matches),
                     "matched_in": sum(m["cosine"] >= threshold for m in matches),
                     "of": len(matches),
@@ -178,7 +172,7 @@ def _summary(features: list[dict], n_other: int) -> dict:
 
 
 def write_stability(run: Path, table: dict) -> Path:
-    path = Path(run) / "stability.json"
+    path = runfolder.path(run, "stability")
     write_json_atomic(path, table)
     return path
 

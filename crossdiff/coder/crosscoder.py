@@ -41,64 +41,23 @@ from torch import Tensor, nn
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from . import sparse
+from .partition import Partition, _model
 from .sparsity import DEFAULT_SPARSITY, DFC, SPARSITIES, Select, Sparsity, get_sparsity
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "crosscoder.safetensors"
 CONFIG_FILE = "cfg.json"
-ALIGN = 64
-"""Exclusive partition sizes are rounded up to a multiple of this many latents (docs/training.md):
-then every GEMM operand, output view and offset of the partition is 64-aligned. cuBLAS falls back
-to a several-times slower kernel for unaligned column ranges (measured on an H200: the output view
-out[:, 3276:65536] at 276 TFLOP/s, out[:, 3328:65536] at 719)."""
-ALIGN_MIN_LATENTS = 256 * ALIGN
-"""Smaller dictionaries keep the exact count: there rounding up would move the exclusive fraction
-by more than 1/256 of the dictionary (5% of 4,096 = 205 would become 256, 6.25%)."""
 
 
-@dataclass(frozen=True)
-class Partition:
-    """Which latents are A-exclusive, shared and B-exclusive, laid out [A-excl | shared | B-excl]."""
+class ModelRecord(NamedTuple):
+    """One model's entry of a crosscoder's config (`CrosscoderConfig.model`)."""
 
-    n_latents: int
-    n_a_exclusive: int = 0
-    n_b_exclusive: int = 0
-
-    @classmethod
-    def from_fractions(cls, n_latents: int, frac_a: float, frac_b: float | None = None) -> Partition:
-        """round(D·frac) exclusive latents per model, rounded up to a multiple of ALIGN when D is a
-        multiple of ALIGN, at least ALIGN_MIN_LATENTS, and shared latents remain."""
-        frac_b = frac_a if frac_b is None else frac_b
-        exact = round(n_latents * frac_a), round(n_latents * frac_b)
-        aligned = tuple(-(-n // ALIGN) * ALIGN for n in exact)
-        if n_latents % ALIGN or n_latents < ALIGN_MIN_LATENTS or sum(aligned) >= n_latents:
-            return cls(n_latents, *exact)
-        return cls(n_latents, *aligned)
-
-    @property
-    def a_exclusive(self) -> range:
-        return range(0, self.n_a_exclusive)
-
-    @property
-    def shared(self) -> range:
-        return range(self.n_a_exclusive, self.n_latents - self.n_b_exclusive)
-
-    @property
-    def b_exclusive(self) -> range:
-        return range(self.n_latents - self.n_b_exclusive, self.n_latents)
-
-    @property
-    def a_latents(self) -> range:
-        """Latents that read x_A and write x̂_A (rows of W_enc_a / W_dec_a, in order)."""
-        return range(0, self.n_latents - self.n_b_exclusive)
-
-    @property
-    def b_latents(self) -> range:
-        return range(self.n_a_exclusive, self.n_latents)
-
-    @property
-    def is_dfc(self) -> bool:
-        return self.n_a_exclusive > 0 or self.n_b_exclusive > 0
+    id: str
+    layer: int | None
+    d: int
+    """Width of its activations."""
+    scale: float
+    """Normalisation scale: normalised = raw × scale."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +113,11 @@ class CrosscoderConfig:
     @property
     def partition(self) -> Partition:
         return Partition(self.n_latents, self.n_a_exclusive, self.n_b_exclusive)
+
+    def model(self, m: str) -> ModelRecord:
+        """Model m's id, layer, width and scale."""
+        m = _model(m)
+        return ModelRecord(*(getattr(self, f"{k}_{m}") for k in ("model", "layer", "d", "scale")))
 
     @property
     def rule(self) -> Sparsity:
@@ -246,6 +210,25 @@ class TrainOutput(NamedTuple):
     """BatchTopK: smallest kept decoder-norm-scaled value (the threshold EMA's sample)."""
 
 
+class Side(NamedTuple):
+    """One model's half of a crosscoder (`Crosscoder.side`): its parameters (views, not copies), its
+    scale, and the latents with a row in them (row i is latent `latents.start + i`)."""
+
+    W_enc: Tensor
+    """(M, D)"""
+    W_dec: Tensor
+    """(M, D) in normalised units; divide by `scale` for raw units."""
+    b_dec: Tensor
+    """(D,)"""
+    scale: float
+    latents: range
+
+    @property
+    def first(self) -> int:
+        """The latent of row 0."""
+        return self.latents.start
+
+
 class Crosscoder(nn.Module):
     """A crosscoder over two models of different widths; see the module docstring for units/layout."""
 
@@ -294,6 +277,15 @@ class Crosscoder(nn.Module):
     @property
     def partition(self) -> Partition:
         return self.cfg.partition
+
+    def side(self, m: str) -> Side:
+        """Model m's parameters, scale and latents (m: "a" or "b")."""
+        m = _model(m)
+        return Side(
+            *(getattr(self, f"{w}_{m}") for w in ("W_enc", "W_dec", "b_dec")),
+            getattr(self.cfg, f"scale_{m}"),
+            self.partition.latents(m),
+        )
 
     # ------------------------------------------------------------------ units
 

@@ -22,20 +22,23 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
+from ..core import runfolder
 from ..core.config import Shorthand, added, changed_settings, config_to_dict, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
 from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
+from .fve import evaluate
+from .runlog import STATE_FILE, Meter, MetricsLog, kept_note, latest_checkpoint, save_checkpoint
 from .sparsity import (
     DEFAULT_SPARSITY,
     DFC,
@@ -47,7 +50,6 @@ from .sparsity import (
     get_sparsity,
 )
 
-STATE_FILE = "trainer_state.pt"
 # Test hook: SIGKILL ourselves right after this step (tests/test_train.py proves resume with it).
 KILL_ENV = "CROSSDIFF_TEST_SIGKILL_AFTER_STEP"
 
@@ -356,7 +358,7 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
 
     device = st.since_fired_F.device
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
-    meter = _Meter()
+    meter = Meter()
     with tqdm(
         total=cfg.total_steps,
         initial=st.step,
@@ -383,7 +385,9 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
             meter.add(out, x_a, x_b)
             bar.update(1)
             if (st.step % cfg.log_every == 0 or st.step == cfg.total_steps) and st.is_main:
-                row = meter.flush(st, cfg)  # under torchrun: rank 0's slice, tokens/s of all ranks
+                row = meter.flush(
+                    st, cfg, _dead(st, cfg)
+                )  # under torchrun: rank 0's slice, tokens/s of all ranks
                 row["tokens_per_s"] *= st.dist.world if st.dist is not None else 1
                 log.write(row)
                 bar.set_postfix(
@@ -398,142 +402,7 @@ def fit(st: TrainState, batches: Iterable, cfg: TrainConfig, run: Path, log: Met
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kept_note(run: Path) -> str:
-    """What a failed run keeps: its last checkpoint (a rerun resumes from it), or nothing."""
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        return "no checkpoint had been written, so nothing of this run is kept"
-    return f"the last good checkpoint is kept ({ckpt.name}; rerun the same command to resume from it)"
-
-
-class _Meter:
-    """Running sums between two metrics lines (live FVE is on the training batches)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.col_sums: dict[str, torch.Tensor] = {}
-        self.t0, self.n_tokens = time.perf_counter(), 0
-
-    def add(self, out, x_a, x_b) -> None:
-        vals = {
-            "loss": out.loss.detach(),
-            "aux_loss": out.aux_loss,
-            "sse_a": out.sse_a,
-            "sse_b": out.sse_b,
-            "sumsq_a": x_a.double().pow(2).sum(),
-            "sumsq_b": x_b.double().pow(2).sum(),
-        }
-        for k, v in vals.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        # Variance about the mean of every row since the last line (as evaluate() centres), not of each
-        # batch: a batch of one row has no spread, and its FVE came out near -1e16.
-        for m, x in (("a", x_a), ("b", x_b)):
-            col = x.detach().double().sum(0)
-            self.col_sums[m] = col if m not in self.col_sums else self.col_sums[m] + col
-        self.sums["l0_tokens"] = self.sums.get("l0_tokens", 0.0) + out.l0 * x_a.shape[0]
-        self.sums["steps"] = self.sums.get("steps", 0) + 1
-        self.n_tokens += x_a.shape[0]
-
-    def flush(self, st: TrainState, cfg: TrainConfig) -> dict:
-        s, n = self.sums, max(1, self.n_tokens)
-        row = {
-            "step": st.step,
-            "tokens": st.step * cfg.batch_size,
-            "lr": cfg.lr_at(st.step - 1),
-            "loss": s["loss"] / s["steps"],
-            "aux_loss": s["aux_loss"] / s["steps"],
-            "fve_a": 1 - s["sse_a"] / max(self._variance("a"), 1e-12),
-            "fve_b": 1 - s["sse_b"] / max(self._variance("b"), 1e-12),
-            "l0": s["l0_tokens"] / n,
-            "threshold": float(st.model.threshold),
-            "dead_fraction": float((dead_F := _dead(st, cfg)).float().mean()),
-            **{
-                f"dead_fraction_{name}": float(dead_F[r.start : r.stop].float().mean())
-                for name, r in _blocks(st.model.partition)
-                if len(r) and st.model.partition.is_dfc
-            },
-            "tokens_per_s": n / (time.perf_counter() - self.t0),
-        }
-        self.__init__()
-        return row
-
-    def _variance(self, m: str) -> float:
-        """Σ ||x - mean||² over the rows since the last line."""
-        return self.sums[f"sumsq_{m}"] - float(self.col_sums[m].pow(2).sum()) / max(1, self.n_tokens)
-
-
 # ----------------------------------------------------------------------------- run folder
-
-
-class MetricsLog:
-    """metrics.jsonl plus optional wandb/tensorboard, imported lazily (no-op when not installed)."""
-
-    def __init__(self, run: Path, cfg: TrainConfig, resume_step: int):
-        self.path = run / "metrics.jsonl"
-        if self.path.exists():  # drop lines newer than the checkpoint we resume from
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln)["step"] <= resume_step
-            ]
-            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
-        self.backend = _optional_backend(cfg, run)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        if self.backend is not None:
-            self.backend(row)
-
-
-def _optional_backend(cfg: TrainConfig, run: Path):
-    try:
-        if cfg.logger == "wandb":
-            import wandb
-
-            wandb.init(
-                project="crossdiff", name=run.name, config=config_to_dict(cfg), resume="allow", id=run.name
-            )
-            return lambda row: wandb.log(row, step=row["step"])
-        if cfg.logger == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run / "tensorboard"))
-            return lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"]
-    except ImportError:
-        print(
-            f"warning: --logger {cfg.logger} is not installed; logging to metrics.jsonl only", file=sys.stderr
-        )
-    return None
-
-
-def save_checkpoint(run: Path, st: TrainState) -> Path:
-    """Write checkpoints/step-N via a temporary folder renamed into place; then drop older ones."""
-    ckpts = run / "checkpoints"
-    final, tmp = ckpts / f"step-{st.step:09d}", ckpts / f".tmp-step-{st.step:09d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        st.model.save_pretrained(tmp)
-        # Through a file object: torch.save to a path turns a full disk into an opaque RuntimeError.
-        write_with_atomic(tmp / STATE_FILE, lambda p: _save_torch(st.state_dict(), p))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:  # a failed write (full disk) leaves no half-written checkpoint folder
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in ckpts.iterdir():
-        if old != final and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _save_torch(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
-    return found[-1] if found else None
 
 
 def _new_state(model: Crosscoder, device) -> TrainState:
@@ -595,7 +464,7 @@ def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
             raise CrossdiffError(
                 f"{run} holds a run with other settings ({detail}); use another --out or the same options"
             )
-        if (run / "eval.json").is_file() or saved == mine:
+        if runfolder.exists(run, "eval") or saved == mine:
             return
     elif run.exists() and any(run.iterdir()):
         raise CrossdiffError(f"{run} exists and is not a crossdiff training run; choose another --out")
@@ -636,14 +505,14 @@ def train(cfg: TrainConfig) -> dict:
             ctx.barrier()
             if cfg.batch_size < ctx.world:
                 raise CrossdiffError(f"--batch-size {cfg.batch_size} is below the {ctx.world} ranks")
-        if (ctx is None or ctx.is_main) and not (run / "eval.json").is_file():
+        if (ctx is None or ctx.is_main) and not runfolder.exists(run, "eval"):
             for warning in short_run_warnings(cfg):
                 print(f"warning: {warning}", file=sys.stderr)
-        if (run / "eval.json").is_file():
+        if runfolder.exists(run, "eval"):
             print(
-                f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {run / 'eval.json'}"
+                f"{run} is already finished ({cfg.tokens:,} tokens); nothing to do. Results: {runfolder.path(run, 'eval')}"
             )
-            return json.loads((run / "eval.json").read_text())
+            return runfolder.read(run, "eval")
         store = Store.open(cfg.store)
         if (ctx is None or ctx.is_main) and (warning := uncentred_store_warning(store)):
             print(f"warning: {warning}", file=sys.stderr)
@@ -657,7 +526,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 SHORT_RUN_STEPS = 200
-"""Fewer optimizer steps than this draw a warning (the small diff budget trains 390: docs/diff.md)."""
+"""Fewer optimizer steps than this draw a warning (the small diff budget trains 1,172: 1.2M tokens at
+batch 1,024, crossdiff/budget.py)."""
 
 
 def short_run_warnings(cfg: TrainConfig) -> list[str]:
@@ -716,68 +586,10 @@ def _train(cfg: TrainConfig, run: Path, store, device, ctx) -> dict:
     result.update(
         tokens_trained=st.step * cfg.batch_size, steps=st.step, seconds_this_session=time.perf_counter() - t0
     )
-    write_json_atomic(run / "eval.json", result)
+    write_json_atomic(runfolder.path(run, "eval"), result)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     print(json.dumps(result, indent=2))
     return result
-
-
-@torch.no_grad()
-def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
-    """Held-out FVE per model (1 - Σ||x-x̂||² / Σ||x-mean||²), L0 and dead fraction, inference encoder."""
-    batches = store.batches(min(cfg.batch_size, 1024), split="heldout", shuffle=False, epochs=1)
-    sums = {m: {"sse": 0.0, "sumsq": 0.0, "sum": None} for m in "ab"}
-    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool, device=device)
-    n = active = 0
-    for x_a, x_b in _take(batches, cfg.heldout_tokens):
-        x_a, x_b = x_a.to(device), x_b.to(device)
-        f_BF = model.encode(x_a, x_b)
-        x_hat = model.decode(f_BF)
-        for m, x, xh in (("a", x_a, x_hat[0]), ("b", x_b, x_hat[1])):
-            s = sums[m]
-            s["sse"] += float((x - xh).double().pow(2).sum())
-            s["sumsq"] += float(x.double().pow(2).sum())
-            s["sum"] = x.double().sum(0) if s["sum"] is None else s["sum"] + x.double().sum(0)
-        fired_F |= (f_BF > 0).any(0)
-        active += int((f_BF > 0).sum())
-        n += x_a.shape[0]
-    if n == 0:
-        raise CrossdiffError(f"the store {store.root} has no held-out tokens to evaluate on")
-    fve = {
-        m: 1 - s["sse"] / max(s["sumsq"] - float(s["sum"].pow(2).sum()) / n, 1e-12) for m, s in sums.items()
-    }
-    dead = {
-        name: float((~fired_F[r.start : r.stop]).float().mean()) if len(r) else None
-        for name, r in _blocks(model.partition)
-    }
-    return {
-        "fve_a": fve["a"],
-        "fve_b": fve["b"],
-        "l0": active / n,
-        "dead_fraction": float((~fired_F).float().mean()),
-        "dead_fraction_by_partition": dead,
-        "heldout_tokens": n,
-        "threshold": float(model.threshold),
-        "arch": cfg.arch,
-        "sparsity": cfg.sparsity,
-        "exclusive_latents": [model.cfg.n_a_exclusive, model.cfg.n_b_exclusive],
-        "latents": cfg.latents,
-        "k": cfg.k,
-    }
-
-
-def _blocks(part: Partition) -> tuple[tuple[str, range], ...]:
-    return (("a_exclusive", part.a_exclusive), ("shared", part.shared), ("b_exclusive", part.b_exclusive))
-
-
-def _take(batches: Iterator, n_tokens: int) -> Iterator:
-    seen = 0
-    for x_a, x_b in batches:
-        if seen >= n_tokens:
-            return
-        keep = min(x_a.shape[0], n_tokens - seen)
-        seen += keep
-        yield x_a[:keep], x_b[:keep]
 
 
 __all__ = ["TrainConfig", "TrainState", "train", "fit", "train_step", "evaluate"]

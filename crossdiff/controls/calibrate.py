@@ -40,8 +40,17 @@ import numpy as np
 import torch
 
 from ..analysis.results import read_latents
-from ..budget import Budget, analyze_config, get_budget, harvest_config, train_config, verify_config
-from ..core.config import settings, where
+from ..budget import (
+    Budget,
+    analyze_config,
+    budget_help,
+    get_budget,
+    harvest_config,
+    train_config,
+    verify_config,
+)
+from ..core import runfolder
+from ..core.config import help_from, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -80,8 +89,8 @@ class CalibrateConfig:
     """Model B for a new harvest (default gemma3-270m); when DIR/store exists it must be the store's model B."""
     corpus: str = "brown"
     """Text source of a new harvest: brown, a .txt file or folder, jsonl:PATH:FIELD, or hf:NAME[:CONFIG][:SPLIT]."""
-    budget: Literal["small", "medium", "large"] = "small"
-    """Compute budget of every stage (crossdiff/budget.py); small: 100k tokens, 4096 latents."""
+    budget: Literal["small", "medium", "large"] = help_from("small", budget_help)
+    """Compute budget of every stage (crossdiff/budget.py)."""
     archs: tuple[str, ...] = ARCHS
     """Crosscoders to calibrate: dfc (the method crossdiff diff uses) and/or batchtopk (the standard crosscoder)."""
     seed: int = 0
@@ -136,7 +145,7 @@ def base_store(cfg: CalibrateConfig, b: Budget):
     from ..inputs.store import Store
 
     path = Path(cfg.out) / "store"
-    if (path / "meta.json").is_file():
+    if runfolder.exists(path, "meta"):
         store = Store.open(path)
         for flag, want, key in (("--model", cfg.model, "a"), ("--model-b", cfg.model_b, "b")):
             have = store.meta["models"][key]["id"]
@@ -209,7 +218,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
             Stage(
                 f"derive {control}",
                 lambda p=path, c=ctl: derive_store(store, p, c) and None,
-                done=lambda p=path: (p / "meta.json").is_file(),
+                done=lambda p=path: runfolder.exists(p, "meta"),
             )
         )
     for control in CONTROLS:
@@ -224,7 +233,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"train {control}-{arch}",
                     lambda t=tcfg: train(t) and None,
-                    done=lambda r=run: (r / "eval.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "eval"),
                 )
             )
             stages.append(
@@ -232,7 +241,7 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                     f"analyse {control}-{arch}",
                     lambda a=acfg: analyze(a) and None,
                     {"rules": RULES_VERSION},  # new candidate / verdict rules redo the analyses
-                    done=lambda r=run: (r / "analysis" / "summary.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "analysis"),
                 )
             )
             vcfg = verify_config(b, run, path, device=cfg.device)
@@ -241,23 +250,13 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                     f"verify {control}-{arch}",
                     lambda v=vcfg: verify(v) and None,
                     {"rules": RULES_VERSION, **settings(vcfg)},
-                    done=lambda r=run: (r / "verification" / "summary.json").is_file(),
+                    done=lambda r=run: runfolder.exists(r, "verification"),
                 )
             )
     return stages
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def top_rows(run: Path, latent: int) -> list[int]:
-    """Store rows of a latent's top examples: features/<latent>.json, else the analysis's cached pass."""
-    feat = run / "analysis" / "features" / f"{latent}.json"
-    if feat.is_file():
-        return [int(e["row"]) for e in json.loads(feat.read_text()).get("examples", [])]
-    saved = torch.load(run / "analysis" / "pass.pt", weights_only=True)["result"]
-    vals, rows = saved["top_values_KF"][:, latent], saved["top_rows_KF"][:, latent]
-    return [int(r) for v, r in zip(vals.tolist(), rows.tolist()) if v > 0 and r >= 0]
 
 
 def decoder_cosines(run: Path, direction: torch.Tensor) -> np.ndarray:
@@ -275,7 +274,9 @@ def decoder_cosines(run: Path, direction: torch.Tensor) -> np.ndarray:
 
 def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.ndarray, j: int) -> dict:
     r = table[j]
-    rows = top_rows(run, j)
+    from ..analysis.analyze import top_rows
+
+    rows = top_rows(run / "analysis", j)
     on = float(np.mean(planted_N[rows])) if rows else 0.0
     info = {"latent": j, "cosine": float(cos_F[j]), "top_on_words": on, "n_top": len(rows)}
     info.update({k: r[k] for k in ("partition", "verdict", "reason")})
@@ -295,7 +296,7 @@ def _latent_info(run: Path, table: list[dict], cos_F: np.ndarray, planted_N: np.
 
 def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -> dict:
     """Discovery of the planted direction by an A-exclusive candidate, and its behavioural verdict."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     latents = read_latents(run / "analysis")
     table = latents.rows
@@ -333,7 +334,7 @@ def positive_result(run: Path, direction: torch.Tensor, planted_N: np.ndarray) -
 
 def negative_result(runs: dict[str, Path]) -> dict:
     """`difference`s found in the self and rotated diffs (false positives), with the candidate counts."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     out = {}
     for control, run in runs.items():
@@ -349,7 +350,7 @@ def negative_result(runs: dict[str, Path]) -> dict:
 
 def _verdicts(run: Path) -> dict[str, int]:
     """How many candidates got each behavioural verdict."""
-    from ..analysis.verify import read_behaviour
+    from ..analysis.results import read_behaviour
 
     out: dict[str, int] = {}
     for r in read_behaviour(run).values():
@@ -430,7 +431,7 @@ def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
         "seconds": log.seconds(),
         "seconds_this_session": round(time.perf_counter() - start, 1),
     }
-    from ..analysis.evidence import jsonable
+    from ..core.fsutil import jsonable
 
     result = jsonable(result)
     write_json_atomic(Path(cfg.out) / "calibration.json", result)

@@ -23,6 +23,8 @@ import math
 import re
 from pathlib import Path
 
+from ..analysis.results import as_float
+
 CONTEXT_TOP = 10
 """Top examples of a latent read for its contexts."""
 CONTEXT_SHARE = 0.5
@@ -55,14 +57,6 @@ def context_share(doc: dict | None, judge) -> tuple[float, int]:
     return sum(stance_context(e, judge) for e in ex) / len(ex), len(ex)
 
 
-def _num(v) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return x
-
-
 def _feature(run: Path, latent: int) -> dict | None:
     p = run / "analysis" / "features" / f"{latent}.json"
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
@@ -75,7 +69,9 @@ def find_stance_latent(run: Path, judge) -> dict:
 
     rows = load_results(run).rows
     cands = [r for r in rows if r.get("side") == "a"]
-    cands.sort(key=lambda r: -_num(r.get("score")) if math.isfinite(_num(r.get("score"))) else math.inf)
+    cands.sort(
+        key=lambda r: -as_float(r.get("score")) if math.isfinite(as_float(r.get("score"))) else math.inf
+    )
     scored = []
     for rank, r in enumerate(cands, 1):
         share, n = context_share(_feature(run, int(r["latent"])), judge)
@@ -83,8 +79,8 @@ def find_stance_latent(run: Path, judge) -> dict:
     diffs = [r for r in rows if r.get("behaviour_verdict") == "difference"]
     diffs.sort(
         key=lambda r: (
-            -_num(r.get("behaviour_gap_closed"))
-            if math.isfinite(_num(r.get("behaviour_gap_closed")))
+            -as_float(r.get("behaviour_gap_closed"))
+            if math.isfinite(as_float(r.get("behaviour_gap_closed")))
             else math.inf
         )
     )
@@ -161,7 +157,7 @@ def _sha(path: Path) -> str:
 def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     """Steering on neutral prompts and ablation on held-out topic prompts, on the organism itself."""
     from ..analysis.chatsteer import ablate_behaviour, steer_behaviour
-    from ..analysis.steer import latent_direction
+    from ..analysis.hooks import latent_direction
     from ..coder.crosscoder import Crosscoder
     from ..core.runtime import resolve_device
     from ..inputs.models import load_model

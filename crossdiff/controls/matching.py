@@ -25,8 +25,9 @@ Classification (`classify`) calls the analysis's own functions and restates no r
   crosscoder by its share alone).
 
 Verified metrics: `exclusive_metrics(..., verified_F=...)` also scores only the exclusive latents that
-pass verification (docs/design.md §5, a probe from the other model's activations). Verification does not
-exist yet (the analysis issue); until then those fields are None.
+pass a verification: the toy benchmark's is the probe from the other model's activations
+(crossdiff/controls/toybench.py `verify_run`; there are no models to ablate, so `crossdiff verify`
+cannot run on synthetic data). Without `verified_F` those fields are None.
 
 Legend: F learned latents, G ground-truth features, D one model's width, P eligible pairs.
 """
@@ -38,7 +39,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from ..analysis.results import EXCLUSIVE_THRESHOLD, exclusive_sides, partitions
+from ..analysis.results import EXCLUSIVE_THRESHOLD, candidate_sides, exclusive_sides, partitions
 from ..coder.functional import classify_by_share
 from .synthetic import A_ONLY, B_ONLY, SHARED, GroundTruth
 
@@ -135,10 +136,8 @@ def classify(
     membership alone. union: `exclusive_sides` without the share. functional: partition ∪ share
     (a standard crosscoder: the share alone).
     """
-    part_F = partitions(model)
-    by_part_F = classes_of_sides(
-        np.where(part_F == "a_exclusive", "a", np.where(part_F == "b_exclusive", "b", ""))
-    )
+    part_F = partitions(model)  # the analysis's rule (results.candidate_sides) with no norm: partitions alone
+    by_part_F = classes_of_sides(candidate_sides(part_F, np.full(len(part_F), np.nan), threshold))
     if method == "partition" or (method == "auto" and model.partition.is_dfc):
         return by_part_F
     if method in ("auto", "union"):
@@ -241,19 +240,6 @@ def exclusive_metrics(
         out["exclusive_recall_verified"] = ver["exclusive_recall"]
         out["exclusive_precision_verified"] = ver["exclusive_precision"]
     return out
-
-
-@torch.no_grad()
-def alive_latents(model, batches, max_tokens: int = 65536) -> np.ndarray:
-    """Latents that fire at least once (inference encoder) on up to `max_tokens` normalised tokens."""
-    fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
-    seen = 0
-    for x_a, x_b in batches:
-        fired_F |= (model.encode(x_a, x_b) > 0).any(0).cpu()
-        seen += x_a.shape[0]
-        if seen >= max_tokens:
-            break
-    return fired_F.numpy()
 
 
 def score_crosscoder(

@@ -38,7 +38,7 @@ import torch
 
 from ..analysis.results import read_latents
 from ..coder.sparsity import DEFAULT_SPARSITY, DFC, NAMES, arch_name
-from ..core import config
+from ..core import config, runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -207,7 +207,7 @@ class SeedData:
         """The seed's store, regenerated unless a complete one with the same settings exists."""
         want = json.loads(json.dumps({**self.gen.describe(), "n_tokens": self.cfg.store_tokens}))
         spec = self.root / "synthetic.json"
-        if (self.root / "meta.json").is_file() and spec.is_file() and json.loads(spec.read_text()) == want:
+        if runfolder.exists(self.root, "meta") and spec.is_file() and json.loads(spec.read_text()) == want:
             return self.root
         shutil.rmtree(self.root, ignore_errors=True)
         _log(
@@ -256,9 +256,9 @@ def verify_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[np.ndarr
 
     want = verify_settings(cfg)
     out = run / "analysis"
-    saved = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
+    saved = runfolder.read(run, "analysis_settings", {})
     fresh = (
-        (out / "summary.json").is_file()
+        runfolder.exists(run, "analysis")
         and (out / "latents.csv").is_file()
         and all(saved.get("settings", {}).get(k) == v for k, v in want.items())
         and (out / "latents.csv").stat().st_mtime_ns >= (run / "crosscoder.safetensors").stat().st_mtime_ns
@@ -378,8 +378,8 @@ def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
         # A record of any version: its training settings read as TrainConfig's (see config.settings_of).
         if {**config.settings_of(type(tcfg), saved), **{k: saved.get(k) for k in scoring}} == settings:
             return record
-    if (run / "eval.json").is_file():  # finished: re-score only (no store, no training)
-        ev = json.loads((run / "eval.json").read_text())
+    if runfolder.exists(run, "eval"):  # finished: re-score only (no store, no training)
+        ev = runfolder.read(run, "eval")
     else:
         tcfg = train_config(cfg, data.store_path(), run, method, data.seed)
         with contextlib.redirect_stdout(io.StringIO()):  # train prints its eval.json; we summarise

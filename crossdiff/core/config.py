@@ -84,6 +84,8 @@ def add_config_arguments(
             continue
         tp, optional = _base_type(hints[f.name])
         help_text = docs.get(f.name, "")
+        if "help_from" in f.metadata:  # facts kept in a table elsewhere (the budgets), never restated
+            help_text = f"{help_text} {f.metadata['help_from']()}".strip()
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else None
         if has_default and default is not None and tp is not bool:
@@ -150,6 +152,12 @@ def added(default, **metadata):
     """A result-changing field added after folders were first written: left out of the settings at its
     default, so that a folder written before the field existed keeps matching."""
     return dataclasses.field(default=default, metadata={"added": True, **metadata})
+
+
+def help_from(default, table: Callable[[], str]):
+    """A field whose --help ends with `table()`: text built from the definitions it describes (the
+    budgets' sizes from crossdiff/budget.py), so the help cannot drift from them."""
+    return dataclasses.field(default=default, metadata={"help_from": table})
 
 
 def in_part(default, *parts: str):

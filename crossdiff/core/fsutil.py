@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -123,3 +124,18 @@ def os_error_message(e: OSError, path: str | Path | None = None) -> str | None:
 def explain_os_error(e: OSError, path: str | Path | None = None) -> CrossdiffError:
     """The one-line CrossdiffError for an operating-system error (see os_error_message)."""
     return CrossdiffError(os_error_message(e, path) or f"{path}: {e.strerror or e}")
+
+
+def jsonable(v):
+    """JSON-ready: numpy scalars to Python, NaN/inf to null (strict JSON parsers reject NaN)."""
+    import numpy as np
+
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

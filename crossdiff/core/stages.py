@@ -44,8 +44,6 @@ class StageLog:
         self.path = Path(path)
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    fingerprint = staticmethod(fingerprint)
-
     def finished(self, stage: Stage) -> bool:
         rec = self.done.get(stage.name)
         if not isinstance(rec, dict):

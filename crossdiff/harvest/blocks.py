@@ -64,7 +64,7 @@ class Sync(Protocol):
 
 
 class Solo:
-    """The single-process stand-in for distributed.DistContext."""
+    """The single-process stand-in for crossdiff.core.torchrun.Group."""
 
     rank, world = 0, 1
 

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.config import settings, settings_of, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import explain_os_error, os_error_message, write_json_atomic
@@ -48,9 +49,9 @@ from ..inputs.store import (
     finalize,
     normalisation,
     remove_partial_shards,
-    store_problems,
     write_shard,
 )
+from ..inputs.storefiles import store_problems
 from . import ranks
 from .blocks import Item, Resume, Schedule, Solo, Sync
 
@@ -123,16 +124,16 @@ def harvest(cfg: HarvestConfig) -> Store:
     Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) each rank harvests its share of the corpus
     into STORE/ranks/R/ and rank 0 then merges the shards into the one store (ranks.py).
     """
-    from ..coder import distributed
+    from ..core import torchrun
 
-    device = resolve_device(distributed.local_device(cfg.device))
-    ctx = distributed.from_env(device.type)
+    device = resolve_device(torchrun.local_device(cfg.device))
+    ctx = torchrun.join(device.type)
     try:
         store = _harvest(cfg, device, ctx)
     except BaseException:
-        distributed.leave(ctx)  # no final barrier: the other ranks may be waiting in an exchange
+        torchrun.leave(ctx)  # no final barrier: the other ranks may be waiting in an exchange
         raise
-    distributed.shutdown(ctx)
+    torchrun.shutdown(ctx)
     return store
 
 
@@ -154,7 +155,7 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     if complete and not bad:
         if ctx is None or ctx.is_main:
             shutil.rmtree(root / "ranks", ignore_errors=True)  # left by a merge killed at its very end
-            meta = json.loads((root / "meta.json").read_text())
+            meta = runfolder.read(root, "meta")
             print(
                 f"{root} is already complete ({meta['n_tokens']:,} aligned pairs, {len(meta['shards'])} shards verified)"
             )
@@ -200,7 +201,7 @@ def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> tuple[bool, l
 def damaged_shards(root: Path) -> list[int]:
     """Indices of a complete store's shards that fail their size or sha256 check, each damaged file
     reported on stderr. A harvest rerun re-harvests them."""
-    meta = json.loads((root / "meta.json").read_text())
+    meta = runfolder.read(root, "meta")
     problems = store_problems(root, meta)
     for _, path, problem in problems:
         print(f"damaged: {path} ({problem})", file=sys.stderr)
@@ -216,7 +217,7 @@ def damaged_shards(root: Path) -> list[int]:
 def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int]) -> None:
     """Re-harvest damaged shards in place (each from where the shard before it left the stream, so
     the bytes are the ones first written), then meta.json again."""
-    start, meta = time.perf_counter(), json.loads((root / "meta.json").read_text())
+    start, meta = time.perf_counter(), runfolder.read(root, "meta")
     for index in bad:
         print(f"re-harvesting shard {meta['shards'][index]['name']} of {root}", file=sys.stderr)
         _write_shards(root, cfg, corpus, lms, layers, Solo(), cfg.max_tokens, False, only=index)
@@ -231,7 +232,7 @@ def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int])
 
 def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
     """True if a complete store with these settings exists; refuse other settings unless overwrite."""
-    settings_path = root / "settings.json"
+    settings_path = runfolder.path(root, "settings")
     if root.exists() and not settings_path.is_file() and any(root.iterdir()):
         if not cfg.overwrite:
             raise CrossdiffError(
@@ -247,7 +248,7 @@ def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
                 )
             shutil.rmtree(root)
             return False
-        if (root / "meta.json").is_file():
+        if runfolder.exists(root, "meta"):
             return True
         problem = ranks.world_mismatch(root, world)
         if problem and not cfg.overwrite:
@@ -258,7 +259,7 @@ def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
 
 
 STORE_DIR = "{store}/"
-"""How settings.json writes the store's own folder at the head of a corpus path (store.harvest_command
+"""How settings.json writes the store's own folder at the head of a corpus path (storefiles.harvest_command
 puts the folder back)."""
 
 
@@ -280,7 +281,7 @@ def recorded_settings(cfg: HarvestConfig) -> dict:
 def _prepare(root: Path, cfg: HarvestConfig, lms) -> None:
     """The store's folder, settings.json and both tokenizers (before any shard)."""
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "settings.json", recorded_settings(cfg))
+    write_json_atomic(runfolder.path(root, "settings"), recorded_settings(cfg))
     for key, lm in zip("ab", lms):
         if not (root / "tokenizers" / key / "tokenizer_config.json").is_file():
             tmp = root / "tokenizers" / f".{key}.tmp"

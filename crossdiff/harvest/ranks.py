@@ -23,7 +23,8 @@ import shutil
 from pathlib import Path
 
 from ..core.fsutil import write_json_atomic
-from ..inputs.store import completed_shards, remove_partial_shards, shard_name
+from ..inputs.store import completed_shards, remove_partial_shards
+from ..inputs.storefiles import shard_name
 
 
 def rank_dir(root: Path, rank: int) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
 from .store import (
@@ -43,8 +44,8 @@ from .store import (
     file_record,
     normalisation,
     remove_partial_shards,
-    shard_name,
 )
+from .storefiles import shard_name
 
 CONTROLS = ("planted", "random", "self", "rotated")
 PLANTS = ("planted", "random")
@@ -261,10 +262,10 @@ def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: b
     out = Path(out)
     settings = control.settings(base)
     _check_existing(out, settings, overwrite)
-    if (out / "meta.json").is_file():
+    if runfolder.exists(out, "meta"):
         return Store.open(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "settings.json", settings)
+    write_json_atomic(runfolder.path(out, "settings"), settings)
     extra = _extras(control, base, out)
     done = completed_shards(out)
     remove_partial_shards(out, len(done))
@@ -293,12 +294,12 @@ def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: b
         ],
         "derived": {"control": control.name, "base": str(base.root), **extra["meta"]},
     }
-    write_json_atomic(out / "meta.json", meta)
+    write_json_atomic(runfolder.path(out, "meta"), meta)
     return Store.open(out)
 
 
 def _check_existing(out: Path, settings: dict, overwrite: bool) -> None:
-    path = out / "settings.json"
+    path = runfolder.path(out, "settings")
     if not out.exists() or (not path.is_file() and not any(out.iterdir())):
         return
     if path.is_file() and json.loads(path.read_text()) == settings:

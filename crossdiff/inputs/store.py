@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -32,8 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
+from .storefiles import (
+    damaged,
+    harvest_files_missing,
+    safetensors_problem,
+    shard_name,
+    shard_problems,
+)
 
 FORMAT_VERSION = 1
 HELDOUT_FRAC = 0.05
@@ -45,10 +52,6 @@ def heldout_mask(chunk_N: np.ndarray, frac: float = HELDOUT_FRAC) -> np.ndarray:
     """Held-out rows are whole chunks picked by a fixed hash, so no text is in both splits."""
     h = (chunk_N.astype(np.uint64) * np.uint64(2654435761) + np.uint64(40503)) % np.uint64(2**32)
     return h.astype(np.float64) / 2**32 < frac
-
-
-def shard_name(index: int) -> str:
-    return f"{index:05d}"
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def finalize(root: Path, meta: dict, *, heldout_frac: float = HELDOUT_FRAC) -> d
         raise CrossdiffError(
             "no aligned tokens were produced; check that the corpus has text both tokenizers can read"
         )
-    write_json_atomic(Path(root) / "meta.json", meta)
+    write_json_atomic(runfolder.path(root, "meta"), meta)
     return meta
 
 
@@ -255,107 +258,9 @@ def write_synthetic_store(
     return Store.open(root)
 
 
-# --- integrity -------------------------------------------------------------------------------------
-
-SHARD_FILES = ("safetensors", "texts.jsonl")
 # A normalised activation has E||x||² = d and rows above 10x the median norm are dropped at harvest,
 # so no coordinate comes near this; random bytes read as bf16 exceed it in ~40% of values.
 MAX_ABS_NORMALISED = 1e5
-
-
-def harvest_command(root: str | Path) -> str:
-    """The command that finishes or repairs the store: the harvest rerun with its settings.json."""
-    root = Path(root)
-    try:
-        settings = json.loads((root / "settings.json").read_text())
-    except (OSError, ValueError):
-        return f"recreate {root} the way it was made (it has no readable settings.json)"
-    parts = ["crossdiff", "harvest", "--out", shlex.quote(str(root))]
-    for key, value in settings.items():
-        if value is not None:  # a corpus path recorded relative to the store gets the store's folder
-            value = str(value).replace("{store}/", f"{root}/")
-            parts += [f"--{key.replace('_', '-')}", shlex.quote(value)]
-    return " ".join(parts)
-
-
-def damaged(path: Path, reason: str, root: Path) -> CrossdiffError:
-    """The one-line error of every reader that meets a damaged store file."""
-    return CrossdiffError(f"{path} is damaged ({reason}); repair the store with: {harvest_command(root)}")
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file cannot be complete (unreadable header, shorter than its header says)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size:
-                return f"header length {header_len:,} exceeds the file's {size:,} bytes"
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except FileNotFoundError:
-        return "missing"
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"unreadable header: {type(e).__name__}"
-    expected = 8 + header_len + end
-    return None if size == expected else f"{size:,} bytes, its header describes {expected:,}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
-def shard_problems(root: Path, entry: dict, *, checksums: bool) -> list[tuple[Path, str]]:
-    """(file, what is wrong) for a shard-table entry (meta.json) or a shard's own .json.
-
-    Sizes and sha256 come from the record written with the shard; stores written before records
-    existed (no "files") get the check their safetensors header allows (the size it describes)."""
-    out = []
-    name = entry.get("name", shard_name(entry.get("index", 0)))
-    for ext in SHARD_FILES:
-        path = Path(root) / "shards" / f"{name}.{ext}"
-        record = entry.get("files", {}).get(ext)
-        if not path.is_file():
-            out.append((path, "missing"))
-        elif record is None:
-            problem = safetensors_problem(path) if ext == "safetensors" else None
-            if problem:
-                out.append((path, problem))
-        elif (size := path.stat().st_size) != record["bytes"]:
-            out.append((path, f"{size:,} bytes, {record['bytes']:,} were written"))
-        elif checksums and sha256_file(path) != record["sha256"]:
-            out.append((path, "its sha256 differs from the one recorded when it was written"))
-    return out
-
-
-def harvest_files_missing(root: Path, meta: dict) -> list[Path]:
-    """settings.json and both tokenizers, if missing from a harvested store (any store but one of
-    `write_synthetic_store`, whose corpus is "synthetic"): such a store is damaged, never synthetic."""
-    if meta.get("corpus") == "synthetic":
-        return []
-    wanted = [root / "settings.json"] + [root / "tokenizers" / k / "tokenizer_config.json" for k in "ab"]
-    return [p if p.name == "settings.json" else p.parent for p in wanted if not p.is_file()]
-
-
-def store_problems(root: Path, meta: dict) -> list[tuple[int, Path, str]]:
-    """(shard index, file, what is wrong) over a complete store: sizes and sha256 of every shard's
-    files, and each shard's .json against meta.json's table. Reads the whole store once."""
-    out = []
-    for i, entry in enumerate(meta["shards"]):
-        problems = shard_problems(root, entry, checksums=True)
-        own = Path(root) / "shards" / f"{entry['name']}.json"
-        try:
-            stats = json.loads(own.read_text())
-            if stats.get("files") != entry.get("files") or stats.get("n_tokens") != entry["n_tokens"]:
-                problems.append((own, "it disagrees with meta.json"))
-        except (OSError, ValueError) as e:
-            problems.append((own, f"unreadable: {type(e).__name__}"))
-        out += [(i, path, problem) for path, problem in problems]
-    return out
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -414,9 +319,9 @@ class Store:
     @classmethod
     def open(cls, path: str | Path) -> Store:
         root = Path(path)
-        meta_path = root / "meta.json"
+        meta_path = runfolder.path(root, "meta")
         if not meta_path.is_file():
-            if (root / "settings.json").is_file():
+            if runfolder.exists(root, "settings"):
                 raise CrossdiffError(
                     f"the store {root} is incomplete (its harvest was interrupted); rerun the same harvest command to finish it"
                 )
@@ -445,7 +350,7 @@ class Store:
         if given is not None:
             return cls.open(given)
         root = Path(recorded)
-        if not (root / "meta.json").is_file() and not (root / "settings.json").is_file():
+        if not runfolder.exists(root, "meta") and not runfolder.exists(root, "settings"):
             raise CrossdiffError(
                 f"{record} records the store {root}, which is not there (the run or the store was moved); "
                 "pass --store with the store's path"
@@ -461,9 +366,55 @@ class Store:
     scale_a = property(lambda self: float(self.model_a["scale"]))
     scale_b = property(lambda self: float(self.model_b["scale"]))
 
+    @property
+    def outlier_factor(self) -> float:
+        """The harvest's --outlier-factor (its settings.json), 10 for a store without one (synthetic):
+        later stages drop the same massive-activation rows when they rerun the models."""
+        return (runfolder.read(self.root, "settings") or {}).get("outlier_factor", 10.0)
+
     @cached_property
-    def _offsets(self) -> np.ndarray:
+    def offsets(self) -> np.ndarray:
+        """Global row index of each shard's first row (plus the total at the end)."""
         return np.cumsum([0] + [s["n_tokens"] for s in self.meta["shards"]])
+
+    def row_batches(self, batch_size: int, max_rows: int | None = None, heldout_only: bool = False):
+        """(global rows, held-out flags) per batch of at most `batch_size`, shard by shard in store
+        order, over the first `max_rows` rows (all: None); with `heldout_only`, their held-out rows."""
+        limit = min(max_rows or self.n_tokens, self.n_tokens)
+        for shard in range(len(self.meta["shards"])):
+            n_s = int(min(self.offsets[shard + 1], limit) - self.offsets[shard])
+            if n_s <= 0:
+                break
+            held_N = np.zeros(n_s, dtype=bool)
+            h = self.split_rows(shard, "heldout")
+            held_N[h[h < n_s]] = True
+            local_N = np.flatnonzero(held_N) if heldout_only else np.arange(n_s)
+            for i in range(0, len(local_N), batch_size):
+                sel = local_N[i : i + batch_size]
+                yield self.offsets[shard] + sel, held_N[sel]
+            # Drop the shard's memory maps: pages read through them count in this process's RSS, and
+            # up to _MAX_OPEN shards stay mapped; one at a time bounds it by one shard's bytes.
+            self.release(shard)
+
+    def heldout_chunks(self, max_rows: int):
+        """(chunk id, text) of the held-out chunks in store order, each taken whole, while the aligned
+        rows of those taken stay below `max_rows` (none for 0): the one walk over held-out text that
+        verification and the splice-in evaluation share."""
+        n = 0
+        for shard in range(len(self.meta["shards"])):
+            local_N = self.split_rows(shard, "heldout")
+            if n >= max_rows:
+                return
+            if len(local_N) == 0:
+                continue
+            chunk_ids, counts = np.unique(
+                self.rows(self.offsets[shard] + local_N)["chunk"], return_counts=True
+            )
+            texts = self.texts(shard)
+            for c, k in zip(chunk_ids.tolist(), counts.tolist()):
+                if c in texts and n < max_rows:
+                    yield c, texts[c]["text"]
+                    n += k
 
     def _shard(self, i: int) -> dict[str, np.memmap]:
         if i in self._open:
@@ -510,8 +461,8 @@ class Store:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
             raise IndexError(f"row index out of range for a store of {self.n_tokens} rows")
-        shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        return shard, idx - self._offsets[shard]
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        return shard, idx - self.offsets[shard]
 
     def get(self, indices, *, normalised: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows by global index, in the order given: (x_a [N, d_a], x_b [N, d_b]) float32."""
@@ -544,7 +495,7 @@ class Store:
             raise damaged(path, f"unreadable: {type(e).__name__}", self.root) from e
 
     def shard_of(self, index: int) -> int:
-        return int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
 
     def split_rows(self, shard: int, split: str) -> np.ndarray:
         """Local row indices of one shard that belong to `split` ("train", "heldout" or "all")."""

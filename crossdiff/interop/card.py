@@ -13,13 +13,17 @@ import json
 from pathlib import Path
 
 from ..core.errors import CrossdiffError
+from ..core.runfolder import read_or_empty
 
 CARD = "README.md"
 
 
-def _read(path: Path) -> dict:
+def _imported(run: Path) -> dict:
+    """import.json (where an imported crosscoder came from; interop/importer.py), {} without one."""
+    from .importer import IMPORT_FILE
+
     try:
-        return json.loads(path.read_text())
+        return json.loads((run / IMPORT_FILE).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -31,24 +35,24 @@ def _fmt(v, spec: str = ".3f") -> str:
 def card_facts(run: str | Path) -> dict:
     """Everything the card states, gathered from the run folder (and its store and diff folder)."""
     run = Path(run)
-    cfg = _read(run / "cfg.json")
+    cfg = read_or_empty(run, "cfg")
     if not cfg:
         raise CrossdiffError(
             f"{run} has no readable cfg.json; pass a crosscoder folder (crossdiff train --out)"
         )
-    analysis = _read(run / "analysis" / "summary.json")
+    analysis = read_or_empty(run, "analysis")
     store_path = (analysis.get("store") or {}).get("path")
-    meta = _read(Path(store_path) / "meta.json") if store_path else {}
-    diff = _read(run.parent / "diff.json")
+    meta = read_or_empty(store_path, "meta") if store_path else {}
+    diff = read_or_empty(run.parent, "diff")
     return {
         "cfg": cfg,
-        "eval": _read(run / "eval.json"),
+        "eval": read_or_empty(run, "eval"),
         "analysis": analysis,
-        "verification": _read(run / "verification" / "summary.json"),
+        "verification": read_or_empty(run, "verification"),
         "corpus": meta.get("corpus") or diff.get("corpus"),
         "store_tokens": meta.get("n_tokens"),
         "budget": (diff.get("budget") or {}).get("name"),
-        "imported": _read(run / "import.json"),
+        "imported": _imported(run),
     }
 
 

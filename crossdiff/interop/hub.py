@@ -19,11 +19,12 @@ from ..coder.crosscoder import CONFIG_FILE, WEIGHTS_FILE, Crosscoder
 from ..core.config import where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_text_atomic
+from ..core.runfolder import FILES
 from .card import CARD, model_card
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
-FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, "eval.json", "import.json")
-SUMMARIES = ("analysis/summary.json", "verification/summary.json")
+FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, FILES["eval"], "import.json")
+SUMMARIES = (FILES["analysis"], FILES["verification"])
 
 
 def resolve(ref: str | Path, revision: str | None = None) -> Path:

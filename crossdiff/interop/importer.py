@@ -18,7 +18,6 @@ meta.json records the checkpoint's scales, and the run analyses that.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..coder.crosscoder import CONFIG_FILE, WEIGHTS_FILE, Crosscoder, CrosscoderConfig
+from ..core import runfolder
 from ..core.config import where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
@@ -137,7 +137,7 @@ def _copy_crossdiff(source: Path, out: Path, store, cfg: ImportConfig) -> Path:
     if store is not None:
         cc.cfg.check_store(store)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, CONFIG_FILE, "eval.json"):
+    for name in (WEIGHTS_FILE, CONFIG_FILE, runfolder.FILES["eval"]):
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
     write_json_atomic(
@@ -219,14 +219,14 @@ def write_view(store, dest: Path, scales: tuple[float, float]) -> Path:
     """A store at `dest` that reads `store`'s files through links, with other normalisation scales."""
     dest.mkdir(parents=True, exist_ok=True)
     for entry in store.root.iterdir():
-        if entry.name != "meta.json" and not (dest / entry.name).exists():
+        if entry.name != runfolder.FILES["meta"] and not (dest / entry.name).exists():
             (dest / entry.name).symlink_to(entry.resolve())
-    meta = json.loads((store.root / "meta.json").read_text())
+    meta = runfolder.read(store.root, "meta")
     for key, scale in zip("ab", scales):
         # "imported": not one of the normalisations whose losses compare across models (inputs/store.py)
         meta["models"][key].update(scale=float(scale), normalisation="imported")
     meta["view_of"] = str(store.root.resolve())
-    write_json_atomic(dest / "meta.json", meta)
+    write_json_atomic(runfolder.path(dest, "meta"), meta)
     return dest
 
 

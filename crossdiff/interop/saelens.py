@@ -35,7 +35,7 @@ ARCHITECTURES = {"batchtopk": "jumprelu", "l1": "standard", "topk": "topk"}
 
 def side_latents(cc: Crosscoder, side: str) -> range:
     """Crossdiff's latents that model `side` ("a" / "b") reads and writes, in order."""
-    return cc.partition.a_latents if side == "a" else cc.partition.b_latents
+    return cc.partition.latents(side)
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def side_forward(cc: Crosscoder, side: str, x_raw: Tensor) -> tuple[Tensor, Tens
         y_a, y_b = cc.b_dec_a.expand(n, -1), x_raw * cc.cfg.scale_b
     f_BF = cc.encode(y_a, y_b)
     x_hat_a, x_hat_b = cc.denormalise(*cc.decode(f_BF))
-    return f_BF[:, list(side_latents(cc, side))], x_hat_a if side == "a" else x_hat_b
+    return f_BF[:, list(side_latents(cc, side))], {"a": x_hat_a, "b": x_hat_b}[side]
 
 
 def sae_tensors(cc: Crosscoder, side: str) -> tuple[dict[str, Tensor], str]:
@@ -59,10 +59,7 @@ def sae_tensors(cc: Crosscoder, side: str) -> tuple[dict[str, Tensor], str]:
     if arch is None:
         raise CrossdiffError(f"SAELens has no architecture for the {cfg.sparsity} sparsity")
     ids = list(side_latents(cc, side))
-    W_enc, W_dec, b_dec = (
-        (cc.W_enc_a, cc.W_dec_a, cc.b_dec_a) if side == "a" else (cc.W_enc_b, cc.W_dec_b, cc.b_dec_b)
-    )
-    s = cfg.scale_a if side == "a" else cfg.scale_b
+    W_enc, W_dec, b_dec, s, _ = cc.side(side)
     norm_a_F, norm_b_F = cc.decoder_norms()
     norm_M = (norm_a_F + norm_b_F)[ids].double()
     w_enc = W_enc.detach().double().T * s  # (d, M)
@@ -86,10 +83,10 @@ def sae_tensors(cc: Crosscoder, side: str) -> tuple[dict[str, Tensor], str]:
 def sae_config(cc: Crosscoder, side: str, arch: str) -> dict:
     """SAELens cfg.json (its SAEConfig.to_dict fields) and metadata naming the model and hook."""
     cfg = cc.cfg
-    model, layer = (cfg.model_a, cfg.layer_a) if side == "a" else (cfg.model_b, cfg.layer_b)
+    model, layer, d, scale = cfg.model(side)
     out = {
         "architecture": arch,
-        "d_in": cfg.d_a if side == "a" else cfg.d_b,
+        "d_in": d,
         "d_sae": len(side_latents(cc, side)),
         "dtype": "float32",
         "device": "cpu",
@@ -102,7 +99,7 @@ def sae_config(cc: Crosscoder, side: str, arch: str) -> dict:
             "hook_layer": layer,
             "crossdiff_side": side,
             "crossdiff_latents": [side_latents(cc, side).start, side_latents(cc, side).stop],
-            "crossdiff_scale": cfg.scale_a if side == "a" else cfg.scale_b,
+            "crossdiff_scale": scale,
         },
     }
     if arch == "topk":

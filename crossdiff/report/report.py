@@ -33,8 +33,8 @@ from pathlib import Path
 
 from ..analysis.answers import read_summary
 from ..analysis.labels import label
-from ..analysis.results import is_candidate, load_results
-from ..analysis.verify import read_behaviour
+from ..analysis.results import is_candidate, load_results, read_behaviour
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.lock import writes
 from .calibration import calibration_html, read_calibration, stability_html
@@ -125,17 +125,17 @@ def load_run(run: str | Path) -> RunData:
         labels[j] = label(doc if isinstance(doc, dict) else None, predictions.get(j))
     return RunData(
         run=run,
-        cfg=read_json(run / "cfg.json") or {},
-        eval=read_json(run / "eval.json") or {},
-        summary=read_json(analysis / "summary.json") or {},
+        cfg=runfolder.read(run, "cfg") or {},
+        eval=runfolder.read(run, "eval") or {},
+        summary=runfolder.read(run, "analysis") or {},
         columns=latents.columns,
         rows=latents.rows,
         calibration=read_calibration(run),
-        stability=read_json(run / "stability.json"),
+        stability=runfolder.read(run, "stability"),
         features=features,
         steering=_numbered_json(run / "steering"),
         behaviour=read_behaviour(run),
-        verification=read_json(run / "verification" / "summary.json"),
+        verification=runfolder.read(run, "verification"),
         contexts=_numbered_json(run / "verification" / "latents"),
         predictions=predictions,
         labels=labels,
