@@ -137,6 +137,7 @@ def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_
 def test_a_difference_needs_both_nulls():
     cfg = VerifyConfig(run=".")
     from crossdiff.analysis.ablation import both_nulls as both
+
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": 3.1}, cfg) == "difference"
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": 2.9}, cfg) == "inert"
     assert both({"verdict": "difference", "z": 5.0, "z_dictionary": float("nan")}, cfg) == "inert"
