@@ -101,6 +101,7 @@ def _slug(model: str) -> str:
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
     from .analysis.analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
+    from .analysis.verify import LINK_RULES as VERIFY_LINK_RULES
     from .analysis.verify import METHOD as VERIFY_METHOD  # and verify when its measure changes
     from .harvest.harvest import recorded_settings
 
@@ -152,7 +153,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
                 **settings(vcfg),
                 "rules": RULES_VERSION,
                 "method": VERIFY_METHOD,
-                **({"answer_links": 1} if linked else {}),
+                **({"answer_links": VERIFY_LINK_RULES} if linked else {}),
             },
             lambda: runfolder.exists(run, "verification"),
         )

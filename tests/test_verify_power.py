@@ -111,14 +111,17 @@ def test_the_ablations_left_out_are_the_least_promising():
 
 def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_path, monkeypatch):
     """The analysis's candidates spend --top, the latents only the answer link added spend --top-linked
-    (in the link's order, after the others); too rare ones spend neither."""
+    (in the link's order, after the others: the first latent of every n-gram before the second of any,
+    within an n-gram the one with most contexts first); too rare ones spend neither."""
     cands = [_cand(j, "a") for j in range(8)]
     first = {j: 0.01 * (j + 1) for j in range(4)}  # 0-3: the analysis's candidates, 3 most promising
     fired = {j: 5 for j in range(4)}
-    contexts = {j: [{"f": 1.0}] * 4 for j in range(8)}
-    linked = {4: (-3.0, "x"), 5: (-1.0, "y"), 6: (-2.0, "x"), 7: (-0.5, "z")}  # link_priority's keys
+    contexts = {j: [{"f": 1.0}] * (8 if j == 6 else 4) for j in range(8)}
+    # link_priority's keys: (place in its n-gram, -ratio, n-gram, -coverage, -lift, latent)
+    linked = {4: (0, -3.0, "x", -1.0, -9.0, 4), 6: (1, -3.0, "x", -1.0, -2.0, 6),
+              5: (0, -1.0, "y", -1.0, -5.0, 5), 7: (0, -0.5, "z", -0.9, -5.0, 7)}  # fmt: skip
     order = [c.latent for c in verify_mod.ablation_order(cands, first, fired, contexts, 4, linked)]
-    assert order == [3, 2, 1, 0, 4, 6, 5, 7]
+    assert order == [3, 2, 1, 0, 6, 5, 7, 4]  # 6 has the most contexts of "x": it measures x's group
 
     def fake_latent(sides, cc, store, c, rows, cfg, factor):
         return {"verdict": "too rare" if c.latent == 6 else "inert", "n_contexts": len(rows), "contexts": []}
@@ -127,8 +130,8 @@ def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_
     ordered = verify_mod.ablation_order(cands, first, fired, contexts, 4, linked)
     got = verify_mod._exact(None, None, None, ordered, contexts, VerifyConfig(run=".", top=1, top_linked=2),
                             1.0, tmp_path / "v", None, linked)  # fmt: skip
-    assert sorted(got) == [3, 4, 5, 6]  # 6 is too rare: 5 still fits in the linked budget of 2
-    assert [got[j]["linked"] for j in (3, 4, 5)] == [False, True, True]
+    assert sorted(got) == [3, 5, 6, 7]  # 6 is too rare: 5 and 7 fill the linked budget of 2
+    assert [got[j]["linked"] for j in (3, 5, 7)] == [False, True, True]
     none = verify_mod._exact(None, None, None, ordered, contexts, VerifyConfig(run=".", top=1, top_linked=0),
                              1.0, tmp_path / "w", None, linked)  # fmt: skip
     assert sorted(none) == [3]

@@ -76,6 +76,10 @@ METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
 dictionary null of each difference; 4: the verdict needs both nulls, rare candidates get contexts from
 fresh text, budgets in work units); in the fingerprint."""
+LINK_RULES = 2
+"""How the latents linked to the answers are verified (1: beside the others, within --top; 2: their own
+budget --top-linked, ablated with their link group, within an n-gram the latent with most contexts
+first); in the fingerprint of a run that has them."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -248,7 +252,22 @@ def ablation_order(
 
     usable = [c for c in cands if len(contexts.get(c.latent, [])) >= min_contexts]
     ranked = sorted((c for c in usable if c.latent not in linked), key=key)
-    return ranked + sorted((c for c in usable if c.latent in linked), key=lambda c: linked[c.latent])
+    return ranked + _linked_order([c for c in usable if c.latent in linked], linked, contexts)
+
+
+def _linked_order(cands: list[Candidate], linked: dict[int, tuple], contexts: dict) -> list[Candidate]:
+    """The linked latents in link_priority's order, except that within an n-gram the latents with
+    the most scorable contexts come first: each is ablated with its whole link group, so the group is
+    measured where one of its members fires most often (its first latent by coverage and lift may
+    have too few strong firings to be scored at all)."""
+    by_ngram: dict[tuple, list[Candidate]] = {}
+    for c in cands:
+        by_ngram.setdefault((c.side, linked[c.latent][2]), []).append(c)
+    keyed = []
+    for members in by_ngram.values():
+        members.sort(key=lambda c: (-len(contexts.get(c.latent, [])), linked[c.latent]))
+        keyed += [((i, *linked[c.latent][1:]), c) for i, c in enumerate(members)]
+    return [c for _, c in sorted(keyed, key=lambda t: t[0])]
 
 
 def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F, linked=None) -> dict:
@@ -328,7 +347,7 @@ def _open(cfg: VerifyConfig):
 def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
     """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
     linked = sorted(read_linked(run).items())  # the latents the answers stage adds (answerlink.py)
-    return fingerprint([settings(cfg), _inputs_key(run, store)] + ([linked] if linked else []))
+    return fingerprint([settings(cfg), _inputs_key(run, store)] + ([LINK_RULES, linked] if linked else []))
 
 
 def _inputs_key(run: Path, store) -> str:
