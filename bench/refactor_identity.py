@@ -64,9 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retrain-tokens", type=int, default=40_000,
         help="training tokens of each version's own run (its bytes compared across versions)",
     )  # fmt: skip
-    p.add_argument("--top", type=int, default=2, help="verify --top")
-    p.add_argument("--scan-tokens", type=int, default=3000, help="verify --scan-tokens")
+    p.add_argument("--top", type=int, default=1, help="verify --top")
+    p.add_argument("--scan-tokens", type=int, default=0, help="verify --scan-tokens")
     p.add_argument("--fresh", choices=("none", "after", "both"), default="none")
+    p.add_argument(
+        "--only", choices=("before", "after"), default=None,
+        help="run one version's steps and stop (two processes can run the versions side by side); "
+        "a later call without --only compares",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -126,7 +131,7 @@ def per_version(a: argparse.Namespace, root: str, store: Path, seeds: list[Path]
     if not (run / "verification" / "behaviour.csv").is_file():
         crossdiff(
             root, "verify", "--run", str(run), "--store", str(store), "--device", "cpu", "--top", str(a.top),
-            "--scan-tokens", str(a.scan_tokens), "--heldout-tokens", "512", "--n-random", "8",
+            "--scan-tokens", str(a.scan_tokens), "--heldout-tokens", "256", "--n-random", "8", "--n-contexts", "6",
         )  # fmt: skip
     if not (run / "stability.json").is_file():
         crossdiff(root, str(run), str(seeds[1]), str(store), script=_STABILITY)
@@ -163,7 +168,10 @@ def main(argv=None) -> int:
         shutil.rmtree(work / v, ignore_errors=True)
     store, seeds = shared(a, work)
     for name, root in (("before", a.before), ("after", a.after)):
-        per_version(a, root, store, seeds, work / name)
+        if a.only in (None, name):
+            per_version(a, root, store, seeds, work / name)
+    if a.only:
+        return 0
     return 0 if compare(work / "before", work / "after") else 1
 
 
