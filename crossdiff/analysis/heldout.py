@@ -32,7 +32,7 @@ def targets(tok, lo: int, hi: int) -> np.ndarray:
 
 
 def keep_pairs(h_TD: tuple, toks, al, outlier_factor: float) -> np.ndarray:
-    """(P,) bool: harvest's masks (harvest._process_batch): no first pair, no norm outlier."""
+    """(P,) bool: harvest's masks (harvest/pairs.py, _process_batch): no first pair, no norm outlier."""
     keep = np.ones(len(al), dtype=bool)
     keep[:1] = False
     from ..inputs.models import batch_median_norm  # the outlier reference harvest and splice use
