@@ -152,7 +152,12 @@ def same_bytes(b: Path, c: Path) -> bool:
     """Byte identity; for the training records (eval.json, metrics.jsonl), of every field but TIMES."""
     if b.name not in ("eval.json", "metrics.jsonl"):
         return filecmp.cmp(b, c, shallow=False)
-    rows = [[json.loads(ln) for ln in p.read_text().splitlines() if ln] for p in (b, c)]
+    rows = [
+        [json.loads(p.read_text())]
+        if p.suffix == ".json"
+        else [json.loads(ln) for ln in p.read_text().splitlines() if ln]
+        for p in (b, c)
+    ]
     strip = [[{k: v for k, v in r.items() if k not in TIMES} for r in rs] for rs in rows]
     return json.dumps(strip[0], sort_keys=True) == json.dumps(strip[1], sort_keys=True)
 
