@@ -17,7 +17,7 @@ from collections import Counter
 
 import numpy as np
 
-from crossdiff.harvest.harvest import _mask_reasons
+from crossdiff.harvest.pairs import _mask_reasons
 from crossdiff.inputs.align import align
 from crossdiff.inputs.chat import chunk_messages, encode_chunk, split_conversation
 from crossdiff.inputs.corpus import open_corpus

@@ -7,8 +7,9 @@ are compared across the versions),
 `crossdiff analyze`, `crossdiff verify` (a small --top and --scan-tokens), the seed-stability stage
 (`crossdiff diff`'s, on the two seeds) and `crossdiff steer --top 1`. Then compares, byte for byte,
 analysis/latents.csv, verification/behaviour.csv, stability.json, steering/verdicts.csv and the
-trained weights, and the verdict counts of verification/summary.json. Exit status 0 when every one is
-identical, 1 otherwise (one line per file either way).
+trained weights (eval.json and metrics.jsonl field by field, less their wall times), and the verdict
+counts of verification/summary.json. Exit status 0 when every one is identical, 1 otherwise (one line per
+file either way).
 
     python bench/refactor_identity.py --before /path/to/old/checkout --after . --work /tmp/tidy-ident \\
         [--store runs/smollm2-135m-vs-gemma3-270m-small/store]
@@ -31,6 +32,7 @@ from pathlib import Path
 COMPARED = (
     "crosscoder.safetensors",
     "eval.json",
+    "metrics.jsonl",
     "analysis/latents.csv",
     "verification/behaviour.csv",
     "stability.json",
@@ -64,9 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retrain-tokens", type=int, default=40_000,
         help="training tokens of each version's own run (its bytes compared across versions)",
     )  # fmt: skip
-    p.add_argument("--top", type=int, default=2, help="verify --top")
-    p.add_argument("--scan-tokens", type=int, default=3000, help="verify --scan-tokens")
+    p.add_argument("--top", type=int, default=1, help="verify --top")
+    p.add_argument("--scan-tokens", type=int, default=0, help="verify --scan-tokens")
     p.add_argument("--fresh", choices=("none", "after", "both"), default="none")
+    p.add_argument(
+        "--only", choices=("before", "after"), default=None,
+        help="run one version's steps and stop (two processes can run the versions side by side); "
+        "a later call without --only compares",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -126,7 +133,7 @@ def per_version(a: argparse.Namespace, root: str, store: Path, seeds: list[Path]
     if not (run / "verification" / "behaviour.csv").is_file():
         crossdiff(
             root, "verify", "--run", str(run), "--store", str(store), "--device", "cpu", "--top", str(a.top),
-            "--scan-tokens", str(a.scan_tokens), "--heldout-tokens", "512", "--n-random", "8",
+            "--scan-tokens", str(a.scan_tokens), "--heldout-tokens", "256", "--n-random", "8", "--n-contexts", "6",
         )  # fmt: skip
     if not (run / "stability.json").is_file():
         crossdiff(root, str(run), str(seeds[1]), str(store), script=_STABILITY)
@@ -137,16 +144,34 @@ def per_version(a: argparse.Namespace, root: str, store: Path, seeds: list[Path]
         )  # fmt: skip
 
 
+TIMES = ("seconds_this_session", "tokens_per_s")
+"""Wall times inside the training records: the only fields that may differ (they measure the machine)."""
+
+
+def same_bytes(b: Path, c: Path) -> bool:
+    """Byte identity; for the training records (eval.json, metrics.jsonl), of every field but TIMES."""
+    if b.name not in ("eval.json", "metrics.jsonl"):
+        return filecmp.cmp(b, c, shallow=False)
+    rows = [
+        [json.loads(p.read_text())]
+        if p.suffix == ".json"
+        else [json.loads(ln) for ln in p.read_text().splitlines() if ln]
+        for p in (b, c)
+    ]
+    strip = [[{k: v for k, v in r.items() if k not in TIMES} for r in rs] for rs in rows]
+    return json.dumps(strip[0], sort_keys=True) == json.dumps(strip[1], sort_keys=True)
+
+
 def counts(run: Path) -> dict:
     return json.loads((run / "verification" / "summary.json").read_text()).get("counts")
 
 
 def compare(before: Path, after: Path) -> bool:
     same = True
-    pairs = [(before / "trained" / n, after / "trained" / n) for n in COMPARED[:2]]
-    pairs += [(before / "run" / n, after / "run" / n) for n in COMPARED[2:]]
+    pairs = [(before / "trained" / n, after / "trained" / n) for n in COMPARED[:3]]
+    pairs += [(before / "run" / n, after / "run" / n) for n in COMPARED[3:]]
     for b, c in pairs:
-        ok = b.is_file() and c.is_file() and filecmp.cmp(b, c, shallow=False)
+        ok = b.is_file() and c.is_file() and same_bytes(b, c)
         same &= ok
         print(f"{'identical' if ok else 'DIFFERENT'}  {c.relative_to(after)}  ({b.stat().st_size:,} bytes)")
     cb, ca = counts(before / "run"), counts(after / "run")
@@ -163,7 +188,10 @@ def main(argv=None) -> int:
         shutil.rmtree(work / v, ignore_errors=True)
     store, seeds = shared(a, work)
     for name, root in (("before", a.before), ("after", a.after)):
-        per_version(a, root, store, seeds, work / name)
+        if a.only in (None, name):
+            per_version(a, root, store, seeds, work / name)
+    if a.only:
+        return 0
     return 0 if compare(work / "before", work / "after") else 1
 
 

@@ -63,3 +63,21 @@ def test_quantile_picks_span_the_range():
     assert np.allclose([q for *_, q in picks], [0.95, 0.725, 0.5, 0.275, 0.05])
     assert [v for v, *_ in picks] == [95.0, 72.0, 50.0, 27.0, 5.0] and picks[0][1] == 195.0
     assert quantile_picks([], 5) == [] and len(quantile_picks(pairs[:2], 5)) == 2  # no row twice
+
+
+def test_the_sample_sees_every_batch_whatever_the_progress_bar_draws():
+    """examples.counted passes every batch on, also those on which the bar redraws (tqdm's update then
+    returns True): the quantile examples' sample must not depend on how fast the machine is."""
+    from crossdiff.analysis.examples import counted
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+            return True  # a redraw on every batch, as on a slow machine
+
+    batches = [(np.arange(i, i + 3), np.zeros(3, dtype=bool)) for i in range(0, 12, 3)]
+    bar = Bar()
+    assert [r.tolist() for r, _ in counted(iter(batches), bar)] == [r.tolist() for r, _ in batches]
+    assert bar.n == 12

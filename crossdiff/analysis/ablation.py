@@ -1,7 +1,8 @@
 """One candidate's ablation, measured: its contexts (held-out and fresh), each context's shift towards
 the other model against random directions and the dictionary's directions, and the latent's verdict
 from them. The measure and its formulas are crossdiff verify's (analysis/verify.py's docstring,
-docs/verification.md); verify orders the candidates, spends the budget and writes the files.
+docs/verification.md); verify orders the candidates, spends the budget and writes the files. `cfg` is
+verify's VerifyConfig (not imported: verify imports its measure).
 
 Legend: T positions, D width, P kept aligned pairs, F latents, C candidates, R copies, S scored tokens,
 K segments, M rows of one model's decoder.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ from torch import Tensor
 from .answerlink import with_linked
 from .heldout import _segment_sums, encode_pairs, keep_pairs, targets, tokenize_pair
 from .results import as_float, null_z
-
-if TYPE_CHECKING:
-    from .verify import VerifyConfig
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ def duplicates(cc, m: str, j: int, alive_F: Tensor, min_cosine: float) -> tuple[
     return (j, *ids_M[hit][order].tolist())
 
 
-def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) -> dict[int, dict]:
+def strong_rows(cc, store, cands: list[Candidate], cfg, device) -> dict[int, dict]:
     """latent -> {"n": strong held-out firings, "rows": [(f, row)] strongest first, one per chunk}."""
     from .evidence import TopK
 
@@ -128,7 +125,7 @@ def strong_rows(cc, store, cands: list[Candidate], cfg: VerifyConfig, device) ->
 # ----------------------------------------------------------------------------- one context
 
 
-def window_for(text: str, chunk: int, c0: int, cfg: VerifyConfig, lookahead: int = 80):
+def window_for(text: str, chunk: int, c0: int, cfg, lookahead: int = 80):
     """The slice of a chunk around a firing token that ends at c0: from a word start about
     prefix_chars before it to `lookahead` characters after it."""
     from ..inputs.variants import Window
@@ -219,7 +216,7 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
 # ----------------------------------------------------------------------------- one latent
 
 
-def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float) -> dict:
+def verify_latent(sides, cc, store, cand: Candidate, rows: list, cfg, factor: float) -> dict:
     """Score the latent's strong contexts (`rows`: heldout_contexts and scan.FreshScan.contexts dicts);
     its summary and verdict against the random null, with the contexts."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cand.latent)
@@ -250,7 +247,7 @@ def with_dictionary_null(
     return {**out, "verdict": both_nulls(out, cfg)}
 
 
-def both_nulls(res: dict, cfg: VerifyConfig) -> str:
+def both_nulls(res: dict, cfg) -> str:
     """The verdict when z (random directions) and z_dictionary (the dictionary's) must both reach cfg.z."""
     zd = res.get("z_dictionary")
     if res["verdict"] == "difference" and zd is not None and not zd >= cfg.z:
@@ -289,9 +286,7 @@ def heldout_contexts(store, picks: list) -> list[dict]:
     return out
 
 
-def _score_rows(
-    sides, cc, store, cand: Candidate, rows: list, cfg: VerifyConfig, factor: float, draw
-) -> list:
+def _score_rows(sides, cc, store, cand: Candidate, rows: list, cfg, factor: float, draw) -> list:
     """score_context on each context of `rows` (heldout_contexts dicts), with the null directions
     draw(k) of context k."""
     contexts = []
@@ -333,7 +328,7 @@ def _z_against(shift: float, contexts: list[dict], key: str) -> tuple[float, flo
     return null_z(shift, mu, sd), mu, sd
 
 
-def summarise(contexts: list[dict], cfg: VerifyConfig) -> dict:
+def summarise(contexts: list[dict], cfg) -> dict:
     """A latent's shift, z, gap closed and verdict from its scored contexts."""
     n = len(contexts)
     if n < cfg.min_contexts:

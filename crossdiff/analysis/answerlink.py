@@ -39,8 +39,8 @@ MIN_OCCURRENCES = 3
 
 
 def open_run(cfg) -> dict:
-    """{"run", "cc", "store", "table", "threshold"} of an analysed run (verify.open_analysed)."""
-    from .verify import open_analysed
+    """{"run", "cc", "store", "table", "threshold"} of an analysed run (results.open_analysed)."""
+    from .results import open_analysed
 
     run, cc, store, table, summary = open_analysed(cfg.run, cfg.store)
     threshold = float(summary.get("thresholds", {}).get("exclusive_threshold", 0.1))

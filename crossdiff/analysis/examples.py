@@ -52,6 +52,15 @@ def sample_firings(cc, store, latents, n: int, batches, device) -> dict[int, lis
     return {int(j): sorted(r for _, r in top.examples(k)) for k, j in enumerate(ids_L.tolist())}
 
 
+def counted(batches, bar):
+    """Every (rows, flags) batch, each counted on the progress bar. (The bar's `update` returns True when
+    it redraws, about once a second: a filter on it dropped those batches, so the sample depended on
+    the machine's speed.)"""
+    for rows, held in batches:
+        bar.update(len(rows))
+        yield rows, held
+
+
 def quantile_picks(values_rows: list[tuple[float, int]], n: int) -> list[tuple[float, int, float]]:
     """n of the (value, row) pairs at evenly spaced quantiles of their values, as (value, row, quantile);
     highest first."""
@@ -128,11 +137,7 @@ def enrich(
 
     total = min(cfg.max_tokens or store.n_tokens, store.n_tokens)
     with tqdm(total=total, unit="tok", desc="examples", dynamic_ncols=True, mininterval=1.0) as bar:
-        batches = (
-            (rows, held)
-            for rows, held in store.row_batches(cfg.batch_size, cfg.max_tokens)
-            if not bar.update(len(rows))
-        )
+        batches = counted(store.row_batches(cfg.batch_size, cfg.max_tokens), bar)
         sample = sample_firings(cc, store, latents, 8 * n_quantile, batches, device)
     values = context_activations(cc, store, sample, 0, device)  # the sampled rows' own activations
     picks = {}

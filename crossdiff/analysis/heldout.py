@@ -9,15 +9,10 @@ Legend: T positions, D width, P kept aligned pairs, F latents, C candidates, S s
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .ablation import Candidate
-    from .verify import VerifyConfig
 
 
 def tokenize_pair(sides, text: str):
@@ -37,7 +32,7 @@ def targets(tok, lo: int, hi: int) -> np.ndarray:
 
 
 def keep_pairs(h_TD: tuple, toks, al, outlier_factor: float) -> np.ndarray:
-    """(P,) bool: harvest's masks (harvest._process_batch): no first pair, no norm outlier."""
+    """(P,) bool: harvest's masks (harvest/pairs.py, _process_batch): no first pair, no norm outlier."""
     keep = np.ones(len(al), dtype=bool)
     keep[:1] = False
     from ..inputs.models import batch_median_norm  # the outlier reference harvest and splice use
@@ -56,7 +51,7 @@ def encode_pairs(cc, h_a: Tensor, h_b: Tensor, pos_a, pos_b) -> Tensor:
         return cc.encode(*cc.normalise(x_a, x_b)).clone()
 
 
-def heldout_pass(sides, cc, store, cands: list[Candidate], cfg: VerifyConfig, factor: float) -> dict:
+def heldout_pass(sides, cc, store, cands: list, cfg, factor: float) -> dict:
     """First-order shift towards the other model of every candidate, and the whole-diff share, on
     held-out chunks. Per text and side m: segments between consecutive aligned ends, w_k = sign(ℓ_other,k
     − ℓ_m,k), one backward of Σ_k w_k ℓ_m,k; a latent's estimate is Σ_t (−f_t u) · grad_t."""

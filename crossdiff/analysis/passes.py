@@ -2,13 +2,12 @@
 the functional share on held-out rows, then one pass gathering every per-latent statistic (FirstPass:
 density, activation quantiles, top-k examples, histograms, held-out FVE, probe sums, Latent Scaling
 sums) and the pass result the analysis caches as pass.pt. Memory is bounded by the batch, not the store.
+`cfg` and `plan` are analyze's AnalyzeConfig and Plan (not imported: analyze imports its passes).
 
 Legend: B rows of a batch, F latents, N firing entries, D one model's width.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,12 +20,9 @@ from .evidence import (
 )
 from .probes import LatentScaling, ProbeEval, RidgeProbe
 
-if TYPE_CHECKING:
-    from .analyze import AnalyzeConfig, Plan
-
 
 @torch.inference_mode()
-def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
+def heldout_share(cc, store, cfg, device) -> np.ndarray:
     """Functional share (crossdiff.coder.functional) of every latent: on the held-out rows when it fires
     there at least min_heldout_fires times, else on every row it fires on, training rows included
     (NaN only where it never fires or helps neither model). A rare latent is still a candidate:
@@ -47,7 +43,7 @@ def heldout_share(cc, store, cfg: AnalyzeConfig, device) -> np.ndarray:
     return np.where(np.isfinite(share_F), share_F, every.share_b(1))
 
 
-def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
+def _batches(store, cfg, heldout_only: bool):
     """The analysed rows in batches (Store.row_batches): the first --max-tokens rows of the store."""
     return store.row_batches(cfg.batch_size, cfg.max_tokens, heldout_only)
 
@@ -55,7 +51,7 @@ def _batches(store, cfg: AnalyzeConfig, heldout_only: bool):
 class FirstPass:
     """Everything gathered in the one pass over every analysed row."""
 
-    def __init__(self, cc, plan: Plan, cfg: AnalyzeConfig, device):
+    def __init__(self, cc, plan, cfg, device):
         n_f = cc.cfg.n_latents
         self.cc, self.plan, self.device = cc, plan, device
         self.n = self.n_held = self.active = 0
@@ -112,7 +108,7 @@ class FirstPass:
         return self.fve["a"].value(), self.fve["b"].value(), self.active / max(self.n, 1)
 
 
-def _latent_scaling(cc, plan: Plan, device) -> LatentScaling:
+def _latent_scaling(cc, plan, device) -> LatentScaling:
     """Accumulator for the probed latents (A-side ids then B-side ids, as FirstPass.scaling_ids)."""
     ids = np.concatenate([plan.probe_from_b, plan.probe_from_a])
     own_is_a = torch.as_tensor(plan.rel_norm[ids] < 0.5)
@@ -123,7 +119,7 @@ def _latent_scaling(cc, plan: Plan, device) -> LatentScaling:
 
 
 @torch.inference_mode()
-def run_passes(cc, store, plan: Plan, cfg: AnalyzeConfig, device) -> dict:
+def run_passes(cc, store, plan, cfg, device) -> dict:
     """Pass 1 over every analysed row, then pass 2 over held-out rows to score the probes."""
     from tqdm.auto import tqdm
 
@@ -151,7 +147,7 @@ def run_passes(cc, store, plan: Plan, cfg: AnalyzeConfig, device) -> dict:
     return _pass_result(first, plan, evals, cc, store)
 
 
-def _pass_result(first: FirstPass, plan: Plan, evals: dict, cc, store) -> dict:
+def _pass_result(first: FirstPass, plan, evals: dict, cc, store) -> dict:
     n_f = len(plan.side)
     r2, auc = np.full(n_f, np.nan), np.full(n_f, np.nan)
     for key, ids in (("b", plan.probe_from_b), ("a", plan.probe_from_a)):

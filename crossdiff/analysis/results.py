@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_text_atomic
 from ..core.runfolder import FILES
@@ -315,6 +316,22 @@ def read_behaviour(run: str | Path) -> dict[int, dict]:
     return out
 
 
+def open_analysed(run: str | Path, store_path: str | None):
+    """(run, crosscoder, store, the analysis's latents table, its summary.json) of an analysed run;
+    the store given, or the one the analysis recorded."""
+    from ..coder.crosscoder import Crosscoder
+    from ..inputs.store import Store
+
+    run = Path(run)
+    summary = runfolder.read(run, "analysis")
+    if summary is None:
+        raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
+    cc = Crosscoder.from_pretrained(run)
+    store = Store.open_recorded(store_path, summary["store"]["path"], runfolder.path(run, "analysis"))
+    cc.cfg.check_store(store)
+    return run, cc, store, read_latents(run / "analysis"), summary
+
+
 def load_results(run: str | Path, analysis: str | Path | None = None) -> LatentTable:
     """latents.csv of RUN/analysis (or `analysis`) joined with every stage file present in RUN. A stage
     file's columns replace same-named ones (older crossdiff versions appended steering to latents.csv)."""
@@ -351,4 +368,5 @@ __all__ = [
     "read_behaviour",
     "write_stage",
     "load_results",
+    "open_analysed",
 ]

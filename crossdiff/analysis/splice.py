@@ -30,7 +30,7 @@ from ..inputs.align import align, tokenize
 def aligned_activations(lms, layers, text: str, outlier_factor: float):
     """(ids (a, b) each (1, T), raw activations (x_a (P, D_a), x_b (P, D_b)), positions (a, b) (P,)).
 
-    The masks are harvest's (harvest._process_batch): drop the first aligned pair, and pairs where
+    The masks are harvest's (harvest/pairs.py, _process_batch): drop the first aligned pair, and pairs where
     either norm exceeds `outlier_factor` × the median (here of this one chunk, at harvest of its batch).
     """
     from ..inputs.models import batch_median_norm

@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import runfolder
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import jsonable, write_bytes_atomic, write_json_atomic
@@ -70,7 +69,7 @@ from .ablation import (
 )
 from .answerlink import link_groups, link_priority, read_linked
 from .heldout import heldout_pass
-from .results import BEHAVIOUR, read_latents, write_stage
+from .results import BEHAVIOUR, open_analysed, write_stage
 
 METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
@@ -318,22 +317,6 @@ def _row(c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg:
     else:
         row["verdict"] = "too rare" if n_ctx < cfg.min_contexts else "not verified"
     return row
-
-
-def open_analysed(run: str | Path, store_path: str | None):
-    """(run, crosscoder, store, the analysis's latents table, its summary.json) of an analysed run;
-    the store given, or the one the analysis recorded."""
-    from ..coder.crosscoder import Crosscoder
-    from ..inputs.store import Store
-
-    run = Path(run)
-    summary = runfolder.read(run, "analysis")
-    if summary is None:
-        raise CrossdiffError(f"{run} has no finished analysis; run crossdiff analyze --run {run} first")
-    cc = Crosscoder.from_pretrained(run)
-    store = Store.open_recorded(store_path, summary["store"]["path"], runfolder.path(run, "analysis"))
-    cc.cfg.check_store(store)
-    return run, cc, store, read_latents(run / "analysis"), summary
 
 
 def _open(cfg: VerifyConfig):

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..core.errors import CrossdiffError
-
-if TYPE_CHECKING:
-    from .crosscoder import Crosscoder
-    from .train import TrainConfig
 
 
 class FVE:
@@ -53,8 +48,9 @@ class FVE:
 
 
 @torch.no_grad()
-def evaluate(model: Crosscoder, store, cfg: TrainConfig, device) -> dict:
-    """Held-out FVE per model (1 - Σ||x-x̂||² / Σ||x-mean||²), L0 and dead fraction, inference encoder."""
+def evaluate(model, store, cfg, device) -> dict:
+    """Held-out FVE per model (1 - Σ||x-x̂||² / Σ||x-mean||²), L0 and dead fraction, inference encoder;
+    `cfg` is the run's TrainConfig (coder/train.py, which imports this module)."""
     batches = store.batches(min(cfg.batch_size, 1024), split="heldout", shuffle=False, epochs=1)
     fve = {m: FVE() for m in "ab"}
     fired_F = torch.zeros(model.cfg.n_latents, dtype=torch.bool, device=device)

@@ -1,6 +1,7 @@
 """The records a training run keeps in its folder: metrics lines (the live meter, metrics.jsonl,
 optional wandb / tensorboard) and checkpoints (written whole or not at all, the latest found again).
-The loop that writes them is crossdiff/coder/train.py."""
+The loop that writes them is crossdiff/coder/train.py; `st` and `cfg` here are its TrainState and
+TrainConfig (not imported: the loop imports its records, never the reverse)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.config import config_to_dict
 from ..core.fsutil import write_text_atomic, write_with_atomic
 from .fve import FVE
-
-if TYPE_CHECKING:
-    from .train import TrainConfig, TrainState
 
 STATE_FILE = "trainer_state.pt"
 """The trainer's state in a checkpoint folder (beside the crosscoder's files)."""
@@ -46,7 +43,7 @@ class Meter:
         self.sums["steps"] = self.sums.get("steps", 0) + 1
         self.n_tokens += x_a.shape[0]
 
-    def flush(self, st: TrainState, cfg: TrainConfig, dead_F: torch.Tensor) -> dict:
+    def flush(self, st, cfg, dead_F: torch.Tensor) -> dict:
         s, n = self.sums, max(1, self.n_tokens)
         row = {
             "step": st.step,
@@ -73,7 +70,7 @@ class Meter:
 class MetricsLog:
     """metrics.jsonl plus optional wandb/tensorboard, imported lazily (no-op when not installed)."""
 
-    def __init__(self, run: Path, cfg: TrainConfig, resume_step: int):
+    def __init__(self, run: Path, cfg, resume_step: int):
         self.path = run / "metrics.jsonl"
         if self.path.exists():  # drop lines newer than the checkpoint we resume from
             keep = [
@@ -91,7 +88,7 @@ class MetricsLog:
             self.backend(row)
 
 
-def _optional_backend(cfg: TrainConfig, run: Path):
+def _optional_backend(cfg, run: Path):
     try:
         if cfg.logger == "wandb":
             import wandb
@@ -112,7 +109,7 @@ def _optional_backend(cfg: TrainConfig, run: Path):
     return None
 
 
-def save_checkpoint(run: Path, st: TrainState) -> Path:
+def save_checkpoint(run: Path, st) -> Path:
     """Write checkpoints/step-N via a temporary folder renamed into place; then drop older ones."""
     ckpts = run / "checkpoints"
     final, tmp = ckpts / f"step-{st.step:09d}", ckpts / f".tmp-step-{st.step:09d}-{os.getpid()}"

@@ -8,6 +8,7 @@
     RUN/verification/settings.json   crossdiff verify's settings record
     RUN/answers/summary.json         crossdiff answers (analysis/answers.py)
     RUN/stability.json               crossdiff diff's seed-stability stage (analysis/stability.py)
+    RUN/import.json                  where an imported crosscoder came from (crossdiff import; interop/importer.py)
     DIR/diff.json                    crossdiff diff's record of the whole diff (pipeline.py), DIR = RUN/..
     STORE/meta.json                  the store's record: models, scales, shards (inputs/store.py)
     STORE/settings.json              the harvest's settings (harvest/harvest.py; a control's, inputs/derive.py)
@@ -33,6 +34,7 @@ FILES = {
     "verification_settings": "verification/settings.json",
     "answers": "answers/summary.json",
     "stability": "stability.json",
+    "import": "import.json",
     "diff": "diff.json",
     "meta": "meta.json",
     "settings": "settings.json",

@@ -9,23 +9,12 @@ diff folder's diff.json (budget) and import.json (where an imported crosscoder c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..core.errors import CrossdiffError
 from ..core.runfolder import read_or_empty
 
 CARD = "README.md"
-
-
-def _imported(run: Path) -> dict:
-    """import.json (where an imported crosscoder came from; interop/importer.py), {} without one."""
-    from .importer import IMPORT_FILE
-
-    try:
-        return json.loads((run / IMPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _fmt(v, spec: str = ".3f") -> str:
@@ -52,7 +41,7 @@ def card_facts(run: str | Path) -> dict:
         "corpus": meta.get("corpus") or diff.get("corpus"),
         "store_tokens": meta.get("n_tokens"),
         "budget": (diff.get("budget") or {}).get("name"),
-        "imported": _imported(run),
+        "imported": read_or_empty(run, "import"),
     }
 
 

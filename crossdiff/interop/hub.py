@@ -23,7 +23,7 @@ from ..core.runfolder import FILES
 from .card import CARD, model_card
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
-FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, FILES["eval"], "import.json")
+FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, FILES["eval"], FILES["import"])
 SUMMARIES = (FILES["analysis"], FILES["verification"])
 
 

@@ -32,7 +32,7 @@ from ..core.fsutil import write_json_atomic
 from . import dictionary_learning as dl
 from .hub import resolve
 
-IMPORT_FILE = "import.json"
+IMPORT_FILE = runfolder.FILES["import"]
 VIEW = "store"
 
 
