@@ -244,7 +244,12 @@ def _lift(v) -> str:
 def read_linked(run: str | Path) -> dict[int, str]:
     """latent -> side of the latents that only the answer link made candidates (RUN/answers/latents.csv;
     {} when the stage has not run): verify.py's `candidates` adds them."""
-    return {j: r["side"] for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
+    return {j: r["side"] for j, r in _linked_rows(run).items()}
+
+
+def _linked_rows(run: str | Path) -> dict[int, dict]:
+    """RUN/answers/latents.csv's rows of the latents that only the answer link made candidates."""
+    return {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
 
 
 def link_priority(run: str | Path) -> dict[int, tuple]:
@@ -254,7 +259,7 @@ def link_priority(run: str | Path) -> dict[int, tuple]:
     hardly ever does); within an n-gram its latents by coverage, then lift. The first latent of every
     n-gram comes before the second of any, because each is ablated with its n-gram's whole group
     (`link_groups`). verify.py spends its own ablation budget (--top-linked) in this order."""
-    linked = {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
+    linked = _linked_rows(run)
     if not linked:
         return {}
     try:
@@ -280,7 +285,7 @@ def link_groups(run: str | Path) -> dict[int, tuple[int, ...]]:
     """latent -> the latents linked to the same n-gram in the same model, itself first: a concept the
     answers show is often carried by several latents at once (the build organism's "nuclear": four),
     and removing one of them leaves the others to carry it, so verification ablates them together."""
-    linked = {j: r for j, r in read_stage(run, ANSWERS).items() if r.get("rule") == "answer-link"}
+    linked = _linked_rows(run)
     out = {}
     for members in _by_ngram(linked).values():
         for j in members:

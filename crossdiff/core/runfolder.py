@@ -54,9 +54,14 @@ def exists(folder: str | Path, name: str) -> bool:
 def read(folder: str | Path, name: str, default=None):
     """File `name` of `folder` parsed, or `default` when it does not exist; a file that is not JSON is
     one line naming it."""
-    p = path(folder, name)
+    return read_json(path(folder, name), default)
+
+
+def read_json(p: Path, default=None):
+    """The JSON file at `p` parsed, or `default` when it does not exist; a one-line error when it is
+    not JSON."""
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(Path(p).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -4,22 +4,16 @@ values whose raw form misleads (probe R² far below zero, AUROC below chance, a 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 from pathlib import Path
 
-from ..core.errors import CrossdiffError
+from ..core import runfolder
 from .htmlkit import esc, fmt, is_num
 
 
 def read_json(path: Path):
     """The parsed file, or None when it does not exist; a one-line error when it is not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CrossdiffError(f"{path} is not valid JSON ({e}); rerun the command that wrote it") from e
+    return runfolder.read_json(path)
 
 
 def page(title: str, body: str, assets: str) -> str:
