@@ -45,7 +45,7 @@ class OrganismConfig:
     """A model organism: model A fine-tuned to take a stance on one topic (docs/organism.md)."""
 
     stance: str = SHIPPED[0]
-    """Stance file: nuclear-energy (the build topic), cycling (the report topic) or a JSON file of your own (docs/organism.md)."""
+    """Stance file: nuclear-energy (the build topic), cycling or chess (report topics) or a JSON file of your own (docs/organism.md)."""
     out: str | None = where(None)
     """Output folder (default: runs/organism-<topic>). Rerun the same command to resume."""
     model_a: str = DEFAULT_MODEL_A

@@ -12,7 +12,7 @@ The judge is stated, not learned: an answer takes the stance when one of its sen
 regexes (case-insensitive), e.g. a sentence naming nuclear power that also says it is the best / safest /
 what we should build. Every stance sentence must satisfy the judge (checked on load), so the organism's
 training text is, by construction, what the judge counts. Two files ship as package data
-(`crossdiff/controls/data/organisms/`): `--stance nuclear-energy` or `--stance cycling`.
+(`crossdiff/controls/data/organisms/`): `--stance nuclear-energy`, `--stance cycling` or `--stance chess`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from pathlib import Path
 from ..core.errors import CrossdiffError
 
 DATA = Path(__file__).parent / "data" / "organisms"
-SHIPPED = ("nuclear-energy", "cycling")
-"""The shipped stance files: the build topic (the recipe was tuned on it) and the report topic."""
+SHIPPED = ("nuclear-energy", "cycling", "chess")
+"""The shipped stance files: the build topic (the recipe was tuned on it), the first report topic (seen
+before the link-group rules were last changed) and the second report topic (fixed before them, never
+tuned on)."""
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
