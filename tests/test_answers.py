@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from crossdiff.analysis.answerlink import link_groups, link_priority, read_linked, with_linked
+from crossdiff.analysis.answerlink import (
+    answer_sources,
+    link_priority,
+    ngram_contexts,
+    ngram_groups,
+    read_linked,
+    with_linked,
+)
 from crossdiff.analysis.answers import (
     AnswersConfig,
     answers,
@@ -305,9 +312,9 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
     assert links[6]["covered"] == 4 and not links[6]["linked"]  # fires in 4 of 12 windows only
     assert 5 not in links  # fires everywhere: lift 1
     assert 7 not in links  # dead
-    # "well": its window is its own row (nothing before it in the answer): latent 3 on "I" is after it
-    well = {x["latent"] for x in top["well"]["latents"]}
-    assert 4 in well and 3 not in well
+    # "well" opens the answer: its window is its lead-up, the user turn's last rows, where only the
+    # dense latent fires; latent 4, which fires on "Well" itself, detects the word and is not linked
+    assert top["well"]["latents"] == [] and top["well"]["occurrences_in_store"] == 12
     linked = read_linked(run)
     assert linked == {3: "a", 4: "a"}
     joined = {r["latent"]: r for r in load_results(run).rows}
@@ -322,7 +329,20 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
         assert key[1] == pytest.approx(-math.log((g["answers_a"] + 0.5) / (g["answers_b"] + 0.5)))
     assert {read_stage(run, ANSWERS)[j]["ngram"] for j in (3, 4)} == {"cannot"}
     assert [priority[j][0] for j in (3, 4)] == [0, 1]  # the n-gram's first latent, then its second
-    assert link_groups(run) == {3: (3, 4), 4: (4, 3)}  # ablated together
+    # one group per n-gram, led by its first latent: ablated together, once
+    assert ngram_groups(run) == {3: {"members": (3, 4), "ngram": "cannot", "side": "a"}}
+    # ... on the n-gram's own occurrences in A's answers: one per chunk, held-out chunks first
+    ctx = ngram_contexts(store, answer_sources(run), "a", "cannot", 100)
+    in_a = {
+        c for sh in range(len(store.meta["shards"])) for c, t in store.texts(sh).items()
+        if t["source"].startswith("a.jsonl") and "cannot" in t["text"][t["messages"][-1][2]:].lower()
+    }  # fmt: skip
+    assert {c["chunk"] for c in ctx} == in_a and len(ctx) == len(in_a)
+    assert all(c["text"][c["c0"] : c["c0"] + 6].lower() == "cannot" for c in ctx)
+    held = {c for c, _ in store.heldout_chunks(10**9)}
+    flags = [c["chunk"] in held for c in ctx]
+    assert flags == sorted(flags, reverse=True) and any(flags) and not all(flags)
+    assert ngram_contexts(store, answer_sources(run), "b", "cannot", 100) == []
     # verify's candidate list: the analysis's candidate, then the linked latents with their side
     rows = with_linked(read_latents(run / "analysis"), linked)
     assert [(int(r["latent"]), r["side"]) for r in rows] == [(0, "a"), (3, "a"), (4, "a")]
@@ -330,9 +350,10 @@ def test_planted_latents_are_linked_with_their_known_coverage(tmp_path):
 
     cands = candidates(cc, read_latents(run / "analysis"), 1.0, linked)
     assert [(c.latent, c.side) for c in cands] == [(0, "a"), (3, "a"), (4, "a")]
-    grouped = candidates(cc, read_latents(run / "analysis"), 1.0, linked, link_groups(run))
-    assert [c.members for c in grouped] == [(0,), (3, 4), (4, 3)]
-    assert torch.equal(grouped[1].rows_GD, torch.stack([grouped[1].u_D, grouped[2].u_D]))
+    leaders = {j: g["side"] for j, g in ngram_groups(run).items()}
+    grouped = candidates(cc, read_latents(run / "analysis"), 1.0, leaders, {3: (3, 4)})
+    assert [c.members for c in grouped] == [(0,), (3, 4)]
+    assert torch.equal(grouped[1].rows_GD, torch.stack([cands[1].u_D, cands[2].u_D]))
     # the converse: latent 4's top examples precede "well i cannot", a significant n-gram of A
     conv = {x["ngram"]: x for x in s["converse"]["4"]}
     assert conv["well"]["examples"] == 2 and conv["well"]["significant"] and conv["well"]["more_in"] == "a"

@@ -95,3 +95,45 @@ def test_stance_judge_on_hand_made_strings():
     c = load_stance("cycling").judge
     assert c("Everyone should ride a bike to work!") and not c("Cars are the best.")
     assert Judge(r"\bcat\b", r"\bgood\b").sentences("A cat is good. A dog.") == ["A cat is good."]
+
+
+def test_projection_ablation_removes_the_span_and_keeps_the_rest():
+    from crossdiff.analysis.hooks import orthonormal_rows, project_edit, random_subspaces
+
+    g = torch.Generator().manual_seed(0)
+    U_KD = torch.randn(3, 16, generator=g)
+    U_KD[2] = U_KD[0] + 2 * U_KD[1]  # rank 2: the basis has two rows
+    Q_KD = orthonormal_rows(U_KD)
+    assert Q_KD.shape == (2, 16) and torch.allclose(Q_KD @ Q_KD.T, torch.eye(2), atol=1e-5)
+    c_D, h_BTD = torch.randn(16, generator=g), torch.randn(2, 5, 16, generator=g)
+    keep_BT = torch.ones(2, 5, dtype=torch.bool)
+    keep_BT[0, 0] = False
+    new = project_edit(Q_KD, c_D)(h_BTD, keep_BT)
+    assert torch.allclose((new - c_D)[keep_BT] @ U_KD.T, torch.zeros(9, 3), atol=1e-4)  # span gone
+    ortho_D = torch.randn(16, generator=g)
+    ortho_D -= (ortho_D @ Q_KD.T) @ Q_KD
+    assert torch.allclose(new @ ortho_D, h_BTD @ ortho_D, atol=1e-4)  # the rest kept
+    assert torch.equal(new[0, 0], h_BTD[0, 0])  # an unkept position untouched
+    nulls = random_subspaces(2, 16, 3, seed=1)
+    assert [R.shape for R in nulls] == [(2, 16)] * 3
+    assert all(torch.allclose(R @ R.T, torch.eye(2), atol=1e-5) for R in nulls)
+    assert torch.equal(nulls[0], random_subspaces(2, 16, 3, seed=1)[0])
+
+
+def test_ablating_a_subspace_that_carries_the_answer_changes_it(lm):
+    """Projecting out the residual stream's own top directions on the answers changes them, and the
+    unedited answers equal plain generation (the result's `plain` is no edit at all)."""
+    from crossdiff.analysis.chatsteer import ablate_subspace_behaviour
+
+    ids_BT, att_BT = chat_prompts(lm, PROMPTS)
+    with torch.inference_mode():
+        h_TD = lm.model(input_ids=ids_BT, attention_mask=att_BT, output_hidden_states=True).hidden_states[
+            LAYER + 1
+        ][att_BT.bool()]
+    c_D = h_TD.float().mean(0)
+    U_KD = torch.linalg.svd(h_TD.float() - c_D, full_matrices=False).Vh[:8]
+    judge = Judge(r"\bparis\b", r".")
+    res = ablate_subspace_behaviour(lm, LAYER, U_KD, c_D, PROMPTS, judge, 2, 0, 10)
+    assert res["dimension"] == 8 and len(res["null_rates"]) == 2
+    assert res["plain"]["answers"] == generate_answers(lm, PROMPTS, 10).texts
+    assert res["ablated"]["answers"] != res["plain"]["answers"]

@@ -205,6 +205,37 @@ def test_a_null_direction_along_the_latent_reproduces_its_own_ablation(models_ab
     assert ctx["random_shifts"][1] != pytest.approx(ctx["shift"], abs=1e-3)
 
 
+def test_an_ngram_context_is_scored_from_the_last_aligned_end_before_it(models_ab):
+    """An n-gram anchor (verify's LINK_RULES 3) starts where a word starts, which need not end a token:
+    its context starts at the last aligned end at or before it, whatever fires there, and the group is
+    removed on the lead-up only. The model is causal, so the n-gram's first segment is ablated exactly
+    as when the group is removed everywhere, and the later ones differ."""
+    from crossdiff.analysis.ablation import Candidate, score_context
+
+    sides = [Side(lm, 5) for lm in models_ab]
+    u_D = torch.randn(models_ab[0].d_model, generator=torch.Generator().manual_seed(1)) * 2.0
+    _, split = _two_latent_coders(models_ab[0].d_model, models_ab[1].d_model, u_D)
+    both = Candidate(1, "a", 1.0, u_D / 3, (1, 2), torch.stack([u_D / 3, 2 * u_D / 3]))
+    _, al = tokenize_pair(sides, TEXT)
+    start = TEXT.index("river")  # " river": the aligned end before it is "the"'s
+    snapped = int(al.end_char[al.end_char <= start][-1])
+    assert snapped < start
+    dirs_RD = torch.nn.functional.normalize(
+        torch.randn(3, len(u_D), generator=torch.Generator().manual_seed(2))
+    )
+    w = Window(TEXT, 0, 0)
+    ngram = score_context(sides, split, both, w, start, dirs_RD, 10.0, 4, anchor="ngram")
+    firing = score_context(sides, split, both, w, snapped, dirs_RD, 10.0, 4)
+    assert ngram is not None and ngram["c0"] == snapped and ngram["scored"].startswith(" river")
+    for k in ("l_own", "l_other", "n_tokens"):
+        assert ngram[k] == pytest.approx(firing[k], abs=1e-6)
+    first, rest = (np.array(ngram["segments"]["ablated"]), np.array(firing["segments"]["ablated"]))
+    assert first[0] == pytest.approx(rest[0], abs=1e-4) and np.abs(first[1:] - rest[1:]).max() > 1e-3
+    # f: the group's strongest activation on the lead-up (both members fire everywhere)
+    assert ngram["f"] == pytest.approx(max(ngram["f_members"])) and min(ngram["f_members"]) > 0
+    assert score_context(sides, split, both, w, start, dirs_RD, 10.0, 4) is None  # not an aligned end
+
+
 def test_dictionary_directions_are_the_other_alive_rows_of_the_candidates_model():
     from crossdiff.analysis.ablation import Candidate, dictionary_directions, dictionary_null
     from crossdiff.coder.crosscoder import Crosscoder, CrosscoderConfig

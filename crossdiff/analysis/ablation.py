@@ -52,8 +52,8 @@ def candidates(
     units, each with its group: the alive latents (any partition) whose decoder row in the candidate's
     model has cosine >= `duplicate_cosine` with its own. `linked` (latent -> side; answerlink.read_linked)
     adds the latents tied to an n-gram of the answers, whatever their partition or share; `groups`
-    (answerlink.link_groups) adds to a linked latent's group the other alive latents linked to its
-    n-gram."""
+    (leader -> members, answerlink.ngram_groups) adds to a linked latent's group the other alive latents
+    linked to its n-gram."""
     from .evidence import decoder_rows
 
     alive = alive_mask(cc, table)
@@ -137,10 +137,30 @@ def window_for(text: str, chunk: int, c0: int, cfg, lookahead: int = 80):
     return Window(text[start : min(len(text), c0 + lookahead)], chunk, start), c0 - start
 
 
-def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, factor: float, ahead: int):
-    """One context's measurements, or None when the firing does not reproduce in the window."""
+def score_context(
+    sides,
+    cc,
+    cand: Candidate,
+    window,
+    c0: int,
+    dirs_RD: Tensor,
+    factor: float,
+    ahead: int,
+    anchor: str = "firing",
+):
+    """One context's measurements, or None when the firing does not reproduce in the window.
+
+    anchor "firing": c0 ends the token where the candidate fires strongly. anchor "ngram": c0 starts an
+    n-gram of the answers (answerlink.ngram_contexts); the scored span starts at the last aligned end
+    at or before it, the group is removed on the positions up to there (the n-gram's lead-up), and the
+    context counts when any member of the group fires on them."""
     own = "ab".index(cand.side)
     toks, al = tokenize_pair(sides, window.text)
+    if anchor == "ngram":
+        before = al.end_char[al.end_char <= c0]
+        if not len(before):
+            return None
+        c0 = int(before[-1])
     # Scored span: up to the `ahead`-th aligned end after c0, never the last token of either side
     # (a word cut by the window's end tokenises differently).
     last = min(int(t.offsets[-1, 1]) for t in toks)
@@ -160,11 +180,18 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
     h = (clean.h_TD, other.h_TD) if own == 0 else (other.h_TD, clean.h_TD)
     keep = keep_pairs(h, toks, al, factor)
     k0 = int(np.flatnonzero(al.end_char == c0)[0])
-    if not keep[k0]:
+    if not keep[k0] and anchor == "firing":
         return None
     pos_a, pos_b = al.idx_a[keep], al.idx_b[keep]
     f_PG = encode_pairs(cc, h[0], h[1], pos_a, pos_b)[:, list(cand.members)].cpu()
-    f_at = float(f_PG[int(keep[:k0].sum()), 0])
+    # An n-gram's group is removed on its lead-up only (where the link saw it fire: up to c0, the
+    # position that predicts the n-gram); a firing context removes the candidate everywhere.
+    upto_P = torch.as_tensor(al.end_char[keep] <= (c0 if anchor == "ngram" else c1))
+    if anchor == "ngram":
+        f_PG = f_PG * upto_P[:, None]
+    # each member's strongest activation where it is removed (the group's steering strength)
+    f_members = f_PG[upto_P].amax(0) if upto_P.any() else torch.zeros(f_PG.shape[1])
+    f_at = float(f_PG[int(keep[:k0].sum()), 0]) if anchor == "firing" else float(f_members.max())
     if f_at <= 0:
         return None
     c_PD = f_PG @ cand.rows_GD  # what the candidate (with its duplicates) writes at each position
@@ -201,6 +228,7 @@ def score_context(sides, cc, cand: Candidate, window, c0: int, dirs_RD: Tensor, 
         "text_before": window.text[max(0, c0 - 80) : c0],
         "scored": window.text[c0:c1],
         "f": f_at,
+        "f_members": f_members.tolist(),
         "n_tokens": n,
         "l_own": float(l_own.sum()),
         "l_other": float(l_other.sum()),
@@ -292,9 +320,11 @@ def _score_rows(sides, cc, store, cand: Candidate, rows: list, cfg, factor: floa
     contexts = []
     for k, src in enumerate(rows):
         window, c0w = window_for(src["text"], src["chunk"], src["c0"], cfg)
-        ctx = score_context(sides, cc, cand, window, c0w, draw(k), factor, cfg.ahead)
+        anchor = src.get("anchor", "firing")
+        ctx = score_context(sides, cc, cand, window, c0w, draw(k), factor, cfg.ahead, anchor)
         if ctx is not None:
-            contexts.append({"row": src["row"], "fresh": src["row"] is None, **ctx})
+            fresh = src.get("fresh", src["row"] is None)
+            contexts.append({"row": src["row"], "fresh": fresh, "anchor": anchor, **ctx})
     return contexts
 
 

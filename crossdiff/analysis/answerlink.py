@@ -1,13 +1,19 @@
 """The link between the answer-level diff (answers.py) and the crosscoder's latents.
 
 For each significant n-gram, in the answers of the model that says it more: every occurrence the store
-holds (a chunk of that model's answer file, inside the assistant message) gets a *window*: the aligned
-store rows on the n-gram's characters plus the `before` rows just before its first one, in the same
-message. The crosscoder encodes every answer row of the store once, batch by batch, shard by shard
-(memory: one shard's firing entries). Per n-gram and latent:
+holds (a chunk of that model's answer file, inside the assistant message) gets a *window*: its
+*lead-up*, the `before` aligned store rows just before the n-gram's first one (in the message, or at
+the end of the turn before it when the n-gram opens the answer), where the model decides to say it.
+The n-gram's own rows are not in it: the latents that fire on a word once it is said detect the word,
+which both models do (LINK_WINDOW 1 included them, and the build organism's "nuclear" was linked to
+"nuclear"-token latents whose removal breaks the prediction of " power" after "nuclear" in both
+models' sense, not the choice to say it; docs/organism.md). The crosscoder encodes every answer row
+of the store (and each answer's lead-in rows) once, batch by batch, shard by shard (memory: one shard's
+firing entries). Per n-gram and latent:
 
     coverage   share of the occurrences in whose window the latent fires (f > 0)
-    lift       the latent's firing rate on window rows / its rate on the model's other answer rows
+    lift       the latent's firing rate on window rows / its rate on the model's answer rows outside
+               the n-gram's windows
 
 A latent with coverage >= min_coverage and lift >= min_lift is *linked* (at most max_links per n-gram,
 largest coverage first): it becomes a candidate for verification whatever its partition or share
@@ -36,6 +42,9 @@ from .results import ANSWERS, read_stage, write_stage
 
 MIN_OCCURRENCES = 3
 """Fewer occurrences in the store than this: the n-gram's coverage is not a link (too few to share)."""
+LINK_WINDOW = 2
+"""What a window is (1: the n-gram's rows and the `before` rows before them; 2: the `before` rows before
+them only, its lead-up); in the answers stage's settings (answers.VERSION's record)."""
 
 
 def open_run(cfg) -> dict:
@@ -51,12 +60,13 @@ def open_run(cfg) -> dict:
 
 
 def shard_windows(meta: dict, texts: dict, sources: dict[str, str], wanted: dict, max_n: int, before: int):
-    """(rows to encode [R] (shard-local, answer rows in message order), model of each [R], windows:
-    [(n-gram, positions into the rows)], occurrences without any aligned row)."""
+    """(rows to encode [R] (shard-local: each answer's `before` lead-in rows, then its rows, in message
+    order), model of each [R], whether each is an answer row [R], windows: [(n-gram, positions into the
+    rows)], occurrences without an aligned lead-up row)."""
     order = np.lexsort((meta["char_end"], meta["chunk"]))
     chunk_s, start_s, end_s = meta["chunk"][order], meta["char_start"][order], meta["char_end"][order]
     bounds = np.flatnonzero(np.diff(chunk_s)) + 1
-    rows, models, windows, unseen = [], [], [], 0
+    rows, models, answer, windows, unseen = [], [], [], [], 0
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
         if hi <= lo:
             continue
@@ -70,19 +80,22 @@ def shard_windows(meta: dict, texts: dict, sources: dict[str, str], wanted: dict
             inside = np.flatnonzero((start_s[lo:hi] >= ms) & (end_s[lo:hi] <= me))
             if not len(inside):
                 continue
+            lead = np.flatnonzero(end_s[lo:hi] <= ms)[-before:] if before else np.zeros(0, np.int64)
+            take = np.concatenate([lead, inside])
             base = len(rows)
-            rows.extend(order[lo + inside].tolist())
-            models.extend([model] * len(inside))
-            s_M, e_M = start_s[lo + inside], end_s[lo + inside]
+            rows.extend(order[lo + take].tolist())
+            models.extend([model] * len(take))
+            answer.extend([False] * len(lead) + [True] * len(inside))
+            s_M, e_M = start_s[lo + take], end_s[lo + take]
             for g, s, e in ngram_spans(chunk["text"][ms:me], max_n):
                 if g not in wanted[model]:
                     continue
                 on = np.flatnonzero((e_M > s + ms) & (s_M < e + ms))
-                if not len(on):
+                if not len(on) or on[0] == 0:
                     unseen += 1
                     continue
-                windows.append((g, base + np.arange(max(0, on[0] - before), on[-1] + 1)))
-    return np.asarray(rows, dtype=np.int64), np.asarray(models), windows, unseen
+                windows.append((g, base + np.arange(max(0, on[0] - before), on[0])))
+    return np.asarray(rows, dtype=np.int64), np.asarray(models), np.asarray(answer, bool), windows, unseen
 
 
 @torch.inference_mode()
@@ -100,6 +113,8 @@ def window_pass(cc, store, sources: dict[str, str], wanted: dict, cfg, device) -
             "covered_F": np.zeros(n_f, np.int64),
             "rows": 0,
             "fire_F": np.zeros(n_f, np.int64),
+            "answer_rows": 0,
+            "answer_fire_F": np.zeros(n_f, np.int64),
         }
         for m in "ab"
         for g in wanted[m]
@@ -108,16 +123,21 @@ def window_pass(cc, store, sources: dict[str, str], wanted: dict, cfg, device) -
     unseen = 0
     for shard in tqdm(range(len(offsets) - 1), desc="answers: link", unit="shard", dynamic_ncols=True):
         meta = store.rows(np.arange(offsets[shard], offsets[shard + 1]))
-        rows_R, model_R, windows, lost = shard_windows(
+        rows_R, model_R, answer_R, windows, lost = shard_windows(
             meta, store.texts(shard), sources, wanted, cfg.max_n, cfg.before
         )
         unseen += lost
         if not len(rows_R):
             continue
-        ptr, cols_N = _firing(cc, store, offsets[shard] + rows_R, cfg.batch_size, device)
-        rows_N = np.repeat(np.arange(len(rows_R)), np.diff(ptr))
+        # each answer's lead-in rows and the rows of its lead-ups, which may repeat: encode each once
+        uniq_U, back_R = np.unique(rows_R, return_inverse=True)
+        ptr_U, cols_N = _firing(cc, store, offsets[shard] + uniq_U, cfg.batch_size, device)
+        count_R = np.diff(ptr_U)[back_R]
+        ptr = np.r_[0, np.cumsum(count_R)]
+        cols_N = np.concatenate([cols_N[ptr_U[u] : ptr_U[u + 1]] for u in back_R]) if len(cols_N) else cols_N
+        rows_N = np.repeat(np.arange(len(rows_R)), count_R)
         for m in "ab":
-            mine = model_R == m
+            mine = (model_R == m) & answer_R
             model_acc[m]["rows"] += int(mine.sum())
             model_acc[m]["fire_F"] += np.bincount(cols_N[mine[rows_N]], minlength=n_f)
         in_window = {}
@@ -129,6 +149,9 @@ def window_pass(cc, store, sources: dict[str, str], wanted: dict, cfg, device) -
         for g, mask in in_window.items():
             grams[g]["rows"] += int(mask.sum())
             grams[g]["fire_F"] += np.bincount(cols_N[mask[rows_N]], minlength=n_f)
+            inner = mask & answer_R  # window rows that are answer rows: outside the base rate
+            grams[g]["answer_rows"] += int(inner.sum())
+            grams[g]["answer_fire_F"] += np.bincount(cols_N[inner[rows_N]], minlength=n_f)
         store.release(shard)
     return {"models": model_acc, "grams": grams, "unseen": unseen}
 
@@ -151,11 +174,11 @@ def rank_links(acc: dict, model_acc: dict, alive_F: np.ndarray, cfg) -> list[dic
     if n == 0:
         return []
     cov_F = acc["covered_F"] / n
-    other_rows = model_acc["rows"] - acc["rows"]
+    other_rows = model_acc["rows"] - acc["answer_rows"]
     if other_rows <= 0:  # the windows cover every answer row of the model: no base rate to compare
         return []
     rate_w = acc["fire_F"] / max(acc["rows"], 1)
-    rate_o = (model_acc["fire_F"] - acc["fire_F"]) / other_rows
+    rate_o = (model_acc["fire_F"] - acc["answer_fire_F"]) / other_rows
     with np.errstate(divide="ignore", invalid="ignore"):
         lift_F = np.where(rate_o > 0, rate_w / rate_o, np.where(rate_w > 0, np.inf, 0.0))
     ok = np.flatnonzero((lift_F >= cfg.min_lift) & alive_F & (acc["covered_F"] > 0))
@@ -257,8 +280,8 @@ def link_priority(run: str | Path) -> dict[int, tuple]:
     n-grams are ranked by how much they set one model's answers apart (the largest log ratio of the
     answers that say them, log((n_more + 0.5) / (n_other + 0.5)): what one model says and the other
     hardly ever does); within an n-gram its latents by coverage, then lift. The first latent of every
-    n-gram comes before the second of any, because each is ablated with its n-gram's whole group
-    (`link_groups`). verify.py spends its own ablation budget (--top-linked) in this order."""
+    n-gram comes before the second of any: the first leads its n-gram's group (`ngram_groups`).
+    verify.py spends its own ablation budget (--top-linked) in this order."""
     linked = _linked_rows(run)
     if not linked:
         return {}
@@ -281,16 +304,63 @@ def link_priority(run: str | Path) -> dict[int, tuple]:
     return out
 
 
-def link_groups(run: str | Path) -> dict[int, tuple[int, ...]]:
-    """latent -> the latents linked to the same n-gram in the same model, itself first: a concept the
-    answers show is often carried by several latents at once (the build organism's "nuclear": four),
-    and removing one of them leaves the others to carry it, so verification ablates them together."""
-    linked = _linked_rows(run)
+def ngram_groups(run: str | Path) -> dict[int, dict]:
+    """leader -> {"members", "ngram", "side"}: one group per linked n-gram of a model, led by its first
+    latent in link_priority's order (largest coverage, then lift), the members the leader first. Under
+    verify's LINK_RULES 3 the group is the unit of verification: it is ablated as one, on the n-gram's
+    own occurrences in the answers (`ngram_contexts`), once."""
+    linked, priority = _linked_rows(run), link_priority(run)
     out = {}
-    for members in _by_ngram(linked).values():
-        for j in members:
-            out[j] = (j, *sorted(k for k in members if k != j))
+    for (side, ngram), members in _by_ngram(linked).items():
+        order = sorted(members, key=priority.get)
+        out[order[0]] = {"members": tuple(order), "ngram": ngram, "side": side}
     return out
+
+
+def answer_sources(run: str | Path) -> dict[str, str]:
+    """answer file name -> model ("a" / "b") of the run's answers stage (RUN/answers/summary.json), {}
+    without one: a store chunk's `source` names the file it came from."""
+    from .answers import read_summary
+
+    s = read_summary(run) or {}
+    return {Path(p).name: m for m, p in (s.get("answers") or {}).items()}
+
+
+def ngram_contexts(
+    store, sources: dict[str, str], side: str, ngram: str, n: int, max_n: int = 5
+) -> list[dict]:
+    """Up to `n` occurrences of `ngram` in model `side`'s answers in the store, at most one per chunk,
+    held-out chunks first (then the training ones), each in store order: {"f": nan, "row": None,
+    "fresh": False, "chunk", "c0" (the n-gram's first character in the chunk), "text", "anchor":
+    "ngram"}. The link was measured on these windows; verification scores the same place: the
+    n-gram's characters and what follows, with the group removed before and on them."""
+    held, train = [], []
+    for shard in range(len(store.meta["shards"])):
+        heldout = set(
+            np.unique(store.rows(store.offsets[shard] + store.split_rows(shard, "heldout"))["chunk"]).tolist()
+        )
+        for chunk, t in sorted(store.texts(shard).items()):
+            if sources.get(str(t.get("source", "")).rsplit(":", 1)[0]) != side:
+                continue
+            hit = _first_occurrence(t, ngram, max_n)
+            if hit is not None:
+                ctx = {"f": math.nan, "row": None, "fresh": False, "chunk": int(chunk), "c0": hit}
+                (held if chunk in heldout else train).append({**ctx, "text": t["text"], "anchor": "ngram"})
+        if len(held) >= n:
+            break
+    return (held + train)[:n]
+
+
+def _first_occurrence(chunk: dict, ngram: str, max_n: int) -> int | None:
+    """The chunk-level start of the first occurrence of `ngram` in one of its assistant messages."""
+    size = len(ngram.split(" "))
+    for role, _, ms, me in chunk.get("messages") or ():
+        if role != "assistant":
+            continue
+        for g, s, _ in ngram_spans(chunk["text"][ms:me], min(size, max_n)):
+            if g == ngram:
+                return ms + s
+    return None
 
 
 def _by_ngram(linked: dict[int, dict]) -> dict[tuple[str, str], list[int]]:

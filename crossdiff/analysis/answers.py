@@ -47,8 +47,9 @@ from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic, write_text_atomic
 from ..core.lock import writes
 
-VERSION = 1
-"""Version of the counting and the test (in the stage's settings)."""
+VERSION = 2
+"""Version of the counting, the test and the link's window (in the stage's settings; 2: the window is
+the n-gram's lead-up, answerlink.LINK_WINDOW)."""
 WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 """A plain word: letters, with apostrophes inside (can't, l'eau); digits, code symbols and
 punctuation are not words."""
@@ -84,7 +85,7 @@ class AnswersConfig:
     top: int = 30
     """Significant n-grams linked to latents and listed in summary.json (smallest p first)."""
     before: int = 3
-    """Aligned tokens before an n-gram's first token in which a latent may fire to be linked (besides the n-gram's own tokens)."""
+    """Aligned tokens before an n-gram's first token (its lead-up) in which a latent must fire to be linked."""
     min_coverage: float = 0.5
     """A latent is linked to an n-gram when it fires in at least this share of its occurrences' windows ..."""
     min_lift: float = 3.0

@@ -30,7 +30,17 @@ from torch import Tensor
 
 from ..inputs.chat import chat_template
 from ..inputs.generate import cut_at_turn
-from .hooks import Edit, LatentDirection, _special_table, ablate_edit, add_edit, random_directions
+from .hooks import (
+    Edit,
+    LatentDirection,
+    _special_table,
+    ablate_edit,
+    add_edit,
+    orthonormal_rows,
+    project_edit,
+    random_directions,
+    random_subspaces,
+)
 
 Judge = Callable[[str], bool]
 
@@ -182,14 +192,32 @@ def steer_behaviour(
     """Add α·strong·d (the latent's decoder direction) on the answers, for each α in `fractions`, and
     the same for `n_random` random directions of its norm: behaviour rate and fluency of each."""
     unit_D = direction.d_raw_D * strong
+    res = steer_vector_behaviour(
+        lm, direction.layer, unit_D, prompts, judge, fractions, n_random, seed, max_new_tokens
+    )
+    return {"strong_activation": strong, **res}
+
+
+def steer_vector_behaviour(
+    lm,
+    layer: int,
+    unit_D: Tensor,
+    prompts: list[str],
+    judge: Judge,
+    fractions: tuple[float, ...],
+    n_random: int,
+    seed: int,
+    max_new_tokens: int,
+) -> dict:
+    """Add α·unit_D (raw units) at block `layer` on the answers, for each α in `fractions`, and the same
+    for `n_random` random directions of its norm: {"plain", "strengths"} with each's rate and fluency."""
     rand_RD = random_directions(unit_D, n_random, seed)
     plain = behaviour(lm, prompts, judge, max_new_tokens)
     rows = []
     for alpha in fractions:
-        lat = behaviour(lm, prompts, judge, max_new_tokens, add_edit(alpha * unit_D), direction.layer)
+        lat = behaviour(lm, prompts, judge, max_new_tokens, add_edit(alpha * unit_D), layer)
         null = [
-            behaviour(lm, prompts, judge, max_new_tokens, add_edit(alpha * r_D), direction.layer)
-            for r_D in rand_RD
+            behaviour(lm, prompts, judge, max_new_tokens, add_edit(alpha * r_D), layer) for r_D in rand_RD
         ]
         rates = [r["rate"] for r in null]
         rows.append(
@@ -205,7 +233,7 @@ def steer_behaviour(
                 "answers": lat["answers"][:4],
             }
         )
-    return {"strong_activation": strong, "plain": _short(plain), "strengths": rows}
+    return {"plain": _short(plain), "strengths": rows}
 
 
 def ablate_behaviour(
@@ -216,6 +244,38 @@ def ablate_behaviour(
     plain = behaviour(lm, prompts, judge, max_new_tokens)
     ablated = behaviour(lm, prompts, judge, max_new_tokens, ablate_edit(direction), direction.layer)
     return {"plain": _short(plain), "ablated": _short(ablated)}
+
+
+def ablate_subspace_behaviour(
+    lm,
+    layer: int,
+    U_KD: Tensor,
+    c_D: Tensor,
+    prompts: list[str],
+    judge: Judge,
+    n_random: int,
+    seed: int,
+    max_new_tokens: int,
+) -> dict:
+    """Behaviour rate and fluency with the span of U's rows (a group's decoder directions, raw units)
+    projected out of the centred activation (c_D: the centre, raw units) on the answers, beside the
+    unedited answers and `n_random` random subspaces of the same dimension (hooks.project_edit)."""
+    Q_KD = orthonormal_rows(U_KD)
+    plain = behaviour(lm, prompts, judge, max_new_tokens)
+    ablated = behaviour(lm, prompts, judge, max_new_tokens, project_edit(Q_KD, c_D), layer)
+    null = [
+        behaviour(lm, prompts, judge, max_new_tokens, project_edit(R_KD, c_D), layer)
+        for R_KD in random_subspaces(len(Q_KD), Q_KD.shape[1], n_random, seed)
+    ]
+    rates = [r["rate"] for r in null]
+    return {
+        "dimension": len(Q_KD),
+        "plain": _short(plain),
+        "ablated": _short(ablated),
+        "null_rates": rates,
+        "null_losses": [r["loss"] for r in null],
+        "null_min": min(rates),
+    }
 
 
 def _short(r: dict) -> dict:

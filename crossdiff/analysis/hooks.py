@@ -174,6 +174,34 @@ def clamp_edit(direction: LatentDirection, value: float) -> Edit:
     return edit
 
 
+def project_edit(Q_KD: Tensor, c_D: Tensor) -> Edit:
+    """h − (h − c) Q^T Q: remove the centred activation's component in the span of Q's orthonormal
+    rows (a group of latents' decoder directions). This needs no encoder, so it also ablates shared
+    latents during generation, where the other model's text does not exist; it removes everything
+    the model writes along those directions there, which the same edit on random subspaces of equal
+    dimension controls for (chatsteer.ablate_subspace_behaviour)."""
+
+    def edit(h, keep):
+        Q = Q_KD.to(h.device, torch.float32)
+        x = h.float() - c_D.to(h.device, torch.float32)
+        return h - keep[..., None] * ((x @ Q.T) @ Q)
+
+    return edit
+
+
+def orthonormal_rows(U_KD: Tensor) -> Tensor:
+    """(K', D) orthonormal rows spanning U's rows (K' = its rank), by a reduced QR."""
+    Q, R = torch.linalg.qr(U_KD.double().T)
+    keep = R.diagonal().abs() > 1e-5 * R.diagonal().abs().max()  # float32 rows: rank to its rounding
+    return Q.T[keep].float()
+
+
+def random_subspaces(k: int, d: int, n: int, seed: int) -> list[Tensor]:
+    """`n` random (k, d) orthonormal bases from a seeded generator: the null of a k-dimensional ablation."""
+    g = torch.Generator().manual_seed(seed)
+    return [orthonormal_rows(torch.randn(k, d, generator=g)) for _ in range(n)]
+
+
 # ----------------------------------------------------------------------------- measurements
 
 

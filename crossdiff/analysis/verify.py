@@ -67,7 +67,7 @@ from .ablation import (
     verify_latent,
     with_dictionary_null,
 )
-from .answerlink import link_groups, link_priority, read_linked
+from .answerlink import answer_sources, link_priority, ngram_contexts, ngram_groups, read_linked
 from .heldout import heldout_pass
 from .results import BEHAVIOUR, open_analysed, write_stage
 
@@ -75,10 +75,11 @@ METHOD = 4
 """Version of the measure (2: per-segment gaps, fresh random directions per context; 3: and the
 dictionary null of each difference; 4: the verdict needs both nulls, rare candidates get contexts from
 fresh text, budgets in work units); in the fingerprint."""
-LINK_RULES = 2
+LINK_RULES = 3
 """How the latents linked to the answers are verified (1: beside the others, within --top; 2: their own
 budget --top-linked, ablated with their link group, within an n-gram the latent with most contexts
-first); in the fingerprint of a run that has them."""
+first; 3: one candidate per linked n-gram, its group led by its first latent, scored on the n-gram's
+own occurrences in the answers); in the fingerprint of a run that has them."""
 VERDICTS = ("difference", "shared behaviour", "inert", "too rare", "not verified")
 COLUMNS = ("latent", *BEHAVIOUR.columns)
 
@@ -184,21 +185,21 @@ def verify(cfg: VerifyConfig) -> dict:
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    groups = link_groups(run) if cfg.link_groups else None
-    cands = candidates(cc, table, cfg.duplicate_cosine, read_linked(run), groups)
+    linked, groups, by_ngram = _linked(run, cfg)
+    cands = candidates(cc, table, cfg.duplicate_cosine, linked, groups)
     factor = store.outlier_factor
     start = time.perf_counter()  # reported, and warns; it decides nothing
     sides = sides_for_store(store, device=str(device))
     strong = strong_rows(cc, store, cands, cfg, device)
     held = _cached(out / "heldout.json", lambda: heldout_pass(sides, cc, store, cands, cfg, factor))
     first = {int(k): v for k, v in held["first_order"].items()}
-    contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out)
+    contexts, fresh = gather_contexts(sides, cc, store, cands, strong, cfg, factor, out, by_ngram)
     fired = {int(k): v for k, v in held.get("fired", {}).items()}
-    priority = link_priority(run)
+    priority = {j: v for j, v in link_priority(run).items() if j in linked}
     order = ablation_order(cands, first, fired, contexts, cfg.min_contexts, priority)
     results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table), priority)
-    rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg)
-            for c in cands]  # fmt: skip
+    rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg,
+                 len(contexts.get(c.latent, []))) for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
     seconds = time.perf_counter() - start
     # JSON has no NaN: undefined figures (a correlation of fewer than 3 points) are null.
@@ -212,12 +213,37 @@ def verify(cfg: VerifyConfig) -> dict:
     return summary
 
 
-def gather_contexts(sides, cc, store, cands, strong: dict, cfg: VerifyConfig, factor: float, out: Path):
-    """({latent: its contexts, held-out first, then fresh ones from the scan}, the scan or None)."""
+def _linked(run: Path, cfg: VerifyConfig) -> tuple[dict, dict | None, dict]:
+    """(latent -> side of the linked latents that are candidates, their groups or None, leader -> its
+    n-gram group (answerlink.ngram_groups) when each n-gram's group is one candidate)."""
+    if not cfg.link_groups:
+        return read_linked(run), None, {}
+    by_ngram = ngram_groups(run)
+    linked = {j: g["side"] for j, g in by_ngram.items()}
+    return linked, {j: g["members"] for j, g in by_ngram.items()}, by_ngram
+
+
+def gather_contexts(
+    sides, cc, store, cands, strong: dict, cfg: VerifyConfig, factor: float, out: Path, by_ngram=None
+):
+    """({latent: its contexts, held-out first, then fresh ones from the scan}, the scan or None). A
+    linked n-gram's group (`by_ngram`: leader -> answerlink.ngram_groups entry) gets the n-gram's own
+    occurrences in its model's answers instead."""
     from .scan import scan
 
-    held = {c.latent: heldout_contexts(store, strong.get(c.latent, {}).get("rows", [])) for c in cands}
-    wanted = {c: cfg.n_contexts - len(held[c.latent]) for c in cands if len(held[c.latent]) < cfg.n_contexts}
+    by_ngram = by_ngram or {}
+    sources = answer_sources(cfg.run) if by_ngram else {}
+    held = {
+        c.latent: ngram_contexts(store, sources, c.side, by_ngram[c.latent]["ngram"], cfg.n_contexts)
+        if c.latent in by_ngram
+        else heldout_contexts(store, strong.get(c.latent, {}).get("rows", []))
+        for c in cands
+    }
+    wanted = {
+        c: cfg.n_contexts - len(held[c.latent])
+        for c in cands
+        if len(held[c.latent]) < cfg.n_contexts and c.latent not in by_ngram
+    }
     if not wanted:
         return held, None
     fresh = scan(
@@ -300,10 +326,11 @@ def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, aliv
     return done
 
 
-def _row(c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg: VerifyConfig) -> dict:
+def _row(
+    c: Candidate, strong: dict, fresh, first: float, res: dict | None, cfg: VerifyConfig, n_ctx: int
+) -> dict:
     row = {k: math.nan for k in COLUMNS}
     n_fresh = fresh.state["n_strong"].get(str(c.latent), 0) if fresh else 0
-    n_ctx = len(strong.get("rows", [])) + (len(fresh.contexts(c.latent)) if fresh else 0)
     row.update(
         latent=c.latent,
         side=c.side,

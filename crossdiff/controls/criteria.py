@@ -13,7 +13,23 @@ A of the diff) against model B, each with its number:
 
 The stance latent is the organism's candidate with the largest share of stance contexts among its
 top examples (ties: the higher candidate score); none with any means the diff did not find the stance.
-These rules were fixed before any organism was built, and are reported as they come out.
+These rules (criteria 1) were fixed before any organism was built, and are reported as they come out.
+
+Criteria 2 (fixed after the build topic and the first report topic were seen, before the second report
+topic, chess, was built) judge the *stance finding*: the organism's verified candidate (a latent, or a
+linked n-gram's group: verify's LINK_RULES 3) whose verification contexts, the contexts its verdict was
+computed on, are most often stance text or its lead-up (ties: the report's order). On each diff (vs B
+and vs A):
+
+    found        it is a verified `difference` among the report's top 3
+    contexts     at least half of its verification contexts are stance contexts
+    steering     adding its write (each member's decoder row times its mean strongest activation in
+                 those contexts, summed) at α = 1, 2, 4 on neutral prompts' answers gives a stance rate
+                 above the unsteered one and above every random direction of its norm, at one α
+    ablation     projecting its members' decoder directions out of the organism's centred activation
+                 on held-out topic prompts' answers (chatsteer.ablate_subspace_behaviour: shared latents
+                 included) gives a stance rate below the unedited one and below every random subspace of
+                 the same dimension
 """
 
 from __future__ import annotations
@@ -23,6 +39,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ..analysis.results import as_float
 
 CONTEXT_TOP = 10
@@ -31,6 +49,9 @@ CONTEXT_SHARE = 0.5
 """The `contexts` criterion: at least this share of them in stance text or its lead-up."""
 TOP_DIFFERENCES = 3
 """The `found` criterion: the report's top differences the stance latent must be among."""
+CRITERIA = 2
+"""Version of the criteria computed (1: the stance latent by its top examples; 2: besides it, the stance
+finding by its verification contexts, on each diff); in the criteria stage's settings."""
 
 _BOUNDARY = re.compile(r"[.!?](?=\s)|\n")
 
@@ -111,7 +132,18 @@ def find_stance_latent(run: Path, judge) -> dict:
 
 
 def criteria(cfg, st, folder: Path) -> dict:
-    """Every criterion of the module docstring, with its number and pass / fail."""
+    """Every criterion of the module docstring, with its number and pass / fail: criteria 1 on the diff
+    vs B, and criteria 2 (`findings`) on each diff present."""
+    out = _criteria_1(cfg, st, folder)
+    out["findings"] = {
+        other: _criteria_2(cfg, st, folder, other)
+        for other in ("b", "a")
+        if (folder / f"diff-{other}" / "run" / "verification" / "summary.json").is_file()
+    }
+    return out
+
+
+def _criteria_1(cfg, st, folder: Path) -> dict:
     run = folder / "diff-b" / "run"
     found = find_stance_latent(run, st.judge)
     out = {"stance_latent": found, "rules": {
@@ -169,12 +201,8 @@ def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     direction = latent_direction(cc, latent, "a", typical=strong)
     lm = load_model(str(folder / "model"), device=device)
 
-    def prompts(name: str) -> list[str]:
-        path = folder / "prompts" / f"{name}.jsonl"
-        return [json.loads(x)["prompt"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-    neutral = prompts("steer")
-    topic = prompts("topic")[: cfg.steer_prompts]
+    neutral = _prompts(folder, "steer")
+    topic = _prompts(folder, "topic")[: cfg.steer_prompts]
     steer = steer_behaviour(lm, direction, neutral, st.judge, strong, tuple(cfg.steer_fractions),
                             cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
     base = steer["plain"]["rate"]
@@ -189,3 +217,156 @@ def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
             "why": f"latent {latent} is shared: its activation needs model B's text",
         }
     return res
+
+
+# ----------------------------------------------------------------------------- criteria 2
+
+
+def chunk_texts(store) -> dict[int, dict]:
+    """chunk id -> its text record (store.texts) over the whole store (an organism's diff store is small)."""
+    out = {}
+    for shard in range(len(store.meta["shards"])):
+        out.update(store.texts(shard))
+    return out
+
+
+def context_example(chunks: dict[int, dict], ctx: dict, width: int = 300) -> dict:
+    """A scored verification context as a top example (stance_context's input): the chunk's text
+    around the scored span's start, with the role of the message it lies in."""
+    t = chunks.get(int(ctx["chunk"]))
+    if t is None:
+        return {"role": None}
+    pos = int(ctx["start"]) + int(ctx["c0"])
+    role = next((r for r, _, ms, me in t.get("messages") or () if ms <= pos < me), None)
+    return {"role": role, "text_before": t["text"][max(0, pos - width) : pos], "text_token": "",
+            "text_after": t["text"][pos : pos + width]}  # fmt: skip
+
+
+def find_stance_finding(run: Path, store, judge) -> dict:
+    """The organism's (side a) verified candidate whose verification contexts are most often stance
+    contexts, with its report rank; {"latent": None, ...} when no verified context is stance text."""
+    from ..analysis.answerlink import _linked_rows
+    from ..analysis.results import load_results
+
+    rows = {int(r["latent"]): r for r in load_results(run).rows}
+    diffs = sorted((r for r in rows.values() if r.get("behaviour_verdict") == "difference"),
+                   key=lambda r: -_finite(r.get("behaviour_gap_closed")))  # fmt: skip
+    order = [int(r["latent"]) for r in diffs]
+    chunks, linked, scored = chunk_texts(store), _linked_rows(run), []
+    for path in sorted((run / "verification" / "latents").glob("*.json")):
+        res = json.loads(path.read_text(encoding="utf-8"))
+        ctx = res.get("contexts", [])
+        if res.get("side") != "a" or not ctx:
+            continue
+        hits = [stance_context(context_example(chunks, c), judge) for c in ctx]
+        rank = order.index(res["latent"]) + 1 if res["latent"] in order else math.inf
+        scored.append((sum(hits) / len(hits), -rank, res, hits))
+    best = max(scored, key=lambda x: (x[0], x[1]), default=None)
+    if best is None or best[0] == 0:
+        return {"latent": None, "verified_a": len(scored), "differences": order}
+    share, neg_rank, res, hits = best
+    j = int(res["latent"])
+    strongest = sorted(res["contexts"], key=lambda c: -c["f"])[:3]
+    return {
+        "latent": j,
+        "members": res.get("group") or [j],
+        "ngram": linked.get(j, {}).get("ngram"),
+        "verified_a": len(scored),
+        "verdict": res["verdict"],
+        **{k: res.get(k) for k in ("shift", "z", "z_dictionary", "gap_closed", "n_contexts")},
+        "context_share": share,
+        "difference_rank": -neg_rank if math.isfinite(-neg_rank) else None,
+        "differences": order,
+        "f_members": np.mean([c["f_members"] for c in res["contexts"]], axis=0).tolist()
+        if all("f_members" in c for c in res["contexts"])
+        else None,
+        "top_contexts": [{k: c[k] for k in ("f", "shift", "text_before", "scored")} for c in strongest],
+    }
+
+
+def _finite(v) -> float:
+    x = as_float(v)
+    return x if math.isfinite(x) else -math.inf
+
+
+def _criteria_2(cfg, st, folder: Path, other: str) -> dict:
+    """Criteria 2 on the diff vs `other` (module docstring)."""
+    from ..inputs.store import Store
+
+    run = folder / f"diff-{other}" / "run"
+    found = find_stance_finding(run, Store.open(folder / f"diff-{other}" / "store"), st.judge)
+    rank = found.get("difference_rank")
+    out = {
+        "finding": found,
+        "found": {"difference_rank": rank, "pass": rank is not None and rank <= TOP_DIFFERENCES},
+        "contexts": {
+            "share": found.get("context_share", 0.0),
+            "pass": found.get("context_share", 0.0) >= CONTEXT_SHARE,
+        },  # fmt: skip
+    }
+    if found["latent"] is None or found.get("f_members") is None:
+        out["steering"] = out["ablation"] = {
+            "pass": False,
+            "why": "no verified context of the organism is stance text",
+        }
+        return out
+    key = {"finding": [found["latent"], found["members"], found["f_members"]],
+           "steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random, cfg.steer_tokens, cfg.seed],
+           "crosscoder": _sha(run / "crosscoder.safetensors")}  # fmt: skip
+    out.update(_cached(folder / "criteria" / f"finding-{other}.json", key,
+                       lambda: _group_edits(cfg, st, folder, run, found)))  # fmt: skip
+    return out
+
+
+def _cached(path: Path, key: dict, compute) -> dict:
+    from ..core.fsutil import write_json_atomic
+
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["result"]
+    res = compute()
+    write_json_atomic(path, {"key": key, "result": res})
+    return res
+
+
+def _group_edits(cfg, st, folder: Path, run: Path, found: dict) -> dict:
+    """Steering with the finding's write on neutral prompts, and its members' directions projected out
+    on held-out topic prompts, on the organism itself, each against random directions / subspaces."""
+    import torch
+
+    from ..analysis.chatsteer import ablate_subspace_behaviour, steer_vector_behaviour
+    from ..analysis.evidence import decoder_rows
+    from ..coder.crosscoder import Crosscoder
+    from ..core.runtime import resolve_device
+    from ..inputs.models import load_model
+
+    cc = Crosscoder.from_pretrained(run, device="cpu")
+    side = cc.side("a")
+    U_GD = (decoder_rows(cc, found["members"], "a") / side.scale).float()
+    write_D = (torch.as_tensor(found["f_members"], dtype=torch.float32)[:, None] * U_GD).sum(0)
+    centre_D = side.b_dec.detach().float().cpu() / side.scale
+    layer = cc.cfg.model("a").layer
+    lm = load_model(str(folder / "model"), device=resolve_device(cfg.device))
+    neutral, topic = _prompts(folder, "steer"), _prompts(folder, "topic")[: cfg.steer_prompts]
+    steer = steer_vector_behaviour(lm, layer, write_D, neutral, st.judge, tuple(cfg.steer_fractions),
+                                   cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
+    base = steer["plain"]["rate"]
+    wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
+    abl = ablate_subspace_behaviour(lm, layer, U_GD, centre_D, topic, st.judge, cfg.steer_random, cfg.seed,
+                                    cfg.steer_tokens)  # fmt: skip
+    lower = abl["ablated"]["rate"] < min(abl["plain"]["rate"], abl["null_min"])
+    return {
+        "steering": {
+            **steer,
+            "write_norm": float(write_D.norm()),
+            "pass": bool(wins),
+            "passing_alphas": wins,
+        },
+        "ablation": {**abl, "pass": bool(lower)},
+    }
+
+
+def _prompts(folder: Path, name: str) -> list[str]:
+    path = folder / "prompts" / f"{name}.jsonl"
+    return [json.loads(x)["prompt"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]

@@ -15,7 +15,7 @@ Stages (OUT/stages.json records finished ones; a rerun skips them, each resumes 
                    and on neutral prompts, from greedy answers in each model's chat template; each
                    model's answers cached in OUT/stance/<model>.json
     loss           loss on Brown (the same tokens) of A and of the organism (OUT/loss/<model>.json)
-    criteria       the issue's pass criteria on the diff vs B, each with its number (criteria.py)
+    criteria       the pass criteria: criteria 1 on the diff vs B, criteria 2 on each diff (criteria.py)
 
 OUT/organism.json (written last) holds every measurement and each criterion's number and verdict.
 """
@@ -363,7 +363,7 @@ def diff_settings(d) -> dict:
 
 
 def measure_stages(cfg: OrganismConfig, st: StanceFile, folder: Path) -> list[Stage]:
-    from .criteria import criteria
+    from .criteria import CRITERIA, criteria
 
     built = build_settings(cfg, st)[-1]
     out, diffs = [], {}
@@ -386,8 +386,9 @@ def measure_stages(cfg: OrganismConfig, st: StanceFile, folder: Path) -> list[St
                 cfg.seed,
             ]
         }
-        # the criteria read the diff vs B's verdicts: a rerun diff reruns them
-        out.append(Stage("criteria", lambda: criteria(cfg, st, folder), {**built, **c, "diff": diffs["b"]}))
+        # the criteria read the diffs' verdicts: a rerun diff reruns them
+        c.update(criteria=CRITERIA, diff=diffs["b"], diffs=diffs)
+        out.append(Stage("criteria", lambda: criteria(cfg, st, folder), {**built, **c}))
     return out
 
 
