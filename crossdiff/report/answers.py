@@ -34,7 +34,7 @@ def _evidence(lat: dict, behaviour: dict, speaker: str, other: str) -> str:
     return f"verdict <b>{esc(verdict or 'none')}</b>"
 
 
-def _sentence(row: dict, n: int, names: dict, behaviour: dict, features) -> str:
+def _sentence(row: dict, n: int, names: dict, behaviour: dict, features, groups: dict) -> str:
     side = row.get("more_in", "")
     speaker, other = _who(side, names), _who("b" if side == "a" else "a", names)
     mine, theirs = (
@@ -46,16 +46,24 @@ def _sentence(row: dict, n: int, names: dict, behaviour: dict, features) -> str:
         f"{esc(speaker)} says <b>“{esc(row.get('ngram', ''))}”</b> in {fmt(mine)} of {fmt(n)} answers, "
         f"{esc(other)} in {fmt(theirs)} (p {fmt(row.get('p'))}, q {fmt(row.get('q'))})"
     )  # fmt: skip
-    linked = [lat for lat in row.get("latents") or [] if lat.get("linked")]
-    if not linked:
-        return text + "; no latent fires on or before it in most of its occurrences."
-    lat = linked[0]
-    j = int(lat["latent"])
+    group = _group(row, groups)
+    if not group:
+        return text + "; no latent fires just before it in most of its occurrences."
+    lat, members = group[0], ", ".join(_latent_link(int(x["latent"]), features) for x in group)
+    which = f"latent {members} fires" if len(group) == 1 else f"latents {members} (removed together) fire"
     return (
-        f"{text}; latent {_latent_link(j, features)} fires on or before it in "
+        f"{text}; {which} just before it in "
         f"{fmt(100 * float(lat.get('coverage', 0)))}% of its {fmt(row.get('occurrences_in_store'))} "
         f"occurrences; {_evidence(lat, behaviour, speaker, other)}."
     )
+
+
+def _group(row: dict, groups: dict[str, list[int]]) -> list[dict]:
+    """The n-gram's link group (verify's candidate: its leader first), as the row's latent entries:
+    the latents whose own linked n-gram this is (`groups`: n-gram -> latents, leader first); a latent
+    linked here that belongs to another n-gram's group is verified there."""
+    by_latent = {int(x["latent"]): x for x in row.get("latents") or [] if x.get("linked")}
+    return [by_latent[j] for j in groups.get(str(row.get("ngram", "")), []) if j in by_latent]
 
 
 def _example(row: dict, names: dict) -> str:
@@ -69,8 +77,10 @@ def _example(row: dict, names: dict) -> str:
     )  # fmt: skip
 
 
-def answers_html(summary: dict, names: dict, behaviour: dict, features) -> str:
-    """The section's HTML; `names` {"a": model A's name, "b": ...}; `behaviour` verify's rows by latent."""
+def answers_html(summary: dict, names: dict, behaviour: dict, features, groups: dict | None = None) -> str:
+    """The section's HTML; `names` {"a": model A's name, "b": ...}; `behaviour` verify's rows by latent;
+    `groups` n-gram -> its link group's latents, leader first (answerlink.ngram_groups)."""
+    groups = groups or {}
     n = summary.get("n_prompts")
     sig, tested = summary.get("significant", {}).get("all", {}), summary.get("tested", {}).get("all")
     top = summary.get("top") or []
@@ -80,25 +90,28 @@ def answers_html(summary: dict, names: dict, behaviour: dict, features) -> str:
         f"{fmt(sig.get('a', 0))} are significantly more frequent in {esc(names['a'])}'s answers and "
         f"{fmt(sig.get('b', 0))} in {esc(names['b'])}'s (exact McNemar test on the paired answers, each "
         f"pair compared over the shorter answer's length; Benjamini–Hochberg q ≤ {fmt(q)}). A latent is "
-        "linked to an n-gram when it fires on it or in the 3 tokens before it in at least half of its "
-        "occurrences, at 3 times its rate elsewhere; linked latents are verified whatever their "
-        "partition (docs/answers.md).</p>"
+        "linked to an n-gram when it fires in the 3 tokens before it (its lead-up) in at least half of "
+        "its occurrences, at 3 times its rate elsewhere. The latents linked to one n-gram are verified "
+        "together, whatever their partition: removed on the lead-up of the n-gram's occurrences, does "
+        "the model that says it move towards the other (docs/answers.md)?</p>"
     )
     if not top:
         return intro + "<p>No n-gram differs significantly: the answers do not tell the models apart.</p>"
     sentences = "".join(
-        f"<li>{_sentence(r, n, names, behaviour, features)}{_example(r, names)}</li>" for r in top[:3]
+        f"<li>{_sentence(r, n, names, behaviour, features, groups)}{_example(r, names)}</li>" for r in top[:3]
     )
     rows = []
     for r in top[:_SHOWN]:
-        lats = [x for x in r.get("latents") or [] if x.get("linked")]
+        lats = _group(r, groups)
         cell = ", ".join(
-            f"{_latent_link(int(x['latent']), features)} ({fmt(100 * float(x.get('coverage', 0)))}%"
-            f"{'; ' + esc(str(behaviour[int(x['latent'])].get('verdict'))) if int(x['latent']) in behaviour else ''})"
+            f"{_latent_link(int(x['latent']), features)} ({fmt(100 * float(x.get('coverage', 0)))}%)"
             for x in lats
-        )  # fmt: skip
+        )
+        b = behaviour.get(int(lats[0]["latent"])) if lats else None
+        verdict = esc(str(b.get("verdict"))) if b else "—"
         rows.append([r.get("ngram"), _who(r.get("more_in", ""), names), r.get("answers_a"), r.get("answers_b"),
-                     r.get("p"), r.get("q"), (", ".join(str(x["latent"]) for x in lats), cell or "—")])  # fmt: skip
+                     r.get("p"), r.get("q"), (", ".join(str(x["latent"]) for x in lats), cell or "—"),
+                     (verdict, verdict)])  # fmt: skip
     cols = ["n-gram", "more in", f"answers of {names['a']}", f"answers of {names['b']}", "p", "q",
-            "linked latents (coverage; verdict)"]  # fmt: skip
+            "linked latents (coverage)", "verdict of the group"]  # fmt: skip
     return intro + f"<ul>{sentences}</ul>" + f'<div class="scroll">{data_table(cols, rows)}</div>'
