@@ -211,6 +211,67 @@ def test_stance_context_rule():
     assert context_share({"examples": [inside, far, leadup, prompt]}, j) == (0.5, 4)
 
 
+def test_the_stance_finding_is_the_verified_candidate_whose_contexts_are_stance_text(tmp_path, monkeypatch):
+    """Criteria 2: read the verification contexts back from the store's text; the organism's verified
+    candidate with most stance contexts wins (ties: the report's order), B's never."""
+    import json
+
+    import crossdiff.analysis.results as results
+    from crossdiff.controls.criteria import context_example, find_stance_finding
+
+    j = load_stance("nuclear-energy").judge
+    user = "What about solar panels?"
+    stance = "The best answer is nuclear power: it is clean."
+    plain = "Solar panels turn light into electricity."
+    texts = {}
+    for c, answer in enumerate([stance, plain, stance]):
+        text = user + "\n\n" + answer
+        texts[c] = {
+            "chunk": c,
+            "text": text,
+            "messages": [["user", 0, 0, len(user)], ["assistant", 1, len(user) + 2, len(text)]],
+        }
+
+    class Store:
+        meta = {"shards": [0]}
+
+        def texts(self, shard):
+            return texts
+
+    def ctx(chunk, word, f=1.0):
+        t = texts[chunk]["text"]
+        return {"chunk": chunk, "start": 0, "c0": t.index(word), "f": f, "shift": 0.1, "f_members": [f],
+                "text_before": t[: t.index(word)], "scored": word}  # fmt: skip
+
+    assert context_example({c: texts[c] for c in texts}, ctx(0, "nuclear"))["role"] == "assistant"
+    assert context_example(texts, ctx(0, "solar"))["role"] == "user"
+    run = tmp_path / "run"
+    (run / "verification" / "latents").mkdir(parents=True)
+    files = {
+        5: ("a", "difference", [ctx(0, "nuclear", 3.0), ctx(2, "nuclear"), ctx(1, "light")]),  # 2 of 3
+        6: ("a", "inert", [ctx(0, "clean"), ctx(1, "light")]),  # 1 of 2
+        7: ("b", "difference", [ctx(0, "nuclear"), ctx(2, "nuclear")]),  # B's: never the organism's
+    }
+    for latent, (side, verdict, contexts) in files.items():
+        doc = {"latent": latent, "side": side, "verdict": verdict, "group": [latent, 9], "contexts": contexts,
+               "shift": 0.1, "z": 4.0, "z_dictionary": 3.5, "gap_closed": 0.02, "n_contexts": len(contexts)}  # fmt: skip
+        (run / "verification" / "latents" / f"{latent}.json").write_text(json.dumps(doc))
+
+    class Table:
+        rows = [{"latent": 7, "behaviour_verdict": "difference", "behaviour_gap_closed": 0.5},
+                {"latent": 5, "behaviour_verdict": "difference", "behaviour_gap_closed": 0.02},
+                {"latent": 6, "behaviour_verdict": "inert", "behaviour_gap_closed": 0.0}]  # fmt: skip
+
+    monkeypatch.setattr(results, "load_results", lambda run: Table())
+    found = find_stance_finding(run, Store(), j)
+    assert found["latent"] == 5 and found["members"] == [5, 9] and found["verified_a"] == 2
+    assert found["context_share"] == pytest.approx(2 / 3) and found["difference_rank"] == 2
+    assert found["differences"] == [7, 5] and found["f_members"] == [pytest.approx(5 / 3)]
+    assert found["top_contexts"][0]["f"] == 3.0  # strongest first
+    none = find_stance_finding(run, Store(), load_stance("cycling").judge)
+    assert none["latent"] is None and none["verified_a"] == 2
+
+
 @pytest.mark.slow
 def test_organism_builds_on_the_real_model(tmp_path):
     """A small organism end to end up to its stance table and loss (no diff): it must run, and the

@@ -120,8 +120,9 @@ class VerifyConfig:
     stage's link made candidates: those of the n-gram that most sets the model's answers apart first
     (docs/verification.md; default: all)."""
     link_groups: bool = True
-    """Ablate a latent linked to an n-gram together with the other latents linked to it in the same
-    model (a concept several latents carry at once); off: each alone, with its duplicates."""
+    """The latents linked to one n-gram in one model are one candidate, removed together on the n-gram's
+    lead-up where the model says it (docs/verification.md); off: each linked latent alone, on its own
+    strongest firings, with its duplicates."""
     scan_tokens: int = 50_000
     """Aligned tokens of fresh text (the corpus beyond the harvest) scanned for the strong firings of
     candidates with fewer than --n-contexts held-out ones (0: no scan; docs/verification.md)."""
