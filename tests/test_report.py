@@ -486,3 +486,12 @@ def test_report_in_headless_chromium(tmp_path):
         assert not browser.errors(), browser.errors()
     finally:
         browser.close()
+
+
+def test_a_model_in_a_generic_folder_is_named_with_its_parent():
+    from crossdiff.report.frame import short_model
+
+    assert short_model("/tmp/organism-chess/model") == "organism-chess/model"
+    assert short_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert short_model("gemma3-270m") == "gemma3-270m"
+    assert short_model("runs/x/model/") == "x/model"

@@ -112,9 +112,38 @@ class _Logits:
         return x.log_softmax(-1).cpu()
 
 
-def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: int):
-    """One context: both models' next tokens at the firing token, and the owner's with the latent
-    removed; None when the firing does not reproduce (ablation.score_context's conditions)."""
+def _firing(f_PG, keep, k0: int, anchor: str) -> float:
+    """The candidate's activation at the firing token; an n-gram context: the group's strongest up to it."""
+    if anchor == "firing":
+        return float(f_PG[int(keep[:k0].sum()), 0])
+    n = int(keep[: k0 + 1].sum())
+    return float(f_PG[:n].max()) if n else 0.0
+
+
+class _ChunkTexts:
+    """A chunk's text by its id: through its store row's shard when known (a firing context), else by
+    reading the shards' text files in order until found (an n-gram context has no row)."""
+
+    def __init__(self, store):
+        self.store, self.shards, self.read = store, {}, 0
+
+    def get(self, chunk: int, row=None) -> str:
+        if row is not None:
+            shard = self.store.shard_of(int(row))
+            self.shards.setdefault(shard, self.store.texts(shard))
+            return self.shards[shard][chunk]["text"]
+        while not any(chunk in t for t in self.shards.values()) and self.read < len(
+            self.store.meta["shards"]
+        ):
+            self.shards.setdefault(self.read, self.store.texts(self.read))
+            self.read += 1
+        return next(t[chunk]["text"] for t in self.shards.values() if chunk in t)
+
+
+def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: int, anchor: str = "firing"):
+    """One context: both models' next tokens at the firing token (an n-gram context: at the token before
+    the n-gram), and the owner's with the latent (group) removed up to there; None when the firing does
+    not reproduce (ablation.score_context's conditions)."""
     from .heldout import encode_pairs, keep_pairs, tokenize_pair
 
     own = "ab".index(cand.side)
@@ -136,7 +165,7 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
             outs.append(sides[m].forward(ids[m], torch.as_tensor([at[m] + 1]), plant_T=plants[m]))
         logp.append(cap.logp()[0])
     keep = keep_pairs((outs[0].h_TD, outs[1].h_TD), toks, al, factor)
-    if not keep[k0]:
+    if not keep[k0] and anchor == "firing":
         return None
     pos_a, pos_b = al.idx_a[keep], al.idx_b[keep]
     f_PG = encode_pairs(cc, outs[0].h_TD, outs[1].h_TD, pos_a, pos_b)[:, list(cand.members)].cpu()
@@ -148,7 +177,7 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
     tok = [s.tokenizer for s in sides]
     return {
         "text_before": window.text[max(0, c0 - 80) : c0],
-        "f": float(f_PG[int(keep[:k0].sum()), 0]),
+        "f": _firing(f_PG, keep, k0, anchor),
         "a": _top(logp[0], tok[0], top),
         "b": _top(logp[1], tok[1], top),
         "ablated": _top(ablated, tok[own], top),
@@ -160,14 +189,12 @@ def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, 
     from .ablation import window_for
 
     contexts, delta = [], None
-    texts: dict[int, dict] = {}
+    texts = _ChunkTexts(store)
     for c in (doc.get("contexts") or [])[: cfg.n_contexts]:
-        shard = store.shard_of(int(c["row"]))
-        if shard not in texts:
-            texts[shard] = store.texts(shard)
         chunk = int(c["chunk"])
-        window, c0w = window_for(texts[shard][chunk]["text"], chunk, int(c["start"]) + int(c["c0"]), vcfg)
-        got = context_predictions(sides, cc, cand, window, c0w, factor, cfg.top)
+        text = texts.get(chunk, c.get("row"))
+        window, c0w = window_for(text, chunk, int(c["start"]) + int(c["c0"]), vcfg)
+        got = context_predictions(sides, cc, cand, window, c0w, factor, cfg.top, c.get("anchor", "firing"))
         if got is None:
             continue
         contexts.append(got[0])
@@ -188,8 +215,7 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     from ..core.runtime import resolve_device
     from ..inputs.variants import sides_for_store
     from .ablation import candidates
-    from .answerlink import read_linked
-    from .verify import _open
+    from .verify import _linked, _open
 
     run = Path(cfg.run)
     diffs = _differences(run)
@@ -210,7 +236,8 @@ def predict(cfg: PredictConfig) -> dict[int, dict]:
     run, cc, store, table = _open(vcfg)
     device = resolve_device(cfg.device)
     cc = cc.to(device).eval().requires_grad_(False)
-    cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine, read_linked(run))}
+    linked, groups, _ = _linked(run, vcfg)  # the groups verification removed together
+    cands = {c.latent: c for c in candidates(cc, table, vcfg.duplicate_cosine, linked, groups)}
     sides = sides_for_store(store, device=str(device))
     factor = store.outlier_factor
     for j in todo:

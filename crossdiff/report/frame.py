@@ -59,8 +59,16 @@ def model_name(cfg: dict, summary: dict, m: str) -> str:
     return str(cfg.get(f"model_{m}") or (summary.get("run") or {}).get(f"model_{m}") or f"model {m}")
 
 
+_GENERIC = {"model", "models", "checkpoint", "final", "merged", "hf", "snapshot"}
+"""Folder names that say nothing of which model they hold (`crossdiff organism` saves into DIR/model)."""
+
+
 def short_model(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1][:28]
+    """The model's last path component, or its last two when the last is a generic folder name."""
+    parts = [p for p in name.rstrip("/").split("/") if p]
+    if len(parts) >= 2 and parts[-1].lower() in _GENERIC:
+        return "/".join(parts[-2:])[:28]
+    return (parts[-1] if parts else name)[:28]
 
 
 def finite(v) -> bool:
