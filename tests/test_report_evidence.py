@@ -283,6 +283,38 @@ def test_the_headline_counts_the_latents_that_verification_added(tmp_path):
     assert "Candidates (9)" in text  # the table lists them too
 
 
+def test_a_difference_that_is_a_linked_ngrams_group_is_named_and_has_its_page(tmp_path):
+    """verify's LINK_RULES 3: a linked n-gram's group is one candidate, listed under its leader, which the
+    analysis wrote no evidence file for. The headline names the group and what the model says; the
+    leader gets a page of its verification, and every link to it resolves."""
+    run = make_run(tmp_path)
+    (run / "answers").mkdir()
+    (run / "answers" / "latents.csv").write_text(
+        "latent,side,rule,ngram,coverage,lift\n20,a,answer-link,chess,0.9,8\n21,a,answer-link,chess,0.6,4\n"
+    )
+    (run / "answers" / "summary.json").write_text(json.dumps({"n_prompts": 134, "top": [
+        {"ngram": "chess", "more_in": "a", "answers_a": 17, "answers_b": 0, "p": 1e-5, "q": 0.004,
+         "occurrences_in_store": 18, "latents": [{"latent": 20, "coverage": 0.9, "linked": True},
+                                                 {"latent": 21, "coverage": 0.6, "linked": True}]}]}))  # fmt: skip
+    assert not (run / "analysis" / "features" / "20.json").exists()
+    _behaviour(run, {20: {"side": "a", "verdict": "difference", "shift": 0.14, "z": 4.2, "gap_closed": 0.05,
+                          "z_dictionary": 3.6, "n_contexts": 16, "n_group": 2}})  # fmt: skip
+    ctx = {"chunk": 0, "start": 0, "c0": 5, "f": 3.0, "shift": 0.14, "random_shifts": [0.0, 0.01, -0.01],
+           "text_before": "The real solution is", "scored": " chess, the", "anchor": "ngram"}  # fmt: skip
+    (run / "verification" / "latents").mkdir(exist_ok=True)
+    (run / "verification" / "latents" / "20.json").write_text(json.dumps(
+        {"latent": 20, "side": "a", "group": [20, 21], "linked": True, "verdict": "difference", "contexts": [ctx]}))  # fmt: skip
+    index, pages = _render(run)
+    text = " ".join(_text(index).split())
+    assert "latent 20 (A), removed together with latent 21, which fire just before A says “chess”" in text
+    assert "(17 of 134 answers; the other model 0). Removing them moves A's predictions" in text
+    assert (
+        20 in pages and "No top examples" in _text(pages[20]) and "The real solution is" in _text(pages[20])
+    )
+    for href in re.findall(r'href="features/(\d+)\.html"', index):
+        assert int(href) in pages, href  # no link to a page that does not exist
+
+
 # ----------------------------------------------------------------------------- labels and examples
 
 

@@ -281,8 +281,13 @@ def feature_html(latent: int, feat: dict, data, row: dict | None, nav: tuple, ma
             predictions_html(data.predictions[latent], data),
         ]
     vmax = max([e.get("value") for e in examples + quant if finite(e.get("value"))] or [0.0])
-    parts += [f"<h2>Top examples ({min(len(examples), max_examples)} of {len(examples)}, identical contexts collapsed)</h2>",
-              examples_html(examples, data, p99, vmax, max_examples)]  # fmt: skip
+    if not feat:  # verified, with no evidence file: a linked n-gram's group the analysis did not select
+        parts.append('<p class="muted">No top examples: the analysis writes them for its candidates. This '
+                     "latent was verified because the answers link it to an n-gram; the contexts above are "
+                     "that n-gram's occurrences in the answers (docs/answers.md).</p>")  # fmt: skip
+    else:
+        parts += [f"<h2>Top examples ({min(len(examples), max_examples)} of {len(examples)}, identical contexts collapsed)</h2>",
+                  examples_html(examples, data, p99, vmax, max_examples)]  # fmt: skip
     if quant:
         parts += [f"<h2>Examples across its activation range ({len(quant)})</h2>",
                   '<p class="muted">Drawn at evenly spaced quantiles of a uniform random sample of its firings; '

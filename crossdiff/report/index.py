@@ -181,7 +181,7 @@ def candidates_table(data, cands: list[dict]) -> str:
         for c in cols:
             v = _value(data, r, c)
             if c == "latent" and is_num(v):  # an id, not a quantity: no thousands separator
-                link = f'<a href="features/{v}.html">{v}</a>' if v in data.features else str(v)
+                link = f'<a href="features/{v}.html">{v}</a>' if v in data.paged else str(v)
                 cells.append((v, link))
             elif c in ("partition", "verdict", "behaviour_verdict") and v:
                 cells.append((str(v), badge(v)))
@@ -222,7 +222,7 @@ def differences_table(data) -> str:
         if b.get("verdict") != "difference":
             continue
         j = int(b["latent"])
-        link = (str(j), f'<a href="features/{j}.html">{j}</a>' if j in data.features else str(j))
+        link = (str(j), f'<a href="features/{j}.html">{j}</a>' if j in data.paged else str(j))
         label = (data.labels.get(j) or {}).get("label", "")
         steer = next((r.get("steer_verdict") for r in data.rows if r.get("latent") == j), None)
         rows.append([link, (label, f'<div class="long">{esc(label)}</div>'), str(b.get("side", "")).upper(),
@@ -273,7 +273,7 @@ def index_html(data, cands: list[dict]) -> str:
         names = {"a": short_model(a), "b": short_model(b)}
         parts += [
             "<h2>What the models say</h2>",
-            answers_html(data.answers, names, data.behaviour, data.features, _link_groups(data.run)),
+            answers_html(data.answers, names, data.behaviour, data.paged, _link_groups(data.run)),
         ]
     diffs = differences_table(data)
     if diffs:

@@ -99,6 +99,11 @@ class RunData:
     answers: dict | None = None
     """answers/summary.json (crossdiff/analysis/answers.py): the answer-level diff of a chat diff."""
 
+    @property
+    def paged(self) -> set[int]:
+        """The latents with a feature page: an evidence file, or a verification (a linked n-gram's group)."""
+        return set(self.features) | set(self.contexts)
+
 
 def _numbered_json(folder: Path) -> dict[int, Path]:
     """{latent: path} for the <latent>.json files of a folder (other names are ignored)."""
@@ -159,11 +164,13 @@ def _write_pages(data: RunData, cands: list[dict], out: Path, max_examples: int)
         (out / "assets" / name).write_bytes((resources.files(__package__) / "templates" / name).read_bytes())
     (out / "index.html").write_text(index_html(data, cands), encoding="utf-8")
     cand_ids = [r["latent"] for r in cands]
-    order = [i for i in cand_ids if i in data.features] + sorted(set(data.features) - set(cand_ids))
+    # verified latents without an evidence file (linked n-grams' groups) get a page of their verification
+    paged = data.paged
+    order = [i for i in cand_ids if i in paged] + sorted(paged - set(cand_ids))
     rows = {r["latent"]: r for r in data.rows}
     (out / "features").mkdir()
     for k, latent in enumerate(order):
-        feat = read_json(data.features[latent])
+        feat = read_json(data.features[latent]) if latent in data.features else {}
         if not isinstance(feat, dict):
             raise CrossdiffError(f"{data.features[latent]} is not a JSON object; rerun crossdiff analyze")
         nav = (order[k - 1] if k else None, order[k + 1] if k + 1 < len(order) else None)
@@ -219,6 +226,6 @@ def report(cfg: ReportConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     index = dest / "index.html"
-    print(f"report: {index} ({len(cands)} candidates, {len(data.features)} feature pages)", file=sys.stderr)
+    print(f"report: {index} ({len(cands)} candidates, {len(data.paged)} feature pages)", file=sys.stderr)
     print(headline_text(data, data.labels), file=sys.stderr)  # what the page opens with, in the terminal
     return index
