@@ -311,6 +311,8 @@ def test_a_difference_that_is_a_linked_ngrams_group_is_named_and_has_its_page(tm
     assert (
         20 in pages and "No top examples" in _text(pages[20]) and "The real solution is" in _text(pages[20])
     )
+    page = " ".join(_text(pages[20]).split())
+    assert "Linked to what A says: “chess”; verified as one candidate with latents 21" in page
     for href in re.findall(r'href="features/(\d+)\.html"', index):
         assert int(href) in pages, href  # no link to a page that does not exist
 
