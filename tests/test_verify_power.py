@@ -137,6 +137,46 @@ def test_latents_linked_to_the_answers_have_an_ablation_budget_of_their_own(tmp_
     assert sorted(none) == [3]
 
 
+def test_a_larger_budget_adds_ablations_and_reuses_those_of_the_same_measure(tmp_path, monkeypatch):
+    """`--top N` after a smaller N measures only the latents not measured yet; a latent measured under
+    another measure key (a setting that changes results) is measured again; files beyond the budget or
+    of another measure are not left beside the results."""
+    cands = [_cand(j, "a") for j in range(6)]
+    first = {j: 0.1 * (6 - j) for j in range(6)}
+    contexts = {j: [{"f": 1.0}] * 4 for j in range(6)}
+    measured = []
+
+    def fake_latent(sides, cc, store, c, rows, cfg, factor):
+        measured.append(c.latent)
+        return {"verdict": "inert", "n_contexts": len(rows), "contexts": []}
+
+    monkeypatch.setattr(verify_mod, "verify_latent", fake_latent)
+    order = verify_mod.ablation_order(cands, first, {j: 5 for j in range(6)}, contexts, 4)
+    out = tmp_path / "v"
+
+    def run(top, measure):
+        return verify_mod._exact(None, None, None, order, contexts, VerifyConfig(run=".", top=top), 1.0, out,
+                                 None, None, measure)  # fmt: skip
+
+    assert sorted(run(2, "m1")) == [0, 1] and measured == [0, 1]
+    assert sorted(run(4, "m1")) == [0, 1, 2, 3] and measured == [0, 1, 2, 3]  # 0 and 1 reused
+    assert sorted(run(2, "m2")) == [0, 1] and measured == [0, 1, 2, 3, 0, 1]  # another measure: again
+    assert sorted(p.stem for p in (out / "latents").glob("*.json")) == ["0", "1"]  # 2, 3: m1's, gone
+    assert all(json.loads((out / "latents" / f"{j}.json").read_text())["measure"] == "m2" for j in (0, 1))
+
+
+def test_the_measure_key_ignores_the_budgets_only():
+    from crossdiff.core.config import settings
+
+    kept = {k for k in settings(VerifyConfig(run=".")) if k not in verify_mod.BUDGETS}
+    assert {"top", "top_linked", "warn_seconds"}.isdisjoint(kept) and {
+        "n_contexts",
+        "n_random",
+        "seed",
+        "z",
+    } <= kept
+
+
 def test_a_difference_needs_both_nulls():
     cfg = VerifyConfig(run=".")
     from crossdiff.analysis.ablation import both_nulls as both

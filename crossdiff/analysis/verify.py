@@ -179,9 +179,14 @@ def verify(cfg: VerifyConfig) -> dict:
         # Results of other settings or another checkpoint; the fresh-text scan is kept, and reused
         # when it depends on nothing that changed (scan.scan checks its key).
         kept = (out / "scan.json").read_bytes() if (out / "scan.json").is_file() else None
+        # finished latents are kept too: _exact reuses those measured with this run's measure key
+        if (out / "latents").is_dir():
+            (out / "latents").rename(out.parent / ".verification-latents.tmp")
         shutil.rmtree(out)
         if kept is not None:
             write_bytes_atomic(out / "scan.json", kept)
+        if (out.parent / ".verification-latents.tmp").is_dir():
+            (out.parent / ".verification-latents.tmp").rename(out / "latents")
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
@@ -198,7 +203,8 @@ def verify(cfg: VerifyConfig) -> dict:
     fired = {int(k): v for k, v in held.get("fired", {}).items()}
     priority = {j: v for j, v in link_priority(run).items() if j in linked}
     order = ablation_order(cands, first, fired, contexts, cfg.min_contexts, priority)
-    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table), priority)
+    results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table), priority,
+                     measure_key(cfg, run, store))  # fmt: skip
     rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg,
                  len(contexts.get(c.latent, []))) for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
@@ -296,11 +302,26 @@ def _linked_order(cands: list[Candidate], linked: dict[int, tuple], contexts: di
     return [c for _, c in sorted(keyed, key=lambda t: t[0])]
 
 
-def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F, linked=None) -> dict:
+BUDGETS = ("top", "top_linked", "warn_seconds")
+"""Settings that say how much to measure, not how: a rerun that changes only these reuses every latent
+already measured (`measure_key`), so `--top N` after a smaller N adds ablations instead of redoing them."""
+
+
+def measure_key(cfg: VerifyConfig, run: Path, store) -> str:
+    """What one latent's exact result depends on: every setting but the budgets, the store, checkpoint
+    and analysis, and the linked latents with the rules that group them."""
+    kept = {k: v for k, v in settings(cfg).items() if k not in BUDGETS}
+    return fingerprint([kept, _inputs_key(run, store), LINK_RULES, sorted(read_linked(run).items())])
+
+
+def _exact(
+    sides, cc, store, order, contexts: dict, cfg, factor, out: Path, alive_F, linked=None, measure=None
+) -> dict:
     """Exact ablations in `order`, at most `top` per side of the analysis's candidates and at most
     `top_linked` per side of the latents only the answer link added (`linked`; too rare ones count
     against neither), each judged against random directions and then, when the random null calls it a
-    difference or shared behaviour, against the dictionary's directions (both decide the verdict)."""
+    difference or shared behaviour, against the dictionary's directions (both decide the verdict). A
+    latent's file from a run with the same `measure` key (other budgets) is reused, not measured again."""
     from tqdm.auto import tqdm
 
     linked = linked or {}
@@ -311,11 +332,13 @@ def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, aliv
         if limit is not None and spent.get(budget, 0) >= limit:
             continue
         path = out / "latents" / f"{c.latent}.json"
-        if path.is_file():
-            done[c.latent] = json.loads(path.read_text())
+        reuse = json.loads(path.read_text()) if path.is_file() else None
+        if reuse is not None and reuse.get("measure") == measure:
+            done[c.latent] = reuse
         else:
             rows = contexts[c.latent][: cfg.n_contexts]
-            res = {"latent": c.latent, "side": c.side, "group": list(c.members), "linked": c.latent in linked}
+            res = {"latent": c.latent, "side": c.side, "group": list(c.members), "linked": c.latent in linked,
+                   "measure": measure}  # fmt: skip
             res.update(verify_latent(sides, cc, store, c, rows, cfg, factor))
             if res["verdict"] in ("difference", "shared behaviour"):
                 ND = dictionary_directions(cc, c, alive_F)
@@ -324,6 +347,9 @@ def _exact(sides, cc, store, order, contexts: dict, cfg, factor, out: Path, aliv
             write_json_atomic(path, done[c.latent])
         if done[c.latent]["verdict"] != "too rare":
             spent[budget] = spent.get(budget, 0) + 1
+    for path in (out / "latents").glob("*.json") if (out / "latents").is_dir() else ():
+        if path.stem not in {str(j) for j in done}:  # another measure's, or beyond this budget
+            path.unlink()
     return done
 
 
