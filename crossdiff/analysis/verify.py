@@ -54,7 +54,7 @@ import numpy as np
 
 from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
-from ..core.fsutil import jsonable, write_bytes_atomic, write_json_atomic
+from ..core.fsutil import jsonable, write_json_atomic
 from ..core.lock import writes
 from ..core.manifest import intact
 from .ablation import (
@@ -176,17 +176,12 @@ def verify(cfg: VerifyConfig) -> dict:
     if not same and out.exists():
         import shutil
 
-        # Results of other settings or another checkpoint; the fresh-text scan is kept, and reused
-        # when it depends on nothing that changed (scan.scan checks its key).
-        kept = (out / "scan.json").read_bytes() if (out / "scan.json").is_file() else None
-        # finished latents are kept too: _exact reuses those measured with this run's measure key
-        if (out / "latents").is_dir():
-            (out / "latents").rename(out.parent / ".verification-latents.tmp")
-        shutil.rmtree(out)
-        if kept is not None:
-            write_bytes_atomic(out / "scan.json", kept)
-        if (out.parent / ".verification-latents.tmp").is_dir():
-            (out.parent / ".verification-latents.tmp").rename(out / "latents")
+        # Results of other settings or another checkpoint are cleared; the fresh-text scan is kept (and
+        # reused when it depends on nothing that changed: scan.scan checks its key), and so are the
+        # finished latents (_exact reuses those of this run's measure key and removes the others).
+        for p in out.iterdir():
+            if p.name not in ("scan.json", "latents") and not p.name.startswith("."):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
