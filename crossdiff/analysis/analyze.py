@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import jsonable, write_json_atomic, write_with_atomic
 from ..core.lock import writes
-from ..core.manifest import intact
+from ..core.manifest import StageKey, begin
 from ..inputs.store import comparable_losses
 from .evidence import (
     logit_lenses,
@@ -321,19 +321,29 @@ def _median(x: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- orchestration
 
 
+def stage_settings(cfg: AnalyzeConfig) -> dict:
+    """What the analysis's results depend on besides its inputs: its settings and the rules' version
+    (its manifest records them; `crossdiff diff` and `calibrate` record the same for their stage)."""
+    return {**settings(cfg), "rules": RULES_VERSION}
+
+
+def stage_key(cfg: AnalyzeConfig, run: Path, store) -> StageKey:
+    """The analysis's key (crossdiff.core.manifest): its settings, the checkpoint and the store."""
+    return StageKey(stage_settings(cfg), _inputs(run, store), accept=_fingerprints(cfg, run, store))
+
+
+def _inputs(run: Path, store) -> list:
+    """The checkpoint (its cfg.json, the weights' size and time) and the store's meta."""
+    stat = (run / "crosscoder.safetensors").stat()
+    return [runfolder.path(run, "cfg").read_text(), stat.st_size, stat.st_mtime_ns, store.meta]
+
+
 def _fingerprints(cfg: AnalyzeConfig, run: Path, store, part: str | None = None) -> tuple[str, str]:
     """(fingerprint, the same as crossdiff <= 0.1 wrote it) of the settings (those of `part`, or all),
-    the checkpoint and the store. The old form (a sha1) is still accepted: no reanalysis on upgrade."""
-    weights = run / "crosscoder.safetensors"
-    stat = weights.stat()
-    inputs = [
-        settings(cfg, part),
-        runfolder.path(run, "cfg").read_text(),
-        stat.st_size,
-        stat.st_mtime_ns,
-        store.meta,
-        RULES_VERSION,
-    ]
+    the checkpoint and the store: the keys of the cached parts, and of a whole analysis as its
+    settings.json recorded it before its manifest did (still accepted: no reanalysis on upgrade)."""
+    cfg_text, size, mtime_ns, meta = _inputs(run, store)
+    inputs = [settings(cfg, part), cfg_text, size, mtime_ns, meta, RULES_VERSION]
     legacy = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return fingerprint(inputs), legacy
 
@@ -432,17 +442,18 @@ def analyze(cfg: AnalyzeConfig) -> dict:
 
     run, cc, store = _open_inputs(cfg)
     out = Path(cfg.out) if cfg.out else run / "analysis"
-    fingerprints = _fingerprints(cfg, run, store)
-    done = _load_json(out / "settings.json").get("fingerprint") in fingerprints
-    if done and (out / "summary.json").is_file() and intact(out, ("latents.csv", "summary.json")):
+    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
+    key = stage_key(cfg, run, store)
+    if begin(out, key, ("latents.csv", "summary.json"), command="analyze", other="keep"):
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
+    # Another key's (or an unfinished) analysis: its cached parts check their own keys (_cached).
     (out / "summary.json").unlink(missing_ok=True)
+    (out / "settings.json").unlink(missing_ok=True)  # an older crossdiff's record; the manifest's now
     shutil.rmtree(out / "features", ignore_errors=True)  # derived files of other settings
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
     share = _cached(
         out / "share.pt",
         _fingerprints(cfg, run, store, "share"),
@@ -472,8 +483,6 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     )
     write_latents(out, table)
     summary = jsonable(summary_json(table, plan, res, splice, cc, store, cfg))
-    record = {"fingerprint": fingerprints[0], "settings": jsonable(asdict(cfg))}
-    write_json_atomic(out / "settings.json", record)
     write_json_atomic(out / "summary.json", summary)
     counts = summary["counts"]
     print(

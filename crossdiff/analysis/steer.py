@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.config import settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -57,7 +58,7 @@ GENERATION_PROMPTS = NEUTRAL_PROMPTS[:2]
 
 @dataclass(frozen=True)
 class SteerConfig:
-    run: str
+    run: str = where()
     """Training run folder (crosscoder checkpoint; analysis in RUN/analysis, output in RUN/steering)."""
     latent: int | None = None
     """Latent to steer (one latent); or use --top."""
@@ -91,7 +92,7 @@ class SteerConfig:
     so far); the rest are marked skipped."""
     seed: int = 0
     """Seed of the random null directions."""
-    device: str = "cpu"
+    device: str = where("cpu")
     """Torch device for the models."""
 
     def __post_init__(self):
@@ -326,6 +327,14 @@ def _float(s) -> float:
     """A sort key: the number, -inf where there is none (a missing gap closed sorts last)."""
     v = as_float(s)
     return v if math.isfinite(v) else -math.inf
+
+
+def stage_settings(cfg: SteerConfig) -> dict:
+    """What steering's results depend on: its settings and the candidate rules' version (it steers the
+    candidates); what `crossdiff diff` records for the stage."""
+    from .analyze import RULES_VERSION
+
+    return {**settings(cfg), "rules": RULES_VERSION}
 
 
 @writes(lambda cfg: Path(cfg.run) / "steering", record="tree")

@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..core import runfolder
-from ..core.config import Shorthand, added, changed_settings, config_to_dict, where
+from ..core.config import Shorthand, added, changed_settings, config_to_dict, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -487,6 +487,11 @@ def upgrade_train_settings(saved: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def stage_settings(cfg: TrainConfig) -> dict:
+    """What a run's results depend on (its manifest records them; `crossdiff diff` records the same)."""
+    return settings(cfg)
 
 
 @writes(lambda cfg: cfg.out, record="files")
