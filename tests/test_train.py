@@ -183,10 +183,12 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     assert all(torch.equal(v, _tensors(run)[k]) for k, v in before.items())
     assert cli.main(_argv(store_path, run, k=5)) == 2
     assert "other settings (k: 4 -> 5)" in capsys.readouterr().err
-    # a run saved before a field existed counts as that field's default: still finished
+    # a run saved before a field existed counts as that field's default: still finished (a folder
+    # written before its manifest held its key: its train_config.json decides)
     saved = json.loads((run / "train_config.json").read_text())
     del saved["dec_init_norm"]
     (run / "train_config.json").write_text(json.dumps(saved))
+    (run / "manifest.json").unlink()
     assert cli.main(_argv(store_path, run)) == 0
     assert "already finished" in capsys.readouterr().out
     assert cli.main(_argv(store_path, run, dec_init_norm=0.01)) == 2
@@ -194,8 +196,10 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     # a run saved when `arch` named the sparsity (exclusive_frac ignored) is the same run
     old = {k: v for k, v in saved.items() if k != "sparsity"} | {"arch": "batchtopk", "exclusive_frac": 0.05}
     (run / "train_config.json").write_text(json.dumps(old))
+    (run / "manifest.json").unlink()
     assert cli.main(_argv(store_path, run)) == 0
     assert "already finished" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text())["protocol"] == 2  # the key recorded now
     assert cli.main(_argv(store_path, run, exclusive_frac=0.05)) == 2
     assert "other settings (exclusive_frac: 0.0 -> 0.05)" in capsys.readouterr().err
 
@@ -269,6 +273,7 @@ def test_per_partition_auxk_is_a_setting_that_old_dfc_folders_do_not_have(store_
     assert saved["aux_per_partition"] is False
     del saved["aux_per_partition"]  # as crossdiff wrote it before the setting: still a match at the default
     (run / "train_config.json").write_text(json.dumps(saved))
+    (run / "manifest.json").unlink()  # and before its manifest held its key
     capsys.readouterr()
     assert cli.main([*_argv(store_path, run, arch="dfc", exclusive_frac=0.1), "--aux-per-partition"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -514,3 +519,14 @@ def test_fve_accumulated_over_batches_is_the_one_shot_formula():
     flat = FVE()
     flat.add(torch.ones(4, 3), torch.zeros(4, 3))
     assert math.isnan(flat.value()) and math.isnan(FVE().value())
+
+
+def test_a_damaged_train_config_is_one_line_and_changes_nothing(store_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text('{"store": ')  # cut short
+    capsys.readouterr()
+    assert cli.main(_argv(store_path, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'train_config.json'} is not valid JSON" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["train_config.json"]

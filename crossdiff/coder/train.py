@@ -34,6 +34,7 @@ from ..core.config import Shorthand, added, changed_settings, config_to_dict, se
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
+from ..core.manifest import StageKey, begin
 from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
@@ -447,28 +448,50 @@ def _initialise(cfg: TrainConfig, store, device) -> TrainState:
 
 
 def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
-    """Refuse a folder holding another run (its settings differ) or something else. Where the folder and
-    the store are, and how the run logs, are not settings: a moved folder, another spelling of its path
-    or a moved store resume it. train_config.json is written for a new run and updated (the store's
-    path) for an unfinished one; a finished run's is never touched."""
-    saved_path = run / "train_config.json"
-    mine = config_to_dict(cfg)
-    if saved_path.is_file():
-        saved = upgrade_train_settings(json.loads(saved_path.read_text()))  # `arch` before sparsity/frac
-        # Runs started before these defaults scaled with the run saved the value they used.
-        for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
-            if k in saved and saved[k] == getattr(cfg, v):
-                saved[k] = getattr(cfg, k)
-        detail = changed_settings(saved, cfg)
-        if detail:
-            raise CrossdiffError(
-                f"{run} holds a run with other settings ({detail}); use another --out or the same options"
-            )
-        if runfolder.exists(run, "eval") or saved == mine:
-            return
-    elif run.exists() and any(run.iterdir()):
-        raise CrossdiffError(f"{run} exists and is not a crossdiff training run; choose another --out")
-    write_json_atomic(saved_path, mine)
+    """The run's skip-if-done (crossdiff.core.manifest): refuse a folder holding another run (its
+    settings differ) or something else. Where the folder and the store are, and how the run logs, are
+    not settings: a moved folder, another spelling of its path or a moved store resume it.
+    train_config.json (the run's config, which later stages read to find its store) is written for a
+    new run and updated (the store's path) for an unfinished one; a finished run's is never touched."""
+    key = StageKey(stage_settings(cfg), legacy=lambda folder: _same_saved(cfg, folder))
+    if begin(
+        run,
+        key,
+        (runfolder.FILES["eval"],),
+        command="train",
+        other="refuse",
+        refuse=lambda: _refusal(cfg, run),
+    ):
+        return
+    if not runfolder.exists(run, "eval"):  # a run killed after its evaluation: nothing left to write
+        write_json_atomic(run / "train_config.json", config_to_dict(cfg))
+
+
+def _saved_settings(cfg: TrainConfig, run: Path) -> dict | None:
+    """The run's train_config.json in today's fields (None without one; one line when not JSON)."""
+    saved = runfolder.read_json(run / "train_config.json")
+    if saved is None:
+        return None
+    saved = upgrade_train_settings(saved)  # `arch` before sparsity/frac
+    # Runs started before these defaults scaled with the run saved the value they used.
+    for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
+        if k in saved and saved[k] == getattr(cfg, v):
+            saved[k] = getattr(cfg, k)
+    return saved
+
+
+def _same_saved(cfg: TrainConfig, run: Path) -> bool | None:
+    """A run folder written before its manifest held its key: whether train_config.json has these settings."""
+    saved = _saved_settings(cfg, run)
+    return None if saved is None else not changed_settings(saved, cfg)
+
+
+def _refusal(cfg: TrainConfig, run: Path) -> str:
+    saved = _saved_settings(cfg, run)
+    if saved is None:
+        return f"{run} exists and is not a crossdiff training run; choose another --out"
+    detail = changed_settings(saved, cfg) or "its recorded key differs"
+    return f"{run} holds a run with other settings ({detail}); use another --out or the same options"
 
 
 def upgrade_train_settings(saved: dict) -> dict:

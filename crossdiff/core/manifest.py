@@ -303,11 +303,12 @@ def begin(
     command: str,
     other: Literal["clear", "keep", "refuse"] = "clear",
     keep: tuple[str, ...] = (),
-    refuse: str = "",
+    refuse: str | Callable[[], str] = "",
 ) -> bool:
     """A stage's skip-if-done, called before its work: True when `folder` is done with this key (the
     caller returns its results). Otherwise another key's work is cleared (all but `keep`), kept (the
-    stage's caches check their own keys) or refused with the one line `refuse`, and the key is recorded
+    stage's caches check their own keys) or refused with the one line `refuse` (or what it returns), and
+    the key is recorded
     in the folder's incomplete manifest, so that a kill resumes under it; the manifest written when the
     command returns (`finish`) records it complete. `command` names the stage in that manifest (what
     a reader of the half-written folder is told to rerun)."""
@@ -318,7 +319,7 @@ def begin(
         return True
     if found == "other" and other == "refuse":
         _KEYS.pop(_real(folder), None)
-        raise CrossdiffError(refuse)
+        raise CrossdiffError(refuse() if callable(refuse) else refuse)
     if found == "other" and other == "clear":
         _clear(folder, keep)
     folder.mkdir(parents=True, exist_ok=True)
