@@ -348,12 +348,11 @@ def _steer_config(run: Path, b: Budget, device: str):
 def _steer(scfg) -> dict:
     from .analysis.steer import steer
 
-    res = steer(scfg)
-    verdicts = [r["verdict"] for r in res.values() if r is not None]
+    verdicts = [s.verdict for s in steer(scfg)]
     return {
-        "steered": len(verdicts),
+        "steered": len(verdicts) - verdicts.count("skipped"),
         "pass": verdicts.count("pass"),
-        "skipped": sum(r is None for r in res.values()),
+        "skipped": verdicts.count("skipped"),
     }
 
 

@@ -324,5 +324,5 @@ def test_a_prompts_store_records_its_answers_relative_to_itself(tmp_path):
     (real / "store" / "meta.json").write_text("{}")
     shutil.move(real, tmp_path / "D2")
     moved = tmp_path / "D2" / "store"
-    assert _check_settings(moved, cfg(tmp_path / "D2"), 1) is True  # complete: the rerun resumes it
+    assert _check_settings(moved, cfg(tmp_path / "D2"), 1)[0] is True  # complete: the rerun resumes it
     assert f"--corpus chat:{moved}/../answers/a.jsonl" in harvest_command(moved)

@@ -150,3 +150,10 @@ def test_folders_written_before_the_manifest_held_a_key(tmp_path):
     assert state(folder, own) == "done"
     (folder / "made.json").write_text('{"v": "y"}')
     assert state(folder, own) == "other"
+
+
+def test_a_stage_failing_before_any_work_leaves_nothing(tmp_path):
+    """The key `begin` records is all the folder holds: a failure removes it, and the new folder."""
+    with pytest.raises(KeyboardInterrupt):
+        toy(Toy(out=str(tmp_path / "t"), fail_at=0))
+    assert not (tmp_path / "t").exists()

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -188,11 +189,28 @@ def abandon(folder: Path, began: float, old: dict | None) -> None:
     """After a failed command: put the old manifest back if the command wrote nothing in `folder`."""
     _KEYS.pop(_real(folder), None)
     _FOUND.pop(_real(folder), None)
+    if old is None and folder.is_dir() and [p.name for p in folder.iterdir()] == [MANIFEST]:
+        (folder / MANIFEST).unlink()  # only the key `begin` recorded: nothing to resume, leave nothing
     if old is None or not old.get("complete") or not folder.is_dir():
         return
     before = old.get("files", {})
     if all(_unchanged(p, before.get(p.relative_to(folder).as_posix()), began) for p in _files(folder, True)):
         write_json_atomic(folder / MANIFEST, old)
+
+
+@contextmanager
+def recording(folder: str | Path, command: str, cfg_settings: dict | None = None, recursive: bool = False):
+    """Keep a stage folder's manifest around the code that writes it (`start`, then `finish` when it
+    returns or `abandon` when it fails): what `crossdiff.core.lock.writes(..., record=...)` does for a
+    command, for a stage run inside another command under that command's lock (a derived store)."""
+    folder = Path(folder)
+    began, old = start(folder) if folder.is_dir() else (time.time() - 1.0, None)
+    try:
+        yield
+    except BaseException:
+        abandon(folder, began, old)
+        raise
+    finish(folder, command, cfg_settings or {}, began, old, recursive)
 
 
 def _unchanged(path: Path, record: dict | None, began: float) -> bool:
@@ -304,6 +322,7 @@ def begin(
     other: Literal["clear", "keep", "refuse"] = "clear",
     keep: tuple[str, ...] = (),
     refuse: str | Callable[[], str] = "",
+    resume: bool = True,
 ) -> bool:
     """A stage's skip-if-done, called before its work: True when `folder` is done with this key (the
     caller returns its results). Otherwise another key's work is cleared (all but `keep`), kept (the
@@ -311,7 +330,8 @@ def begin(
     the key is recorded
     in the folder's incomplete manifest, so that a kill resumes under it; the manifest written when the
     command returns (`finish`) records it complete. `command` names the stage in that manifest (what
-    a reader of the half-written folder is told to rerun)."""
+    a reader of the half-written folder is told to rerun); `resume` False: the stage cannot resume, so
+    its own unfinished work is cleared too."""
     folder = Path(folder)
     found = state(folder, key, names)
     _KEYS[_real(folder)] = key
@@ -320,7 +340,7 @@ def begin(
     if found == "other" and other == "refuse":
         _KEYS.pop(_real(folder), None)
         raise CrossdiffError(refuse() if callable(refuse) else refuse)
-    if found == "other" and other == "clear":
+    if (found == "other" and other == "clear") or (found == "resume" and not resume):
         _clear(folder, keep)
     folder.mkdir(parents=True, exist_ok=True)
     try:
