@@ -157,3 +157,28 @@ def test_a_stage_failing_before_any_work_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         toy(Toy(out=str(tmp_path / "t"), fail_at=0))
     assert not (tmp_path / "t").exists()
+
+
+def test_a_damaged_store_record_is_one_line_and_changes_nothing(tmp_path):
+    """A store's settings.json cut short (the record a store without a keyed manifest is judged by):
+    the harvest refuses in one line, and the folder is untouched. A manifest cut short is judged by
+    settings.json instead: other settings refused in one line, the same resumed (never taken as done)."""
+    from crossdiff.harvest.harvest import HarvestConfig, _check_settings
+
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "settings.json").write_text('{"corpus": ')
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(CrossdiffError, match=r"settings.json is not valid JSON") as e:
+        _check_settings(root, HarvestConfig(out=str(root)), 1)
+    assert "\n" not in str(e.value) and {p.name: p.read_bytes() for p in root.iterdir()} == before
+    (root / "settings.json").write_text('{"corpus": "other.txt"}')
+    (root / "manifest.json").write_text('{"files": ')
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(
+        CrossdiffError, match=r"^\S+ holds a store made with other settings; pass --overwrite"
+    ):
+        _check_settings(root, HarvestConfig(out=str(root)), 1)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+    assert _check_settings(root, HarvestConfig(out=str(root), corpus="other.txt"), 1) == (False, False)
+    assert manifest.read(root)["complete"] is False  # the key recorded again, for the resumed harvest
