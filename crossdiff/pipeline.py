@@ -170,11 +170,6 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
                 lambda: _steer(scfg),
                 steer.stage_settings(scfg),
                 lambda: (run / STEERING.path).is_file(),  # its own file: gone means not done
-                legacy={
-                    "top": b.steer_top,
-                    "budget_seconds": b.steer_seconds,
-                    "rules": analyze.RULES_VERSION,
-                },
             )
         )
     out.append(Stage("report", lambda: _report(run), after_change=True))

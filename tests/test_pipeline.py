@@ -113,7 +113,8 @@ def test_stages_recorded_by_the_previous_version_are_accepted(done, monkeypatch,
         log[f"train DFC (seed {s})"]["fingerprint"] = old_fingerprint(tcfg)
     acfg = budget.analyze_config(b, old / "run", old / "store")
     log["analyse"]["fingerprint"] = old_fingerprint(acfg, rules=RULES_VERSION)
-    # steer's settings as pipeline.py assembled them by hand until commit e790170
+    # steer's settings as pipeline.py assembled them by hand until commit e790170 (unchanged since: the
+    # organism keys its diff stages on these fingerprints)
     steer = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
     log["steer"]["fingerprint"] = hashlib.sha256(json.dumps(steer, sort_keys=True).encode()).hexdigest()[:16]
     (old / "stages.json").write_text(json.dumps(log))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.config import settings, where
+from ..core.config import where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -349,11 +349,12 @@ def _float(s) -> float:
 
 
 def stage_settings(cfg: SteerConfig) -> dict:
-    """What steering's results depend on: its settings and the candidate rules' version (it steers the
-    candidates); what `crossdiff diff` records for the stage."""
+    """What `crossdiff diff`'s steering stage records: the settings a diff chooses (how many latents,
+    the time budget; the rest are steer's defaults there) and the candidate rules' version (it steers
+    the candidates). As pipeline.py assembled it until commit e790170, so finished diffs stay finished."""
     from .analyze import RULES_VERSION
 
-    return {**settings(cfg), "rules": RULES_VERSION}
+    return {"top": cfg.top, "budget_seconds": cfg.budget_seconds, "rules": RULES_VERSION}
 
 
 @writes(lambda cfg: Path(cfg.run) / "steering", record="tree")
