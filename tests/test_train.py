@@ -20,6 +20,7 @@ from crossdiff import cli
 from crossdiff.coder.crosscoder import Crosscoder, Partition
 from crossdiff.coder.runlog import save_checkpoint
 from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, train
+from crossdiff.core.config import settings
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import write_synthetic_store
 
@@ -375,13 +376,13 @@ def test_nan_in_the_store_is_a_one_line_cli_error(tmp_path, capsys):
 
 
 def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.inputs.store import Store
 
     other = tmp_path / "store"
     write_synthetic_store(other, *_planted(1024, D_A, D_B))
     cfg = _tiny_cfg(other, tmp_path / "run")
-    _check_run_folder(cfg, tmp_path / "run")
+    check_run_folder(cfg, tmp_path / "run", settings(cfg))
     st = _initialise(cfg, Store.open(other), torch.device("cpu"))
     save_checkpoint(tmp_path / "run", st)
     # The store at the same path is replaced by one with another width for B.
@@ -397,11 +398,11 @@ def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
 
 @pytest.mark.parametrize("victim", ["crosscoder.safetensors", "trainer_state.pt"])
 def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
-    _check_run_folder(cfg, tmp_path / "run")
+    check_run_folder(cfg, tmp_path / "run", settings(cfg))
     st = _initialise(cfg, Store.open(store_path), torch.device("cpu"))
     ckpt = save_checkpoint(tmp_path / "run", st)
     (ckpt / victim).write_bytes(b"not a checkpoint")
@@ -470,18 +471,20 @@ def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
 
 
 def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.core.config import config_to_dict
 
     cfg = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=50_000_000)
     old = {**config_to_dict(cfg), "dead_tokens": 10_000_000, "threshold_beta": 0.999}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train_config.json").write_text(json.dumps(old))
-    _check_run_folder(cfg, tmp_path / "run")  # the values it used are the scaled defaults' values
+    check_run_folder(
+        cfg, tmp_path / "run", settings(cfg)
+    )  # the values it used are the scaled defaults' values
     short = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=60_000)
     (tmp_path / "run" / "train_config.json").write_text(json.dumps({**old, "tokens": 60_000}))
     with pytest.raises(CrossdiffError, match="dead_tokens: 10000000 -> None, threshold_beta: 0.999 -> None"):
-        _check_run_folder(short, tmp_path / "run")
+        check_run_folder(short, tmp_path / "run", settings(short))
 
 
 def test_a_store_with_the_uncentred_normalisation_draws_a_warning():

@@ -30,16 +30,23 @@ from typing import ClassVar, Literal
 import torch
 
 from ..core import runfolder
-from ..core.config import Shorthand, added, changed_settings, config_to_dict, settings, where
+from ..core.config import Shorthand, added, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
-from ..core.manifest import StageKey, begin
 from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .fve import evaluate
-from .runlog import STATE_FILE, Meter, MetricsLog, kept_note, latest_checkpoint, save_checkpoint
+from .runlog import (
+    STATE_FILE,
+    Meter,
+    MetricsLog,
+    check_run_folder,
+    kept_note,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from .sparsity import (
     DEFAULT_SPARSITY,
     DFC,
@@ -447,68 +454,6 @@ def _initialise(cfg: TrainConfig, store, device) -> TrainState:
     return _new_state(model, device)
 
 
-def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
-    """The run's skip-if-done (crossdiff.core.manifest): refuse a folder holding another run (its
-    settings differ) or something else. Where the folder and the store are, and how the run logs, are
-    not settings: a moved folder, another spelling of its path or a moved store resume it.
-    train_config.json (the run's config, which later stages read to find its store) is written for a
-    new run and updated (the store's path) for an unfinished one; a finished run's is never touched."""
-    key = StageKey(stage_settings(cfg), legacy=lambda folder: _same_saved(cfg, folder))
-    if begin(
-        run,
-        key,
-        (runfolder.FILES["eval"],),
-        command="train",
-        other="refuse",
-        refuse=lambda: _refusal(cfg, run),
-    ):
-        return
-    if not runfolder.exists(run, "eval"):  # a run killed after its evaluation: nothing left to write
-        write_json_atomic(run / "train_config.json", config_to_dict(cfg))
-
-
-def _saved_settings(cfg: TrainConfig, run: Path) -> dict | None:
-    """The run's train_config.json in today's fields (None without one; one line when not JSON)."""
-    saved = runfolder.read_json(run / "train_config.json")
-    if saved is None:
-        return None
-    saved = upgrade_train_settings(saved)  # `arch` before sparsity/frac
-    # Runs started before these defaults scaled with the run saved the value they used.
-    for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
-        if k in saved and saved[k] == getattr(cfg, v):
-            saved[k] = getattr(cfg, k)
-    return saved
-
-
-def _same_saved(cfg: TrainConfig, run: Path) -> bool | None:
-    """A run folder written before its manifest held its key: whether train_config.json has these settings."""
-    saved = _saved_settings(cfg, run)
-    return None if saved is None else not changed_settings(saved, cfg)
-
-
-def _refusal(cfg: TrainConfig, run: Path) -> str:
-    saved = _saved_settings(cfg, run)
-    if saved is None:
-        return f"{run} exists and is not a crossdiff training run; choose another --out"
-    detail = changed_settings(saved, cfg) or "its recorded key differs"
-    return f"{run} holds a run with other settings ({detail}); use another --out or the same options"
-
-
-def upgrade_train_settings(saved: dict) -> dict:
-    """A train_config.json written by an older crossdiff, in today's fields:
-    - before `sparsity` and `exclusive_frac` replaced `arch`: arch dfc was (sparsity or batchtopk,
-      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0)."""
-    saved = dict(saved)
-    if "arch" not in saved:
-        return saved
-    arch = saved.pop("arch")
-    if arch == DFC:
-        saved["sparsity"] = saved.get("sparsity") or DEFAULT_SPARSITY
-    else:
-        saved["sparsity"], saved["exclusive_frac"] = arch, 0.0
-    return saved
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -528,7 +473,7 @@ def train(cfg: TrainConfig) -> dict:
     created = not run.exists()
     try:
         if ctx is None or ctx.is_main:
-            _check_run_folder(cfg, run)
+            check_run_folder(cfg, run, stage_settings(cfg))
         if ctx is not None:
             ctx.barrier()
             if cfg.batch_size < ctx.world:

@@ -188,7 +188,7 @@ def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     keyed manifest is judged by its settings.json, as crossdiff wrote it before."""
 
     def legacy(f: Path) -> bool | None:
-        from ..coder.train import upgrade_train_settings
+        from ..coder.runlog import upgrade_train_settings
 
         saved = runfolder.read_json(f / "settings.json")
         if isinstance(saved, dict) and isinstance(saved.get("train"), dict):  # `arch` before sparsity/frac

@@ -369,7 +369,8 @@ def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> d
 
 def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     """Train (or resume) and score one (method, seed); returns its record (also saved as bench.json)."""
-    from ..coder.train import train, upgrade_train_settings
+    from ..coder.runlog import upgrade_train_settings
+    from ..coder.train import train
 
     run = Path(cfg.out) / "runs" / f"{method.name}-seed-{data.seed}"
     tcfg = train_config(cfg, data.root, run, method, data.seed)

@@ -327,9 +327,8 @@ def begin(
     """A stage's skip-if-done, called before its work: True when `folder` is done with this key (the
     caller returns its results). Otherwise another key's work is cleared (all but `keep`), kept (the
     stage's caches check their own keys) or refused with the one line `refuse` (or what it returns), and
-    the key is recorded
-    in the folder's incomplete manifest, so that a kill resumes under it; the manifest written when the
-    command returns (`finish`) records it complete. `command` names the stage in that manifest (what
+    the key is recorded in the folder's incomplete manifest, so that a kill resumes under it; the
+    manifest written when the command returns (`finish`) records it complete. `command` names the stage in that manifest (what
     a reader of the half-written folder is told to rerun); `resume` False: the stage cannot resume, so
     its own unfinished work is cleared too."""
     folder = Path(folder)
@@ -360,18 +359,6 @@ def _clear(folder: Path, keep: tuple[str, ...]) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-def recorded_settings(folder: str | Path) -> dict | None:
-    """The settings a folder's complete manifest records (None when it has none, or is incomplete or
-    unreadable): what a stage that reuses another's folder compares, never that stage's own files."""
-    try:
-        manifest = read(folder)
-    except CrossdiffError:
-        return None
-    if manifest is None or not manifest.get("complete"):
-        return None
-    return manifest.get("settings")
 
 
 def problems(folder: Path) -> list[tuple[Path, str]]:
@@ -410,5 +397,5 @@ __all__ = [
     "problems",
     "state",
     "begin",
-    "recorded_settings",
+    "recording",
 ]
