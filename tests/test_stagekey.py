@@ -182,3 +182,18 @@ def test_a_damaged_store_record_is_one_line_and_changes_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before
     assert _check_settings(root, HarvestConfig(out=str(root), corpus="other.txt"), 1) == (False, False)
     assert manifest.read(root)["complete"] is False  # the key recorded again, for the resumed harvest
+
+
+def test_check_takes_a_store_with_a_manifest_for_a_store(tmp_path, capsys):
+    """A harvested store now has a manifest (its key) like a stage folder: `crossdiff check` still checks
+    it as a store (its shards against meta.json's records)."""
+    import torch
+
+    from crossdiff.check import CheckConfig, check
+    from crossdiff.inputs.store import write_synthetic_store
+
+    root = tmp_path / "store"
+    write_synthetic_store(root, torch.randn(64, 4), torch.randn(64, 6))
+    manifest.finish(root, "harvest", {}, 0.0, None, recursive=False)
+    check(CheckConfig(path=str(root)))
+    assert "shards, 64 pairs" in capsys.readouterr().out
