@@ -31,7 +31,11 @@ def check(cfg: CheckConfig) -> list[str]:
     root = Path(cfg.path)
     if not root.is_dir():
         raise CrossdiffError(f"{root} is not a folder; pass a store or a training run folder")
-    stage_folder = (root / MANIFEST).is_file() and not runfolder.exists(root, "cfg")
+    # A store has a manifest too (its key, crossdiff.core.manifest): told apart by its own files.
+    store_files = (
+        runfolder.exists(root, "meta") or (root / "shards").is_dir() or (root / "tokenizers").is_dir()
+    )
+    stage_folder = (root / MANIFEST).is_file() and not runfolder.exists(root, "cfg") and not store_files
     if not stage_folder and (runfolder.exists(root, "settings") or runfolder.exists(root, "meta")):
         lines, what = check_store(root)
     elif (root / "train_config.json").is_file() or runfolder.exists(root, "cfg"):

@@ -100,9 +100,10 @@ def _slug(model: str) -> str:
 
 
 def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
-    from .analysis.analyze import RULES_VERSION  # the stages that read candidates rerun when the rules change
-    from .analysis.verify import LINK_RULES as VERIFY_LINK_RULES
-    from .analysis.verify import METHOD as VERIFY_METHOD  # and verify when its measure changes
+    """The diff's stages. Each stage's settings are the ones its own folder's manifest records (each
+    module's `stage_settings`, crossdiff.core.manifest), never assembled here."""
+    from .analysis import analyze, stability, steer, verify
+    from .coder import train
     from .harvest.harvest import recorded_settings
 
     d = cfg.folder
@@ -127,7 +128,7 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
             Stage(
                 f"train DFC (seed {s})",
                 lambda t=tcfg: _train(t),
-                settings(tcfg),
+                train.stage_settings(tcfg),
                 lambda p=path: runfolder.exists(p, "eval"),
                 legacy=_legacy(tcfg),
             )
@@ -137,9 +138,9 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "analyse",
             lambda: _analyze(acfg),
-            {**settings(acfg), "rules": RULES_VERSION},
+            analyze.stage_settings(acfg),
             lambda: runfolder.exists(run, "analysis"),
-            legacy={**_legacy(acfg), "rules": RULES_VERSION},
+            legacy={**_legacy(acfg), "rules": analyze.RULES_VERSION},
         )
     )
     linked = _answers_stage(cfg, run, store)  # a chat diff: what the answers say, linked to latents
@@ -149,26 +150,25 @@ def stages(cfg: DiffConfig, b: Budget) -> list[Stage]:
         Stage(
             "verify",
             lambda: _verify(vcfg),
-            {
-                **settings(vcfg),
-                "rules": RULES_VERSION,
-                "method": VERIFY_METHOD,
-                **({"answer_links": VERIFY_LINK_RULES} if linked else {}),
-            },
+            verify.stage_settings(vcfg, answer_links=bool(linked)),
             lambda: runfolder.exists(run, "verification"),
         )
     )
     if b.seeds > 1:
-        # reads the candidates and their verdicts; "matching" 2: other seeds judged by the share rule too
-        stability = {"seeds": b.seeds, "rules": RULES_VERSION, "matching": 2}
-        out.append(Stage("seed stability", lambda: _stability(run, seed_runs, store), stability))
+        out.append(
+            Stage(
+                "seed stability",
+                lambda: _stability(run, seed_runs, store),
+                stability.stage_settings(b.seeds),
+            )
+        )
     if b.steer_top:
-        scfg = {"top": b.steer_top, "budget_seconds": b.steer_seconds, "rules": RULES_VERSION}
+        scfg = _steer_config(run, b, cfg.device)
         out.append(
             Stage(
                 "steer",
-                lambda: _steer(run, b, cfg.device),
-                scfg,
+                lambda: _steer(scfg),
+                steer.stage_settings(scfg),
                 lambda: (run / STEERING.path).is_file(),  # its own file: gone means not done
             )
         )
@@ -205,8 +205,7 @@ def _answers_stage(cfg: DiffConfig, run: Path, store: Path) -> list[Stage]:
         cfg.prompts or ("default" if cfg.corpus == "chat-default" else None)
     ) is None or cfg.answers != "both":
         return []
-    from .analysis.analyze import RULES_VERSION
-    from .analysis.answers import VERSION, AnswersConfig
+    from .analysis.answers import AnswersConfig, stage_settings
 
     files = [cfg.folder / "answers" / f"{key}.jsonl" for key in "ab"]
     acfg = AnswersConfig(
@@ -216,7 +215,7 @@ def _answers_stage(cfg: DiffConfig, run: Path, store: Path) -> list[Stage]:
         Stage(
             "answers",
             lambda: _answers(acfg),
-            {**settings(acfg), "version": VERSION, "rules": RULES_VERSION},
+            stage_settings(acfg),
             lambda: runfolder.exists(run, "answers"),
         )
     ]
@@ -333,23 +332,22 @@ def _seed_shares(others: dict, run: Path, store_path: Path) -> dict | None:
         return {s: heldout_share(cc, store, cfg, "cpu") for s, cc in others.items()}
 
 
-def _steer(run: Path, b: Budget, device: str) -> dict:
-    from .analysis.steer import SteerConfig, steer
+def _steer_config(run: Path, b: Budget, device: str):
+    from .analysis.steer import SteerConfig
 
-    res = steer(
-        SteerConfig(
-            run=str(run),
-            top=b.steer_top,
-            include_rejected=True,
-            budget_seconds=b.steer_seconds,
-            device=device,
-        )
+    return SteerConfig(
+        run=str(run), top=b.steer_top, include_rejected=True, budget_seconds=b.steer_seconds, device=device
     )
-    verdicts = [r["verdict"] for r in res.values() if r is not None]
+
+
+def _steer(scfg) -> dict:
+    from .analysis.steer import steer
+
+    verdicts = [s.verdict for s in steer(scfg)]
     return {
-        "steered": len(verdicts),
+        "steered": len(verdicts) - verdicts.count("skipped"),
         "pass": verdicts.count("pass"),
-        "skipped": sum(r is None for r in res.values()),
+        "skipped": verdicts.count("skipped"),
     }
 
 

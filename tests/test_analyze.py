@@ -219,28 +219,42 @@ def test_end_to_end_cli_schema_features_and_restart(tmp_path):
     assert (out / "summary.json").stat().st_mtime_ns > stamp
 
 
-def test_analysis_written_by_the_previous_version_is_complete(tmp_path, capsys):
-    """settings.json as crossdiff 0.1 (commit 29d79fc) wrote it: a sha1 over the settings (every field but
-    run, store, out, device), cfg.json, the weights' size and time, the store's meta and the rules."""
+@pytest.mark.parametrize("version", ["0.1", "e790170"])
+def test_analysis_written_by_the_previous_version_is_complete(tmp_path, capsys, version):
+    """An analysis whose key lived in settings.json (before the manifest held it, crossdiff.core.manifest):
+    as crossdiff 0.1 (commit 29d79fc) wrote it, a sha1 over the settings (every field but run, store,
+    out, device), cfg.json, the weights' size and time, the store's meta and the rules; as commit
+    e790170 wrote it, the sha256 fingerprint of the same, beside a manifest of the config's settings."""
     import hashlib
+
+    from crossdiff.core.config import fingerprint, settings
 
     store, run = _setup(tmp_path, "dfc")
     cfg = AnalyzeConfig(run=str(run), store=str(store), batch_size=700)
     analyze(cfg)
     out = run / "analysis"
-    settings = {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run", "store", "out", "device")
-    }
     stat = (run / "crosscoder.safetensors").stat()
     meta = json.loads((store / "meta.json").read_text())
-    blob = [settings, (run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, meta, RULES_VERSION]
-    record = json.loads((out / "settings.json").read_text())
-    record["fingerprint"] = hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-    (out / "settings.json").write_text(json.dumps(record))
+    inputs = [(run / "cfg.json").read_text(), stat.st_size, stat.st_mtime_ns, meta, RULES_VERSION]
+    if version == "0.1":
+        old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run", "store", "out", "device")}
+        key = hashlib.sha1(json.dumps([old, *inputs], sort_keys=True).encode()).hexdigest()
+        (out / "manifest.json").unlink()  # 0.1 wrote none
+    else:
+        key = fingerprint([settings(cfg), *inputs])
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["protocol"]
+        manifest.update(fingerprint=fingerprint(settings(cfg)), settings=settings(cfg))
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "settings.json").write_text(json.dumps({"fingerprint": key, "settings": dataclasses.asdict(cfg)}))
     stamp = (out / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
     analyze(AnalyzeConfig(run=str(run), store=str(store.resolve()), batch_size=700, device="cpu"))
     assert "already complete" in capsys.readouterr().out
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "manifest.json").read_text())["protocol"] == 2  # upgraded, still complete
+    (out / "settings.json").write_text(json.dumps({"fingerprint": "0" * 16, "settings": {}}))
+    analyze(AnalyzeConfig(run=str(run), store=str(store), batch_size=700))  # the manifest decides now
     assert (out / "summary.json").stat().st_mtime_ns == stamp
 
 

@@ -25,6 +25,7 @@ from crossdiff.controls.calibrate import (
     calibration_settings,
     read_words,
 )
+from crossdiff.core import manifest
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.harvest.harvest import HarvestConfig, harvest
 from crossdiff.inputs.align import tokenize
@@ -316,7 +317,7 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     with pytest.raises(CrossdiffError, match="other settings"):
         calibrate(CalibrateConfig(out=str(diff), words=str(words), seed=1, device="cpu"), budget=TINY)
     # --dec-init-norm at the trainer's default is the same calibration; another value is not
-    settings = json.loads((diff / "calibration" / "settings.json").read_text())
+    settings = manifest.read(diff / "calibration")["settings"]  # the calibration's key
     assert "dec_init_norm" not in settings["train"]  # written as before the option existed
     same = CalibrateConfig(out=str(diff), words=str(words), device="cpu", dec_init_norm=0.1)
     assert calibration_settings(same, TINY, base, read_words(str(words))) == settings
@@ -331,7 +332,10 @@ def test_calibrate_end_to_end(base, tmp_path, capsys, one_thread):
     }
     written = json.dumps({**settings, "train": old_train})
     (diff / "calibration" / "settings.json").write_text(written)
+    (diff / "calibration" / "manifest.json").unlink()  # a folder written before its manifest held its key
     _check_settings(diff / "calibration", settings, overwrite=False)  # accepted: no error
+    with pytest.raises(CrossdiffError, match="other settings"):
+        _check_settings(diff / "calibration", {**settings, "seed": 9}, overwrite=False)
     assert (diff / "calibration" / "settings.json").read_text() == written  # and a no-op writes nothing
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from crossdiff import cli
-from crossdiff.analysis.analyze import AnalyzeConfig, analyze
+from crossdiff.analysis.analyze import RULES_VERSION, AnalyzeConfig, analyze
 from crossdiff.analysis.results import BEHAVIOUR, load_results, read_stage, write_stage
 from crossdiff.analysis.steer import SteerConfig, steer
 from crossdiff.analysis.verify import VerifyConfig, verify
@@ -82,7 +82,8 @@ def test_each_stage_records_its_files_with_sha256_and_rows(run):
     rec = m["files"]["latents.csv"]
     assert rec == manifest.file_record(run / "analysis" / "latents.csv")
     assert rec["rows"] == 64 == len(load_results(run).rows)
-    assert set(m["files"]) >= {"latents.csv", "summary.json", "settings.json", "pass.pt"}
+    assert set(m["files"]) >= {"latents.csv", "summary.json", "pass.pt"} and "settings.json" not in m["files"]
+    assert m["protocol"] == manifest.KEYED and m["settings"]["rules"] == RULES_VERSION  # the analysis's key
     assert set(manifest.read(run)["files"]) == {"cfg.json", "crosscoder.safetensors", "eval.json",
                                                 "metrics.jsonl", "train_config.json"}  # fmt: skip
 
@@ -323,5 +324,5 @@ def test_a_prompts_store_records_its_answers_relative_to_itself(tmp_path):
     (real / "store" / "meta.json").write_text("{}")
     shutil.move(real, tmp_path / "D2")
     moved = tmp_path / "D2" / "store"
-    assert _check_settings(moved, cfg(tmp_path / "D2"), 1) is True  # complete: the rerun resumes it
+    assert _check_settings(moved, cfg(tmp_path / "D2"), 1)[0] is True  # complete: the rerun resumes it
     assert f"--corpus chat:{moved}/../answers/a.jsonl" in harvest_command(moved)

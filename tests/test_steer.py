@@ -187,7 +187,7 @@ def test_nothing_to_steer_is_steerings_own_record(tmp_path):
     )
     with pytest.raises(CrossdiffError, match="run crossdiff verify first"):
         steer(SteerConfig(run=str(run), top=1), models=_NoModels())
-    assert steer(SteerConfig(run=str(run), top=1, include_rejected=True), models=_NoModels()) == {}
+    assert steer(SteerConfig(run=str(run), top=1, include_rejected=True), models=_NoModels()) == []
     assert (run / "steering" / "verdicts.csv").read_text() == "latent,verdict,effect\n"
 
 

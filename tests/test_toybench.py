@@ -114,6 +114,19 @@ def test_bench_toy_verifies_exclusive_latents_and_rescores_without_the_store(
     )
     assert all(r["exclusive_recall_verified"] is not None for r in again)
 
+    # An analysis written before its manifest held its key (its config in settings.json) is reused too.
+    for r in again:
+        folder = out / "runs" / f"{r['name']}-seed-0" / "analysis"
+        m = json.loads((folder / "manifest.json").read_text())
+        (folder / "settings.json").write_text(json.dumps({"fingerprint": "-", "settings": m.pop("settings")}))
+        del m["protocol"]
+        (folder / "manifest.json").write_text(json.dumps(m))
+    assert cli.main(["bench", "toy", "--out", str(out), *TINY, "--match-threshold", "0.7"]) == 0
+    assert all(
+        r["verification"]["verify_seconds"] is None
+        for r in json.loads((out / "results.json").read_text())["runs"]
+    )
+
 
 def test_scatter_svg_draws_labelled_points_with_clipped_error_bars():
     svg = scatter_svg(

@@ -20,6 +20,7 @@ from crossdiff import cli
 from crossdiff.coder.crosscoder import Crosscoder, Partition
 from crossdiff.coder.runlog import save_checkpoint
 from crossdiff.coder.train import KILL_ENV, TrainConfig, _initialise, _new_state, fit, train
+from crossdiff.core.config import settings
 from crossdiff.core.errors import CrossdiffError
 from crossdiff.inputs.store import write_synthetic_store
 
@@ -183,10 +184,12 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     assert all(torch.equal(v, _tensors(run)[k]) for k, v in before.items())
     assert cli.main(_argv(store_path, run, k=5)) == 2
     assert "other settings (k: 4 -> 5)" in capsys.readouterr().err
-    # a run saved before a field existed counts as that field's default: still finished
+    # a run saved before a field existed counts as that field's default: still finished (a folder
+    # written before its manifest held its key: its train_config.json decides)
     saved = json.loads((run / "train_config.json").read_text())
     del saved["dec_init_norm"]
     (run / "train_config.json").write_text(json.dumps(saved))
+    (run / "manifest.json").unlink()
     assert cli.main(_argv(store_path, run)) == 0
     assert "already finished" in capsys.readouterr().out
     assert cli.main(_argv(store_path, run, dec_init_norm=0.01)) == 2
@@ -194,8 +197,10 @@ def test_finished_run_is_a_noop_and_settings_are_locked(store_path, tmp_path, ca
     # a run saved when `arch` named the sparsity (exclusive_frac ignored) is the same run
     old = {k: v for k, v in saved.items() if k != "sparsity"} | {"arch": "batchtopk", "exclusive_frac": 0.05}
     (run / "train_config.json").write_text(json.dumps(old))
+    (run / "manifest.json").unlink()
     assert cli.main(_argv(store_path, run)) == 0
     assert "already finished" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text())["protocol"] == 2  # the key recorded now
     assert cli.main(_argv(store_path, run, exclusive_frac=0.05)) == 2
     assert "other settings (exclusive_frac: 0.0 -> 0.05)" in capsys.readouterr().err
 
@@ -269,6 +274,7 @@ def test_per_partition_auxk_is_a_setting_that_old_dfc_folders_do_not_have(store_
     assert saved["aux_per_partition"] is False
     del saved["aux_per_partition"]  # as crossdiff wrote it before the setting: still a match at the default
     (run / "train_config.json").write_text(json.dumps(saved))
+    (run / "manifest.json").unlink()  # and before its manifest held its key
     capsys.readouterr()
     assert cli.main([*_argv(store_path, run, arch="dfc", exclusive_frac=0.1), "--aux-per-partition"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -370,13 +376,13 @@ def test_nan_in_the_store_is_a_one_line_cli_error(tmp_path, capsys):
 
 
 def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.inputs.store import Store
 
     other = tmp_path / "store"
     write_synthetic_store(other, *_planted(1024, D_A, D_B))
     cfg = _tiny_cfg(other, tmp_path / "run")
-    _check_run_folder(cfg, tmp_path / "run")
+    check_run_folder(cfg, tmp_path / "run", settings(cfg))
     st = _initialise(cfg, Store.open(other), torch.device("cpu"))
     save_checkpoint(tmp_path / "run", st)
     # The store at the same path is replaced by one with another width for B.
@@ -392,11 +398,11 @@ def test_checkpoint_that_does_not_match_the_store(store_path, tmp_path):
 
 @pytest.mark.parametrize("victim", ["crosscoder.safetensors", "trainer_state.pt"])
 def test_unreadable_checkpoint_is_a_one_line_error(store_path, tmp_path, victim):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.inputs.store import Store
 
     cfg = _tiny_cfg(store_path, tmp_path / "run")
-    _check_run_folder(cfg, tmp_path / "run")
+    check_run_folder(cfg, tmp_path / "run", settings(cfg))
     st = _initialise(cfg, Store.open(store_path), torch.device("cpu"))
     ckpt = save_checkpoint(tmp_path / "run", st)
     (ckpt / victim).write_bytes(b"not a checkpoint")
@@ -465,18 +471,20 @@ def test_short_run_scales_its_defaults_and_warns(store_path, tmp_path, capsys):
 
 
 def test_run_started_with_the_old_fixed_defaults_still_resumes(tmp_path):
-    from crossdiff.coder.train import _check_run_folder
+    from crossdiff.coder.runlog import check_run_folder
     from crossdiff.core.config import config_to_dict
 
     cfg = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=50_000_000)
     old = {**config_to_dict(cfg), "dead_tokens": 10_000_000, "threshold_beta": 0.999}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train_config.json").write_text(json.dumps(old))
-    _check_run_folder(cfg, tmp_path / "run")  # the values it used are the scaled defaults' values
+    check_run_folder(
+        cfg, tmp_path / "run", settings(cfg)
+    )  # the values it used are the scaled defaults' values
     short = TrainConfig(store="S", out=str(tmp_path / "run"), tokens=60_000)
     (tmp_path / "run" / "train_config.json").write_text(json.dumps({**old, "tokens": 60_000}))
     with pytest.raises(CrossdiffError, match="dead_tokens: 10000000 -> None, threshold_beta: 0.999 -> None"):
-        _check_run_folder(short, tmp_path / "run")
+        check_run_folder(short, tmp_path / "run", settings(short))
 
 
 def test_a_store_with_the_uncentred_normalisation_draws_a_warning():
@@ -514,3 +522,14 @@ def test_fve_accumulated_over_batches_is_the_one_shot_formula():
     flat = FVE()
     flat.add(torch.ones(4, 3), torch.zeros(4, 3))
     assert math.isnan(flat.value()) and math.isnan(FVE().value())
+
+
+def test_a_damaged_train_config_is_one_line_and_changes_nothing(store_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text('{"store": ')  # cut short
+    capsys.readouterr()
+    assert cli.main(_argv(store_path, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'train_config.json'} is not valid JSON" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["train_config.json"]

@@ -25,18 +25,18 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..core import runfolder
+from ..core import manifest, runfolder
 from ..core.config import config_to_dict, fingerprint, in_part, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import jsonable, write_json_atomic, write_with_atomic
 from ..core.lock import writes
-from ..core.manifest import intact
+from ..core.manifest import StageKey, begin
 from ..inputs.store import comparable_losses
 from .evidence import (
     logit_lenses,
@@ -44,6 +44,7 @@ from .evidence import (
     store_tokenizers,
 )
 from .passes import (
+    PassResult,
     heldout_share,
     run_passes,
 )
@@ -187,16 +188,16 @@ def _same_space(cfg: AnalyzeConfig, store) -> bool:
 # ----------------------------------------------------------------------------- verdicts
 
 
-def latent_table(plan: Plan, res: dict, cfg: AnalyzeConfig) -> dict[str, np.ndarray]:
+def latent_table(plan: Plan, res: PassResult, cfg: AnalyzeConfig) -> dict[str, np.ndarray]:
     """Every column of latents.csv, as arrays of length F."""
-    n, n_fire, n_f = max(res["n_tokens"], 1), res["n_fire_F"], len(plan.side)
+    n, n_fire, n_f = max(res.n_tokens, 1), res.n_fire_F, len(plan.side)
     fired = n_fire > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_act = np.where(fired, res["sum_F"] / n_fire, np.nan)
-        rms_F = np.sqrt(res["sumsq_F"] / n)
-        max_act = np.where(fired, res["max_F"], np.nan)
-        p99 = np.minimum(res["p99_F"], max_act)
-    r2, auc, ls = res["r2_F"], res["auroc_F"], res["latent_scaling_F"]
+        mean_act = np.where(fired, res.sum_F / n_fire, np.nan)
+        rms_F = np.sqrt(res.sumsq_F / n)
+        max_act = np.where(fired, res.max_F, np.nan)
+        p99 = np.minimum(res.p99_F, max_act)
+    r2, auc, ls = res.r2_F, res.auroc_F, res.latent_scaling_F
     verdicts = [verdict(s, int(k)) for s, k in zip(plan.side, n_fire)]
     notes = [
         detection_note(s, float(a), float(b)) if k else "" for s, a, b, k in zip(plan.side, auc, r2, n_fire)
@@ -252,11 +253,13 @@ def lens_model(plan: Plan, latent: int) -> str:
     return "a" if plan.dec_norm_a[latent] >= plan.dec_norm_b[latent] else "b"
 
 
-def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: AnalyzeConfig) -> None:
+def write_features(
+    out: Path, latents, table, plan, res: PassResult, store, cc, lms, cfg: AnalyzeConfig
+) -> None:
     """features/<latent>.json for each latent in `latents` (each file atomically)."""
     picks = {}
     for j in latents:
-        vals, rows = res["top_values_KF"][:, j], res["top_rows_KF"][:, j]
+        vals, rows = res.top_values_KF[:, j], res.top_rows_KF[:, j]
         picks[int(j)] = [(float(v), int(r)) for v, r in zip(vals, rows) if v > 0 and r >= 0]
     examples = render_examples(
         store, picks, store_tokenizers(store), context_chars=cfg.context_chars, window=cfg.context_tokens
@@ -268,7 +271,7 @@ def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: An
         examples, quantile = enrich(examples, cc, store, store_tokenizers(store), cfg, cfg.quantile_examples)
     by_model = {k: [int(j) for j in latents if lens_model(plan, int(j)) == k] for k in "ab"}
     lens = logit_lenses(cc, lms, by_model, table["mean_act"])
-    edges = res["hist_edges"].tolist()
+    edges = res.hist_edges.tolist()
     for j in latents:
         j = int(j)
         doc = {
@@ -278,13 +281,13 @@ def write_features(out: Path, latents, table, plan, res, store, cc, lms, cfg: An
             "stats": {c: table[c][j] for c in COLUMNS},
             "examples": examples[j],
             "quantile_examples": quantile.get(j, []),
-            "histogram": {"edges": edges, "counts": res["hist_counts_FH"][j].tolist()},
+            "histogram": {"edges": edges, "counts": res.hist_counts_FH[j].tolist()},
             "logit_lens": lens.get(j),
         }
         write_json_atomic(out / "features" / f"{j}.json", jsonable(doc))
 
 
-def summary_json(table, plan, res, splice: dict, cc, store, cfg: AnalyzeConfig) -> dict:
+def summary_json(table, plan, res: PassResult, splice: dict, cc, store, cfg: AnalyzeConfig) -> dict:
     verdicts = table["verdict"]
     alive = verdicts != "dead"
     refs = plan.shared_refs[alive[plan.shared_refs]]
@@ -293,11 +296,11 @@ def summary_json(table, plan, res, splice: dict, cc, store, cfg: AnalyzeConfig) 
         "n_latents": len(verdicts),
         "counts": {v: int((verdicts == v).sum()) for v in VERDICTS},
         "candidates": {k: int(((plan.side == k) & alive).sum()) for k in "ab"},
-        "fve_a": res["fve_a"],
-        "fve_b": res["fve_b"],
-        "l0": res["l0"],
+        "fve_a": res.fve_a,
+        "fve_b": res.fve_b,
+        "l0": res.l0,
         "dead_fraction": float((~alive).mean()),
-        "n_tokens_analysed": int(res["n_tokens"]),
+        "n_tokens_analysed": int(res.n_tokens),
         "thresholds": {k: getattr(cfg, k) for k in THRESHOLDS},
         "splice": splice,
         "run": {**config_to_dict(cfg), "crosscoder": cc.cfg.to_dict()},
@@ -321,19 +324,46 @@ def _median(x: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- orchestration
 
 
+def stage_settings(cfg: AnalyzeConfig) -> dict:
+    """What the analysis's results depend on besides its inputs: its settings and the rules' version
+    (its manifest records them; `crossdiff diff` and `calibrate` record the same for their stage)."""
+    return {**settings(cfg), "rules": RULES_VERSION}
+
+
+def stage_key(cfg: AnalyzeConfig, run: Path, store) -> StageKey:
+    """The analysis's key (crossdiff.core.manifest): its settings, the checkpoint and the store."""
+    return StageKey(stage_settings(cfg), _inputs(run, store), accept=_fingerprints(cfg, run, store))
+
+
+def analysed_settings(out: str | Path) -> dict | None:
+    """The settings a finished analysis in `out` was made with (None when there is none, or it is
+    unfinished): its manifest's key, or for one written before the manifest held it, its settings.json's
+    config. For a stage that reuses an analysis without its inputs (the toy benchmark's, once its store
+    is gone), never to decide this stage's own skip-if-done (`stage_key` does)."""
+    out = Path(out)
+    try:
+        found = manifest.read(out)
+    except CrossdiffError:
+        return None
+    if found is not None and found.get("protocol") == manifest.KEYED:
+        return found["settings"] if found.get("complete") else None
+    if not (out / "summary.json").is_file() or (found is not None and not found.get("complete")):
+        return None
+    return (_load_json(out / "settings.json") or {}).get("settings")
+
+
+def _inputs(run: Path, store) -> list:
+    """The checkpoint (its cfg.json, the weights' size and time) and the store's meta."""
+    stat = (run / "crosscoder.safetensors").stat()
+    return [runfolder.path(run, "cfg").read_text(), stat.st_size, stat.st_mtime_ns, store.meta]
+
+
 def _fingerprints(cfg: AnalyzeConfig, run: Path, store, part: str | None = None) -> tuple[str, str]:
     """(fingerprint, the same as crossdiff <= 0.1 wrote it) of the settings (those of `part`, or all),
-    the checkpoint and the store. The old form (a sha1) is still accepted: no reanalysis on upgrade."""
-    weights = run / "crosscoder.safetensors"
-    stat = weights.stat()
-    inputs = [
-        settings(cfg, part),
-        runfolder.path(run, "cfg").read_text(),
-        stat.st_size,
-        stat.st_mtime_ns,
-        store.meta,
-        RULES_VERSION,
-    ]
+    the checkpoint and the store: the keys of the cached parts, and of a whole analysis as its
+    settings.json recorded it before its manifest did (still accepted: no reanalysis on upgrade)."""
+    cfg_text, size, mtime_ns, meta = _inputs(run, store)
+    inputs = [settings(cfg, part), cfg_text, size, mtime_ns, meta, RULES_VERSION]
     legacy = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return fingerprint(inputs), legacy
 
@@ -432,17 +462,18 @@ def analyze(cfg: AnalyzeConfig) -> dict:
 
     run, cc, store = _open_inputs(cfg)
     out = Path(cfg.out) if cfg.out else run / "analysis"
-    fingerprints = _fingerprints(cfg, run, store)
-    done = _load_json(out / "settings.json").get("fingerprint") in fingerprints
-    if done and (out / "summary.json").is_file() and intact(out, ("latents.csv", "summary.json")):
+    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
+    key = stage_key(cfg, run, store)
+    if begin(out, key, ("latents.csv", "summary.json"), command="analyze", other="keep"):
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
+    # Another key's (or an unfinished) analysis: its cached parts check their own keys (_cached).
     (out / "summary.json").unlink(missing_ok=True)
+    (out / "settings.json").unlink(missing_ok=True)  # an older crossdiff's record; the manifest's now
     shutil.rmtree(out / "features", ignore_errors=True)  # derived files of other settings
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
-    _same_space(cfg, store)  # a bad --same-space fails before the first file is written
     share = _cached(
         out / "share.pt",
         _fingerprints(cfg, run, store, "share"),
@@ -451,12 +482,14 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         _load_pt,
     )["share_F"]
     plan = make_plan(cc, store, cfg, share)
-    res = _cached(
-        out / PASS_FILE,
-        _fingerprints(cfg, run, store, "pass"),
-        lambda: run_passes(cc, store, plan, cfg, device),
-        _save_pt,
-        _load_pt,
+    res = PassResult.from_dict(
+        _cached(
+            out / PASS_FILE,
+            _fingerprints(cfg, run, store, "pass"),
+            lambda: run_passes(cc, store, plan, cfg, device).as_dict(),
+            _save_pt,
+            _load_pt,
+        )
     )
     table = latent_table(plan, res, cfg)
     lms, reason = _models_or_reason(store, cfg, device)
@@ -472,8 +505,6 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     )
     write_latents(out, table)
     summary = jsonable(summary_json(table, plan, res, splice, cc, store, cfg))
-    record = {"fingerprint": fingerprints[0], "settings": jsonable(asdict(cfg))}
-    write_json_atomic(out / "settings.json", record)
     write_json_atomic(out / "summary.json", summary)
     counts = summary["counts"]
     print(

@@ -427,6 +427,14 @@ def _first_line(path: Path):
     return (x for i, x in zip(range(1), read_jsonl(path)))
 
 
+def stage_settings(cfg: AnswersConfig) -> dict:
+    """What the answers stage's results depend on: its settings, this module's and the candidate rules'
+    versions (what `crossdiff diff` records for the stage)."""
+    from .analyze import RULES_VERSION
+
+    return {**settings(cfg), "version": VERSION, "rules": RULES_VERSION}
+
+
 @writes(lambda cfg: cfg.folder, record="tree")
 def answers(cfg: AnswersConfig) -> dict:
     """Count, test and (with --run) link; returns summary.json's content."""

@@ -1,13 +1,15 @@
 """The analysis's streaming passes over the store (crossdiff/analysis/analyze.py orchestrates them):
 the functional share on held-out rows, then one pass gathering every per-latent statistic (FirstPass:
 density, activation quantiles, top-k examples, histograms, held-out FVE, probe sums, Latent Scaling
-sums) and the pass result the analysis caches as pass.pt. Memory is bounded by the batch, not the store.
+sums) and the pass result (PassResult) the analysis caches as pass.pt. Memory is bounded by the batch, not the store.
 `cfg` and `plan` are analyze's AnalyzeConfig and Plan (not imported: analyze imports its passes).
 
 Legend: B rows of a batch, F latents, N firing entries, D one model's width.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -119,7 +121,7 @@ def _latent_scaling(cc, plan, device) -> LatentScaling:
 
 
 @torch.inference_mode()
-def run_passes(cc, store, plan, cfg, device) -> dict:
+def run_passes(cc, store, plan, cfg, device) -> PassResult:
     """Pass 1 over every analysed row, then pass 2 over held-out rows to score the probes."""
     from tqdm.auto import tqdm
 
@@ -147,7 +149,58 @@ def run_passes(cc, store, plan, cfg, device) -> dict:
     return _pass_result(first, plan, evals, cc, store)
 
 
-def _pass_result(first: FirstPass, plan, evals: dict, cc, store) -> dict:
+@dataclass(frozen=True)
+class PassResult:
+    """What the passes gathered over the analysed rows (F latents, K top examples, H histogram bins).
+    Cached as pass.pt (`as_dict`, its arrays as tensors; fields in this order)."""
+
+    n_fire_F: np.ndarray
+    """Firings of each latent."""
+    held_fire_F: np.ndarray
+    """Firings on held-out rows."""
+    sum_F: np.ndarray
+    """Sum of each latent's activations (float64)."""
+    sumsq_F: np.ndarray
+    """Sum of their squares (float64)."""
+    max_F: np.ndarray
+    """Largest activation."""
+    n_tokens: int
+    """Rows analysed."""
+    n_heldout: int
+    """Held-out rows among them."""
+    top_values_KF: np.ndarray
+    """The K largest activations of each latent (descending; 0 where fewer fired)."""
+    top_rows_KF: np.ndarray
+    """Their store rows (-1 where none)."""
+    hist_counts_FH: np.ndarray
+    """Log-spaced activation histogram of each latent."""
+    hist_edges: np.ndarray
+    """The histogram's H + 1 edges (normalised units)."""
+    p99_F: np.ndarray
+    """99th-percentile activation from the histogram."""
+    r2_F: np.ndarray
+    """Held-out R² of the probe of each probed latent's strong firings (NaN elsewhere)."""
+    auroc_F: np.ndarray
+    """Held-out AUROC of the same probes (NaN elsewhere)."""
+    latent_scaling_F: np.ndarray
+    """Latent Scaling of each probed latent in a shared activation space (NaN elsewhere)."""
+    fve_a: float
+    """Held-out fraction of variance explained, model A."""
+    fve_b: float
+    """Model B's."""
+    l0: float
+    """Mean firing latents per row."""
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> PassResult:
+        """From pass.pt's result (any crossdiff that wrote these keys)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+
+def _pass_result(first: FirstPass, plan, evals: dict, cc, store) -> PassResult:
     n_f = len(plan.side)
     r2, auc = np.full(n_f, np.nan), np.full(n_f, np.nan)
     for key, ids in (("b", plan.probe_from_b), ("a", plan.probe_from_a)):
@@ -161,19 +214,19 @@ def _pass_result(first: FirstPass, plan, evals: dict, cc, store) -> dict:
     cpu = {
         k: getattr(first, k).cpu().numpy() for k in ("n_fire_F", "held_fire_F", "sum_F", "sumsq_F", "max_F")
     }
-    return {
+    return PassResult(
         **cpu,
-        "n_tokens": first.n,
-        "n_heldout": first.n_held,
-        "top_values_KF": first.topk.values_KF.cpu().numpy(),
-        "top_rows_KF": first.topk.rows_KF.cpu().numpy(),
-        "hist_counts_FH": first.hist.counts_FH.cpu().numpy(),
-        "hist_edges": first.hist.edges_H1.numpy(),
-        "p99_F": first.hist.quantile(0.99),
-        "r2_F": r2,
-        "auroc_F": auc,
-        "latent_scaling_F": scaling,
-        "fve_a": fve_a,
-        "fve_b": fve_b,
-        "l0": l0,
-    }
+        n_tokens=first.n,
+        n_heldout=first.n_held,
+        top_values_KF=first.topk.values_KF.cpu().numpy(),
+        top_rows_KF=first.topk.rows_KF.cpu().numpy(),
+        hist_counts_FH=first.hist.counts_FH.cpu().numpy(),
+        hist_edges=first.hist.edges_H1.numpy(),
+        p99_F=first.hist.quantile(0.99),
+        r2_F=r2,
+        auroc_F=auc,
+        latent_scaling_F=scaling,
+        fve_a=fve_a,
+        fve_b=fve_b,
+        l0=l0,
+    )

@@ -171,6 +171,18 @@ def _summary(features: list[dict], n_other: int) -> dict:
     return out
 
 
+MATCHING = 2
+"""Version of the seed matching: 2, the other seeds judged by the functional-share rule too."""
+
+
+def stage_settings(seeds: int) -> dict:
+    """What the seed-stability table depends on: the seeds, the candidate rules' version (it reads the
+    candidates and their verdicts) and the matching's (what `crossdiff diff` records for the stage)."""
+    from .analyze import RULES_VERSION
+
+    return {"seeds": seeds, "rules": RULES_VERSION, "matching": MATCHING}
+
+
 def write_stability(run: Path, table: dict) -> Path:
     path = runfolder.path(run, "stability")
     write_json_atomic(path, table)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.config import where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -57,7 +58,7 @@ GENERATION_PROMPTS = NEUTRAL_PROMPTS[:2]
 
 @dataclass(frozen=True)
 class SteerConfig:
-    run: str
+    run: str = where()
     """Training run folder (crosscoder checkpoint; analysis in RUN/analysis, output in RUN/steering)."""
     latent: int | None = None
     """Latent to steer (one latent); or use --top."""
@@ -91,7 +92,7 @@ class SteerConfig:
     so far); the rest are marked skipped."""
     seed: int = 0
     """Seed of the random null directions."""
-    device: str = "cpu"
+    device: str = where("cpu")
     """Torch device for the models."""
 
     def __post_init__(self):
@@ -232,15 +233,34 @@ def _latent_rows(run: Path) -> list[dict]:
     return load_results(run).rows  # with crossdiff verify's behaviour_* columns joined
 
 
-def record_verdicts(run: Path, results: dict[int, dict | None]) -> None:
-    """Add (or update) these latents' verdicts in RUN/steering/verdicts.csv; None means skipped."""
+@dataclass(frozen=True)
+class Steered:
+    """One latent of a steering run: what `steer` returns for each latent it was asked to steer."""
+
+    latent: int
+    model: str
+    """The model steered ("a" or "b")."""
+    result: dict | None
+    """Its measurement as RUN/steering/<latent>.json holds it (docs/steering.md); None when the time
+    budget skipped it."""
+
+    @property
+    def verdict(self) -> str:
+        """pass, fail, or skipped (the time budget ran out first)."""
+        return "skipped" if self.result is None else self.result["verdict"]
+
+    @property
+    def effect_size(self) -> float | None:
+        """The latent's Δlogprob z-score at the verdict strength (None when skipped)."""
+        return None if self.result is None else self.result["effect_size"]
+
+
+def record_verdicts(run: Path, steered: list[Steered]) -> None:
+    """Add (or update) these latents' verdicts in RUN/steering/verdicts.csv."""
     rows = read_stage(run, STEERING)
-    for latent, r in results.items():
-        rows[latent] = (
-            {"verdict": "skipped", "effect": None}
-            if r is None
-            else {"verdict": r["verdict"], "effect": format(r["effect_size"], ".4g")}
-        )
+    for s in steered:
+        effect = None if s.effect_size is None else format(s.effect_size, ".4g")
+        rows[s.latent] = {"verdict": s.verdict, "effect": effect}
     write_stage(run, STEERING, rows)
 
 
@@ -328,11 +348,20 @@ def _float(s) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
+def stage_settings(cfg: SteerConfig) -> dict:
+    """What `crossdiff diff`'s steering stage records: the settings a diff chooses (how many latents,
+    the time budget; the rest are steer's defaults there) and the candidate rules' version (it steers
+    the candidates). As pipeline.py assembled it until commit e790170, so finished diffs stay finished."""
+    from .analyze import RULES_VERSION
+
+    return {"top": cfg.top, "budget_seconds": cfg.budget_seconds, "rules": RULES_VERSION}
+
+
 @writes(lambda cfg: Path(cfg.run) / "steering", record="tree")
-def steer(cfg: SteerConfig, models=None) -> dict:
-    """Run the command; returns {latent: its result, or None when the time budget skipped it}, one entry
-    with --latent. With --top and nothing to steer (verified, but no candidate left to fill a slot), the
-    steering folder records that (an empty verdicts.csv) and the result is {}."""
+def steer(cfg: SteerConfig, models=None) -> list[Steered]:
+    """Run the command; returns one Steered per latent it was to steer (one with --latent), in order.
+    With --top and nothing to steer (verified, but no candidate left to fill a slot), the steering folder
+    records that (an empty verdicts.csv) and the list is empty."""
     from tqdm.auto import tqdm
 
     from ..coder.crosscoder import Crosscoder
@@ -350,9 +379,10 @@ def steer(cfg: SteerConfig, models=None) -> dict:
     rows = _latent_rows(run)
     if cfg.latent is not None:
         res = steer_one(cc, run, cfg.latent, cfg.model, lms, rows, cfg)
-        record_verdicts(run, {cfg.latent: res})
+        steered = [Steered(cfg.latent, res["model"], res)]
+        record_verdicts(run, steered)
         _print_result(res)
-        return {cfg.latent: res}
+        return steered
     if not rows:
         raise CrossdiffError(f"{run / 'analysis' / 'latents.csv'} not found; run crossdiff analyze first")
     jobs = top_candidates(rows, cfg.top, cfg.include_rejected)
@@ -363,17 +393,17 @@ def steer(cfg: SteerConfig, models=None) -> dict:
             )
         what = "exclusive candidates" if cfg.include_rejected else "behavioural differences"
         print(f"steer: nothing to steer ({run} has no {what})", file=sys.stderr)
-        record_verdicts(run, {})  # done, with nothing steered
-        return {}
-    start, results, slowest = time.monotonic(), {}, 0.0
+        record_verdicts(run, [])  # done, with nothing steered
+        return []
+    start, steered, slowest = time.monotonic(), [], 0.0
     for latent, m in tqdm(jobs, desc="steer", unit="latent", dynamic_ncols=True):
         t0 = time.monotonic()
         go = fits_budget(t0 - start, slowest, cfg.budget_seconds)
-        results[latent] = steer_one(cc, run, latent, m, lms, rows, cfg) if go else None
+        steered.append(Steered(latent, m, steer_one(cc, run, latent, m, lms, rows, cfg) if go else None))
         slowest = max(slowest, time.monotonic() - t0)
-    record_verdicts(run, results)
-    _print_table(results, jobs)
-    return results
+    record_verdicts(run, steered)
+    _print_table(steered)
+    return steered
 
 
 def fits_budget(elapsed: float, slowest: float, budget: float | None) -> bool:
@@ -394,9 +424,8 @@ def _print_result(res: dict) -> None:
         )
 
 
-def _print_table(results: dict, jobs) -> None:
+def _print_table(steered: list[Steered]) -> None:
     print("model latent  effect_z  verdict")
-    for latent, m in jobs:
-        r = results[latent]
-        eff = "-" if r is None else f"{r['effect_size']:8.2f}"
-        print(f"{m:>5} {latent:>6}  {eff:>8}  {'skipped' if r is None else r['verdict']}")
+    for s in steered:
+        eff = "-" if s.effect_size is None else f"{s.effect_size:8.2f}"
+        print(f"{s.model:>5} {s.latent:>6}  {eff:>8}  {s.verdict}")

@@ -56,7 +56,7 @@ from ..core.config import fingerprint, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import jsonable, write_json_atomic
 from ..core.lock import writes
-from ..core.manifest import intact
+from ..core.manifest import StageKey, begin
 from .ablation import (
     Candidate,
     alive_mask,
@@ -167,22 +167,15 @@ def verify(cfg: VerifyConfig) -> dict:
 
     run, cc, store, table = _open(cfg)
     out = run / "verification"
-    fingerprint = _fingerprint(cfg, run, store)
-    settings_path = out / "settings.json"
-    same = settings_path.is_file() and json.loads(settings_path.read_text()).get("fingerprint") == fingerprint
-    if same and (out / "summary.json").is_file() and intact(out, ("behaviour.csv", "summary.json")):
+    key = stage_key(cfg, run, store)
+    # Results of another key are cleared; the fresh-text scan is kept (reused when it depends on nothing
+    # that changed: scan.scan checks its key), and so are the finished latents (_exact reuses those of
+    # this run's measure key and removes the others).
+    if begin(out, key, ("behaviour.csv", "summary.json"), command="verify", keep=("scan.json", "latents")):
         print(f"{out} is already complete; nothing to do. Results: {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text())
-    if not same and out.exists():
-        import shutil
-
-        # Results of other settings or another checkpoint are cleared; the fresh-text scan is kept (and
-        # reused when it depends on nothing that changed: scan.scan checks its key), and so are the
-        # finished latents (_exact reuses those of this run's measure key and removes the others).
-        for p in out.iterdir():
-            if p.name not in ("scan.json", "latents") and not p.name.startswith("."):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    write_json_atomic(settings_path, {"fingerprint": fingerprint, "settings": asdict(cfg)})
+    # The config as run, for predictions.py (which keys its cache to the fingerprint); not a skip record.
+    write_json_atomic(out / "settings.json", {"fingerprint": key.fingerprint, "settings": asdict(cfg)})
     device = resolve_device(cfg.device)
     apply_cpu_policy()  # once per process (crossdiff/core/runtime.py)
     cc = cc.to(device).eval().requires_grad_(False)
@@ -376,10 +369,24 @@ def _open(cfg: VerifyConfig):
     return run, cc, store, table
 
 
-def _fingerprint(cfg: VerifyConfig, run: Path, store) -> str:
-    """The settings, the store and the checkpoint's and analysis's bytes (not where they are)."""
+def stage_settings(cfg: VerifyConfig, answer_links: bool) -> dict:
+    """What verification's results depend on besides its inputs: its settings, the candidate rules',
+    the method's and (with latents linked to answers) the link rules' versions (its manifest records
+    them; `crossdiff diff` and `calibrate` record the same for their stage)."""
+    from .analyze import RULES_VERSION
+
+    links = {"answer_links": LINK_RULES} if answer_links else {}
+    return {**settings(cfg), "rules": RULES_VERSION, "method": METHOD, **links}
+
+
+def stage_key(cfg: VerifyConfig, run: Path, store) -> StageKey:
+    """The key (crossdiff.core.manifest): the settings, the store, the checkpoint's and analysis's bytes
+    (not where they are) and the linked latents; the fingerprint an older crossdiff recorded for the
+    same in settings.json is accepted."""
     linked = sorted(read_linked(run).items())  # the latents the answers stage adds (answerlink.py)
-    return fingerprint([settings(cfg), _inputs_key(run, store)] + ([LINK_RULES, linked] if linked else []))
+    inputs = _inputs_key(run, store)
+    older = fingerprint([settings(cfg), inputs] + ([LINK_RULES, linked] if linked else []))
+    return StageKey(stage_settings(cfg, bool(linked)), [inputs, linked], accept=(older,))
 
 
 def _inputs_key(run: Path, store) -> str:

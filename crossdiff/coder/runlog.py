@@ -1,6 +1,7 @@
 """The records a training run keeps in its folder: metrics lines (the live meter, metrics.jsonl,
 optional wandb / tensorboard) and checkpoints (written whole or not at all, the latest found again).
-The loop that writes them is crossdiff/coder/train.py; `st` and `cfg` here are its TrainState and
+Also the run folder's key (train_config.json and the manifest's skip-if-done). The loop that writes
+them is crossdiff/coder/train.py; `st` and `cfg` here are its TrainState and
 TrainConfig (not imported: the loop imports its records, never the reverse)."""
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import config_to_dict
-from ..core.fsutil import write_text_atomic, write_with_atomic
+from ..core import runfolder
+from ..core.config import changed_settings, config_to_dict
+from ..core.fsutil import write_json_atomic, write_text_atomic, write_with_atomic
+from ..core.manifest import StageKey, begin
 from .fve import FVE
+from .sparsity import DEFAULT_SPARSITY, DFC
 
 STATE_FILE = "trainer_state.pt"
 """The trainer's state in a checkpoint folder (beside the crosscoder's files)."""
@@ -144,3 +148,68 @@ def kept_note(run: Path) -> str:
     if ckpt is None:
         return "no checkpoint had been written, so nothing of this run is kept"
     return f"the last good checkpoint is kept ({ckpt.name}; rerun the same command to resume from it)"
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+def check_run_folder(cfg, run: Path, settings: dict) -> None:
+    """The run's skip-if-done (crossdiff.core.manifest): refuse a folder holding another run (its
+    settings differ) or something else. Where the folder and the store are, and how the run logs, are
+    not settings: a moved folder, another spelling of its path or a moved store resume it.
+    train_config.json (the run's config, which later stages read to find its store) is written for a
+    new run and updated (the store's path) for an unfinished one; a finished run's is never touched."""
+    key = StageKey(settings, legacy=lambda folder: _same_saved(cfg, folder))
+    if begin(
+        run,
+        key,
+        (runfolder.FILES["eval"],),
+        command="train",
+        other="refuse",
+        refuse=lambda: _refusal(cfg, run),
+    ):
+        return
+    if not runfolder.exists(run, "eval"):  # a run killed after its evaluation: nothing left to write
+        write_json_atomic(run / "train_config.json", config_to_dict(cfg))
+
+
+def _saved_settings(cfg, run: Path) -> dict | None:
+    """The run's train_config.json in today's fields (None without one; one line when not JSON)."""
+    saved = runfolder.read_json(run / "train_config.json")
+    if saved is None:
+        return None
+    saved = upgrade_train_settings(saved)  # `arch` before sparsity/frac
+    # Runs started before these defaults scaled with the run saved the value they used.
+    for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
+        if k in saved and saved[k] == getattr(cfg, v):
+            saved[k] = getattr(cfg, k)
+    return saved
+
+
+def _same_saved(cfg, run: Path) -> bool | None:
+    """A run folder written before its manifest held its key: whether train_config.json has these settings."""
+    saved = _saved_settings(cfg, run)
+    return None if saved is None else not changed_settings(saved, cfg)
+
+
+def _refusal(cfg, run: Path) -> str:
+    saved = _saved_settings(cfg, run)
+    if saved is None:
+        return f"{run} exists and is not a crossdiff training run; choose another --out"
+    detail = changed_settings(saved, cfg) or "its recorded key differs"
+    return f"{run} holds a run with other settings ({detail}); use another --out or the same options"
+
+
+def upgrade_train_settings(saved: dict) -> dict:
+    """A train_config.json written by an older crossdiff, in today's fields:
+    - before `sparsity` and `exclusive_frac` replaced `arch`: arch dfc was (sparsity or batchtopk,
+      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0)."""
+    saved = dict(saved)
+    if "arch" not in saved:
+        return saved
+    arch = saved.pop("arch")
+    if arch == DFC:
+        saved["sparsity"] = saved.get("sparsity") or DEFAULT_SPARSITY
+    else:
+        saved["sparsity"], saved["exclusive_frac"] = arch, 0.0
+    return saved

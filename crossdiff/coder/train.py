@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..core import runfolder
-from ..core.config import Shorthand, added, changed_settings, config_to_dict, where
+from ..core.config import Shorthand, added, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
@@ -38,7 +38,15 @@ from ..core.runtime import apply_cpu_policy, resolve_device
 from .crosscoder import Crosscoder, CrosscoderConfig, Partition
 from .distributed import DistContext
 from .fve import evaluate
-from .runlog import STATE_FILE, Meter, MetricsLog, kept_note, latest_checkpoint, save_checkpoint
+from .runlog import (
+    STATE_FILE,
+    Meter,
+    MetricsLog,
+    check_run_folder,
+    kept_note,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from .sparsity import (
     DEFAULT_SPARSITY,
     DFC,
@@ -446,47 +454,12 @@ def _initialise(cfg: TrainConfig, store, device) -> TrainState:
     return _new_state(model, device)
 
 
-def _check_run_folder(cfg: TrainConfig, run: Path) -> None:
-    """Refuse a folder holding another run (its settings differ) or something else. Where the folder and
-    the store are, and how the run logs, are not settings: a moved folder, another spelling of its path
-    or a moved store resume it. train_config.json is written for a new run and updated (the store's
-    path) for an unfinished one; a finished run's is never touched."""
-    saved_path = run / "train_config.json"
-    mine = config_to_dict(cfg)
-    if saved_path.is_file():
-        saved = upgrade_train_settings(json.loads(saved_path.read_text()))  # `arch` before sparsity/frac
-        # Runs started before these defaults scaled with the run saved the value they used.
-        for k, v in (("dead_tokens", "dead_window"), ("threshold_beta", "beta")):
-            if k in saved and saved[k] == getattr(cfg, v):
-                saved[k] = getattr(cfg, k)
-        detail = changed_settings(saved, cfg)
-        if detail:
-            raise CrossdiffError(
-                f"{run} holds a run with other settings ({detail}); use another --out or the same options"
-            )
-        if runfolder.exists(run, "eval") or saved == mine:
-            return
-    elif run.exists() and any(run.iterdir()):
-        raise CrossdiffError(f"{run} exists and is not a crossdiff training run; choose another --out")
-    write_json_atomic(saved_path, mine)
-
-
-def upgrade_train_settings(saved: dict) -> dict:
-    """A train_config.json written by an older crossdiff, in today's fields:
-    - before `sparsity` and `exclusive_frac` replaced `arch`: arch dfc was (sparsity or batchtopk,
-      exclusive_frac); any other arch was that sparsity with exclusive_frac ignored (0)."""
-    saved = dict(saved)
-    if "arch" not in saved:
-        return saved
-    arch = saved.pop("arch")
-    if arch == DFC:
-        saved["sparsity"] = saved.get("sparsity") or DEFAULT_SPARSITY
-    else:
-        saved["sparsity"], saved["exclusive_frac"] = arch, 0.0
-    return saved
-
-
 # ----------------------------------------------------------------------------- entry point
+
+
+def stage_settings(cfg: TrainConfig) -> dict:
+    """What a run's results depend on (its manifest records them; `crossdiff diff` records the same)."""
+    return settings(cfg)
 
 
 @writes(lambda cfg: cfg.out, record="files")
@@ -500,7 +473,7 @@ def train(cfg: TrainConfig) -> dict:
     created = not run.exists()
     try:
         if ctx is None or ctx.is_main:
-            _check_run_folder(cfg, run)
+            check_run_folder(cfg, run, stage_settings(cfg))
         if ctx is not None:
             ctx.barrier()
             if cfg.batch_size < ctx.world:

@@ -15,7 +15,7 @@ Each control runs for the DFC and for the standard BatchTopK crosscoder, at the 
 (budget.py). Folder convention shared with `crossdiff diff`: DIR/store is the base store (reused when
 complete, else harvested); this command writes
 
-    DIR/calibration/settings.json       words, seed, budget and base store (a rerun with others is refused)
+    DIR/calibration/manifest.json       words, seed, budget and base store (a rerun with others is refused)
     DIR/calibration/stores/<control>/   the derived stores (planted, self, rotated)
     DIR/calibration/<control>-<arch>/   training runs, each with its analysis/ and verification/
     DIR/calibration/stages.json         finished stages with their times (a rerun skips them)
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from ..core.config import help_from, settings, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
+from ..core.manifest import StageKey, begin
 from ..core.stages import Stage, StageLog, run_stages
 from ..inputs.models import DEFAULT_MODEL_A, DEFAULT_MODEL_B
 
@@ -183,22 +183,24 @@ def calibration_settings(cfg: CalibrateConfig, b: Budget, store, words: tuple[st
 
 
 def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
-    from ..coder.train import upgrade_train_settings
+    """The calibration folder's key (crossdiff.core.manifest): a rerun with other settings is refused,
+    or with --overwrite cleared; its stages (stages.json) then skip what is finished. A folder without a
+    keyed manifest is judged by its settings.json, as crossdiff wrote it before."""
 
-    path = folder / "settings.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    if isinstance(saved, dict) and isinstance(saved.get("train"), dict):  # `arch` before sparsity/frac
-        saved["train"] = upgrade_train_settings(saved["train"])
-    if saved == settings:
-        return
-    if saved is not None:
-        if not overwrite:
-            raise CrossdiffError(
-                f"{folder} holds a calibration made with other settings (words, seed, budget or base "
-                "store); pass --overwrite to replace it"
-            )
-        shutil.rmtree(folder)
-    write_json_atomic(path, settings)
+    def legacy(f: Path) -> bool | None:
+        from ..coder.runlog import upgrade_train_settings
+
+        saved = runfolder.read_json(f / "settings.json")
+        if isinstance(saved, dict) and isinstance(saved.get("train"), dict):  # `arch` before sparsity/frac
+            saved["train"] = upgrade_train_settings(saved["train"])
+        return None if saved is None else saved == settings
+
+    refuse = (
+        f"{folder} holds a calibration made with other settings (words, seed, budget or base store); "
+        "pass --overwrite to replace it"
+    )
+    other = "clear" if overwrite else "refuse"
+    begin(folder, StageKey(settings, legacy=legacy), command="calibrate", other=other, refuse=refuse)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -206,6 +208,8 @@ def _check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
 
 def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder: Path) -> list[Stage]:
     from ..analysis.analyze import RULES_VERSION, analyze
+    from ..analysis.analyze import stage_settings as analyze_settings
+    from ..analysis.verify import stage_settings as verify_settings
     from ..analysis.verify import verify
     from ..coder.train import train
     from ..inputs.derive import Control, derive_store
@@ -240,8 +244,9 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"analyse {control}-{arch}",
                     lambda a=acfg: analyze(a) and None,
-                    {"rules": RULES_VERSION},  # new candidate / verdict rules redo the analyses
+                    analyze_settings(acfg),  # new candidate / verdict rules redo the analyses
                     done=lambda r=run: runfolder.exists(r, "analysis"),
+                    legacy={"rules": RULES_VERSION},  # as stages.json recorded it before
                 )
             )
             vcfg = verify_config(b, run, path, device=cfg.device)
@@ -249,8 +254,9 @@ def plan(cfg: CalibrateConfig, b: Budget, store, words: tuple[str, ...], folder:
                 Stage(
                     f"verify {control}-{arch}",
                     lambda v=vcfg: verify(v) and None,
-                    {"rules": RULES_VERSION, **settings(vcfg)},
+                    verify_settings(vcfg, answer_links=False),
                     done=lambda r=run: runfolder.exists(r, "verification"),
+                    legacy={"rules": RULES_VERSION, **settings(vcfg)},  # as stages.json recorded it before
                 )
             )
     return stages
@@ -362,7 +368,7 @@ def _verdicts(run: Path) -> dict[str, int]:
 
 
 @writes(lambda cfg: Path(cfg.out) / "calibration.json")
-@writes(lambda cfg: Path(cfg.out) / "calibration")
+@writes(lambda cfg: Path(cfg.out) / "calibration", record="files")
 def calibrate(cfg: CalibrateConfig, budget: Budget | None = None) -> dict:
     """Run (or finish) the controls in cfg.out; returns calibration.json's content.
 

@@ -42,6 +42,7 @@ from ..core import config, runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_json_atomic
 from ..core.lock import writes
+from ..core.manifest import StageKey, begin, recording
 from ..inputs.store import HELDOUT_FRAC
 
 RECORD = "bench.json"
@@ -204,17 +205,23 @@ class SeedData:
         return self.gen.norm_scales()
 
     def store_path(self) -> Path:
-        """The seed's store, regenerated unless a complete one with the same settings exists."""
+        """The seed's store, regenerated unless a complete one with the same settings exists (its key:
+        the generator's config and summary and the token count, crossdiff.core.manifest)."""
         want = json.loads(json.dumps({**self.gen.describe(), "n_tokens": self.cfg.store_tokens}))
         spec = self.root / "synthetic.json"
-        if runfolder.exists(self.root, "meta") and spec.is_file() and json.loads(spec.read_text()) == want:
-            return self.root
-        shutil.rmtree(self.root, ignore_errors=True)
-        _log(
-            f"seed {self.seed}: writing a synthetic store of {self.cfg.store_tokens:,} tokens to {self.root}"
-        )
-        write_json_atomic(spec, want)  # the store's meta.json, written last, marks completion
-        self.gen.write_store(self.root, self.cfg.store_tokens)
+
+        def legacy(root: Path) -> bool | None:  # a store written before its manifest held its key
+            return None if not spec.is_file() else json.loads(spec.read_text()) == want
+
+        key, meta = StageKey(want, legacy=legacy), (runfolder.FILES["meta"],)
+        with recording(self.root, "bench toy"):
+            if begin(self.root, key, meta, command="bench toy", resume=False):  # not resumable: redone
+                return self.root
+            _log(
+                f"seed {self.seed}: writing a synthetic store of {self.cfg.store_tokens:,} tokens to {self.root}"
+            )
+            write_json_atomic(spec, want)  # the generator's description, beside the store
+            self.gen.write_store(self.root, self.cfg.store_tokens)
         return self.root
 
     def remove_store(self) -> None:
@@ -252,15 +259,15 @@ def verify_run(cfg: ToyBenchConfig, data: SeedData, run: Path) -> tuple[np.ndarr
     """
     if cfg.verify_tokens == 0:
         return None, {}
-    from ..analysis.analyze import AnalyzeConfig, analyze
+    from ..analysis.analyze import AnalyzeConfig, analysed_settings, analyze
 
     want = verify_settings(cfg)
     out = run / "analysis"
-    saved = runfolder.read(run, "analysis_settings", {})
+    saved = analysed_settings(out)  # analyze's record: no store needed to know it is reusable
     fresh = (
-        runfolder.exists(run, "analysis")
+        saved is not None
         and (out / "latents.csv").is_file()
-        and all(saved.get("settings", {}).get(k) == v for k, v in want.items())
+        and all(saved.get(k) == v for k, v in want.items())
         and (out / "latents.csv").stat().st_mtime_ns >= (run / "crosscoder.safetensors").stat().st_mtime_ns
     )
     t0 = time.perf_counter()
@@ -362,7 +369,8 @@ def functional_metrics(cfg: ToyBenchConfig, model, m, gt, alive_F, share_F) -> d
 
 def run_one(cfg: ToyBenchConfig, data: SeedData, method: Method) -> dict:
     """Train (or resume) and score one (method, seed); returns its record (also saved as bench.json)."""
-    from ..coder.train import train, upgrade_train_settings
+    from ..coder.runlog import upgrade_train_settings
+    from ..coder.train import train
 
     run = Path(cfg.out) / "runs" / f"{method.name}-seed-{data.seed}"
     tcfg = train_config(cfg, data.root, run, method, data.seed)

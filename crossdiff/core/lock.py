@@ -237,11 +237,5 @@ def _recorded(fn, cfg, args, kwargs, folder: Path, recursive: bool):
     from . import manifest
     from .config import settings
 
-    began, old = manifest.start(folder) if folder.is_dir() else (time.time() - 1.0, None)
-    try:
-        result = fn(cfg, *args, **kwargs)
-    except BaseException:
-        manifest.abandon(folder, began, old)
-        raise
-    manifest.finish(folder, fn.__name__, settings(cfg), began, old, recursive)
-    return result
+    with manifest.recording(folder, fn.__name__, settings(cfg), recursive):
+        return fn(cfg, *args, **kwargs)

@@ -16,6 +16,12 @@
 - Readers call `check_file` before trusting a file (one line naming the file and the repairing command
   when it differs from its record, or while another process writes the folder); `crossdiff check`
   calls `problems` for every stage folder of a run.
+- Skip-if-done: a stage names what its results depend on (a `StageKey`: its settings, recorded, and a
+  fingerprint of them and of its inputs) and calls `begin` first. `begin` answers "done with these
+  settings?" from the manifest alone (complete, the key's fingerprint, the named files intact); when
+  not, it clears another key's work (or keeps it, or refuses it with one line) and records the key in
+  the still incomplete manifest, so that a killed run resumes under it. The manifest written when the
+  command returns records the key complete.
 
 Hashing costs about what reading costs: measured in docs/integrity.md.
 """
@@ -24,15 +30,47 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import CrossdiffError
 from .fsutil import write_json_atomic
 
 MANIFEST = "manifest.json"
+KEYED = 2
+"""The manifest's "protocol" when its fingerprint is its stage's key (StageKey); manifests without it
+fingerprinted the command's config settings only, and the stage's key lived in its settings.json."""
 _ROWS = {".csv": 1, ".jsonl": 0}
 """Suffixes whose rows are recorded -> header lines not counted."""
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """What a stage's results depend on: recorded in its folder's manifest, compared by a rerun."""
+
+    settings: dict
+    """The stage's settings (its config's, crossdiff.core.config.settings, and its rules' versions):
+    recorded in the manifest, and what a multi-stage command records for the stage (core/stages.py)."""
+    inputs: object = None
+    """What the stage reads (a checkpoint, a store), fingerprinted with the settings, not recorded."""
+    accept: tuple[str, ...] = ()
+    """Fingerprints an older crossdiff recorded for the same work (its settings.json's), still taken."""
+    legacy: Callable[[Path], bool | None] | None = None
+    """For a folder written before its manifest held a key: whether its own records say it holds work of
+    these settings (True), of others (False) or say nothing (None). Default: FOLDER/settings.json's
+    "fingerprint" is the key's or an accepted one (how analyze and verify recorded theirs)."""
+
+    @property
+    def fingerprint(self) -> str:
+        from .config import fingerprint
+
+        return fingerprint(self.settings if self.inputs is None else [self.settings, self.inputs])
 
 
 def file_record(path: Path) -> dict:
@@ -79,6 +117,17 @@ def read(folder: str | Path) -> dict | None:
     return data
 
 
+_KEYS: dict[str, StageKey] = {}
+"""Real path of a stage folder -> the key its running command declared (`begin`), for `finish`."""
+_FOUND: dict[str, dict | None] = {}
+"""Real path of a stage folder -> its manifest as the running command found it (`start` marks it
+incomplete at once; `begin` judges the folder by what it was)."""
+
+
+def _real(folder: str | Path) -> str:
+    return os.path.realpath(Path(folder).expanduser())
+
+
 def start(folder: Path) -> tuple[float, dict | None]:
     """Before a command writes into `folder`: (its start time, the manifest as it was), the manifest
     marked incomplete so that no reader takes a half-rewritten folder for a finished one."""
@@ -87,16 +136,19 @@ def start(folder: Path) -> tuple[float, dict | None]:
         old = read(folder)
     except CrossdiffError:
         old = None  # an unreadable manifest is replaced when the command completes
+    _FOUND[_real(folder)] = old
     if old is not None and old.get("complete"):
         write_json_atomic(folder / MANIFEST, {**old, "complete": False})
     return began, old
 
 
 def finish(folder: Path, command: str, cfg_settings: dict, began: float, old: dict | None, recursive: bool):
-    """The manifest of a command that returned: every file recorded, `complete: true`, written last."""
-    from .. import __version__
+    """The manifest of a command that returned: every file recorded, `complete: true`, written last;
+    its fingerprint the stage's key when the command declared one (`begin`), else its settings'."""
     from .config import fingerprint
 
+    key = _KEYS.pop(_real(folder), None)
+    _FOUND.pop(_real(folder), None)
     if not folder.is_dir():
         return
     before = (old or {}).get("files", {})
@@ -110,13 +162,23 @@ def finish(folder: Path, command: str, cfg_settings: dict, began: float, old: di
             files[rel] = file_record(p)
         else:
             files[rel] = before[rel]  # a size differing from its record: damage, left for check to name
+    if key is None:
+        _write(folder, command, fingerprint(cfg_settings), cfg_settings, files, complete=True)
+    else:
+        _write(folder, command, key.fingerprint, key.settings, files, complete=True, keyed=True)
+
+
+def _write(folder: Path, command: str, fp: str, settings: dict, files: dict, complete: bool, keyed=False):
+    from .. import __version__
+
     write_json_atomic(
         folder / MANIFEST,
         {
             "command": command,
-            "fingerprint": fingerprint(cfg_settings),
-            "settings": cfg_settings,
-            "complete": True,
+            "fingerprint": fp,
+            "settings": settings,
+            "complete": complete,
+            **({"protocol": KEYED} if keyed else {}),
             "crossdiff_version": __version__,
             "files": files,
         },
@@ -125,11 +187,30 @@ def finish(folder: Path, command: str, cfg_settings: dict, began: float, old: di
 
 def abandon(folder: Path, began: float, old: dict | None) -> None:
     """After a failed command: put the old manifest back if the command wrote nothing in `folder`."""
+    _KEYS.pop(_real(folder), None)
+    _FOUND.pop(_real(folder), None)
+    if old is None and folder.is_dir() and [p.name for p in folder.iterdir()] == [MANIFEST]:
+        (folder / MANIFEST).unlink()  # only the key `begin` recorded: nothing to resume, leave nothing
     if old is None or not old.get("complete") or not folder.is_dir():
         return
     before = old.get("files", {})
     if all(_unchanged(p, before.get(p.relative_to(folder).as_posix()), began) for p in _files(folder, True)):
         write_json_atomic(folder / MANIFEST, old)
+
+
+@contextmanager
+def recording(folder: str | Path, command: str, cfg_settings: dict | None = None, recursive: bool = False):
+    """Keep a stage folder's manifest around the code that writes it (`start`, then `finish` when it
+    returns or `abandon` when it fails): what `crossdiff.core.lock.writes(..., record=...)` does for a
+    command, for a stage run inside another command under that command's lock (a derived store)."""
+    folder = Path(folder)
+    began, old = start(folder) if folder.is_dir() else (time.time() - 1.0, None)
+    try:
+        yield
+    except BaseException:
+        abandon(folder, began, old)
+        raise
+    finish(folder, command, cfg_settings or {}, began, old, recursive)
 
 
 def _unchanged(path: Path, record: dict | None, began: float) -> bool:
@@ -178,23 +259,106 @@ def check_file(path: str | Path, repair: str) -> None:
         raise CrossdiffError(f"{path} is damaged ({problem}); {repair}")
 
 
-def intact(folder: str | Path, names: tuple[str, ...]) -> bool:
-    """Whether a folder's manifest is complete and these files match their records (True for a folder
-    written before this protocol, which has none): what a stage's skip-if-done adds to its own check,
-    so that a rerun repairs a damaged file instead of calling the stage finished."""
-    try:
-        manifest = read(folder)
-    except CrossdiffError:
-        return False
-    if manifest is None:
-        return True
-    from .lock import holds
+# ----------------------------------------------------------------------------- skip-if-done
 
+State = Literal["done", "resume", "other", "new"]
+
+
+def state(folder: str | Path, key: StageKey, names: tuple[str, ...] = ()) -> State:
+    """What `folder` holds for a stage of this key: "done" (complete with this key, the named files
+    matching their records), "resume" (this key's work, unfinished or with a damaged file), "other"
+    (another key's, or unreadable records) or "new" (nothing). Judged by the manifest as the running
+    command found it."""
+    folder = Path(folder)
+    real = _real(folder)
+    try:
+        manifest = _FOUND[real] if real in _FOUND else read(folder)
+        damaged = False
+    except CrossdiffError:
+        manifest, damaged = None, True
+    if manifest is not None and manifest.get("protocol") == KEYED:
+        if manifest.get("fingerprint") not in (key.fingerprint, *key.accept):
+            return "other"
+        return "done" if manifest.get("complete") and _intact(folder, manifest, names) else "resume"
+    same = _legacy_same(folder, key)  # written before the manifest held a key
+    if same is None:
+        return "new" if not folder.is_dir() or not _files(folder, True) else "other"
+    if not same:
+        return "other"
+    if manifest is None:
+        complete = not damaged and all((folder / n).is_file() for n in names)
+    else:
+        complete = bool(manifest.get("complete")) and _intact(folder, manifest, names)
+    return "done" if complete else "resume"
+
+
+def _legacy_same(folder: Path, key: StageKey) -> bool | None:
+    if not folder.is_dir():
+        return None
+    if key.legacy is not None:
+        return key.legacy(folder)
+    try:
+        record = json.loads((folder / "settings.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return False  # unreadable: work of unknown settings
+    if not isinstance(record, dict) or "fingerprint" not in record:
+        return False
+    return record["fingerprint"] in (key.fingerprint, *key.accept)
+
+
+def _intact(folder: Path, manifest: dict, names: tuple[str, ...]) -> bool:
     records = manifest["files"]
-    complete = manifest.get("complete") or holds(folder)  # the stage's own rerun marked it incomplete
-    return bool(complete) and all(
-        n in records and record_problem(Path(folder) / n, records[n]) is None for n in names
-    )
+    return all(n in records and record_problem(folder / n, records[n]) is None for n in names)
+
+
+def begin(
+    folder: str | Path,
+    key: StageKey,
+    names: tuple[str, ...] = (),
+    *,
+    command: str,
+    other: Literal["clear", "keep", "refuse"] = "clear",
+    keep: tuple[str, ...] = (),
+    refuse: str | Callable[[], str] = "",
+    resume: bool = True,
+) -> bool:
+    """A stage's skip-if-done, called before its work: True when `folder` is done with this key (the
+    caller returns its results). Otherwise another key's work is cleared (all but `keep`), kept (the
+    stage's caches check their own keys) or refused with the one line `refuse` (or what it returns), and
+    the key is recorded in the folder's incomplete manifest, so that a kill resumes under it; the
+    manifest written when the command returns (`finish`) records it complete. `command` names the stage in that manifest (what
+    a reader of the half-written folder is told to rerun); `resume` False: the stage cannot resume, so
+    its own unfinished work is cleared too."""
+    folder = Path(folder)
+    found = state(folder, key, names)
+    _KEYS[_real(folder)] = key
+    if found == "done":
+        return True
+    if found == "other" and other == "refuse":
+        _KEYS.pop(_real(folder), None)
+        raise CrossdiffError(refuse() if callable(refuse) else refuse)
+    if (found == "other" and other == "clear") or (found == "resume" and not resume):
+        _clear(folder, keep)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        files = (read(folder) or {}).get("files", {})
+    except CrossdiffError:
+        files = {}
+    _write(folder, command, key.fingerprint, key.settings, files, complete=False, keyed=True)
+    return False
+
+
+def _clear(folder: Path, keep: tuple[str, ...]) -> None:
+    """Remove a folder's contents but the files named in `keep` (and hidden files: locks)."""
+    for p in sorted(folder.iterdir()):
+        if p.name in keep or p.name.startswith("."):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def problems(folder: Path) -> list[tuple[Path, str]]:
@@ -221,4 +385,17 @@ def hashed_bytes(folder: Path) -> int:
     return sum(r.get("bytes", 0) for r in m["files"].values())
 
 
-__all__ = ["MANIFEST", "file_record", "read", "start", "finish", "abandon", "check_file", "problems"]
+__all__ = [
+    "MANIFEST",
+    "StageKey",
+    "file_record",
+    "read",
+    "start",
+    "finish",
+    "abandon",
+    "check_file",
+    "problems",
+    "state",
+    "begin",
+    "recording",
+]

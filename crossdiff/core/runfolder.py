@@ -3,9 +3,8 @@
     RUN/cfg.json                     the crosscoder's architecture (crossdiff train / import; coder/crosscoder.py)
     RUN/eval.json                    held-out evaluation, written last by crossdiff train (coder/train.py)
     RUN/analysis/summary.json        crossdiff analyze (analysis/analyze.py)
-    RUN/analysis/settings.json       crossdiff analyze's settings record
     RUN/verification/summary.json    crossdiff verify (analysis/verify.py)
-    RUN/verification/settings.json   crossdiff verify's settings record
+    RUN/verification/settings.json   crossdiff verify's config as run (predictions.py rebuilds it)
     RUN/answers/summary.json         crossdiff answers (analysis/answers.py)
     RUN/stability.json               crossdiff diff's seed-stability stage (analysis/stability.py)
     RUN/import.json                  where an imported crosscoder came from (crossdiff import; interop/importer.py)
@@ -29,7 +28,6 @@ FILES = {
     "cfg": "cfg.json",
     "eval": "eval.json",
     "analysis": "analysis/summary.json",
-    "analysis_settings": "analysis/settings.json",
     "verification": "verification/summary.json",
     "verification_settings": "verification/settings.json",
     "answers": "answers/summary.json",

@@ -2,8 +2,9 @@
 and a record of finished stages so that a rerun skips them.
 
 FOLDER/stages.json maps each finished stage to {fingerprint, seconds, result}: the fingerprint of the
-settings it ran with (crossdiff.core.config.fingerprint; a stage whose settings changed runs again), its
-wall time and a small JSON summary. Settings leave out where things are (crossdiff.core.config.where), so a
+settings it ran with (the stage's key, crossdiff.core.manifest.StageKey: the settings its own folder's
+manifest records, from the stage's module; a stage whose settings changed runs again), its wall time
+and a small JSON summary. The folder's manifest (the multi-stage command's) marks the whole complete. Settings leave out where things are (crossdiff.core.config.where), so a
 moved folder, or one named by another spelling of its path, skips its finished stages. Each stage also resumes on its own inside (harvest by shard, training by checkpoint), so a
 kill mid-stage loses at most the stage's last unit of work.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .config import fingerprint
 from .fsutil import write_json_atomic
+from .manifest import StageKey
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class Stage:
     """The settings as crossdiff <= 0.1 fingerprinted them (with the folders' paths): a stage recorded
     that way is still finished, and its record is upgraded."""
 
+    @property
+    def key(self) -> StageKey:
+        """The stage's key: its settings, and its legacy form's fingerprint accepted."""
+        return StageKey(self.settings, accept=() if self.legacy is None else (fingerprint(self.legacy),))
+
 
 class StageLog:
     def __init__(self, path: Path):
@@ -48,17 +55,17 @@ class StageLog:
         rec = self.done.get(stage.name)
         if not isinstance(rec, dict):
             return False
-        now = fingerprint(stage.settings)
-        if rec.get("fingerprint") != now:
-            if stage.legacy is None or rec.get("fingerprint") != fingerprint(stage.legacy):
+        key = stage.key
+        if rec.get("fingerprint") != key.fingerprint:
+            if rec.get("fingerprint") not in key.accept:
                 return False
-            self.done[stage.name] = {**rec, "fingerprint": now}  # recorded by an older version
+            self.done[stage.name] = {**rec, "fingerprint": key.fingerprint}  # recorded by an older version
             write_json_atomic(self.path, self.done)
         return stage.done is None or bool(stage.done())
 
     def record(self, stage: Stage, seconds: float, result) -> None:
         self.done[stage.name] = {
-            "fingerprint": fingerprint(stage.settings),
+            "fingerprint": stage.key.fingerprint,
             "seconds": round(seconds, 1),
             "result": result,
         }

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Literal
 
 from ..core import runfolder
-from ..core.config import settings, settings_of, where
+from ..core.config import fingerprint, settings, settings_of, where
 from ..core.errors import CrossdiffError
 from ..core.fsutil import explain_os_error, os_error_message, write_json_atomic
 from ..core.lock import writes
+from ..core.manifest import StageKey, begin, state
 from ..core.runtime import apply_cpu_policy, resolve_device
 from ..inputs.models import (
     DEFAULT_MODEL_A,
@@ -113,7 +114,7 @@ class HarvestConfig:
                 raise CrossdiffError(message)
 
 
-@writes(lambda cfg: cfg.out)
+@writes(lambda cfg: cfg.out, record="files")
 def harvest(cfg: HarvestConfig) -> Store:
     """Write (or finish) the store at cfg.out and return it opened.
 
@@ -140,7 +141,7 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     verdict: str | tuple[bool, bool] | None = None
     if ctx is None or ctx.is_main:
         try:  # (already complete, folder created by this run, damaged shards), or the one-line refusal
-            verdict = (*_check_existing(root, cfg, world), not root.exists())
+            verdict = _check_existing(root, cfg, world)
         except CrossdiffError as e:
             verdict = str(e)
     if ctx is not None:
@@ -188,10 +189,11 @@ def _harvest(cfg: HarvestConfig, device, ctx) -> Store:
     return Store.open(root)
 
 
-def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> tuple[bool, list[int]]:
-    """(a complete store with these settings exists, its damaged shards); refuse other settings unless overwrite."""
-    complete = _check_settings(root, cfg, world)
-    return complete, (damaged_shards(root) if complete else [])
+def _check_existing(root: Path, cfg: HarvestConfig, world: int) -> tuple[bool, list[int], bool]:
+    """(a complete store with these settings exists, its damaged shards, the folder holds nothing of an
+    earlier harvest); refuse other settings unless overwrite."""
+    complete, created = _check_settings(root, cfg, world)
+    return complete, (damaged_shards(root) if complete else []), created
 
 
 def damaged_shards(root: Path) -> list[int]:
@@ -226,32 +228,43 @@ def _repair(root: Path, cfg: HarvestConfig, corpus, lms, layers, bad: list[int])
     _report(_meta(root, cfg, lms, layers, world=1), root, start, lms)
 
 
-def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> bool:
-    """True if a complete store with these settings exists; refuse other settings unless overwrite."""
-    settings_path = runfolder.path(root, "settings")
-    if root.exists() and not settings_path.is_file() and any(root.iterdir()):
-        if not cfg.overwrite:
-            raise CrossdiffError(
-                f"{root} exists and is not a crossdiff store; choose another --out or pass --overwrite"
-            )
-        shutil.rmtree(root)
-    elif settings_path.is_file():
-        saved = settings_of(HarvestConfig, json.loads(settings_path.read_text()))
-        if saved not in (recorded_settings(cfg), settings(cfg)):  # settings(cfg): as recorded before 0.2
-            if not cfg.overwrite:
-                raise CrossdiffError(
-                    f"{root} holds a store made with other settings; pass --overwrite to replace it or choose another --out"
-                )
-            shutil.rmtree(root)
-            return False
-        if runfolder.exists(root, "meta"):
-            return True
+def stage_key(cfg: HarvestConfig) -> StageKey:
+    """The store's key (crossdiff.core.manifest): its recorded settings (also accepted as recorded
+    before 0.2, with the corpus's own path); a store without a keyed manifest is judged by its
+    settings.json."""
+
+    def legacy(root: Path) -> bool | None:
+        path = runfolder.path(root, "settings")
+        if not path.is_file():
+            return None
+        saved = settings_of(HarvestConfig, runfolder.read_json(path))
+        return saved in (recorded_settings(cfg), settings(cfg))
+
+    return StageKey(recorded_settings(cfg), accept=(fingerprint(settings(cfg)),), legacy=legacy)
+
+
+def _check_settings(root: Path, cfg: HarvestConfig, world: int) -> tuple[bool, bool]:
+    """(a complete store with these settings exists, the folder holds nothing of an earlier harvest);
+    refuse other settings unless overwrite. A store is complete once its meta.json is written."""
+    created, key, meta = not root.exists(), stage_key(cfg), (runfolder.FILES["meta"],)
+    found = state(root, key, meta)
+    if found == "resume" and not runfolder.exists(root, "meta"):
         problem = ranks.world_mismatch(root, world)
         if problem and not cfg.overwrite:
             raise CrossdiffError(problem)
         if problem:
             shutil.rmtree(root)
-    return False
+            created = True
+    other = "clear" if cfg.overwrite else "refuse"
+    if begin(root, key, meta, command="harvest", other=other, refuse=lambda: _refusal(root)):
+        return True, False
+    return runfolder.exists(root, "meta"), created or found == "other"
+
+
+def _refusal(root: Path) -> str:
+    if runfolder.exists(root, "settings"):
+        return f"{root} holds a store made with other settings; pass --overwrite to replace it or choose another --out"
+    return f"{root} exists and is not a crossdiff store; choose another --out or pass --overwrite"
 
 
 STORE_DIR = "{store}/"

@@ -37,6 +37,7 @@ import torch
 from ..core import runfolder
 from ..core.errors import CrossdiffError
 from ..core.fsutil import write_bytes_atomic, write_json_atomic
+from ..core.manifest import StageKey, begin, recording
 from .store import (
     Store,
     activation_stats,
@@ -257,14 +258,34 @@ def _models_meta(control: Control, base: Store, shards: list[dict]) -> dict:
 
 def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: bool = False) -> Store:
     """Write (or finish) the derived store at `out` and return it opened."""
+    out = Path(out)
+    with recording(out, "calibrate"):  # run inside calibrate, under its lock
+        settings = control.settings(base)
+        other = "clear" if overwrite else "refuse"
+        refuse = f"{out} holds a different derived store (other base, words or seed); pass --overwrite to replace it"
+        meta = (runfolder.FILES["meta"],)
+        if begin(out, _key(settings), meta, command="calibrate", other=other, refuse=refuse):
+            return Store.open(out)
+        if not runfolder.exists(out, "meta"):
+            _write(base, out, control, settings)
+    return Store.open(out)
+
+
+def _key(settings: dict) -> StageKey:
+    """A derived store's key: its settings; a store without a keyed manifest is judged by its
+    settings.json (the same settings)."""
+
+    def legacy(out: Path) -> bool | None:
+        saved = runfolder.read_json(runfolder.path(out, "settings"))
+        return None if saved is None else saved == settings
+
+    return StageKey(settings, legacy=legacy)
+
+
+def _write(base: Store, out: Path, control: Control, settings: dict) -> None:
+    """The derived store's files, resuming after its last complete shard; meta.json last."""
     from safetensors.torch import load_file, save
 
-    out = Path(out)
-    settings = control.settings(base)
-    _check_existing(out, settings, overwrite)
-    if runfolder.exists(out, "meta"):
-        return Store.open(out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(runfolder.path(out, "settings"), settings)
     extra = _extras(control, base, out)
     done = completed_shards(out)
@@ -295,20 +316,6 @@ def derive_store(base: Store, out: str | Path, control: Control, *, overwrite: b
         "derived": {"control": control.name, "base": str(base.root), **extra["meta"]},
     }
     write_json_atomic(runfolder.path(out, "meta"), meta)
-    return Store.open(out)
-
-
-def _check_existing(out: Path, settings: dict, overwrite: bool) -> None:
-    path = runfolder.path(out, "settings")
-    if not out.exists() or (not path.is_file() and not any(out.iterdir())):
-        return
-    if path.is_file() and json.loads(path.read_text()) == settings:
-        return
-    if not overwrite:
-        raise CrossdiffError(
-            f"{out} holds a different derived store (other base, words or seed); pass --overwrite to replace it"
-        )
-    shutil.rmtree(out)
 
 
 def _extras(control: Control, base: Store, out: Path) -> dict:
