@@ -66,7 +66,12 @@ def test_an_ngrams_group_is_named_with_its_leaders_verdict_and_a_latent_of_anoth
         _summary(top), NAMES, behaviour, set(), groups={"nuclear power": [4, 5], "what is": [9]}
     )
     assert "latents 4, 5 (removed together) fire just before it in 60%" in html
-    assert "by 0.06 nats/token (z 5; verdict <b>difference</b>)" in html and "inert" not in html
+    assert "removing them moves model A towards" not in html  # names come from NAMES
+    assert (
+        "removing them moves smollm2 towards gemma3 by 0.06 nats/token (z 5; verdict <b>difference</b>)"
+        in html
+    )
+    assert "inert" not in html
     assert "<td>4 (60%), 5 (50%)</td><td>difference</td>" in html
 
 

@@ -20,15 +20,15 @@ def _latent_link(j: int, features) -> str:
     return f'<a href="features/{j}.html">{j}</a>' if j in features else str(j)
 
 
-def _evidence(lat: dict, behaviour: dict, speaker: str, other: str) -> str:
-    """'removing it moves A towards B by …' from the verification's row, or why there is none."""
+def _evidence(lat: dict, behaviour: dict, speaker: str, other: str, group: bool = False) -> str:
+    """'removing it (them) moves A towards B by …' from the verification's row, or why there is none."""
     b = behaviour.get(int(lat["latent"]))
     if not b:
         return "not verified (no verification row)"
     verdict = str(b.get("verdict", ""))
     if verdict == "difference" or (finite(b.get("shift")) and finite(b.get("z"))):
         return (
-            f"removing it moves {esc(speaker)} towards {esc(other)} by {fmt(b.get('shift'))} nats/token "
+            f"removing {'them' if group else 'it'} moves {esc(speaker)} towards {esc(other)} by {fmt(b.get('shift'))} nats/token "
             f"(z {fmt(b.get('z'))}; verdict <b>{esc(verdict)}</b>)"
         )
     return f"verdict <b>{esc(verdict or 'none')}</b>"
@@ -54,7 +54,7 @@ def _sentence(row: dict, n: int, names: dict, behaviour: dict, features, groups:
     return (
         f"{text}; {which} just before it in "
         f"{fmt(100 * float(lat.get('coverage', 0)))}% of its {fmt(row.get('occurrences_in_store'))} "
-        f"occurrences; {_evidence(lat, behaviour, speaker, other)}."
+        f"occurrences; {_evidence(lat, behaviour, speaker, other, len(group) > 1)}."
     )
 
 
