@@ -28,6 +28,7 @@ Hashing costs about what reading costs: measured in docs/integrity.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -341,6 +342,8 @@ def begin(
         raise CrossdiffError(refuse() if callable(refuse) else refuse)
     if (found == "other" and other == "clear") or (found == "resume" and not resume):
         _clear(folder, keep)
+    if folder.exists() and not folder.is_dir():  # mkdir would say "exists"; the fix is another path
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         files = (read(folder) or {}).get("files", {})
