@@ -266,7 +266,7 @@ def feature_html(latent: int, feat: dict, data, row: dict | None, nav: tuple, ma
         f"<h1>Latent {latent}{' · ' + esc(label) if label else ''}</h1>"
         f'<p class="sub">{esc(what)}{" · " + badge(bv) if bv else ""}{" · " + esc(det) if det else ""}</p></header>',
     ]
-    group = _link_group(data, latent)
+    group = data.link_groups.get(latent)
     if group:
         others = ", ".join(f'<a href="{k}.html">{k}</a>' for k in group["members"][1:])
         parts.append(f"<p>Linked to what {side_label(group['side'])} says: “{esc(group['ngram'])}”; verified as one "
@@ -346,11 +346,3 @@ def hist_view(edges: list[float], counts: list[float]) -> tuple[list[float], lis
         lo, hi = max(0, nz[0] - 1), min(len(counts), nz[-1] + 2)
         edges, counts = edges[lo : hi + 1], counts[lo:hi]
     return edges, counts, label
-
-
-def _link_group(data, latent: int) -> dict | None:
-    """The linked n-gram group (answerlink.ngram_groups) this latent leads, if any."""
-    from ..analysis.answerlink import ngram_groups
-
-    run = getattr(data, "run", None)
-    return ngram_groups(run).get(latent) if run is not None else None

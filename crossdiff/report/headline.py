@@ -26,29 +26,26 @@ def strength(b: dict) -> str:
     return "strong" if finite(z) and z >= 5 and finite(zd) else "moderate"
 
 
-def _said(data) -> dict[int, str]:
-    """leader -> ", removed together with latents ..., which fire just before M says “n-gram” (x of n
-    answers, the other model y)" for the linked n-grams' groups (verify's LINK_RULES 3)."""
-    from ..analysis.answerlink import ngram_groups
-
-    top = {e.get("ngram"): e for e in ((getattr(data, "answers", None) or {}).get("top") or [])}
-    n = (getattr(data, "answers", None) or {}).get("n_prompts")
-    out = {}
-    for j, g in ngram_groups(data.run).items():
-        e, m = top.get(g["ngram"], {}), g["side"]
-        mine, theirs = e.get(f"answers_{m}"), e.get(f"answers_{'b' if m == 'a' else 'a'}")
-        others = [str(k) for k in g["members"][1:]]
-        with_ = (
-            f", removed together with latent{'s' * (len(others) > 1)} {', '.join(others)}," if others else ""
-        )
-        counts = f" ({fmt(mine)} of {fmt(n)} answers; the other model {fmt(theirs)})" if e else ""
-        out[j] = (
-            f"{with_} which fire{'s' * (not others)} just before {side_label(m)} says “{g['ngram']}”{counts}"
-        )
-    return out
+def _said(data, j: int) -> str:
+    """For a linked n-gram's group led by `j` (verify's LINK_RULES 3): ", removed together with latents
+    ..., which fire just before M says “n-gram” (x of n answers; the other model y)"; else ""."""
+    g = data.link_groups.get(j)
+    if g is None:
+        return ""
+    answers = getattr(data, "answers", None) or {}
+    e, m = {x.get("ngram"): x for x in answers.get("top") or []}.get(g["ngram"], {}), g["side"]
+    mine, theirs = e.get(f"answers_{m}"), e.get(f"answers_{'b' if m == 'a' else 'a'}")
+    others = [str(k) for k in g["members"][1:]]
+    with_ = f", removed together with latent{'s' * (len(others) > 1)} {', '.join(others)}," if others else ""
+    counts = (
+        f" ({fmt(mine)} of {fmt(answers.get('n_prompts'))} answers; the other model {fmt(theirs)})"
+        if e
+        else ""
+    )
+    return f"{with_} which fire{'s' * (not others)} just before {side_label(m)} says “{g['ngram']}”{counts}"
 
 
-def _finding(b: dict, label: str, steer: str | None, said: str = "") -> str:
+def _finding(b: dict, label: str, steer: str | None, said: str = "", group: bool = False) -> str:
     j, m = int(b["latent"]), side_label(b.get("side")) or "?"
     other = "A" if m == "B" else "B"
     zd = b.get("z_dictionary")
@@ -62,7 +59,7 @@ def _finding(b: dict, label: str, steer: str | None, said: str = "") -> str:
     steer_part = f" Steering it: {esc(steer)}." if steer else ""
     return (
         f'<li><b class="grade {strength(b)}">{strength(b)}</b> evidence: '
-        f'<a href="features/{j}.html">latent {j}</a> ({m}){esc(said)}{what}. Removing {"them" if "together" in said else "it"} moves {m}\'s predictions '
+        f'<a href="features/{j}.html">latent {j}</a> ({m}){esc(said)}{what}. Removing {"them" if group else "it"} moves {m}\'s predictions '
         f"towards {other}'s by {num(b.get('shift'), 3)} nats per token (z {num(b.get('z'), 1)} against random "
         f"directions{dict_part}), closing {pct(b.get('gap_closed'))} of the gap on its "
         f"{fmt(n)} contexts.{steer_part}</li>"
@@ -188,12 +185,11 @@ def headline_html(data, labels: dict[int, dict]) -> str:
             f"No behavioural difference verified: {judged} of {n_cand} candidates were judged and none passed; "
             f"{unjudged} were never judged, so this is not evidence that the models do not differ."
         )
-    said = _said(data)
-    items = [
-        _finding(b, (labels.get(int(b["latent"])) or {}).get("label", ""), steer.get(int(b["latent"])),
-                 said.get(int(b["latent"]), ""))
-        for b in diffs
-    ]  # fmt: skip
+    items = []
+    for b in diffs:
+        j = int(b["latent"])
+        group = len((data.link_groups.get(j) or {}).get("members", ())) > 1
+        items.append(_finding(b, (labels.get(j) or {}).get("label", ""), steer.get(j), _said(data, j), group))
     if unjudged > 0 and behaviour:
         why = ", ".join(f"{counts[k]} {k}" for k in NEVER_JUDGED if counts.get(k))
         items.append(

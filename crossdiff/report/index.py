@@ -273,7 +273,13 @@ def index_html(data, cands: list[dict]) -> str:
         names = {"a": short_model(a), "b": short_model(b)}
         parts += [
             "<h2>What the models say</h2>",
-            answers_html(data.answers, names, data.behaviour, data.paged, _link_groups(data.run)),
+            answers_html(
+                data.answers,
+                names,
+                data.behaviour,
+                data.paged,
+                {g["ngram"]: list(g["members"]) for g in data.link_groups.values()},
+            ),
         ]
     diffs = differences_table(data)
     if diffs:
@@ -323,10 +329,3 @@ def index_html(data, cands: list[dict]) -> str:
     parts += ["<h2>Run details</h2>", "<details><summary>Thresholds, run settings, store and configuration</summary>",
               kv_table((k, v) for k, v in details.items() if v), "</details>"]  # fmt: skip
     return page(f"crossdiff report: {a} vs {b}", "\n".join(parts), "assets/")
-
-
-def _link_groups(run) -> dict[str, list[int]]:
-    """n-gram -> the latents linked to it, its group's leader (verify's candidate) first."""
-    from ..analysis.answerlink import ngram_groups
-
-    return {g["ngram"]: list(g["members"]) for g in ngram_groups(run).values()}

@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -98,6 +98,8 @@ class RunData:
     """crossdiff/analysis/labels.py's label of every latent with a feature page."""
     answers: dict | None = None
     """answers/summary.json (crossdiff/analysis/answers.py): the answer-level diff of a chat diff."""
+    link_groups: dict[int, dict] = field(default_factory=dict)
+    """leader -> its linked n-gram's group (crossdiff/analysis/answerlink.py ngram_groups), {} without."""
 
     @property
     def paged(self) -> set[int]:
@@ -113,6 +115,7 @@ def _numbered_json(folder: Path) -> dict[int, Path]:
 
 
 def load_run(run: str | Path) -> RunData:
+    from ..analysis.answerlink import ngram_groups
     from ..analysis.predictions import read_predictions
 
     run = Path(run)
@@ -145,6 +148,7 @@ def load_run(run: str | Path) -> RunData:
         predictions=predictions,
         labels=labels,
         answers=read_summary(run),
+        link_groups=ngram_groups(run),
     )
 
 
