@@ -290,17 +290,34 @@ def _key(context: dict) -> tuple[int, int]:
     return int(context["chunk"]), int(context["start"]) + int(context["c0"])
 
 
+class ChunkTexts:
+    """A store chunk's text record (store.texts: "text", "messages", ...) by its id, each shard's texts
+    read once: through the shard of one of its rows when known (a firing context), else shard by shard
+    until found (an n-gram context has no row). `get` returns None for a chunk the store lacks."""
+
+    def __init__(self, store):
+        self.store, self.shards, self.read = store, {}, 0
+
+    def get(self, chunk: int, row=None) -> dict | None:
+        if row is not None:
+            shard = self.store.shard_of(int(row))
+            self.shards.setdefault(shard, self.store.texts(shard))
+            return self.shards[shard].get(chunk)
+        n_shards = len(self.store.meta["shards"])
+        while not any(chunk in t for t in self.shards.values()) and self.read < n_shards:
+            self.shards.setdefault(self.read, self.store.texts(self.read))
+            self.read += 1
+        return next((t[chunk] for t in self.shards.values() if chunk in t), None)
+
+
 def heldout_contexts(store, picks: list) -> list[dict]:
     """Held-out strong firings [(f, row)] as contexts: {f, row, chunk, c0, text} (c0: the token's end)."""
     if not picks:
         return []
     meta = store.rows([row for _, row in picks])
-    texts: dict[int, dict] = {}
+    texts = ChunkTexts(store)
     out = []
     for k, (f, row) in enumerate(picks):
-        shard = store.shard_of(int(row))
-        if shard not in texts:
-            texts[shard] = store.texts(shard)
         chunk = int(meta["chunk"][k])
         out.append(
             {
@@ -308,7 +325,7 @@ def heldout_contexts(store, picks: list) -> list[dict]:
                 "row": int(row),
                 "chunk": chunk,
                 "c0": int(meta["char_end"][k]),
-                "text": texts[shard][chunk]["text"],
+                "text": texts.get(chunk, row)["text"],
             }
         )
     return out

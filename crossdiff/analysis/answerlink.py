@@ -134,7 +134,8 @@ def window_pass(cc, store, sources: dict[str, str], wanted: dict, cfg, device) -
         ptr_U, cols_N = _firing(cc, store, offsets[shard] + uniq_U, cfg.batch_size, device)
         count_R = np.diff(ptr_U)[back_R]
         ptr = np.r_[0, np.cumsum(count_R)]
-        cols_N = np.concatenate([cols_N[ptr_U[u] : ptr_U[u + 1]] for u in back_R]) if len(cols_N) else cols_N
+        # row r's entries, read from its unique row's: one gather over every entry
+        cols_N = cols_N[np.repeat(ptr_U[back_R] - ptr[:-1], count_R) + np.arange(ptr[-1])]
         rows_N = np.repeat(np.arange(len(rows_R)), count_R)
         for m in "ab":
             mine = (model_R == m) & answer_R
@@ -326,14 +327,12 @@ def answer_sources(run: str | Path) -> dict[str, str]:
     return {Path(p).name: m for m, p in (s.get("answers") or {}).items()}
 
 
-def ngram_contexts(
-    store, sources: dict[str, str], side: str, ngram: str, n: int, max_n: int = 5
-) -> list[dict]:
+def ngram_contexts(store, sources: dict[str, str], side: str, ngram: str, n: int) -> list[dict]:
     """Up to `n` occurrences of `ngram` in model `side`'s answers in the store, at most one per chunk,
     held-out chunks first (then the training ones), each in store order: {"f": nan, "row": None,
     "fresh": False, "chunk", "c0" (the n-gram's first character in the chunk), "text", "anchor":
-    "ngram"}. The link was measured on these windows; verification scores the same place: the
-    n-gram's characters and what follows, with the group removed before and on them."""
+    "ngram"}. The link was measured on their lead-ups; verification scores the same place: the
+    n-gram's characters and what follows, with the group removed before them."""
     held, train = [], []
     for shard in range(len(store.meta["shards"])):
         heldout = set(
@@ -342,7 +341,7 @@ def ngram_contexts(
         for chunk, t in sorted(store.texts(shard).items()):
             if sources.get(str(t.get("source", "")).rsplit(":", 1)[0]) != side:
                 continue
-            hit = _first_occurrence(t, ngram, max_n)
+            hit = _first_occurrence(t, ngram)
             if hit is not None:
                 ctx = {"f": math.nan, "row": None, "fresh": False, "chunk": int(chunk), "c0": hit}
                 (held if chunk in heldout else train).append({**ctx, "text": t["text"], "anchor": "ngram"})
@@ -351,13 +350,12 @@ def ngram_contexts(
     return (held + train)[:n]
 
 
-def _first_occurrence(chunk: dict, ngram: str, max_n: int) -> int | None:
+def _first_occurrence(chunk: dict, ngram: str) -> int | None:
     """The chunk-level start of the first occurrence of `ngram` in one of its assistant messages."""
-    size = len(ngram.split(" "))
     for role, _, ms, me in chunk.get("messages") or ():
         if role != "assistant":
             continue
-        for g, s, _ in ngram_spans(chunk["text"][ms:me], min(size, max_n)):
+        for g, s, _ in ngram_spans(chunk["text"][ms:me], len(ngram.split(" "))):
             if g == ngram:
                 return ms + s
     return None

@@ -120,26 +120,6 @@ def _firing(f_PG, keep, k0: int, anchor: str) -> float:
     return float(f_PG[:n].max()) if n else 0.0
 
 
-class _ChunkTexts:
-    """A chunk's text by its id: through its store row's shard when known (a firing context), else by
-    reading the shards' text files in order until found (an n-gram context has no row)."""
-
-    def __init__(self, store):
-        self.store, self.shards, self.read = store, {}, 0
-
-    def get(self, chunk: int, row=None) -> str:
-        if row is not None:
-            shard = self.store.shard_of(int(row))
-            self.shards.setdefault(shard, self.store.texts(shard))
-            return self.shards[shard][chunk]["text"]
-        while not any(chunk in t for t in self.shards.values()) and self.read < len(
-            self.store.meta["shards"]
-        ):
-            self.shards.setdefault(self.read, self.store.texts(self.read))
-            self.read += 1
-        return next(t[chunk]["text"] for t in self.shards.values() if chunk in t)
-
-
 def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: int, anchor: str = "firing"):
     """One context: both models' next tokens at the firing token (an n-gram context: at the token before
     the n-gram), and the owner's with the latent (group) removed up to there; None when the firing does
@@ -186,13 +166,13 @@ def context_predictions(sides, cc, cand, window, c0: int, factor: float, top: in
 
 def predict_latent(sides, cc, store, cand, doc: dict, vcfg, cfg: PredictConfig, factor: float) -> dict:
     """The predictions document of one difference from its verification contexts."""
-    from .ablation import window_for
+    from .ablation import ChunkTexts, window_for
 
     contexts, delta = [], None
-    texts = _ChunkTexts(store)
+    texts = ChunkTexts(store)
     for c in (doc.get("contexts") or [])[: cfg.n_contexts]:
         chunk = int(c["chunk"])
-        text = texts.get(chunk, c.get("row"))
+        text = texts.get(chunk, c.get("row"))["text"]
         window, c0w = window_for(text, chunk, int(c["start"]) + int(c["c0"]), vcfg)
         got = context_predictions(sides, cc, cand, window, c0w, factor, cfg.top, c.get("anchor", "firing"))
         if got is None:

@@ -192,7 +192,7 @@ def verify(cfg: VerifyConfig) -> dict:
     priority = {j: v for j, v in link_priority(run).items() if j in linked}
     order = ablation_order(cands, first, fired, contexts, cfg.min_contexts, priority)
     results = _exact(sides, cc, store, order, contexts, cfg, factor, out, alive_mask(cc, table), priority,
-                     measure_key(cfg, run, store))  # fmt: skip
+                     measure_key(cfg, key))  # fmt: skip
     rows = [_row(c, strong.get(c.latent, {}), fresh, first.get(c.latent, math.nan), results.get(c.latent), cfg,
                  len(contexts.get(c.latent, []))) for c in cands]  # fmt: skip
     write_stage(run, BEHAVIOUR, {r["latent"]: {k: _fmt(r[k]) for k in COLUMNS} for r in rows})
@@ -295,11 +295,11 @@ BUDGETS = ("top", "top_linked", "warn_seconds")
 already measured (`measure_key`), so `--top N` after a smaller N adds ablations instead of redoing them."""
 
 
-def measure_key(cfg: VerifyConfig, run: Path, store) -> str:
-    """What one latent's exact result depends on: every setting but the budgets, the store, checkpoint
-    and analysis, and the linked latents with the rules that group them."""
+def measure_key(cfg: VerifyConfig, key: StageKey) -> str:
+    """What one latent's exact result depends on: every setting but the budgets, and the stage key's
+    inputs (the store, checkpoint and analysis, the linked latents) with the rules that group them."""
     kept = {k: v for k, v in settings(cfg).items() if k not in BUDGETS}
-    return fingerprint([kept, _inputs_key(run, store), LINK_RULES, sorted(read_linked(run).items())])
+    return fingerprint([kept, key.inputs, LINK_RULES])
 
 
 def _exact(

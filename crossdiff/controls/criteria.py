@@ -166,18 +166,25 @@ def _criteria_1(cfg, st, folder: Path) -> dict:
 
 def _cached_edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     """_edits, kept in OUT/criteria/edits.json with what it depends on (a rerun reuses it)."""
-    from ..core.fsutil import write_json_atomic
+    key = {
+        "latent": latent,
+        "steer": _steer_settings(cfg),
+        "crosscoder": _sha(run / "crosscoder.safetensors"),
+    }
+    return _cached(folder / "criteria" / "edits.json", key, lambda: _edits(cfg, st, folder, run, latent))
 
-    key = {"latent": latent, "steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random,
-           cfg.steer_tokens, cfg.seed], "crosscoder": _sha(run / "crosscoder.safetensors")}  # fmt: skip
-    path = folder / "criteria" / "edits.json"
-    if path.is_file():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            return cached["result"]
-    res = _edits(cfg, st, folder, run, latent)
-    write_json_atomic(path, {"key": key, "result": res})
-    return res
+
+def _steer_settings(cfg) -> list:
+    """The organism settings the steering and ablation edits depend on (their caches' keys)."""
+    return [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random, cfg.steer_tokens, cfg.seed]
+
+
+def _steering_judged(steer: dict, **extra) -> dict:
+    """A steering result with its criterion: a stance rate above the unsteered one and every random
+    direction's, at one strength at least."""
+    base = steer["plain"]["rate"]
+    wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
+    return {**steer, **extra, "pass": bool(wins), "passing_alphas": wins}
 
 
 def _sha(path: Path) -> str:
@@ -205,9 +212,7 @@ def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
     topic = _prompts(folder, "topic")[: cfg.steer_prompts]
     steer = steer_behaviour(lm, direction, neutral, st.judge, strong, tuple(cfg.steer_fractions),
                             cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
-    base = steer["plain"]["rate"]
-    wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
-    res = {"steering": {**steer, "pass": bool(wins), "passing_alphas": wins}}
+    res = {"steering": _steering_judged(steer)}
     if direction.exclusive:
         abl = ablate_behaviour(lm, direction, topic, st.judge, cfg.steer_tokens)
         res["ablation"] = {**abl, "pass": abl["ablated"]["rate"] < abl["plain"]["rate"]}
@@ -222,17 +227,10 @@ def _edits(cfg, st, folder: Path, run: Path, latent: int) -> dict:
 # ----------------------------------------------------------------------------- criteria 2
 
 
-def chunk_texts(store) -> dict[int, dict]:
-    """chunk id -> its text record (store.texts) over the whole store (an organism's diff store is small)."""
-    out = {}
-    for shard in range(len(store.meta["shards"])):
-        out.update(store.texts(shard))
-    return out
-
-
-def context_example(chunks: dict[int, dict], ctx: dict, width: int = 300) -> dict:
+def context_example(chunks, ctx: dict, width: int = 300) -> dict:
     """A scored verification context as a top example (stance_context's input): the chunk's text
-    around the scored span's start, with the role of the message it lies in."""
+    around the scored span's start, with the role of the message it lies in. `chunks`: chunk id ->
+    its text record (`.get`: ablation.ChunkTexts, or a dict)."""
     t = chunks.get(int(ctx["chunk"]))
     if t is None:
         return {"role": None}
@@ -245,6 +243,7 @@ def context_example(chunks: dict[int, dict], ctx: dict, width: int = 300) -> dic
 def find_stance_finding(run: Path, store, judge) -> dict:
     """The organism's (side a) verified candidate whose verification contexts are most often stance
     contexts, with its report rank; {"latent": None, ...} when no verified context is stance text."""
+    from ..analysis.ablation import ChunkTexts
     from ..analysis.answerlink import _linked_rows
     from ..analysis.results import load_results
 
@@ -252,7 +251,7 @@ def find_stance_finding(run: Path, store, judge) -> dict:
     diffs = sorted((r for r in rows.values() if r.get("behaviour_verdict") == "difference"),
                    key=lambda r: -_finite(r.get("behaviour_gap_closed")))  # fmt: skip
     order = [int(r["latent"]) for r in diffs]
-    chunks, linked, scored = chunk_texts(store), _linked_rows(run), []
+    chunks, linked, scored = ChunkTexts(store), _linked_rows(run), []
     for path in sorted((run / "verification" / "latents").glob("*.json")):
         res = json.loads(path.read_text(encoding="utf-8"))
         ctx = res.get("contexts", [])
@@ -311,7 +310,7 @@ def _criteria_2(cfg, st, folder: Path, other: str) -> dict:
         }
         return out
     key = {"finding": [found["latent"], found["members"], found["f_members"]],
-           "steer": [cfg.steer_prompts, list(cfg.steer_fractions), cfg.steer_random, cfg.steer_tokens, cfg.seed],
+           "steer": _steer_settings(cfg),
            "crosscoder": _sha(run / "crosscoder.safetensors")}  # fmt: skip
     out.update(_cached(folder / "criteria" / f"finding-{other}.json", key,
                        lambda: _group_edits(cfg, st, folder, run, found)))  # fmt: skip
@@ -351,18 +350,11 @@ def _group_edits(cfg, st, folder: Path, run: Path, found: dict) -> dict:
     neutral, topic = _prompts(folder, "steer"), _prompts(folder, "topic")[: cfg.steer_prompts]
     steer = steer_vector_behaviour(lm, layer, write_D, neutral, st.judge, tuple(cfg.steer_fractions),
                                    cfg.steer_random, cfg.seed, cfg.steer_tokens)  # fmt: skip
-    base = steer["plain"]["rate"]
-    wins = [s["alpha"] for s in steer["strengths"] if s["rate"] > max(base, s["null_max"])]
     abl = ablate_subspace_behaviour(lm, layer, U_GD, centre_D, topic, st.judge, cfg.steer_random, cfg.seed,
                                     cfg.steer_tokens)  # fmt: skip
     lower = abl["ablated"]["rate"] < min(abl["plain"]["rate"], abl["null_min"])
     return {
-        "steering": {
-            **steer,
-            "write_norm": float(write_D.norm()),
-            "pass": bool(wins),
-            "passing_alphas": wins,
-        },
+        "steering": _steering_judged(steer, write_norm=float(write_D.norm())),
         "ablation": {**abl, "pass": bool(lower)},
     }
 
